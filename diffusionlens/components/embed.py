@@ -1,0 +1,23 @@
+"""Token embedding scaled by sqrt(d_model), the scale rounded to the weights' dtype as the reference does."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from diffusionlens.config import DiffusionGemmaConfig
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.register_buffer("embed_scale", torch.tensor(cfg.embed_scale), persistent=False)
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return nn.functional.embedding(tokens, self.W_E) * self.embed_scale.to(self.W_E.dtype)
+
+    def soft(self, probs: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Expected embedding under a distribution over the vocabulary (self-conditioning's input)."""
+        return torch.matmul(probs.to(self.W_E.dtype), self.W_E) * self.embed_scale.to(self.W_E.dtype)

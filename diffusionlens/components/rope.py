@@ -1,0 +1,41 @@
+"""Rotary position embeddings: default RoPE on sliding layers, proportional RoPE on full layers."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import nn
+
+from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) tables per layer type from position ids; the frequencies are derived buffers."""
+
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        for layer_type in (SLIDING, FULL):
+            self.register_buffer(f"{layer_type}_inv_freq", cfg.rotary_inv_freq(layer_type), persistent=False)
+
+    @torch.no_grad()
+    def forward(
+        self, positions: Int[torch.Tensor, "batch pos"], layer_type: str, dtype: torch.dtype
+    ) -> tuple[Float[torch.Tensor, "batch pos d_head"], Float[torch.Tensor, "batch pos d_head"]]:
+        inv_freq = getattr(self, f"{layer_type}_inv_freq")
+        freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    x: Float[torch.Tensor, "batch pos head d_head"],
+    cos: Float[torch.Tensor, "batch pos d_head"],
+    sin: Float[torch.Tensor, "batch pos d_head"],
+) -> Float[torch.Tensor, "batch pos head d_head"]:
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin

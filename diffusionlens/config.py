@@ -1,0 +1,319 @@
+"""DiffusionGemmaConfig: the text model's hyper-parameters as one frozen dataclass.
+
+Field names follow transformers' `DiffusionGemmaTextConfig` so that the mapping to and from a
+`config.json` is one line per field; TransformerLens-style aliases (`d_model`, `n_layers`, …) are
+read-only properties.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+_KEPT_TOP_LEVEL_KEYS = ("vision_config", "boi_token_id", "eoi_token_id", "image_token_id", "initializer_range")
+_PLACEHOLDER_VISION_CONFIG = {
+    "model_type": "gemma4_vision",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+}
+
+
+def _default_layer_types(num_layers: int) -> tuple[str, ...]:
+    # transformers' default: every sixth layer is full attention, and the last one always is.
+    types = [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
+    types[-1] = FULL
+    return tuple(types)
+
+
+@dataclass(frozen=True)
+class DiffusionGemmaConfig:
+    """Hyper-parameters of DiffusionGemma's text model (encoder and decoder share them).
+
+    Sliding-attention layers use `head_dim` and `num_key_value_heads`; full-attention layers use
+    `global_head_dim` and `num_global_key_value_heads`, share one projection for keys and values
+    (k = v) and apply proportional RoPE to a `global_partial_rotary_factor` share of each head.
+    """
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = 2
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int = 1024
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float = 30.0
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 262_144
+    local_rope_theta: float = 10_000.0
+    global_rope_theta: float = 1_000_000.0
+    global_partial_rotary_factor: float = 0.25
+    canvas_length: int = 256
+    pad_token_id: int | None = 0
+    eos_token_id: int | tuple[int, ...] | None = 1
+    bos_token_id: int | None = 2
+    attention_bias: bool = False
+    use_bidirectional_attention: str | None = None
+    extra_hf_text_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    extra_hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", _default_layer_types(self.num_hidden_layers))
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the fix when the shapes cannot fit together."""
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}"
+            )
+        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if unknown:
+            problems.append(f"layer_types contains {unknown}; use '{SLIDING}' or '{FULL}'")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.num_attention_heads % self.global_kv_heads:
+            problems.append(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_global_key_value_heads={self.global_kv_heads}"
+            )
+        if not 1 <= self.top_k_experts <= self.num_experts:
+            problems.append(f"top_k_experts={self.top_k_experts} must be in 1..num_experts={self.num_experts}")
+        if self.sliding_window < 2:
+            problems.append(f"sliding_window={self.sliding_window} must be at least 2")
+        if self.canvas_length <= 0:
+            problems.append(f"canvas_length must be positive, got {self.canvas_length}")
+        if self.use_bidirectional_attention == "all":
+            problems.append(
+                "use_bidirectional_attention='all' (a bidirectional encoder) is not supported by this release; "
+                "DiffusionGemma's encoder is causal over text"
+            )
+        if problems:
+            raise ValueError("Invalid DiffusionGemmaConfig: " + "; ".join(problems))
+
+    # ----------------------------------------------------------------- aliases
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def d_vocab(self) -> int:
+        return self.vocab_size
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def d_mlp(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def global_kv_heads(self) -> int:
+        return self.num_global_key_value_heads or self.num_key_value_heads
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.num_key_value_heads if self.is_sliding(layer) else self.global_kv_heads
+
+    def rotary_inv_freq(self, layer_type: str):
+        """Inverse RoPE frequencies, `[head_dim // 2]`, computed exactly as transformers does.
+
+        Full layers use proportional RoPE: only the first `partial_rotary_factor` share of the angles
+        rotate; the remaining frequencies are zero (cos = 1, sin = 0).
+        """
+        import torch
+
+        if layer_type == SLIDING:
+            dim = self.head_dim
+            return 1.0 / (self.local_rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        head_dim = self.global_head_dim
+        rope_angles = int(self.global_partial_rotary_factor * head_dim // 2)
+        rotated = 1.0 / (
+            self.global_rope_theta
+            ** (torch.arange(0, 2 * rope_angles, 2, dtype=torch.int64).to(torch.float) / head_dim)
+        )
+        nope = head_dim // 2 - rope_angles
+        return torch.cat((rotated, torch.zeros(nope, dtype=torch.float32))) if nope > 0 else rotated
+
+    def replace(self, **changes: Any) -> DiffusionGemmaConfig:
+        return replace(self, **changes)
+
+    # ----------------------------------------------------------------- HF round trip
+    @classmethod
+    def from_hf(cls, source: Any) -> DiffusionGemmaConfig:
+        """Build from a transformers config object, a `config.json` dict, or a path to one."""
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.exists():
+                raise FileNotFoundError(f"No config.json at {path}; pass the checkpoint directory or the file")
+            source = json.loads(path.read_text())
+        elif not isinstance(source, dict):
+            if not hasattr(source, "to_dict"):
+                raise TypeError(f"from_hf expects a transformers config, a dict or a path, got {type(source)}")
+            source = source.to_dict()
+        top = dict(source)
+        text = dict(top.get("text_config") or top)
+        canvas_length = top.get("canvas_length") or text.get("canvas_length") or 256
+        cfg = cls._from_text_dict(text, canvas_length)
+        top_extra = {k: v for k, v in top.items() if k in _KEPT_TOP_LEVEL_KEYS}
+        return replace(cfg, extra_hf_config=top_extra)
+
+    @classmethod
+    def _from_text_dict(cls, text: dict[str, Any], canvas_length: int) -> DiffusionGemmaConfig:
+        layer_types = text.get("layer_types")
+        per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items() if str(k).isdigit()}
+        full_layers = [i for i, t in enumerate(layer_types or []) if t == FULL]
+        global_head_dim = text.get("global_head_dim")
+        global_kv = text.get("num_global_key_value_heads")
+        for i in full_layers:
+            override = per_layer.get(i, {})
+            global_head_dim = override.get("head_dim", global_head_dim)
+            global_kv = override.get("num_key_value_heads", global_kv)
+        if global_head_dim is None:
+            global_head_dim = 512  # transformers' default when a config names none
+        rope = text.get("rope_parameters") or {}
+        local_rope = rope.get(SLIDING) or {"rope_type": "default", "rope_theta": 10_000.0}
+        global_rope = rope.get(FULL) or {"rope_type": "proportional", "partial_rotary_factor": 0.25}
+        for kind, params, expected in ((SLIDING, local_rope, "default"), (FULL, global_rope, "proportional")):
+            if params.get("rope_type", expected) != expected or params.get("factor", 1.0) != 1.0:
+                raise ValueError(f"Unsupported RoPE for {kind}: {params}; expected rope_type='{expected}'")
+        known = {f.name for f in fields(cls)}
+        used = {
+            "rope_parameters",
+            "per_layer_config",
+            "global_head_dim",
+            "num_global_key_value_heads",
+            "model_type",
+            "transformers_version",
+            "architectures",
+            "dtype",
+            "torch_dtype",
+        }
+        kwargs = {k: v for k, v in text.items() if k in known and k not in used}
+        extra = {k: v for k, v in text.items() if k not in known and k not in used}
+        if kwargs.get("num_experts") is None or kwargs.get("top_k_experts") is None:
+            raise ValueError("DiffusionGemma configs must set num_experts, top_k_experts and moe_intermediate_size")
+        return cls(
+            **kwargs,
+            global_head_dim=global_head_dim,
+            num_global_key_value_heads=global_kv,
+            local_rope_theta=float(local_rope.get("rope_theta", 10_000.0)),
+            global_rope_theta=float(global_rope.get("rope_theta", 1_000_000.0)),
+            global_partial_rotary_factor=float(global_rope.get("partial_rotary_factor", 1.0)),
+            canvas_length=int(canvas_length),
+            extra_hf_text_config=extra,
+        )
+
+    def to_hf_text_dict(self) -> dict[str, Any]:
+        """The `text_config` section of a transformers `config.json`."""
+        own = asdict(self)
+        drop = {
+            "global_head_dim",
+            "num_global_key_value_heads",
+            "local_rope_theta",
+            "global_rope_theta",
+            "global_partial_rotary_factor",
+            "canvas_length",
+            "extra_hf_text_config",
+            "extra_hf_config",
+        }
+        text = {k: v for k, v in own.items() if k not in drop}
+        text["layer_types"] = list(self.layer_types)
+        if isinstance(self.eos_token_id, tuple):
+            text["eos_token_id"] = list(self.eos_token_id)
+        text["model_type"] = "diffusion_gemma_text"
+        text["tie_word_embeddings"] = True
+        text["rope_parameters"] = {
+            SLIDING: {"rope_type": "default", "rope_theta": self.local_rope_theta},
+            FULL: {
+                "rope_type": "proportional",
+                "partial_rotary_factor": self.global_partial_rotary_factor,
+                "rope_theta": self.global_rope_theta,
+            },
+        }
+        override = {"head_dim": self.global_head_dim, "num_key_value_heads": self.global_kv_heads}
+        text["per_layer_config"] = {str(i): dict(override) for i, t in enumerate(self.layer_types) if t == FULL}
+        return {**self.extra_hf_text_config, **text}
+
+    def to_hf(self) -> dict[str, Any]:
+        """A complete DiffusionGemma `config.json` dict (text-only: no vision weights are written)."""
+        return {
+            # transformers builds a vision tower from this section; a checkpoint that had one keeps it,
+            # a text-only model gets a one-layer placeholder so loading it in transformers stays cheap.
+            "vision_config": dict(_PLACEHOLDER_VISION_CONFIG),
+            **self.extra_hf_config,
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "model_type": "diffusion_gemma",
+            "canvas_length": self.canvas_length,
+            "tie_word_embeddings": True,
+            "text_config": self.to_hf_text_dict(),
+        }
+
+    def n_params(self) -> int:
+        """Parameters of the text model counted once (encoder and decoder share weights)."""
+        d = self.hidden_size
+        total = self.vocab_size * d + d  # embedding (tied head) + final norm
+        total += 2 * d * self.intermediate_size + d * self.intermediate_size + d  # self-conditioning
+        for layer in range(self.num_hidden_layers):
+            hd, kv = self.layer_head_dim(layer), self.layer_kv_heads(layer)
+            n_kv_proj = 2 if self.is_sliding(layer) else 1
+            total += d * self.num_attention_heads * hd * 2 + n_kv_proj * d * kv * hd + 2 * hd
+            total += 3 * d * self.intermediate_size + 7 * d
+            total += d * self.num_experts + d + self.num_experts
+            total += self.num_experts * 3 * d * self.moe_intermediate_size
+        return total
+
+    def __hash__(self) -> int:  # extra_hf_text_config is a dict; hash the rest
+        return hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))

@@ -1,0 +1,291 @@
+"""Loading and saving transformers-format DiffusionGemma checkpoints.
+
+The one table below maps checkpoint names to ours. Weights are assigned shard by shard into a
+model built on the meta device, so loading never holds a second full copy of the weights.
+Only safetensors are read: pickled `.bin` checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusionlens.components.block import NORM_NAMES
+from diffusionlens.config import DiffusionGemmaConfig
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
+
+logger = logging.getLogger("diffusionlens")
+
+# Our name → checkpoint name. The decoder owns every shared weight; the encoder owns only its
+# `layer_scalar`s. Encoder copies of shared weights, when a checkpoint stores them, are aliases.
+_TOP_LEVEL = {
+    "decoder.embed.W_E": "model.decoder.embed_tokens.weight",
+    "decoder.ln_final.weight": "model.decoder.norm.weight",
+    "decoder.self_cond.pre_norm.weight": "model.decoder.self_conditioning.pre_norm.weight",
+    "decoder.self_cond.mlp.": "model.decoder.self_conditioning.",
+    "decoder.blocks.": "model.decoder.layers.",
+    "encoder.blocks.": "model.encoder.language_model.layers.",
+}
+_BLOCK_PREFIXES = {
+    "attn.": "self_attn.",
+    "mlp.": "mlp.",
+    "moe.router_proj.": "router.proj.",
+    "moe.router_scale": "router.scale",
+    "moe.per_expert_scale": "router.per_expert_scale",
+    "moe.gate_up_proj": "experts.gate_up_proj",
+    "moe.down_proj": "experts.down_proj",
+    "layer_scalar": "layer_scalar",
+}
+_ENCODER_ALIAS = re.compile(r"^model\.encoder\.language_model\.(?!layers\.\d+\.layer_scalar$)")
+_TIED_HEAD = "lm_head.weight"
+_SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+def checkpoint_name(ours: str) -> str:
+    """The transformers checkpoint name of one of our owned tensors."""
+    for prefix, hf_prefix in _TOP_LEVEL.items():
+        if ours == prefix or (prefix.endswith(".") and ours.startswith(prefix)):
+            rest = ours[len(prefix) :]
+            if not prefix.endswith("blocks."):
+                return hf_prefix + rest
+            layer, _, suffix = rest.partition(".")
+            return f"{hf_prefix}{layer}.{_block_suffix(suffix)}"
+    raise KeyError(f"{ours} has no checkpoint name")
+
+
+def _block_suffix(suffix: str) -> str:
+    if suffix.endswith(".weight") and suffix[: -len(".weight")] in NORM_NAMES:
+        return NORM_NAMES[suffix[: -len(".weight")]] + ".weight"
+    for prefix, hf_prefix in _BLOCK_PREFIXES.items():
+        if suffix.startswith(prefix):
+            return hf_prefix + suffix[len(prefix) :]
+    raise KeyError(f"block tensor {suffix} has no checkpoint name")
+
+
+def owned_names(model: HookedDiffusionGemma) -> list[str]:
+    """Our tensors a checkpoint stores: decoder parameters and every block's layer_scalar."""
+    names = [n for n, _ in model.decoder.named_parameters(prefix="decoder")]
+    names += [f"{stack}.blocks.{i}.layer_scalar" for stack in ("decoder", "encoder") for i in range(model.cfg.n_layers)]
+    return sorted(set(names))
+
+
+def checkpoint_names(model: HookedDiffusionGemma) -> dict[str, str]:
+    """Checkpoint name → our name, for every tensor a checkpoint of this config must hold."""
+    return {checkpoint_name(ours): ours for ours in owned_names(model)}
+
+
+def canonical_name(name: str) -> str | None:
+    """The decoder-owned checkpoint name a tensor stands for; None for the tied LM head."""
+    if name == _TIED_HEAD:
+        return None
+    return _ENCODER_ALIAS.sub("model.decoder.", name)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the config or cannot be read."""
+
+
+# ---------------------------------------------------------------------- reading
+def _checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).exists()]
+        if missing:
+            raise CheckpointError(
+                f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}; "
+                "download the complete checkpoint"
+            )
+        return [directory / s for s in shards]
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickled weights ({', '.join(pickles)}). diffusionlens never unpickles "
+            "checkpoints; convert them once with transformers: "
+            "DiffusionGemmaForBlockDiffusion.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def _iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in tqdm(files, desc="loading shards", disable=not progress or len(files) < 2):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"Cannot read {path}: {err}. The file is truncated or corrupted.") from err
+
+
+def _iter_module_state(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    # Tied tensors appear once per name; aliasing (no copy) keeps a single copy in memory.
+    yield from source.state_dict(keep_vars=False).items()
+
+
+def _resolve_source(source: Any) -> tuple[DiffusionGemmaConfig, Iterator[tuple[str, torch.Tensor]], Path | None]:
+    if isinstance(source, nn.Module):
+        return DiffusionGemmaConfig.from_hf(source.config), _iter_module_state(source), None
+    path = Path(os.fspath(source))
+    if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model"]))
+        else:
+            raise FileNotFoundError(f"{source} is neither a local directory nor a hub id like 'org/name'")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    return DiffusionGemmaConfig.from_hf(path), None, path  # type: ignore[return-value]
+
+
+def load_pretrained(
+    cls: type[HookedDiffusionGemma],
+    source: Any,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> HookedDiffusionGemma:
+    """Load a checkpoint directory (single or sharded safetensors), a transformers model object, or a
+    hub id (resolved with huggingface_hub when the string is not a local path; needs network)."""
+    cfg, tensors, directory = _resolve_source(source)
+    if directory is not None:
+        tensors = _iter_safetensors(_checkpoint_files(directory), progress)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device("meta"):
+        model = cls(cfg)
+    by_checkpoint_name = checkpoint_names(model)
+    targets = {n: t for n, t in _named_tensors(model) if n in set(by_checkpoint_name.values())}
+    loaded: set[str] = set()
+    unexpected, mismatched, skipped = [], [], 0
+    for hf_name, tensor in tensors:
+        if hf_name.startswith(_SKIPPED_PREFIXES):
+            skipped += 1
+            continue
+        canonical = canonical_name(hf_name)
+        if canonical is None:
+            continue
+        ours = by_checkpoint_name.get(canonical)
+        if ours is None:
+            unexpected.append(hf_name)
+            continue
+        if ours in loaded and canonical != hf_name:
+            continue  # an encoder alias of a weight the decoder already supplied
+        if tuple(tensor.shape) != tuple(targets[ours].shape):
+            mismatched.append(f"{hf_name}: checkpoint {tuple(tensor.shape)} vs config {tuple(targets[ours].shape)}")
+            continue
+        _assign(model, ours, tensor.to(device=device, dtype=dtype or tensor.dtype))
+        loaded.add(ours)
+    if skipped:
+        logger.info("Skipped %d vision-tower tensors: diffusionlens is text-only.", skipped)
+    missing = sorted(set(targets) - loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_abbrev([checkpoint_name(m) for m in missing])}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_abbrev(unexpected)}")
+    if mismatched:
+        problems.append(f"tensors whose shape does not match config.json ({len(mismatched)}): {_abbrev(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            "Checkpoint and config do not match: " + "; ".join(problems) + ". Check that config.json belongs to "
+            "these weights."
+        )
+    model.tie_weights()
+    _materialize_derived_buffers(model, device)
+    model.setup()
+    if directory is not None and (directory / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return model.eval().requires_grad_(False)
+
+
+def _abbrev(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def _materialize_derived_buffers(model: HookedDiffusionGemma, device: torch.device) -> None:
+    """Recompute config-derived buffers (RoPE frequencies, embedding scale) that meta init left empty."""
+    fresh = type(model)(model.cfg)  # tiny: parameters are created on meta below
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            _assign(model, name, fresh.get_buffer(name).to(device))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size {size!r} is not like '5GB', '500MB' or an int of bytes")
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def save_pretrained(model: HookedDiffusionGemma, directory: str | Path, *, max_shard_size: int | str = "5GB") -> None:
+    """Write transformers-format safetensors (sharded above `max_shard_size`) and config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    tensors = dict(_named_tensors(model))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for hf, ours in sorted(checkpoint_names(model).items()):
+        tensor = tensors[ours].detach().contiguous().cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][hf] = tensor
+        size += nbytes
+    config = model.cfg.to_hf()
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / fname), metadata={"format": "pt"})
+            for name, t in shard.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(directory))

@@ -1,0 +1,116 @@
+"""The encoder stack (causal over the prompt, writes keys/values) and the decoder stack
+(bidirectional over the cached prompt plus the canvas, reads them)."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import nn
+
+from diffusionlens.components import Block, Embed, RMSNorm, RotaryEmbedding, SelfConditioning
+from diffusionlens.components.unembed import unembed
+from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
+from diffusionlens.hook_points import HookPoint
+from diffusionlens.prompt_state import PromptState
+
+
+def additive_mask(allowed: Bool[torch.Tensor, "batch 1 q k"], dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, the dtype's most negative value elsewhere (finite, so a fully
+    masked padding row stays finite instead of turning into NaN)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class Stack(nn.Module):
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_hidden_layers))
+        self.ln_final = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+        self.hook_embed = HookPoint()
+
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple]:
+        return {kind: self.rotary(positions, kind, dtype) for kind in (SLIDING, FULL)}
+
+
+class EncoderStack(Stack):
+    """Causal Gemma 4 text stack over the prompt; sliding layers see the last `sliding_window` tokens."""
+
+    def forward(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        attention_mask: Bool[torch.Tensor, "batch pos"],
+        past: PromptState | None,
+    ) -> PromptState:
+        cfg = self.cfg
+        batch, n_new = tokens.shape
+        start = 0 if past is None else past.length
+        full_mask = attention_mask if past is None else torch.cat((past.attention_mask, attention_mask), dim=1)
+        device = tokens.device
+        q_pos = torch.arange(start, start + n_new, device=device)
+        resid = self.hook_embed(self.embed(tokens))
+        tables = self.rotary_tables(q_pos[None], resid.dtype)
+        window_keep = cfg.sliding_window - 1
+        masks: dict[tuple[bool, int], torch.Tensor] = {}
+        keys_out, values_out = [], []
+        for layer, block in enumerate(self.blocks):
+            past_k = None if past is None else past.keys[layer]
+            past_v = None if past is None else past.values[layer]
+            n_past = 0 if past_k is None else past_k.shape[2]
+            if (block.sliding, n_past) not in masks:
+                k_pos = torch.arange(start - n_past, start + n_new, device=device)
+                allowed = k_pos[None, :] <= q_pos[:, None]
+                if block.sliding:
+                    allowed = allowed & (k_pos[None, :] > q_pos[:, None] - cfg.sliding_window)
+                allowed = allowed[None, None] & full_mask[:, None, None, k_pos]
+                masks[(block.sliding, n_past)] = additive_mask(allowed, resid.dtype)
+            mask = masks[(block.sliding, n_past)]
+            cos, sin = tables[cfg.layer_types[layer]]
+            resid, new_k, new_v = block(resid, cos, sin, past_k, past_v, mask)
+            k = new_k if past_k is None else torch.cat((past_k, new_k), dim=2)
+            v = new_v if past_v is None else torch.cat((past_v, new_v), dim=2)
+            if block.sliding:
+                k, v = k[:, :, -window_keep:], v[:, :, -window_keep:]
+            keys_out.append(k)
+            values_out.append(v)
+        hidden = self.ln_final(resid)
+        return PromptState(keys_out, values_out, full_mask, start + n_new, hidden)
+
+
+class DecoderStack(Stack):
+    """Bidirectional stack over [cached prompt ; canvas], with self-conditioning and the LM head."""
+
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__(cfg)
+        self.self_cond = SelfConditioning(cfg)
+        self.hook_logits = HookPoint()
+
+    def forward(
+        self,
+        canvas: Int[torch.Tensor, "batch canvas"],
+        prompt: PromptState,
+        self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None,
+    ) -> Float[torch.Tensor, "batch canvas vocab"]:
+        cfg = self.cfg
+        batch, length = canvas.shape
+        token_embed = self.hook_embed(self.embed(canvas))
+        resid = self.self_cond(token_embed, self_cond_logits, self.embed)
+        positions = torch.arange(prompt.length, prompt.length + length, device=canvas.device)
+        tables = self.rotary_tables(positions[None], resid.dtype)
+        masks: dict[int, torch.Tensor | None] = {}
+        has_padding = not bool(prompt.attention_mask.all())
+        for layer, block in enumerate(self.blocks):
+            n_kept = prompt.keys[layer].shape[2]
+            if n_kept not in masks:
+                masks[n_kept] = None
+                if has_padding:
+                    visible = torch.cat(
+                        (prompt.kept_mask(layer), torch.ones(batch, length, dtype=torch.bool, device=canvas.device)),
+                        dim=1,
+                    )
+                    masks[n_kept] = additive_mask(visible[:, None, None, :], resid.dtype)
+            cos, sin = tables[cfg.layer_types[layer]]
+            resid, _, _ = block(resid, cos, sin, prompt.keys[layer], prompt.values[layer], masks[n_kept])
+        resid = self.ln_final(resid)
+        return self.hook_logits(unembed(resid, self.embed.W_E, cfg.final_logit_softcapping))
