@@ -52,22 +52,18 @@ class EncoderStack(Stack):
         resid = self.hook_embed(self.embed(tokens))
         tables = self.rotary_tables(q_pos[None], resid.dtype)
         window_keep = cfg.sliding_window - 1
-        masks: dict[tuple[bool, int], torch.Tensor] = {}
+        no_padding = bool(full_mask.all())
+        masks: dict[tuple[bool, int], torch.Tensor | None] = {}
         keys_out, values_out = [], []
         for layer, block in enumerate(self.blocks):
             past_k = None if past is None else past.keys[layer]
             past_v = None if past is None else past.values[layer]
             n_past = 0 if past_k is None else past_k.shape[2]
-            if (block.sliding, n_past) not in masks:
-                k_pos = torch.arange(start - n_past, start + n_new, device=device)
-                allowed = k_pos[None, :] <= q_pos[:, None]
-                if block.sliding:
-                    allowed = allowed & (k_pos[None, :] > q_pos[:, None] - cfg.sliding_window)
-                allowed = allowed[None, None] & full_mask[:, None, None, k_pos]
-                masks[(block.sliding, n_past)] = additive_mask(allowed, resid.dtype)
-            mask = masks[(block.sliding, n_past)]
+            key = (block.sliding, n_past)
+            if key not in masks:
+                masks[key] = self._mask(q_pos, n_past, full_mask, block.sliding, no_padding)
             cos, sin = tables[cfg.layer_types[layer]]
-            resid, new_k, new_v = block(resid, cos, sin, past_k, past_v, mask)
+            resid, new_k, new_v = block(resid, cos, sin, past_k, past_v, masks[key], causal=True)
             k = new_k if past_k is None else torch.cat((past_k, new_k), dim=2)
             v = new_v if past_v is None else torch.cat((past_v, new_v), dim=2)
             if block.sliding:
@@ -76,6 +72,23 @@ class EncoderStack(Stack):
             values_out.append(v)
         hidden = self.ln_final(resid)
         return PromptState(keys_out, values_out, full_mask, start + n_new, hidden)
+
+    def _mask(
+        self, q_pos: torch.Tensor, n_past: int, full_mask: torch.Tensor, sliding: bool, no_padding: bool
+    ) -> Bool[torch.Tensor, "batch 1 q k"] | None:
+        """Boolean mask over [kept past keys ; new keys], or None where SDPA's `is_causal` says it all.
+
+        The None cases are exactly those in which transformers skips building a mask (a fresh
+        prompt without padding that fits the window), so both run the same attention kernel.
+        """
+        n_new, start = q_pos.shape[0], int(q_pos[0])
+        if n_past == 0 and no_padding and (not sliding or n_new < self.cfg.sliding_window):
+            return None
+        k_pos = torch.arange(start - n_past, start + n_new, device=q_pos.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if sliding:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - self.cfg.sliding_window)
+        return allowed[None, None] & full_mask[:, None, None, k_pos]
 
 
 class DecoderStack(Stack):
@@ -100,17 +113,14 @@ class DecoderStack(Stack):
         tables = self.rotary_tables(positions[None], resid.dtype)
         masks: dict[int, torch.Tensor | None] = {}
         has_padding = not bool(prompt.attention_mask.all())
+        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=canvas.device)
         for layer, block in enumerate(self.blocks):
             n_kept = prompt.keys[layer].shape[2]
             if n_kept not in masks:
-                masks[n_kept] = None
-                if has_padding:
-                    visible = torch.cat(
-                        (prompt.kept_mask(layer), torch.ones(batch, length, dtype=torch.bool, device=canvas.device)),
-                        dim=1,
-                    )
-                    masks[n_kept] = additive_mask(visible[:, None, None, :], resid.dtype)
+                # Everything is visible except padding in the prompt.
+                visible = torch.cat((prompt.kept_mask(layer), canvas_visible), dim=1)
+                masks[n_kept] = visible[:, None, None, :].expand(batch, 1, length, -1) if has_padding else None
             cos, sin = tables[cfg.layer_types[layer]]
-            resid, _, _ = block(resid, cos, sin, prompt.keys[layer], prompt.values[layer], masks[n_kept])
+            resid, _, _ = block(resid, cos, sin, prompt.keys[layer], prompt.values[layer], masks[n_kept], causal=False)
         resid = self.ln_final(resid)
         return self.hook_logits(unembed(resid, self.embed.W_E, cfg.final_logit_softcapping))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import nn
+from torch.nn import functional as F
 
 from diffusionlens.components.norms import RMSNorm
 from diffusionlens.components.rope import apply_rotary
@@ -47,16 +48,20 @@ class Attention(nn.Module):
         sin: Float[torch.Tensor, "batch pos d_head"],
         past_k: Float[torch.Tensor, "batch kv_head past d_head"] | None,
         past_v: Float[torch.Tensor, "batch kv_head past d_head"] | None,
-        mask: Float[torch.Tensor, "batch 1 pos key"] | None,
+        mask: Bool[torch.Tensor, "batch 1 pos key"] | None,
+        causal: bool,
     ) -> tuple[
         Float[torch.Tensor, "batch pos d_model"],
         Float[torch.Tensor, "batch kv_head pos d_head"],
         Float[torch.Tensor, "batch kv_head pos d_head"],
     ]:
-        """Returns the attention output and this call's rotated keys and values (for the prompt cache)."""
+        """Attention output plus this call's rotated keys and values (for the prompt cache).
+
+        `mask` (True = may attend) is None when nothing needs masking beyond `causal`.
+        """
         q = self.q_proj(x).unflatten(-1, (self.n_heads, self.d_head))
         k_raw = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.d_head))
-        v_raw = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.d_head)) if self.v_proj is not None else k_raw
+        v_raw = k_raw if self.v_proj is None else self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.d_head))
         q = self.hook_q(self.q_norm(q))
         k = self.hook_k(self.k_norm(k_raw))
         v = self.hook_v(self.v_norm(v_raw))
@@ -67,16 +72,40 @@ class Attention(nn.Module):
         new_v = rearrange(v, "b p h d -> b h p d")
         keys = new_k if past_k is None else torch.cat((past_k, new_k), dim=2)
         values = new_v if past_v is None else torch.cat((past_v, new_v), dim=2)
-        group = self.n_heads // self.n_kv_heads
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-
-        # q and k are RMS-normalised per head, so the reference uses a softmax scale of 1.
-        scores = torch.matmul(rearrange(q, "b p h d -> b h p d"), keys.transpose(2, 3))
-        if mask is not None:
-            scores = scores + mask
-        scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        z = self.hook_z(rearrange(torch.matmul(pattern, values), "b h p d -> b p h d"))
+        queries = rearrange(q, "b p h d -> b h p d")
+        causal = causal and mask is None and queries.shape[2] > 1
+        z = self._fused(queries, keys, values, mask, causal)
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            z = self._explicit(queries, keys, values, mask, causal, z)
+        z = self.hook_z(rearrange(z, "b h p d -> b p h d"))
         return self.o_proj(z.flatten(-2)), new_k, new_v
+
+    def _repeat(self, kv: torch.Tensor) -> torch.Tensor:
+        group = self.n_heads // self.n_kv_heads
+        return kv if group == 1 else kv.repeat_interleave(group, dim=1)
+
+    def _fused(self, queries, keys, values, mask, causal: bool) -> torch.Tensor:
+        # The same scaled_dot_product_attention call, GQA handling and mask form as transformers'
+        # sdpa path, so the result is bit-identical and generation reproduces its tokens.
+        # q and k are RMS-normalised per head, hence a softmax scale of 1.
+        if mask is None and self.n_heads != self.n_kv_heads and self.d_head <= 256:
+            return F.scaled_dot_product_attention(queries, keys, values, scale=1.0, is_causal=causal, enable_gqa=True)
+        keys, values = self._repeat(keys), self._repeat(values)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=1.0, is_causal=causal)
+
+    def _explicit(self, queries, keys, values, mask, causal: bool, fused_z: torch.Tensor) -> torch.Tensor:
+        """Materialise scores and pattern for their hooks. The fused result is kept unless a hook
+        replaced one of them, so read-only hooks leave the output bit-identical."""
+        scores = torch.matmul(queries, self._repeat(keys).transpose(2, 3))
+        allowed = mask
+        if causal:
+            n_q, n_k = scores.shape[-2:]
+            allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(diagonal=n_k - n_q)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        hooked_scores = self.hook_attn_scores(scores)
+        pattern = torch.softmax(hooked_scores, dim=-1, dtype=torch.float32).to(queries.dtype)
+        hooked_pattern = self.hook_pattern(pattern)
+        if hooked_scores is scores and hooked_pattern is pattern:
+            return fused_z
+        return torch.matmul(hooked_pattern, self._repeat(values))

@@ -48,9 +48,10 @@ class Block(nn.Module):
         past_k: torch.Tensor | None,
         past_v: torch.Tensor | None,
         mask: torch.Tensor | None,
+        causal: bool,
     ) -> tuple[Float[torch.Tensor, "batch pos d_model"], torch.Tensor, torch.Tensor]:
         resid = self.hook_resid_pre(resid)
-        attn, new_k, new_v = self.attn(self.ln1(resid), cos, sin, past_k, past_v, mask)
+        attn, new_k, new_v = self.attn(self.ln1(resid), cos, sin, past_k, past_v, mask, causal)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(self.ln1_post(attn)))
         mlp_out = self.hook_mlp_out(self.ln2_post_mlp(self.mlp(self.ln2(resid))))
         moe_out = self.hook_moe_out(self.ln2_post_moe(self.moe(resid, self.ln2_moe(resid))))

@@ -61,22 +61,48 @@ class MoE(nn.Module):
         weights: Float[torch.Tensor, "batch pos k"],
         indices: Int[torch.Tensor, "batch pos k"],
     ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Run each (token, slot) through its expert with one grouped matmul, as transformers'
+        default `grouped_mm` experts path does (same sort, offsets and sum order)."""
         flat_x = x.reshape(-1, x.shape[-1])
-        flat_idx = indices.reshape(-1)
-        flat_w = weights.reshape(-1)
-        # Group (token, slot) pairs by expert so each expert runs one matmul over its tokens.
-        order = torch.argsort(flat_idx, stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_of_slot = order // indices.shape[-1]
-        out = torch.zeros_like(flat_x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            slots = order[start : start + count]
-            tokens = token_of_slot[start : start + count]
-            start += count
-            gate, up = nn.functional.linear(flat_x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = nn.functional.linear(self.act(gate) * up, self.down_proj[expert])
-            out.index_add_(0, tokens, (y * flat_w[slots, None]).to(out.dtype))
-        return out.view_as(x)
+        n_tokens, top_k = flat_x.shape[0], indices.shape[-1]
+        expert_ids, perm = torch.sort(indices.reshape(-1))
+        grouped_x = flat_x[perm // top_k]
+        grouped_w = weights.reshape(-1)[perm]
+        n_experts = self.gate_up_proj.shape[0]
+        counts_input = expert_ids.float() if x.device.type in ("cpu", "mps") else expert_ids.int()
+        offsets = torch.cumsum(
+            torch.histc(counts_input, bins=n_experts, min=0, max=n_experts - 1), 0, dtype=torch.int32
+        )
+        gate, up = _grouped_linear(grouped_x, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        out = _grouped_linear(self.act(gate) * up, self.down_proj, offsets)
+        out = out * grouped_w.unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        out = out[inverse].view(n_tokens, top_k, -1).sum(dim=1)
+        return out.to(x.dtype).view_as(x)
+
+
+def _grouped_mm_available(weight: torch.Tensor) -> bool:
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if weight.device.type == "cuda":
+        return torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return True
+
+
+def _grouped_linear(
+    x: Float[torch.Tensor, "slots d_in"],
+    weight: Float[torch.Tensor, "expert d_out d_in"],
+    offsets: Int[torch.Tensor, " expert"],
+) -> Float[torch.Tensor, "slots d_out"]:
+    """Rows of `x` sorted by expert, each multiplied by its expert's weight."""
+    if _grouped_mm_available(weight):
+        return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
+    # GPUs older than sm80 have no grouped-matmul kernel: one matmul per expert that has rows.
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[expert].T
+        start = end
+    return out

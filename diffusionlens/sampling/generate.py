@@ -1,0 +1,275 @@
+"""Block-diffusion generation, written on our model, with hooks at every denoising step.
+
+The loop is the reference's (transformers' `DiffusionGemmaGenerationMixin.generate`): per canvas,
+encode what is new, start from uniform random tokens, then for up to N steps run the decoder,
+scale by the temperature schedule, sample, accept the lowest-entropy tokens within the entropy
+bound, renoise the rest, and stop rows that are stable and confident. The previous step's scaled
+logits are the next step's self-conditioning input. Finished canvases are appended and encoded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
+from diffusionlens.sampling.sampler import (
+    SamplerSettings,
+    StableAndConfident,
+    entropy,
+    entropy_bound_acceptance,
+    temperature,
+)
+from diffusionlens.trace import CanvasTrace, DenoisingTrace
+
+if TYPE_CHECKING:
+    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.model import HookedDiffusionGemma
+
+_UNSET: Any = object()
+
+
+@dataclass
+class GenerationResult:
+    """sequences: prompt followed by every generated canvas, as transformers' `generate(...).sequences`
+    (tokens after a row's eos, and whole canvases after it, are pad). trace: the sampler's record."""
+
+    sequences: Int[torch.Tensor, "batch length"]
+    trace: DenoisingTrace
+    tokens_per_forward: Float[torch.Tensor, " batch"]
+
+    def new_tokens(self) -> Int[torch.Tensor, "batch generated"]:
+        return self.sequences[:, self.trace.prompt_length :]
+
+
+def _grad_needed(model: HookedDiffusionGemma) -> bool:
+    return any(point.bwd_fns for point in model.hook_dict.values())
+
+
+def generate(
+    model: HookedDiffusionGemma,
+    input_ids: Int[torch.Tensor, "batch pos"],
+    *,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 256,
+    max_denoising_steps: int = 48,
+    entropy_bound: float = 0.1,
+    t_min: float = 0.4,
+    t_max: float = 0.8,
+    stability_threshold: int = 1,
+    confidence_threshold: float = 0.005,
+    noise: NoiseSource | None = None,
+    fwd_hooks: Iterable[tuple[Any, Callable]] = (),
+    bwd_hooks: Iterable[tuple[Any, Callable]] = (),
+    progress: bool = True,
+    eos_token_id: int | Iterable[int] | None = _UNSET,
+    pad_token_id: int | None = _UNSET,
+    record_top_k: int = 0,
+    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cache: DenoisingCache | None = None,
+) -> GenerationResult:
+    """Generate with DiffusionGemma's block-diffusion sampler; hooks fire at every step.
+
+    With the default `noise=TorchRNGNoise()`, `torch.manual_seed(s)` followed by this call gives the
+    same `.sequences` as `torch.manual_seed(s)` followed by transformers' `generate` with the same
+    settings. eos/pad default to the model config's ids (pass None to disable eos stopping).
+    `self_cond_transform` rewrites the self-conditioning logits between steps (e.g. a token bottleneck).
+    `cache` (see `generate_with_cache`) records hook values with the step axis.
+    """
+    settings = SamplerSettings(
+        max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold
+    )
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if record_top_k < 0:
+        raise ValueError(f"record_top_k must be >= 0, got {record_top_k}")
+    cfg = model.cfg
+    eos_ids = cfg.eos_token_ids if eos_token_id is _UNSET else _as_tuple(eos_token_id)
+    pad_id = cfg.pad_token_id if pad_token_id is _UNSET else pad_token_id
+    noise = noise if noise is not None else TorchRNGNoise()
+    input_ids = model._check_tokens(input_ids, "input_ids")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. bos)")
+    hooks = list(fwd_hooks)
+    if cache is not None:
+        hooks += cache.recording_hooks(model)
+    try:
+        with model.hooks(fwd_hooks=hooks, bwd_hooks=bwd_hooks):
+            context = torch.enable_grad() if _grad_needed(model) else torch.inference_mode()
+            with context:
+                return _generate(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    max_new_tokens,
+                    settings,
+                    noise,
+                    progress,
+                    eos_ids,
+                    pad_id,
+                    record_top_k,
+                    self_cond_transform,
+                    cache,
+                )
+    finally:
+        model.hook_ctx.reset()
+        if cache is not None:
+            cache.finish()
+
+
+def _as_tuple(ids: int | Iterable[int] | None) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    return (ids,) if isinstance(ids, int) else tuple(ids)
+
+
+def _generate(
+    model: HookedDiffusionGemma,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    settings: SamplerSettings,
+    noise: NoiseSource,
+    progress: bool,
+    eos_ids: tuple[int, ...],
+    pad_id: int | None,
+    record_top_k: int,
+    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    cache: DenoisingCache | None,
+) -> GenerationResult:
+    cfg, ctx, hooks = model.cfg, model.hook_ctx, model.sampler
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    length, vocab = cfg.canvas_length, cfg.vocab_size
+    n_canvases = math.ceil(max_new_tokens / length)
+    max_length = prompt_len + max_new_tokens
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+    eos_tensor = torch.tensor(eos_ids, device=device) if eos_ids else None
+    sequences = input_ids
+    finished_rows = torch.zeros(batch, dtype=torch.bool, device=device)
+    forward_passes = torch.zeros(batch, dtype=torch.int, device=device)
+    traces: list[CanvasTrace] = []
+    state = None
+    new_tokens, new_mask = input_ids, attention_mask
+    bar = tqdm(total=n_canvases * settings.max_denoising_steps, desc="denoising", disable=not progress, leave=False)
+    try:
+        for canvas_index in range(n_canvases):
+            ctx.canvas, ctx.step, ctx.t = canvas_index, None, None
+            state = model.encode(new_tokens, new_mask, state)
+            if cache is not None:
+                cache.end_encoder(canvas_index)
+            canvas = noise.initial_canvas(batch, length, vocab, device, canvas_index)
+            argmax_canvas = canvas
+            self_cond = None
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
+            record: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_canvas", "sampled", "argmax", "entropy")}
+            record |= {k: [] for k in ("accepted", "next_canvas", "finished", "temperature", "t", "top_k_tokens")}
+            record["top_k_probs"] = []
+            for step, t in enumerate(reversed(range(1, settings.max_denoising_steps + 1))):
+                ctx.step, ctx.t = step, t
+                forward_passes += ~(finished | finished_rows)
+                raw = model.denoise(canvas, state, self_cond)
+                temp = temperature(t, settings, device)
+                logits = hooks.hook_logits(raw / temp)
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+                sampled = hooks.hook_sampled(noise.sample(probs, canvas_index, step))
+                new_argmax = hooks.hook_argmax(torch.argmax(logits, dim=-1))
+                token_entropy = hooks.hook_entropy(entropy(logits))
+                accepted = hooks.hook_accepted(entropy_bound_acceptance(token_entropy, settings.entropy_bound))
+                kept = torch.where(accepted, sampled, canvas)
+                fresh = noise.renoise(batch, length, vocab, device, canvas_index, step)
+                next_canvas = torch.where(~accepted, fresh, kept)
+                if finished.any():
+                    new_argmax = torch.where(finished[:, None], argmax_canvas, new_argmax)
+                    next_canvas = torch.where(finished[:, None], canvas, next_canvas)
+                    logits = torch.where(finished[:, None, None], self_cond, logits)
+                next_canvas = hooks.hook_canvas_next(next_canvas)
+                finished = finished | stopper(new_argmax, logits)
+                _append(record, canvas, sampled, new_argmax, token_entropy, accepted, next_canvas, finished, temp, t)
+                if record_top_k:
+                    top = torch.topk(probs, k=min(record_top_k, vocab), dim=-1)
+                    record["top_k_tokens"].append(top.indices.cpu())
+                    record["top_k_probs"].append(top.values.cpu())
+                if cache is not None:
+                    cache.end_step(canvas_index, step)
+                self_cond = logits.to(model.dtype)
+                if self_cond_transform is not None:
+                    self_cond = self_cond_transform(self_cond)
+                canvas, argmax_canvas = next_canvas, new_argmax
+                bar.update(1)
+                if bool(finished.all()):
+                    break
+            bar.update(settings.max_denoising_steps - 1 - step)
+            traces.append(_canvas_trace(record))
+            sequences = torch.cat([sequences, argmax_canvas], dim=-1)
+            sequences, finished_rows = _finalize_canvas(
+                sequences, finished_rows, max_length, length, eos_tensor, pad_id
+            )
+            if bool(finished_rows.all()):
+                break
+            new_tokens = sequences[:, -length:]
+            new_mask = torch.ones_like(new_tokens, dtype=torch.bool)
+    finally:
+        bar.close()
+    new = sequences[:, prompt_len:]
+    valid = (new != pad_id).sum(-1) if pad_id is not None else torch.full((batch,), new.shape[1], device=device)
+    trace = DenoisingTrace(traces, prompt_len, _settings_dict(settings, noise, eos_ids, pad_id))
+    return GenerationResult(sequences, trace, valid / forward_passes)
+
+
+def _append(record, canvas, sampled, argmax, token_entropy, accepted, next_canvas, finished, temp, t) -> None:
+    values = {
+        "input_canvas": canvas,
+        "sampled": sampled,
+        "argmax": argmax,
+        "entropy": token_entropy,
+        "accepted": accepted,
+        "next_canvas": next_canvas,
+        "finished": finished,
+        "temperature": temp.reshape(()),
+    }
+    for key, value in values.items():
+        record[key].append(value.detach().cpu())
+    record["t"].append(torch.tensor(t))
+
+
+def _canvas_trace(record: dict[str, list[torch.Tensor]]) -> CanvasTrace:
+    stacked = {k: torch.stack(v) for k, v in record.items() if v}
+    return CanvasTrace(**stacked)
+
+
+def _finalize_canvas(
+    sequences: torch.Tensor,
+    finished_rows: torch.Tensor,
+    max_length: int,
+    length: int,
+    eos_tensor: torch.Tensor | None,
+    pad_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stop rows at max length or on eos; pad what follows eos and every canvas after a stop."""
+    done_now = torch.full_like(finished_rows, sequences.shape[1] >= max_length)
+    if eos_tensor is not None:
+        done_now = done_now | torch.isin(sequences[:, -length:], eos_tensor).any(dim=-1)
+    previously = finished_rows
+    finished_rows = previously | done_now
+    if pad_id is not None and bool(finished_rows.any()):
+        sequences[previously, -length:] = pad_id
+        if eos_tensor is not None and bool(done_now.any()):
+            new = sequences[:, -length:]
+            is_eos = torch.isin(new, eos_tensor)
+            eos_count = is_eos.cumsum(dim=-1)
+            new[(eos_count > 0) & ~((eos_count == 1) & is_eos)] = pad_id
+    return sequences, finished_rows
+
+
+def _settings_dict(settings: SamplerSettings, noise: NoiseSource, eos_ids: tuple[int, ...], pad_id: int | None) -> dict:
+    return {**settings.__dict__, "noise": repr(noise), "eos_token_id": list(eos_ids), "pad_token_id": pad_id}

@@ -1,0 +1,88 @@
+"""Noise sources: where the sampler's random numbers come from.
+
+`TorchRNGNoise` draws from torch's global RNG in exactly the reference implementation's order
+(canvas init, then per step a multinomial draw and a renoising draw), so `torch.manual_seed(s)`
+reproduces transformers' `generate` token for token.
+
+`ReplayNoise(seed)` makes every draw a pure function of (seed, canvas, step, purpose): a patched run
+sees the same random numbers as the clean run at every step, even if it stops earlier or later, so
+any difference between the runs is caused by the intervention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import torch
+from jaxtyping import Float, Int
+
+
+class NoiseSource(Protocol):
+    def initial_canvas(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int
+    ) -> Int[torch.Tensor, "batch canvas"]: ...
+
+    def sample(
+        self, probs: Float[torch.Tensor, "batch canvas vocab"], canvas: int, step: int
+    ) -> Int[torch.Tensor, "batch canvas"]: ...
+
+    def renoise(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+    ) -> Int[torch.Tensor, "batch canvas"]: ...
+
+
+class TorchRNGNoise:
+    """torch's global RNG, consumed in the reference's order (uses `torch.multinomial`)."""
+
+    def initial_canvas(self, batch: int, length: int, vocab: int, device: torch.device, canvas: int) -> torch.Tensor:
+        return torch.randint(low=0, high=vocab, size=(batch, length), device=device)
+
+    def sample(self, probs: torch.Tensor, canvas: int, step: int) -> torch.Tensor:
+        batch, length, vocab = probs.shape
+        return torch.multinomial(probs.view(-1, vocab), num_samples=1).squeeze(-1).view(batch, length)
+
+    def renoise(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+    ) -> torch.Tensor:
+        return torch.randint(low=0, high=vocab, size=(batch, length), device=device)
+
+    def __repr__(self) -> str:
+        return "TorchRNGNoise()"
+
+
+class ReplayNoise:
+    """Counter-based noise: each draw depends only on (seed, canvas, step, purpose).
+
+    Sampling uses one uniform number per position and the inverse CDF, which is also cheaper than
+    `torch.multinomial` (the reference's sampler spends a large share of each step there).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def generator(self, canvas: int, step: int, purpose: str, device: torch.device) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.seed}/{canvas}/{step}/{purpose}".encode(), digest_size=8).digest()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        return generator
+
+    def initial_canvas(self, batch: int, length: int, vocab: int, device: torch.device, canvas: int) -> torch.Tensor:
+        gen = self.generator(canvas, -1, "init", torch.device(device))
+        return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
+
+    def sample(self, probs: torch.Tensor, canvas: int, step: int) -> torch.Tensor:
+        gen = self.generator(canvas, step, "sample", probs.device)
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.rand(probs.shape[:-1] + (1,), generator=gen, device=probs.device, dtype=cdf.dtype)
+        tokens = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True).squeeze(-1)
+        return tokens.clamp_(max=probs.shape[-1] - 1)
+
+    def renoise(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+    ) -> torch.Tensor:
+        gen = self.generator(canvas, step, "renoise", torch.device(device))
+        return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
+
+    def __repr__(self) -> str:
+        return f"ReplayNoise(seed={self.seed})"

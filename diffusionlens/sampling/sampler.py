@@ -1,0 +1,93 @@
+"""The reference sampler's pieces as plain functions: temperature schedule, entropy, entropy-bound
+acceptance and the stable-and-confident stopping rule. Each computes exactly what transformers'
+`generation_diffusion_gemma.py` computes, op for op, so results agree bit for bit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            problems.append(f"max_denoising_steps must be a positive int (got {self.max_denoising_steps!r})")
+        if self.entropy_bound < 0:
+            problems.append(f"entropy_bound must be >= 0 (got {self.entropy_bound})")
+        if self.t_min < 0 or self.t_max < 0:
+            problems.append(f"temperatures must be >= 0 (got t_min={self.t_min}, t_max={self.t_max})")
+        if self.t_min > self.t_max:
+            problems.append(f"t_min={self.t_min} > t_max={self.t_max}; the schedule runs from t_max down to t_min")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            problems.append(f"stability_threshold must be an int >= 0 (got {self.stability_threshold!r})")
+        if self.confidence_threshold <= 0:
+            problems.append(f"confidence_threshold must be > 0 (got {self.confidence_threshold})")
+        if problems:
+            raise ValueError("Invalid sampler settings: " + "; ".join(problems))
+
+
+def temperature(t: int, settings: SamplerSettings, device: torch.device) -> torch.Tensor:
+    """Linear schedule: t_max at the first step (t = N), t_min approached at the last (t = 1).
+
+    Computed with the reference's int32 tensor arithmetic so the float32 result is identical.
+    """
+    cur = torch.tensor(t, device=device, dtype=torch.int32)
+    return settings.t_min + ((settings.t_max - settings.t_min) * (cur / settings.max_denoising_steps))
+
+
+def entropy(logits: Float[torch.Tensor, "... vocab"]) -> Float[torch.Tensor, "..."]:
+    """Entropy of softmax(logits), as torch.distributions.Categorical computes it."""
+    normalized = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(normalized, dim=-1)
+    clamped = torch.clamp(normalized, min=torch.finfo(normalized.dtype).min)
+    return -(clamped * probs).sum(-1)
+
+
+def entropy_bound_acceptance(
+    token_entropy: Float[torch.Tensor, "batch canvas"], bound: float
+) -> Bool[torch.Tensor, "batch canvas"]:
+    """Accept the lowest-entropy positions while sum(entropies) - max(entropy) <= bound."""
+    sorted_entropy, order = torch.sort(token_entropy, dim=-1, descending=False)
+    cumulative = torch.cumsum(sorted_entropy, dim=-1)
+    selected = cumulative - sorted_entropy <= bound
+    return torch.scatter(input=torch.zeros_like(selected), dim=-1, index=order, src=selected)
+
+
+class StableAndConfident:
+    """Stop a row once its argmax canvas repeated for `stability_threshold` steps and the mean
+    entropy of its temperature-scaled logits is below `confidence_threshold`."""
+
+    def __init__(self, stability_threshold: int, confidence_threshold: float) -> None:
+        self.stability_threshold = stability_threshold
+        self.confidence_threshold = confidence_threshold
+        self.history: torch.Tensor | None = None
+
+    def __call__(
+        self, argmax_canvas: Int[torch.Tensor, "batch canvas"], logits: Float[torch.Tensor, "batch canvas vocab"]
+    ) -> Bool[torch.Tensor, " batch"]:
+        if self.stability_threshold == 0:
+            stable = torch.ones(logits.shape[0], device=logits.device, dtype=torch.bool)
+        else:
+            if self.history is None:
+                self.history = torch.full(
+                    (self.stability_threshold, *argmax_canvas.shape),
+                    -1,
+                    dtype=argmax_canvas.dtype,
+                    device=argmax_canvas.device,
+                )
+            stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+            self.history = torch.roll(self.history, shifts=-1, dims=0)
+            self.history[-1] = argmax_canvas
+        confident = torch.mean(entropy(logits), dim=-1) < self.confidence_threshold
+        return stable & confident

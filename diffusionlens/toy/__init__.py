@@ -1,0 +1,54 @@
+"""Toy model organism: synthetic tasks, a character-level tokenizer and batching."""
+
+from diffusionlens.toy.data import iterate_batches, make_batch
+from diffusionlens.toy.tasks import (
+    EXAMPLE_PROMPTS,
+    TASKS,
+    Example,
+    Task,
+    ToyDataset,
+    is_held_out,
+    make_dataset,
+    sample_examples,
+    solve,
+    split_of,
+    task_of,
+)
+from diffusionlens.toy.tokenizer import (
+    BOS_ID,
+    CANVAS_LENGTH,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    VOCAB,
+    build_tokenizer,
+    decode_canvas,
+    encode_answer,
+    encode_prompt,
+)
+
+__all__ = [
+    "BOS_ID",
+    "CANVAS_LENGTH",
+    "EOS_ID",
+    "EXAMPLE_PROMPTS",
+    "PAD_ID",
+    "TASKS",
+    "UNK_ID",
+    "VOCAB",
+    "Example",
+    "Task",
+    "ToyDataset",
+    "build_tokenizer",
+    "decode_canvas",
+    "encode_answer",
+    "encode_prompt",
+    "is_held_out",
+    "iterate_batches",
+    "make_batch",
+    "make_dataset",
+    "sample_examples",
+    "solve",
+    "split_of",
+    "task_of",
+]

@@ -1,0 +1,348 @@
+"""Synthetic tasks for a toy DiffusionGemma model organism.
+
+Each task maps a short prompt to an answer string (the eos token is appended by the
+tokenizer helpers, never by the task itself):
+
+- ``addition``: ``"347+589="`` -> ``"936"``
+- ``squares``: ``"squares 400 800:"`` -> ``"8: 441 484 529 576 625 676 729 784"``
+- ``sort``: ``"sort 5 3 9 1:"`` -> ``"1 3 5 9"``
+- ``reverse``: ``"reverse 7 2 4:"`` -> ``"4 2 7"``
+
+All sampling goes through an explicit :class:`random.Random`; nothing touches the global RNG.
+Evaluation prompts are kept disjoint from training prompts by a stable hash of the prompt
+text (see :func:`is_held_out`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = [
+    "ADDITION",
+    "DEFAULT_HELD_OUT_MODULUS",
+    "EXAMPLE_PROMPTS",
+    "MAX_SQUARES",
+    "REVERSE",
+    "SORT",
+    "SQUARES",
+    "SQUARES_MAX_BOUND",
+    "TASKS",
+    "Example",
+    "Task",
+    "ToyDataset",
+    "is_held_out",
+    "make_dataset",
+    "sample_examples",
+    "solve",
+    "split_of",
+    "task_of",
+]
+
+
+class Example(NamedTuple):
+    """One (task, prompt, answer) triple. The answer excludes the eos token."""
+
+    task: str
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic task: how to sample it, parse it and check answers."""
+
+    name: str
+    pattern: re.Pattern[str]
+    _sample: Callable[[random.Random], str]
+    _solve: Callable[[re.Match[str]], str]
+
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        """Sample one ``(prompt, answer)`` pair using ``rng`` only."""
+        prompt = self._sample(rng)
+        return prompt, self.solve(prompt)
+
+    def matches(self, prompt: str) -> bool:
+        return self.pattern.fullmatch(prompt) is not None
+
+    def solve(self, prompt: str) -> str:
+        """Parse ``prompt`` and compute the exact answer (without eos).
+
+        Raises ``ValueError`` if ``prompt`` is not a valid prompt for this task.
+        """
+        m = self.pattern.fullmatch(prompt)
+        if m is None:
+            raise ValueError(f"not a valid {self.name!r} prompt: {prompt!r}")
+        return self._solve(m)
+
+    def is_correct(self, prompt: str, answer_text: str) -> bool:
+        """Exact-match check of a model answer (eos/pads already removed)."""
+        return answer_text == self.solve(prompt)
+
+
+# --------------------------------------------------------------------------- addition
+
+
+def _sample_operand(rng: random.Random) -> int:
+    n_digits = rng.randint(1, 3)
+    if n_digits == 1:
+        return rng.randint(0, 9)
+    return rng.randint(10 ** (n_digits - 1), 10**n_digits - 1)
+
+
+def _sample_addition(rng: random.Random) -> str:
+    return f"{_sample_operand(rng)}+{_sample_operand(rng)}="
+
+
+def _solve_addition(m: re.Match[str]) -> str:
+    return str(int(m.group(1)) + int(m.group(2)))
+
+
+_OPERAND = r"(0|[1-9][0-9]{0,2})"
+ADDITION = Task("addition", re.compile(rf"{_OPERAND}\+{_OPERAND}="), _sample_addition, _solve_addition)
+
+# ---------------------------------------------------------------------------- squares
+
+SQUARES_MAX_BOUND = 999
+MAX_SQUARES = 8
+_MAX_ROOT = 31  # 31**2 = 961 is the largest square <= 999
+
+
+def _squares_between(a: int, b: int) -> list[int]:
+    """Perfect squares strictly between ``a`` and ``b``."""
+    out = []
+    r = 0
+    while r * r <= a:
+        r += 1
+    while r * r < b:
+        out.append(r * r)
+        r += 1
+    return out
+
+
+def _sample_squares(rng: random.Random) -> str:
+    """Choose the count first (uniform over 0..8), then a run of roots, then bounds."""
+    k = rng.randint(0, MAX_SQUARES)
+    top = SQUARES_MAX_BOUND
+    if k == 0:
+        # a, b both in [r^2, (r+1)^2] (clipped to [1, 999]): nothing strictly between.
+        r = rng.randint(1, _MAX_ROOT)
+        hi = min((r + 1) ** 2, top)
+        a = rng.randint(r * r, hi - 1)
+        b = rng.randint(a + 1, hi)
+    else:
+        # squares r^2 .. (r+k-1)^2; need 1 <= a < r^2 (so r >= 2) and (r+k-1)^2 < b <= 999.
+        r = rng.randint(2, _MAX_ROOT - k + 1)
+        a = rng.randint(max(1, (r - 1) ** 2), r * r - 1)
+        b = rng.randint((r + k - 1) ** 2 + 1, min((r + k) ** 2, top))
+    return f"squares {a} {b}:"
+
+
+def _solve_squares(m: re.Match[str]) -> str:
+    a, b = int(m.group(1)), int(m.group(2))
+    if not (1 <= a < b <= SQUARES_MAX_BOUND):
+        raise ValueError(f"squares bounds must satisfy 1 <= a < b <= {SQUARES_MAX_BOUND}, got {a} {b}")
+    sq = _squares_between(a, b)
+    if len(sq) > MAX_SQUARES:
+        raise ValueError(f"squares prompt has {len(sq)} > {MAX_SQUARES} squares between {a} and {b}")
+    return f"{len(sq)}:" + "".join(f" {s}" for s in sq)
+
+
+_BOUND = r"([1-9][0-9]{0,2})"
+SQUARES = Task("squares", re.compile(rf"squares {_BOUND} {_BOUND}:"), _sample_squares, _solve_squares)
+
+# ------------------------------------------------------------------- sort and reverse
+
+_MIN_DIGITS, _MAX_DIGITS = 2, 8
+_DIGIT_LIST = r"([0-9](?: [0-9]){1,7})"
+
+
+def _sample_digits(rng: random.Random) -> str:
+    n = rng.randint(_MIN_DIGITS, _MAX_DIGITS)
+    return " ".join(str(rng.randint(0, 9)) for _ in range(n))
+
+
+def _sample_sort(rng: random.Random) -> str:
+    return f"sort {_sample_digits(rng)}:"
+
+
+def _sample_reverse(rng: random.Random) -> str:
+    return f"reverse {_sample_digits(rng)}:"
+
+
+def _solve_sort(m: re.Match[str]) -> str:
+    return " ".join(sorted(m.group(1).split(" ")))
+
+
+def _solve_reverse(m: re.Match[str]) -> str:
+    return " ".join(reversed(m.group(1).split(" ")))
+
+
+SORT = Task("sort", re.compile(rf"sort {_DIGIT_LIST}:"), _sample_sort, _solve_sort)
+REVERSE = Task("reverse", re.compile(rf"reverse {_DIGIT_LIST}:"), _sample_reverse, _solve_reverse)
+
+# ---------------------------------------------------------------------------- registry
+
+TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, SQUARES, SORT, REVERSE)}
+
+#: The canonical example prompt of each task (used in docs and interpretability demos).
+EXAMPLE_PROMPTS: dict[str, str] = {
+    "addition": "347+589=",
+    "squares": "squares 400 800:",
+    "sort": "sort 5 3 9 1:",
+    "reverse": "reverse 7 2 4:",
+}
+
+
+def task_of(prompt: str) -> Task:
+    """The task whose format ``prompt`` matches. Raises ``ValueError`` if none does."""
+    for task in TASKS.values():
+        if task.matches(prompt):
+            return task
+    raise ValueError(f"prompt matches no task: {prompt!r}")
+
+
+def solve(prompt: str) -> str:
+    """Answer any valid prompt of any registered task."""
+    return task_of(prompt).solve(prompt)
+
+
+# ----------------------------------------------------------------------------- splits
+
+DEFAULT_HELD_OUT_MODULUS = 10
+
+
+def is_held_out(prompt: str, modulus: int = DEFAULT_HELD_OUT_MODULUS) -> bool:
+    """Whether ``prompt`` belongs to the evaluation split.
+
+    Stable across processes (sha256, not Python's salted ``hash``): a prompt is held out iff
+    ``sha256(prompt) % modulus == 0``, i.e. about ``1/modulus`` of all prompts.
+    """
+    if modulus < 2:
+        raise ValueError(f"modulus must be >= 2, got {modulus}")
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % modulus == 0
+
+
+def split_of(prompt: str, modulus: int = DEFAULT_HELD_OUT_MODULUS) -> str:
+    """``"eval"`` if the prompt is held out, else ``"train"``."""
+    return "eval" if is_held_out(prompt, modulus) else "train"
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _resolve(task_names: str | Sequence[str] | None) -> list[Task]:
+    if task_names is None:
+        names: list[str] = list(TASKS)
+    elif isinstance(task_names, str):
+        names = [task_names]
+    else:
+        names = list(task_names)
+    if not names:
+        raise ValueError("task_names is empty")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    return [TASKS[n] for n in names]
+
+
+def _stream(tasks: list[Task], rng: random.Random, weights: Sequence[float] | None) -> Iterator[Example]:
+    if weights is not None and len(weights) != len(tasks):
+        raise ValueError(f"{len(weights)} weights for {len(tasks)} tasks")
+    while True:
+        task = tasks[0] if len(tasks) == 1 else rng.choices(tasks, weights=weights)[0]
+        prompt, answer = task.sample(rng)
+        yield Example(task.name, prompt, answer)
+
+
+def sample_examples(
+    task_names: str | Sequence[str] | None,
+    n: int,
+    seed: int,
+    weights: Sequence[float] | None = None,
+) -> list[Example]:
+    """``n`` examples from a deterministic mixture of tasks (``None`` = all tasks).
+
+    Each example picks its task with ``weights`` (uniform by default), then samples from it.
+    The same arguments always give the same list. No split filtering; see :func:`make_dataset`.
+    """
+    rng = random.Random(seed)
+    stream = _stream(_resolve(task_names), rng, weights)
+    return [next(stream) for _ in range(n)]
+
+
+@dataclass
+class ToyDataset:
+    """Parallel lists of tasks, prompts and answers (answers exclude eos)."""
+
+    tasks: list[str]
+    prompts: list[str]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> Example:
+        return Example(self.tasks[i], self.prompts[i], self.answers[i])
+
+    def __iter__(self) -> Iterator[Example]:
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def examples(self) -> list[Example]:
+        return list(self)
+
+
+def make_dataset(
+    task_names: str | Sequence[str] | None,
+    n: int,
+    seed: int,
+    split: str = "train",
+    held_out_modulus: int = DEFAULT_HELD_OUT_MODULUS,
+    unique: bool = False,
+    weights: Sequence[float] | None = None,
+    exclude: Collection[str] = (),
+    max_tries_factor: int = 1000,
+) -> ToyDataset:
+    """``n`` examples of ``split`` (``"train"``, ``"eval"`` or ``"all"``), deterministic in ``seed``.
+
+    Prompts are rejection-sampled so that every ``"train"`` prompt satisfies
+    ``not is_held_out(prompt, held_out_modulus)`` and every ``"eval"`` prompt satisfies
+    ``is_held_out(...)``: the two splits never share a prompt, whatever the seeds.
+    Prompts in ``exclude`` are never emitted (e.g. ``EXAMPLE_PROMPTS.values()`` to keep the
+    showcase prompts out of training; they all hash to the train split at the default modulus).
+    With ``unique=True`` no prompt repeats within the dataset (raises ``RuntimeError`` if the
+    task space is too small to supply ``n`` distinct prompts within ``max_tries_factor * n`` draws).
+    """
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
+    rng = random.Random(seed)
+    stream = _stream(_resolve(task_names), rng, weights)
+    exclude = set(exclude)
+    out = ToyDataset([], [], [])
+    seen: set[str] = set()
+    max_tries = max(1, max_tries_factor * n)
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > max_tries:
+            raise RuntimeError(f"could only find {len(out)} of {n} {split} examples in {max_tries} draws")
+        ex = next(stream)
+        if split != "all" and (split == "eval") != is_held_out(ex.prompt, held_out_modulus):
+            continue
+        if ex.prompt in exclude:
+            continue
+        if unique:
+            if ex.prompt in seen:
+                continue
+            seen.add(ex.prompt)
+        out.tasks.append(ex.task)
+        out.prompts.append(ex.prompt)
+        out.answers.append(ex.answer)
+    return out
