@@ -2,14 +2,27 @@
 
 from diffusionlens.cache import ActivationCache
 from diffusionlens.config import DiffusionGemmaConfig
+from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache
 from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, HookPoint
+from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
+from diffusionlens.sampling import GenerationResult, ReplayNoise, TorchRNGNoise
+from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "CacheBudgetError",
+    "CanvasTrace",
+    "DenoisingCache",
+    "DenoisingTrace",
+    "GenerationResult",
+    "ReplayNoise",
+    "TorchRNGNoise",
+    "estimate_cache_bytes",
+    "hook_specs",
     "DiffusionGemmaConfig",
     "HookContext",
     "HookError",

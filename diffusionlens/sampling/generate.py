@@ -273,3 +273,47 @@ def _finalize_canvas(
 
 def _settings_dict(settings: SamplerSettings, noise: NoiseSource, eos_ids: tuple[int, ...], pad_id: int | None) -> dict:
     return {**settings.__dict__, "noise": repr(noise), "eos_token_id": list(eos_ids), "pad_token_id": pad_id}
+
+
+def generate_with_cache(
+    model: HookedDiffusionGemma,
+    input_ids: Int[torch.Tensor, "batch pos"],
+    *,
+    names_filter: Any = None,
+    steps: Any = None,
+    positions: Any = None,
+    canvases: Any = None,
+    dtype: torch.dtype | None = None,
+    storage: str = "memory",
+    path: Any = None,
+    max_bytes: int | None = None,
+    **generate_kwargs: Any,
+) -> tuple[GenerationResult, DenoisingCache]:
+    """`generate`, recording the hooks matched by `names_filter` into a step-indexed DenoisingCache.
+
+    Filters apply at record time: `steps` (denoising steps within each canvas), `positions` (canvas
+    positions of decoder and sampler hooks), `canvases`; `dtype` converts floating values. `storage`:
+    "memory" (where computed), "cpu", or "disk" (safetensors shards under `path`, written as the
+    run goes). `max_bytes` refuses before the run, with the estimate, if the request would not fit.
+    """
+    from diffusionlens.denoising_cache import build_cache
+
+    input_ids = model._check_tokens(input_ids, "input_ids")
+    max_new = generate_kwargs.get("max_new_tokens", 256)
+    cache = build_cache(
+        model,
+        names_filter=names_filter,
+        steps=steps,
+        positions=positions,
+        canvases=canvases,
+        dtype=dtype,
+        storage=storage,
+        path=path,
+        max_bytes=max_bytes,
+        batch=input_ids.shape[0],
+        prompt_len=input_ids.shape[1],
+        max_steps=generate_kwargs.get("max_denoising_steps", 48),
+        n_canvases=math.ceil(max_new / model.cfg.canvas_length),
+    )
+    result = generate(model, input_ids, cache=cache, **generate_kwargs)
+    return result, cache
