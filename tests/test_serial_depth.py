@@ -1,0 +1,268 @@
+"""Tests for diffusionlens.serial_depth: rules, longest path, boundaries, composition, reference stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import diffusionlens.serial_depth.depth as depth_mod
+from diffusionlens.serial_depth import (
+    clog2,
+    compose_depths,
+    interpretable,
+    report,
+    serial_depth,
+)
+from diffusionlens.serial_depth.architectures import (
+    DEFAULT_CONFIG,
+    CausalLMPass,
+    DecoderPass,
+    build_stack,
+    load_config,
+)
+
+META = torch.device("meta")
+
+
+def tiny_text_config(num_experts: int = 4, layers: int = 2) -> dict:
+    return {
+        "hidden_size": 64,
+        "num_hidden_layers": layers,
+        "layer_types": ["sliding_attention"] * (layers - 1) + ["full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "per_layer_config": {str(layers - 1): {"head_dim": 32, "num_key_value_heads": 1}},
+        "intermediate_size": 96,
+        "num_experts": num_experts,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+        "vocab_size": 128,
+        "sliding_window": 8,
+        "rms_norm_eps": 1e-6,
+        "final_logit_softcapping": 30.0,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------- reference example
+
+
+def test_readme_mlp_depth_is_11():
+    # serial_depth README / examples/mlp.py: Dense(8) relu Dense(8) relu Dense(1), use_bias=False, input (1,).
+    mlp = nn.Sequential(
+        nn.Linear(1, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 1, bias=False)
+    )
+    res = serial_depth(mlp, torch.randn(1))
+    assert res.depth == 11
+    # 2 + 5 + 4, as the README derives it layer by layer.
+    assert [s.cost for s in res.critical_path] == [1, 1, 4, 1, 4]
+    assert res.per_module == {"0": 1, "1": 1, "2": 4, "3": 1, "4": 4}
+
+
+def test_mlp_with_bias_adds_one_per_dense():
+    mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    assert serial_depth(mlp, torch.randn(1)).depth == 14
+
+
+# --------------------------------------------------------------------------------------------- single ops
+
+
+@pytest.mark.parametrize(
+    "fn,args,expected",
+    [
+        (lambda a, b: a @ b, (torch.empty(2, 1024), torch.empty(1024, 3)), 11),
+        (lambda a, b: torch.bmm(a, b), (torch.empty(2, 4, 100), torch.empty(2, 100, 5)), 8),
+        (lambda x: x.sum(-1), (torch.empty(5, 8),), 3),
+        (lambda x: x.amax(dim=(0, 1)), (torch.empty(4, 8),), 5),
+        (lambda x: x.mean(-1), (torch.empty(5, 8),), 4),
+        (lambda x: x.argmax(-1), (torch.empty(5, 1000),), 10),
+        (lambda x: x.exp().tanh().neg(), (torch.empty(7),), 3),
+        (lambda x: x.reshape(2, 3).t().unsqueeze(0), (torch.empty(6),), 0),
+        (lambda x: torch.cat([x, x])[1:4], (torch.empty(6),), 0),
+        (lambda x: torch.topk(x, 5, dim=-1)[0], (torch.empty(3, 1000),), 10),
+        (lambda x: torch.topk(x, 5, dim=-1)[1], (torch.empty(3, 1000),), 10),
+        (lambda x: torch.cumsum(x, dim=0), (torch.empty(16, 3),), 4),
+        (lambda x: torch.softmax(x, -1), (torch.empty(2, 16),), 2 * 4 + 3),
+        (lambda x: nn.functional.gelu(x, approximate="tanh"), (torch.empty(3),), 8),
+        (lambda x: nn.functional.layer_norm(x, (8,)), (torch.empty(2, 8),), 2 * 4 + 5),
+        (lambda e, i: nn.functional.embedding(i, e), (torch.empty(10, 4), torch.zeros(3, dtype=torch.long)), 0),
+        (lambda x: x.float().to(torch.bfloat16), (torch.empty(3),), 0),
+        (lambda x: torch.where(x > 0, x, 0.0), (torch.empty(3),), 2),
+        (lambda x: torch.zeros_like(x.exp()) + 1, (torch.empty(3),), 1),
+    ],
+)
+def test_single_op_rules(fn, args, expected):
+    assert serial_depth(fn, *args).depth == expected
+
+
+def test_clog2():
+    assert [clog2(n) for n in (1, 2, 3, 4, 5, 8, 9, 1024, 1025)] == [0, 1, 2, 2, 3, 3, 4, 10, 11]
+
+
+def test_inplace_ops_are_functionalised():
+    def f(x):
+        y = x.exp()
+        y.mul_(2)  # the mutation must count for later readers of y
+        return y + 1
+
+    assert serial_depth(f, torch.empty(3)).depth == 3
+
+
+# ------------------------------------------------------------------------------------------- longest path
+
+
+def test_longest_path_picks_deeper_branch_of_diamond():
+    def diamond(x, w):
+        shallow = x.exp().exp().exp()  # 3
+        deep = x @ w  # K = 1024 -> 11
+        return shallow + deep  # 12
+
+    res = serial_depth(diamond, torch.empty(1024, 1024), torch.empty(1024, 1024))
+    assert res.depth == 12
+    assert [s.op for s in res.critical_path] == ["aten.mm", "aten.add"]
+    assert res.per_op["aten.mm"].depth == 11
+    assert res.per_op_all["aten.exp"].count == 3
+
+
+def test_dead_code_does_not_count():
+    def f(x):
+        _ = x.exp().exp().exp().exp()
+        return x.neg()
+
+    assert serial_depth(f, torch.empty(3)).depth == 1
+
+
+def test_sources_restrict_chain_starts():
+    def f(a, b, w):
+        return a.exp() + b @ w
+
+    args = (torch.empty(4, 4), torch.empty(4, 1024), torch.empty(1024, 4))
+    assert serial_depth(f, *args).depth == 12
+    assert serial_depth(f, *args, sources=[0]).depth == 2
+    assert serial_depth(f, *args, sources=[1]).depth == 12
+
+
+def test_unknown_op_warns_and_is_listed(monkeypatch):
+    monkeypatch.setattr(depth_mod, "_WARNED", set())
+    with pytest.warns(UserWarning, match="aten.lgamma"):
+        res = serial_depth(lambda x: torch.lgamma(x).exp(), torch.empty(3))
+    assert "aten.lgamma" in res.unknown_ops
+    assert res.depth == 1  # unknown ops are charged 0, like the reference's unsupported primitives
+
+
+def test_interpretable_boundary_resets_chain():
+    def no_boundary(x):
+        return x.exp().exp().exp().exp().exp()
+
+    def with_boundary(x):
+        return interpretable(x.exp().exp()).exp().exp().exp()
+
+    assert serial_depth(no_boundary, torch.empty(3)).depth == 5
+    assert serial_depth(with_boundary, torch.empty(3)).depth == 3
+    # the chain into the boundary counts even when it is the longer one
+    assert serial_depth(lambda x: interpretable(x.exp().exp().exp().exp()).exp(), torch.empty(3)).depth == 4
+    # eager use stays an identity
+    x = torch.randn(3)
+    assert torch.equal(interpretable(x), x)
+
+
+def test_real_weights_are_traced_on_meta():
+    lin = nn.Linear(256, 4)
+    res = serial_depth(lin, torch.randn(2, 256))
+    assert res.depth == 8 + 1 + 1
+    assert not lin.weight.is_meta  # the user's module is untouched
+
+
+# ---------------------------------------------------------------------------------------------- composition
+
+
+def test_compose_depths_arithmetic():
+    g = compose_depths(step_depth=100, sc_depth=90, ar_depth=80, steps=4, canvases=3, readout_depth=10)
+    assert g.naive == 100 + 3 * (1 + 90) + 10
+    assert g.per_canvas_naive == g.naive  # canvases reset at committed tokens
+    assert g.bottleneck == 110
+    assert g.ar == 90
+    assert g.naive_ratio == pytest.approx(383 / 90)
+    assert g.bottleneck_ratio == pytest.approx(110 / 90)
+    carried = compose_depths(100, 90, 80, steps=4, canvases=3, readout_depth=10, carry_sc_across_canvases=True)
+    assert carried.naive == 100 + 11 * 91 + 10
+    one = compose_depths(100, 90, 80, steps=1, link_depth=0)
+    assert one.naive == one.bottleneck == 100
+    with pytest.raises(ValueError):
+        compose_depths(1, 1, 1, steps=0)
+
+
+# ------------------------------------------------------------------------------------------ reference stack
+
+
+def test_shipped_26b_config_loads():
+    raw = json.loads(DEFAULT_CONFIG.read_text())
+    assert raw["canvas_length"] == 256
+    spec, canvas = load_config()
+    assert canvas == 256
+    assert spec.hidden_size == 2816 and spec.num_hidden_layers == 30
+    full = [i for i, t in enumerate(spec.layer_types) if t == "full_attention"]
+    assert full == [5, 11, 17, 23, 29]
+    assert spec.layer_attn(5) == (512, 2) and spec.layer_attn(4) == (256, 8)
+    assert (spec.num_experts, spec.top_k_experts, spec.moe_intermediate_size) == (128, 8, 704)
+    assert spec.vocab_size == 262144 and spec.sliding_window == 1024
+    assert spec.rope_parameters["full_attention"]["partial_rotary_factor"] == 0.25
+
+
+def test_26b_dims_one_layer_matches_hand_count():
+    cfg = json.loads(DEFAULT_CONFIG.read_text())["text_config"]
+    cfg = {**cfg, "num_hidden_layers": 1, "layer_types": ["sliding_attention"], "per_layer_config": {}}
+    spec, _ = load_config(cfg)
+    seq = 1280
+    res = serial_depth(CausalLMPass(build_stack(spec)), torch.empty(1, seq, dtype=torch.long, device=META))
+    norm = 1 + (clog2(2816) + 1) + 1 + 1 + 1 + 1  # pow, mean, add, pow(-1/2), mul, weight
+    attn = norm + 13 + 14 + 3 + 9 + 1 + 1 + (2 * clog2(seq) + 3) + (clog2(seq) + 1) + 13 + norm + 1
+    router = (norm - 1) + 2 + 13 + (2 * 7 + 3) + 7  # unscaled norm, scale, proj, softmax, top-k
+    experts = 13 + 8 + 1 + (clog2(704) + 1) + 1 + 3  # gathered gate/up, gelu, *up, down, *w, sum over k
+    ffn = router + experts + norm + 1 + norm + 1 + 1  # post-norm 2, add, post-norm, residual, scalar
+    head = norm + 13 + 3  # final norm, tied LM head, soft-cap
+    assert res.depth == 1 + attn + ffn + head
+    assert not res.unknown_ops
+
+
+def test_moe_depth_grows_only_by_router_log_terms():
+    def depth(experts: int) -> int:
+        spec, _ = load_config(tiny_text_config(num_experts=experts, layers=2))
+        ids = torch.empty(1, 12, dtype=torch.long, device=META)
+        return serial_depth(CausalLMPass(build_stack(spec)), ids).depth
+
+    d4, d128 = depth(4), depth(128)
+    # per layer: softmax over E (2 log2 E) and top-k over E (log2 E) are the only E-dependent terms.
+    assert d128 - d4 == 2 * 3 * (clog2(128) - clog2(4))
+
+
+def test_tiny_decoder_pass_traces_and_report_composes():
+    spec, _ = load_config(tiny_text_config())
+    stack = build_stack(spec)
+    past = [
+        (torch.empty(1, kv, 10, hd, device=META), torch.empty(1, kv, 10, hd, device=META))
+        for hd, kv in (spec.layer_attn(i) for i in range(spec.num_hidden_layers))
+    ]
+    canvas = torch.empty(1, 6, dtype=torch.long, device=META)
+    sc = torch.empty(1, 6, spec.vocab_size, device=META)
+    res = serial_depth(DecoderPass(stack), canvas, sc, past)
+    from_sc = serial_depth(DecoderPass(stack), canvas, sc, past, sources=[1])
+    assert res.depth >= from_sc.depth > 0
+    assert not res.unknown_ops
+    assert any(m.startswith("stack.layers.1.router") for m in res.per_module)
+
+    rep = report({"text_config": tiny_text_config(), "canvas_length": 6}, prompt_len=10, steps=5, readout_k=4)
+    g = rep.generation
+    assert rep.step >= rep.decoder >= rep.decoder_from_sc > 0
+    assert rep.encoder > 0 and rep.ar > 0
+    assert g.naive == rep.step + 4 * (1 + rep.decoder_from_sc) + rep.readout
+    assert g.bottleneck == rep.step + rep.readout
+    assert rep.readout == 1 + clog2(128) + 2 * clog2(4) + 3
+    assert "naive" in str(rep)
