@@ -66,7 +66,10 @@ class HookPoint(nn.Module):
             if out is not None:
                 x = self._checked(out, x)
         if self.bwd_fns and x.requires_grad:
-            x.register_hook(self._run_backward)
+            # Bind the hooks now: the backward of this forward runs them even if it happens after they
+            # were removed (run_with_hooks removes its hooks as soon as the forward returns).
+            fns = tuple(self.bwd_fns)
+            x.register_hook(lambda grad: self._run_backward(grad, fns))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +90,8 @@ class HookPoint(nn.Module):
             )
         return out
 
-    def _run_backward(self, grad: torch.Tensor) -> torch.Tensor:
-        for fn in self.bwd_fns:
+    def _run_backward(self, grad: torch.Tensor, fns: Sequence[HookFn]) -> torch.Tensor:
+        for fn in fns:
             out = fn(grad, self)
             if out is not None:
                 grad = self._checked(out, grad)

@@ -37,6 +37,8 @@ result, cache = model.generate_with_cache(
 print("generated tokens:", result.new_tokens()[0].tolist())
 print(result.trace.summary())
 print(cache)
-print("resid_post of the last block, [step, batch, pos, d_model]:", tuple(cache["decoder.blocks.3.hook_resid_post"].shape))
+print(
+    "resid_post of the last block, [step, batch, pos, d_model]:", tuple(cache["decoder.blocks.3.hook_resid_post"].shape)
+)
 lens = cache.step_cache(step=cache.steps(0)[-1])
 print("hooks recorded at the last step:", len(lens))
