@@ -239,10 +239,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def _materialize_derived_buffers(model: HookedDiffusionGemma, device: torch.device) -> None:
     """Recompute config-derived buffers (RoPE frequencies, embedding scale) that meta init left empty."""
-    fresh = type(model)(model.cfg)  # tiny: parameters are created on meta below
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            _assign(model, name, fresh.get_buffer(name).to(device))
+    for module in model.modules():
+        if hasattr(module, "derived_buffers"):
+            for name, value in module.derived_buffers().items():
+                module._buffers[name] = value.to(device)
 
 
 def _parse_size(size: int | str) -> int:

@@ -257,3 +257,20 @@ def test_config_validation_names_the_field():
         base.replace(num_global_key_value_heads=3)
     with pytest.raises(ValueError, match="top_k_experts"):
         base.replace(top_k_experts=base.num_experts + 1)
+
+
+def test_loading_builds_a_single_model(monkeypatch):
+    """Loading must not build a second (full-size) model, e.g. to recompute derived buffers."""
+    reference = build_reference("mixed")
+    built = []
+    original = HookedDiffusionGemma.__init__
+
+    def counting_init(self, cfg):
+        built.append(torch.get_default_device())
+        original(self, cfg)
+
+    monkeypatch.setattr(HookedDiffusionGemma, "__init__", counting_init)
+    model = HookedDiffusionGemma.from_pretrained(reference, progress=False)
+    assert built == [torch.device("meta")]
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert model.decoder.rotary.full_attention_inv_freq.device.type == "cpu"

@@ -13,7 +13,13 @@ class Embed(nn.Module):
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.register_buffer("embed_scale", torch.tensor(cfg.embed_scale), persistent=False)
+        self._embed_scale = cfg.embed_scale
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers computed from the config, never stored in checkpoints."""
+        return {"embed_scale": torch.tensor(self._embed_scale)}
 
     def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
         return nn.functional.embedding(tokens, self.W_E) * self.embed_scale.to(self.W_E.dtype)

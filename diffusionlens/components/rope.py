@@ -14,8 +14,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
-        for layer_type in (SLIDING, FULL):
-            self.register_buffer(f"{layer_type}_inv_freq", cfg.rotary_inv_freq(layer_type), persistent=False)
+        self._cfg = cfg
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers computed from the config, never stored in checkpoints."""
+        return {f"{kind}_inv_freq": self._cfg.rotary_inv_freq(kind) for kind in (SLIDING, FULL)}
 
     @torch.no_grad()
     def forward(
