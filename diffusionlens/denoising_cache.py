@@ -70,6 +70,7 @@ class DenoisingCache:
         storage: str = "memory",
         path: str | Path | None = None,
         max_steps: int = 48,
+        max_canvases: int = 1,
         canvas_length: int = 256,
         pos_axes: dict[str, int | None] | None = None,
     ) -> None:
@@ -82,7 +83,7 @@ class DenoisingCache:
         self.dtype = dtype
         self.path = Path(path) if path is not None else None
         self._steps = _select_set(steps, max_steps, "steps")
-        self._canvases = _select_set(canvases, 1 << 30, "canvases") if canvases is not None else None
+        self._canvases = _select_set(canvases, max_canvases, "canvases")
         self._positions = _select_set(positions, canvas_length, "positions")
         self.positions = None if self._positions is None else sorted(self._positions)
         self._pos_index: torch.Tensor | None = None
@@ -317,6 +318,7 @@ def build_cache(
         storage=storage,
         path=path,
         max_steps=max_steps,
+        max_canvases=n_canvases,
         canvas_length=model.cfg.canvas_length,
         pos_axes={n: specs[n].pos_axis for n in names},
     )

@@ -65,6 +65,11 @@ def test_multi_canvas_get_and_encoder_values(model, ids):
     assert torch.equal(entropy, result.trace[1].entropy)
     with pytest.raises(KeyError, match="canvas"):
         cache["sampler.hook_entropy"]
+    _, later = model.generate_with_cache(
+        ids, names_filter="sampler.hook_entropy", canvases=slice(1, None), max_new_tokens=CANVAS["mixed"] * 2, **GEN
+    )
+    assert later.canvases() == [1]
+    assert torch.equal(later["sampler.hook_entropy"], entropy)
 
 
 def test_filters_hold_exactly_the_requested_bytes(model, ids):
