@@ -68,7 +68,7 @@ class HookedDiffusionGemma(HookedRootModule):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if name.endswith(("norm.weight", "ln1.weight")) or ".ln" in name or "scale" in name:
+                if ".ln" in name or name.endswith("norm.weight") or "scale" in name:
                     param.fill_(1.0)
                 else:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)

@@ -61,7 +61,7 @@ class EncoderStack(Stack):
             n_past = 0 if past_k is None else past_k.shape[2]
             key = (block.sliding, n_past)
             if key not in masks:
-                masks[key] = self._mask(q_pos, n_past, full_mask, block.sliding, no_padding)
+                masks[key] = self._mask(start, n_new, n_past, full_mask, block.sliding, no_padding)
             cos, sin = tables[cfg.layer_types[layer]]
             resid, new_k, new_v = block(resid, cos, sin, past_k, past_v, masks[key], causal=True)
             k = new_k if past_k is None else torch.cat((past_k, new_k), dim=2)
@@ -74,17 +74,18 @@ class EncoderStack(Stack):
         return PromptState(keys_out, values_out, full_mask, start + n_new, hidden)
 
     def _mask(
-        self, q_pos: torch.Tensor, n_past: int, full_mask: torch.Tensor, sliding: bool, no_padding: bool
+        self, start: int, n_new: int, n_past: int, full_mask: torch.Tensor, sliding: bool, no_padding: bool
     ) -> Bool[torch.Tensor, "batch 1 q k"] | None:
         """Boolean mask over [kept past keys ; new keys], or None where SDPA's `is_causal` says it all.
 
         The None cases are exactly those in which transformers skips building a mask (a fresh
         prompt without padding that fits the window), so both run the same attention kernel.
         """
-        n_new, start = q_pos.shape[0], int(q_pos[0])
         if n_past == 0 and no_padding and (not sliding or n_new < self.cfg.sliding_window):
             return None
-        k_pos = torch.arange(start - n_past, start + n_new, device=q_pos.device)
+        device = full_mask.device
+        q_pos = torch.arange(start, start + n_new, device=device)
+        k_pos = torch.arange(start - n_past, start + n_new, device=device)
         allowed = k_pos[None, :] <= q_pos[:, None]
         if sliding:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - self.cfg.sliding_window)
@@ -111,15 +112,17 @@ class DecoderStack(Stack):
         resid = self.self_cond(token_embed, self_cond_logits, self.embed)
         positions = torch.arange(prompt.length, prompt.length + length, device=canvas.device)
         tables = self.rotary_tables(positions[None], resid.dtype)
+        # Everything is visible except padding in the prompt; without padding no mask is needed.
         masks: dict[int, torch.Tensor | None] = {}
         has_padding = not bool(prompt.attention_mask.all())
-        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=canvas.device)
+        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=canvas.device) if has_padding else None
         for layer, block in enumerate(self.blocks):
             n_kept = prompt.keys[layer].shape[2]
             if n_kept not in masks:
-                # Everything is visible except padding in the prompt.
-                visible = torch.cat((prompt.kept_mask(layer), canvas_visible), dim=1)
-                masks[n_kept] = visible[:, None, None, :].expand(batch, 1, length, -1) if has_padding else None
+                masks[n_kept] = None
+                if has_padding:
+                    visible = torch.cat((prompt.kept_mask(layer), canvas_visible), dim=1)
+                    masks[n_kept] = visible[:, None, None, :].expand(batch, 1, length, -1)
             cos, sin = tables[cfg.layer_types[layer]]
             resid, _, _ = block(resid, cos, sin, prompt.keys[layer], prompt.values[layer], masks[n_kept], causal=False)
         resid = self.ln_final(resid)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -171,9 +171,7 @@ def _generate(
             self_cond = None
             finished = torch.zeros(batch, dtype=torch.bool, device=device)
             stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
-            record: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_canvas", "sampled", "argmax", "entropy")}
-            record |= {k: [] for k in ("accepted", "next_canvas", "finished", "temperature", "t", "top_k_tokens")}
-            record["top_k_probs"] = []
+            record: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(CanvasTrace)}
             for step, t in enumerate(reversed(range(1, settings.max_denoising_steps + 1))):
                 ctx.step, ctx.t = step, t
                 forward_passes += ~(finished | finished_rows)
