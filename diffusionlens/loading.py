@@ -139,9 +139,17 @@ def _iter_module_state(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from source.state_dict(keep_vars=False).items()
 
 
+# Short names for checkpoints shipped inside the package.
+SHIPPED_CHECKPOINTS = {"toy": Path(__file__).parent / "toy" / "checkpoint"}
+
+
 def _resolve_source(source: Any) -> tuple[DiffusionGemmaConfig, Iterator[tuple[str, torch.Tensor]], Path | None]:
     if isinstance(source, nn.Module):
         return DiffusionGemmaConfig.from_hf(source.config), _iter_module_state(source), None
+    if isinstance(source, str) and source in SHIPPED_CHECKPOINTS:
+        source = SHIPPED_CHECKPOINTS[source]
+        if not (source / "config.json").exists():
+            raise FileNotFoundError(f"The shipped checkpoint is missing from {source}; reinstall diffusionlens")
     path = Path(os.fspath(source))
     if not path.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):

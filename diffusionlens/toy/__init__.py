@@ -28,6 +28,7 @@ from diffusionlens.toy.tokenizer import (
 )
 
 __all__ = [
+    "checkpoint_path",
     "BOS_ID",
     "CANVAS_LENGTH",
     "EOS_ID",
@@ -52,3 +53,10 @@ __all__ = [
     "split_of",
     "task_of",
 ]
+
+
+def checkpoint_path():
+    """Directory of the shipped toy checkpoint (config.json, model.safetensors, tokenizer.json)."""
+    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+
+    return SHIPPED_CHECKPOINTS["toy"]

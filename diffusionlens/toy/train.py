@@ -1,0 +1,218 @@
+"""Train the toy DiffusionGemma on the synthetic tasks (nanoGPT-style: one plain loop).
+
+Objective, matching the sampler: corrupt each answer position to a uniform random token with
+probability r ~ U(0, 1) per example, predict the clean canvas (answer, eos, pads) at every position.
+On half the batches a first pass without gradient supplies self-conditioning logits, scaled by a
+temperature drawn from the sampler's range, exactly as generation feeds them back.
+
+    python -m diffusionlens.toy.train --out runs/toy --steps 6000
+
+Seeded and deterministic on CPU; resumable: rerunning with the same --out continues from the last
+checkpoint (weights, optimiser state, step and RNG state, all in safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
+from diffusionlens.model import HookedDiffusionGemma
+from diffusionlens.toy.data import make_batch
+from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, make_dataset
+from diffusionlens.toy.tokenizer import CANVAS_LENGTH, VOCAB, build_tokenizer
+
+TASK_WEIGHTS = {"addition": 0.2, "squares": 0.4, "sort": 0.2, "reverse": 0.2}
+
+
+def toy_config(**overrides) -> DiffusionGemmaConfig:
+    """The shipped toy architecture: the real model's layer kinds at a size a laptop trains."""
+    base = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        global_head_dim=96,
+        num_global_key_value_heads=1,
+        layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL),
+        sliding_window=16,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=128,
+        canvas_length=CANVAS_LENGTH,
+        max_position_embeddings=512,
+    )
+    base.update(overrides)
+    return DiffusionGemmaConfig(**base)
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 1e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    self_cond_prob: float = 0.5
+    t_min: float = 0.4
+    t_max: float = 0.8
+    eval_every: int = 500
+    eval_examples: int = 64
+    save_every: int = 250
+    seed: int = 0
+
+
+def learning_rate(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def corrupt(canvas: torch.Tensor, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace each position by a uniform random token with a per-example probability r ~ U(0, 1)."""
+    batch, length = canvas.shape
+    rate = torch.rand(batch, 1, generator=generator)
+    noisy = torch.rand(batch, length, generator=generator) < rate
+    random_tokens = torch.randint(0, vocab, (batch, length), generator=generator)
+    return torch.where(noisy, random_tokens, canvas)
+
+
+def training_loss(
+    model: HookedDiffusionGemma, batch: dict[str, torch.Tensor], s: TrainSettings, generator: torch.Generator
+) -> torch.Tensor:
+    target = batch["canvas_ids"]
+    noisy = corrupt(target, model.cfg.vocab_size, generator)
+    state = model.encode(batch["input_ids"], batch["attention_mask"])
+    self_cond = None
+    if torch.rand((), generator=generator) < s.self_cond_prob:
+        with torch.no_grad():
+            temperature = s.t_min + (s.t_max - s.t_min) * float(torch.rand((), generator=generator))
+            self_cond = model.denoise(noisy, state) / temperature
+    logits = model.denoise(noisy, state, self_cond)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def _batch(tokenizer, step: int, s: TrainSettings) -> dict[str, torch.Tensor]:
+    # Each step's data is a pure function of (seed, step): resuming replays nothing and skips nothing.
+    data = make_dataset(
+        list(TASK_WEIGHTS),
+        s.batch_size,
+        seed=s.seed * 1_000_003 + step,
+        split="train",
+        weights=list(TASK_WEIGHTS.values()),
+        exclude=EXAMPLE_PROMPTS.values(),
+    )
+    return make_batch(tokenizer, data.examples, CANVAS_LENGTH)
+
+
+def save_checkpoint(out: Path, model, optimizer, step: int, s: TrainSettings, generator, log: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tensors, meta = {}, {"step": step, "settings": asdict(s), "log": log, "param_groups": []}
+    for i, group in enumerate(optimizer.param_groups):
+        meta["param_groups"].append({k: v for k, v in group.items() if k != "params"})
+        for j, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                tensors[f"{i}.{j}.{key}"] = value.detach().clone().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = generator.get_state()
+    tmp = out / "training_state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out / "training_state.safetensors")
+    (out / "training_state.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(out: Path, model, optimizer, generator) -> tuple[int, list]:
+    meta = json.loads((out / "training_state.json").read_text())
+    tensors = load_file(str(out / "training_state.safetensors"))
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(meta["param_groups"][i])
+        for j, param in enumerate(group["params"]):
+            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.{j}.")}
+            if state:
+                optimizer.state[param] = state
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.data"])
+    return meta["step"], meta["log"]
+
+
+def train(
+    out: str | Path,
+    settings: TrainSettings | None = None,
+    config: DiffusionGemmaConfig | None = None,
+    progress: bool = True,
+    evaluate_fn=None,
+) -> HookedDiffusionGemma:
+    """Train (or resume) into directory `out`; returns the model. `evaluate_fn(model, tokenizer, step)`
+    runs every `eval_every` steps and its result is logged."""
+    s = settings or TrainSettings()
+    out = Path(out)
+    torch.manual_seed(s.seed)
+    tokenizer = build_tokenizer()
+    resuming = (out / "training_state.json").exists()
+    if resuming:
+        model = HookedDiffusionGemma.from_pretrained(out, progress=False)
+    else:
+        model = HookedDiffusionGemma.from_config(config or toy_config(), seed=s.seed)
+    model.tokenizer = tokenizer
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
+    generator = torch.Generator().manual_seed(s.seed)
+    start, log = load_checkpoint(out, model, optimizer, generator) if resuming else (0, [])
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train-toy", disable=not progress)
+    began = time.time()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, s)
+        loss = training_loss(model, _batch(tokenizer, step, s), s, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        entry = {"step": step + 1, "loss": loss.item(), "seconds": time.time() - began}
+        if evaluate_fn is not None and (step + 1) % s.eval_every == 0:
+            model.eval()
+            entry["eval"] = evaluate_fn(model, tokenizer, step + 1)
+            model.train()
+            tqdm.write(f"step {step + 1}: {entry['eval']}")
+        log.append(entry)
+        if (step + 1) % s.save_every == 0 or step + 1 == s.steps:
+            save_checkpoint(out, model, optimizer, step + 1, s, generator, log)
+    return model.eval().requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the toy DiffusionGemma (resumes from --out).")
+    parser.add_argument("--out", default="runs/toy")
+    for name, value in asdict(TrainSettings()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    settings = TrainSettings(**{k: getattr(args, k) for k in asdict(TrainSettings())})
+    from diffusionlens.toy.evaluate import quick_eval
+
+    train(
+        args.out,
+        settings,
+        progress=not args.no_progress,
+        evaluate_fn=lambda m, t, step: quick_eval(m, t, n=settings.eval_examples, seed=step),
+    )
+
+
+if __name__ == "__main__":
+    main()
