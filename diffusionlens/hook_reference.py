@@ -31,6 +31,11 @@ class HookSpec:
         return numel * _itemsize(self.dtype, model_dtype)
 
 
+def position_axis(name: str) -> int:
+    """The axis of a hook's value that indexes token positions (queries, for attention patterns)."""
+    return 2 if name.endswith(("hook_attn_scores", "hook_pattern")) else 1
+
+
 def _itemsize(kind: str, model_dtype: torch.dtype) -> int:
     sizes = {"float32": 4, "int64": 8, "bool": 1}
     return sizes.get(kind) or torch.empty((), dtype=model_dtype).element_size()
@@ -42,8 +47,8 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
     specs: dict[str, HookSpec] = {}
     length, d = cfg.canvas_length, cfg.hidden_size
 
-    def add(name: str, shape: tuple[int, ...], fires: str, dtype: str = "model", pos_axis: int | None = 1) -> None:
-        specs[name] = HookSpec(name, shape, dtype, fires, pos_axis if fires != "encoder" else None)
+    def add(name: str, shape: tuple[int, ...], fires: str, dtype: str = "model") -> None:
+        specs[name] = HookSpec(name, shape, dtype, fires, position_axis(name) if fires != "encoder" else None)
 
     for stack, pos in (("encoder", prompt_len), ("decoder", length)):
         fires = stack
@@ -72,8 +77,8 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
             for name in ("hook_k", "hook_v", "k_norm.hook_normalized", "v_norm.hook_normalized", "hook_rot_k"):
                 add(f"{p}.attn.{name}", (batch, pos, kv, hd), fires)
             add(f"{p}.attn.hook_rot_q", (batch, pos, heads, hd), fires)
-            add(f"{p}.attn.hook_attn_scores", (batch, heads, pos, keys), fires, pos_axis=2)
-            add(f"{p}.attn.hook_pattern", (batch, heads, pos, keys), fires, pos_axis=2)
+            add(f"{p}.attn.hook_attn_scores", (batch, heads, pos, keys), fires)
+            add(f"{p}.attn.hook_pattern", (batch, heads, pos, keys), fires)
             add(f"{p}.attn.hook_z", (batch, pos, heads, hd), fires)
             for part in ("pre", "pre_linear", "post"):
                 add(f"{p}.mlp.hook_{part}", (batch, pos, cfg.intermediate_size), fires)

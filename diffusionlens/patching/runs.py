@@ -1,0 +1,157 @@
+"""Recorded runs and patched re-runs, free-running or on a frozen trajectory.
+
+Free-running: the patched run generates again with the base run's `ReplayNoise` draws, so any
+difference is caused by the patch; metrics read the final answer or any step. Frozen trajectory:
+the base run's recorded decoder inputs (canvas and self-conditioning logits) of chosen steps are
+re-run with the patch applied, without re-sampling; metrics read those steps' logits. Both return
+a `PatchedRun`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+
+from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.patching.spec import Patch, patch_hooks
+from diffusionlens.sampling.noise import ReplayNoise
+from diffusionlens.trace import DenoisingTrace
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
+
+LOGITS = "decoder.hook_logits"
+SELF_COND = "decoder.self_cond.hook_logits_in"
+
+
+@dataclass
+class PatchedRun:
+    """A run (recorded or patched). `logits[(canvas, step)]` are the decoder's raw logits
+    `[batch, canvas, vocab]`; free-running runs also have `sequences`, a fresh `trace` and `cache`."""
+
+    input_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: torch.Tensor | None
+    mode: str
+    trace: DenoisingTrace
+    logits: dict[tuple[int, int], Float[torch.Tensor, "batch canvas vocab"]]
+    sequences: Int[torch.Tensor, "batch length"] | None = None
+    cache: DenoisingCache | None = None
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def steps(self, canvas: int = 0) -> list[int]:
+        return sorted(s for c, s in self.logits if c == canvas)
+
+    def logits_at(self, step: int = -1, canvas: int = 0) -> Float[torch.Tensor, "batch canvas vocab"]:
+        """Logits of a step; negative steps count from the last step the base trajectory ran."""
+        if step < 0:
+            step = self.trace.steps(canvas) + step
+        try:
+            return self.logits[(canvas, step)]
+        except KeyError:
+            raise KeyError(
+                f"no logits for canvas {canvas}, step {step} in this {self.mode} run; recorded: {self.steps(canvas)}"
+            ) from None
+
+    def answer(self, canvas: int = 0) -> Int[torch.Tensor, "batch canvas"]:
+        """The tokens a free-running run wrote into `canvas` (after eos padding)."""
+        if self.sequences is None:
+            raise ValueError("a frozen-trajectory run does not sample; use mode='free' for answers")
+        length = self.trace[canvas].input_canvas.shape[-1]
+        start = self.input_ids.shape[1] + canvas * length
+        return self.sequences[:, start : start + length]
+
+
+def record_run(
+    model: HookedDiffusionGemma,
+    input_ids: Int[torch.Tensor, "batch pos"],
+    *,
+    names_filter: Any = (),
+    attention_mask: torch.Tensor | None = None,
+    noise: Any = None,
+    patches: Patch | Sequence[Patch] = (),
+    **generate_kwargs: Any,
+) -> PatchedRun:
+    """Generate (free-running, with `ReplayNoise(0)` unless `noise` is given), recording the decoder
+    logits and self-conditioning inputs every step (what frozen re-runs and metrics need) plus the
+    hooks in `names_filter` (what a patch will copy from this run)."""
+    input_ids = model._check_tokens(input_ids, "input_ids")
+    names = [names_filter] if isinstance(names_filter, str) else list(names_filter or ())
+    kwargs = {"noise": noise if noise is not None else ReplayNoise(0), "progress": False, **generate_kwargs}
+    max_steps = kwargs.get("max_denoising_steps", 48)
+    hooks = patch_hooks(model, patches, max_steps) + list(kwargs.pop("fwd_hooks", ()))
+    result, cache = model.generate_with_cache(
+        input_ids,
+        names_filter=[LOGITS, SELF_COND, *names],
+        attention_mask=attention_mask,
+        fwd_hooks=hooks,
+        **kwargs,
+    )
+    logits = {(c, s): cache.get(LOGITS, canvas=c, step=s) for c in cache.canvases() for s in cache.steps(c)}
+    return PatchedRun(input_ids, attention_mask, "free", result.trace, logits, result.sequences, cache, kwargs)
+
+
+def run_patched(
+    model: HookedDiffusionGemma,
+    base: PatchedRun,
+    patches: Patch | Sequence[Patch],
+    *,
+    mode: str = "free",
+    steps: Sequence[int] | None = None,
+    canvas: int = 0,
+    names_filter: Any = (),
+) -> PatchedRun:
+    """Re-run `base` (usually the corrupted run) with `patches` applied.
+
+    mode="free": generate again with the same settings and noise. mode="frozen": re-run the base
+    trajectory's decoder passes of `canvas` at `steps` (default: every step it ran) with the base
+    run's own canvases and self-conditioning inputs, so only the patch differs.
+    """
+    if mode == "free":
+        return record_run(
+            model,
+            base.input_ids,
+            attention_mask=base.attention_mask,
+            names_filter=names_filter,
+            patches=patches,
+            **base.generate_kwargs,
+        )
+    if mode != "frozen":
+        raise ValueError(f"mode must be 'free' or 'frozen', got {mode!r}")
+    if base.cache is None or SELF_COND not in base.cache:
+        raise ValueError("frozen re-runs need a base run made by record_run (it records the decoder inputs)")
+    run_steps = list(range(base.trace.steps(canvas))) if steps is None else list(steps)
+    max_steps = base.generate_kwargs.get("max_denoising_steps", 48)
+    ctx = model.hook_ctx
+    logits = {}
+    try:
+        with torch.inference_mode(), model.hooks(fwd_hooks=patch_hooks(model, patches, max_steps)):
+            state = _encode_through(model, base, canvas)
+            for step in run_steps:
+                ctx.canvas, ctx.step, ctx.t = canvas, step, int(base.trace[canvas].t[step])
+                self_cond = base.cache.get(SELF_COND, canvas=canvas, step=step) if step > 0 else None
+                logits[(canvas, step)] = model.denoise(base.trace[canvas].input_canvas[step], state, self_cond)
+    finally:
+        ctx.reset()
+    return PatchedRun(
+        base.input_ids, base.attention_mask, "frozen", base.trace, logits, None, None, base.generate_kwargs
+    )
+
+
+def _encode_through(model: HookedDiffusionGemma, base: PatchedRun, canvas: int):
+    """The prompt state the decoder read in `canvas`, encoded canvas by canvas as generation does
+    (encoder hooks, and so prompt-channel patches, fire with ctx.canvas set)."""
+    ctx = model.hook_ctx
+    ctx.canvas, ctx.step = 0, None
+    state = model.encode(base.input_ids, base.attention_mask)
+    if canvas > 0 and base.sequences is None:
+        raise ValueError("frozen re-runs of later canvases need a free-running base run with sequences")
+    for c in range(1, canvas + 1):
+        ctx.canvas = c
+        start = base.input_ids.shape[1] + (c - 1) * base.trace[c - 1].input_canvas.shape[-1]
+        chunk = base.sequences[:, start : start + base.trace[c - 1].input_canvas.shape[-1]]
+        state = model.encode(chunk, None, state)
+    return state

@@ -1,0 +1,145 @@
+"""Patch specifications and the hook functions that apply them.
+
+A patch is (hook name or pattern, steps, positions, source). The source is another run's
+DenoisingCache (clean → corrupted), another step of the same run (`CrossStep`), a fixed tensor
+(e.g. a mean for ablation) or a function `fn(value, hook) -> value`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffusionlens.denoising_cache import DenoisingCache, Selector, _select_set
+from diffusionlens.hook_reference import position_axis
+
+if TYPE_CHECKING:
+    from diffusionlens.hook_points import HookPoint
+    from diffusionlens.model import HookedDiffusionGemma
+
+
+@dataclass(frozen=True)
+class CrossStep:
+    """Source: the same run's value of the same hook at an earlier step (`step`, in the same canvas)."""
+
+    step: int
+
+
+_PER_HEAD_HOOKS = {
+    "hook_q",
+    "hook_k",
+    "hook_v",
+    "hook_rot_q",
+    "hook_rot_k",
+    "hook_z",
+    "hook_attn_scores",
+    "hook_pattern",
+}
+Source = DenoisingCache | CrossStep | torch.Tensor | Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class Patch:
+    """Write `source`'s value of `hook` into the run at `steps` and `positions` (and `canvases`).
+
+    `steps`, `positions`, `canvases` and `heads` take an int, slice, list, bool mask or "all".
+    Positions index the canvas for decoder and sampler hooks and the prompt for encoder hooks (the
+    query axis of attention patterns); `heads` the head axis of per-head hooks. Encoder hooks fire
+    once per canvas (no step), so `steps` does not apply to them.
+    """
+
+    hook: str
+    source: Source
+    steps: Selector = "all"
+    positions: Selector = "all"
+    canvases: Selector = "all"
+    heads: Selector = "all"
+    _stash: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def hooks(self, model: HookedDiffusionGemma, max_steps: int = 48) -> list[tuple[str, Callable]]:
+        names = model.resolve_hook_names(self.hook)
+        steps = _select_set(self.steps, max_steps, "steps")
+        canvases = _select_set(self.canvases, 1 << 16, "canvases") if self.canvases != "all" else None
+        if isinstance(self.source, CrossStep) and steps is not None and any(s <= self.source.step for s in steps):
+            raise ValueError(
+                f"cross-step patch from step {self.source.step} into steps {sorted(steps)}: the source step must come "
+                "first (record a cache and use it as the source to copy from a later step)"
+            )
+        self._stash.clear()
+        return [(name, self._make_hook(name, steps, canvases)) for name in names]
+
+    def _make_hook(self, name: str, steps: set[int] | None, canvases: set[int] | None) -> Callable:
+        axes = {position_axis(name): (self.positions, "positions")}
+        if self.heads != "all":
+            if name.rsplit(".", 1)[-1] not in _PER_HEAD_HOOKS:
+                raise ValueError(f"heads= applies to per-head hooks ({', '.join(sorted(_PER_HEAD_HOOKS))}), not {name}")
+            axes[1 if name.endswith(("hook_attn_scores", "hook_pattern")) else 2] = (self.heads, "heads")
+
+        def apply(value: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+            ctx = hook.ctx
+            if canvases is not None and ctx.canvas not in canvases:
+                return None
+            if isinstance(self.source, CrossStep):
+                if ctx.step == self.source.step:
+                    self._stash[(hook.name, ctx.canvas)] = value.detach().clone()
+                    return None
+                if ctx.step is None or (steps is not None and ctx.step not in steps) or ctx.step < self.source.step:
+                    return None
+                donor = self._stash[(hook.name, ctx.canvas)]
+            else:
+                if ctx.step is not None and steps is not None and ctx.step not in steps:
+                    return None
+                donor = self._donor(value, hook)
+            return _write(value, donor.to(device=value.device, dtype=value.dtype), axes)
+
+        return apply
+
+    def _donor(self, value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        source = self.source
+        if isinstance(source, DenoisingCache):
+            ctx = hook.ctx
+            donor = (
+                source.get(hook.name, canvas=ctx.canvas, step=ctx.step)
+                if ctx.step is not None
+                else source.get(hook.name, canvas=ctx.canvas)
+            )
+            if source.positions is not None:
+                raise ValueError(
+                    "the source cache was recorded with a positions filter; record the patched hooks at every position"
+                )
+            return donor
+        if isinstance(source, torch.Tensor):
+            return source.expand_as(value)
+        out = source(value, hook)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"patch source function for {hook.name} must return a tensor, got {type(out).__name__}")
+        return out
+
+
+def _write(value: torch.Tensor, donor: torch.Tensor, axes: dict[int, tuple[Selector, str]]) -> torch.Tensor:
+    """`value` with `donor` written where every axis in `axes` is selected."""
+    if donor.shape != value.shape:
+        raise ValueError(
+            f"patch source has shape {tuple(donor.shape)} but the value has {tuple(value.shape)}; the two runs must "
+            "have the same batch, prompt length and canvas"
+        )
+    mask = torch.ones((), dtype=torch.bool, device=value.device)
+    for axis, (selector, what) in axes.items():
+        chosen = _select_set(selector, value.shape[axis], what)
+        if chosen is None:
+            continue
+        along = torch.zeros(value.shape[axis], dtype=torch.bool, device=value.device)
+        along[sorted(chosen)] = True
+        mask = mask & along.view([-1 if i == axis else 1 for i in range(value.ndim)])
+    return torch.where(mask, donor, value) if mask.ndim else donor
+
+
+def patch_hooks(
+    model: HookedDiffusionGemma, patches: Patch | Sequence[Patch], max_steps: int = 48
+) -> list[tuple[str, Callable]]:
+    """Hook pairs applying every patch (for `generate(fwd_hooks=...)` or `model.hooks(...)`)."""
+    patches = [patches] if isinstance(patches, Patch) else list(patches)
+    return [pair for patch in patches for pair in patch.hooks(model, max_steps)]

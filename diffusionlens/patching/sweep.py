@@ -1,0 +1,106 @@
+"""Patching sweeps over two axes (layer × position, step × position, layer × step, layer × head).
+
+Every cell patches the clean run's values into the corrupted run and scores the result; only the
+clean run's recorded activations and one patched run are alive at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusionlens.patching.runs import PatchedRun, run_patched
+from diffusionlens.patching.spec import Patch
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
+
+AXES = {("layer", "position"), ("step", "position"), ("layer", "step"), ("layer", "head")}
+
+
+@dataclass
+class SweepResult:
+    """values `[len(labels[axes[0]]), len(labels[axes[1]])]` with the label of every row and column."""
+
+    values: torch.Tensor
+    axes: tuple[str, str]
+    labels: dict[str, list]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def plot(self, ax=None, title: str | None = None):
+        """A heatmap (matplotlib Figure); needs the `viz` extra."""
+        from diffusionlens.viz import plot_sweep
+
+        return plot_sweep(self, ax=ax, title=title)
+
+    def argmax(self) -> tuple:
+        flat = int(self.values.flatten().argmax())
+        row, col = divmod(flat, self.values.shape[1])
+        return self.labels[self.axes[0]][row], self.labels[self.axes[1]][col]
+
+
+def patch_sweep(
+    model: HookedDiffusionGemma,
+    clean: PatchedRun,
+    corrupted: PatchedRun,
+    hook: str,
+    over: tuple[str, str],
+    metric: Callable[[PatchedRun], float],
+    *,
+    mode: str = "frozen",
+    layers: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    metric_steps: Sequence[int] | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Patch `hook` (a name, with `{layer}` where the layer goes) from `clean` into `corrupted`, one
+    cell at a time, and score each patched run with `metric`.
+
+    Cells patch at one (layer, position), (step, position), (layer, step) or (layer, head); the other
+    coordinates cover everything (all steps, all positions). `clean` must have recorded the hook
+    (`record_run(..., names_filter=...)`). In frozen mode each cell re-runs only the steps the metric
+    reads (`metric_steps`, default: the last step; a step-axis cell re-runs its own step too).
+    """
+    over = tuple(over)
+    if over not in AXES:
+        raise ValueError(f"over must be one of {sorted(AXES)}, got {over}")
+    if "layer" in over and "{layer}" not in hook:
+        raise ValueError("sweeping over layers needs '{layer}' in the hook name, e.g. 'decoder.blocks.{layer}.…'")
+    if clean.cache is None:
+        raise ValueError("clean must come from record_run (its cache is the patch source)")
+    n_steps = corrupted.trace.steps(0)
+    labels = {
+        "layer": list(layers if layers is not None else range(model.cfg.num_hidden_layers)),
+        "step": list(steps if steps is not None else range(min(n_steps, clean.trace.steps(0)))),
+        "position": list(positions if positions is not None else range(model.cfg.canvas_length)),
+        "head": list(range(model.cfg.num_attention_heads)),
+    }
+    read_steps = list(metric_steps) if metric_steps is not None else [n_steps - 1]
+    name_of = (lambda layer: hook.format(layer=layer)) if "{layer}" in hook else (lambda layer: hook)
+    missing = [n for n in {name_of(layer) for layer in labels["layer"]} if n not in clean.cache]
+    if missing:
+        raise ValueError(f"the clean run did not record {missing[:3]}…; pass them in record_run(names_filter=...)")
+    cells = list(product(labels[over[0]], labels[over[1]]))
+    values = torch.empty(len(cells))
+    for i, cell in enumerate(tqdm(cells, desc="patch sweep", disable=not progress, leave=False)):
+        coords = dict(zip(over, cell, strict=True))
+        patch = Patch(
+            name_of(coords.get("layer", 0)),
+            clean.cache,
+            steps=coords.get("step", "all"),
+            positions=coords.get("position", "all"),
+            heads=coords.get("head", "all"),
+        )
+        run_steps = sorted({*read_steps, coords["step"]}) if "step" in coords else read_steps
+        patched = run_patched(model, corrupted, patch, mode=mode, steps=run_steps if mode == "frozen" else None)
+        values[i] = metric(patched)
+    metadata = {"hook": hook, "mode": mode, "metric": repr(metric), "metric_steps": read_steps}
+    return SweepResult(
+        values.view(len(labels[over[0]]), len(labels[over[1]])), over, {a: labels[a] for a in over}, metadata
+    )

@@ -1,0 +1,43 @@
+"""Heatmaps of patching sweeps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusionlens.patching.sweep import SweepResult
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'diffusionlens[viz]'") from err
+    return plt
+
+
+def plot_sweep(result: SweepResult, ax=None, title: str | None = None):
+    """Heatmap of a sweep: rows are the first axis, columns the second; returns the Figure."""
+    plt = _pyplot()
+    if ax is None:
+        fig, ax = plt.subplots(
+            figsize=(max(4, 0.25 * result.values.shape[1] + 2), max(3, 0.3 * result.values.shape[0] + 1.5))
+        )
+    else:
+        fig = ax.figure
+    values = result.values.float()
+    bound = float(values.abs().max()) or 1.0
+    image = ax.imshow(values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+    rows, cols = result.axes
+    ax.set_ylabel(rows)
+    ax.set_xlabel(cols)
+    ax.set_yticks(range(len(result.labels[rows])), [str(v) for v in result.labels[rows]])
+    step = max(1, len(result.labels[cols]) // 24)
+    ax.set_xticks(range(0, len(result.labels[cols]), step), [str(v) for v in result.labels[cols]][::step])
+    ax.set_title(title or f"{result.metadata.get('hook', '')} ({result.metadata.get('mode', '')})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="metric")
+    fig.tight_layout()
+    return fig
