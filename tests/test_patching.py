@@ -11,6 +11,7 @@ from diffusionlens.patching import (
     LogitDiff,
     Normalized,
     Patch,
+    attribution_patch,
     channel_patches,
     patch_sweep,
     record_run,
@@ -169,3 +170,30 @@ def test_head_sweep(model, prompts):
     assert len(set(sweep.values.flatten().tolist())) > 1  # heads differ in effect
     with pytest.raises(ValueError, match="per-head hooks"):
         run_patched(model, corrupted, Patch("decoder.blocks.0.hook_resid_post", clean.cache, heads=0))
+
+
+def test_attribution_is_the_first_order_effect_of_each_patch(model, prompts):
+    clean_ids, corrupted_ids = prompts
+    hook = "decoder.blocks.{layer}.hook_resid_pre"
+    clean = record_run(model, clean_ids, names_filter=[hook.format(layer=i) for i in range(4)], **GEN)
+    corrupted = record_run(model, corrupted_ids, **GEN)
+    last = 4
+    metric = LogitDiff(2, int(clean.logits_at(last)[0, 2].argmax()), int(corrupted.logits_at(last)[0, 2].argmax()))
+    attribution = attribution_patch(model, clean, corrupted, hook, metric, steps=[1, last])
+    assert attribution.values.shape == (4, 2, CANVAS["mixed"]) and attribution.labels["step"] == [1, last]
+    base = metric.on_logits(corrupted.logits_at(last))
+    eps = 1e-3
+    for layer, position in [(1, 0), (2, 2), (3, 5)]:
+        name = hook.format(layer=layer)
+
+        def nudge(value, point, name=name):
+            return value + eps * (clean.cache.get(name, step=point.ctx.step) - value)
+
+        patched = run_patched(
+            model, corrupted, Patch(name, nudge, steps=last, positions=position), mode="frozen", steps=[last]
+        )
+        finite_difference = float(metric.on_logits(patched.logits_at(last)) - base) / eps
+        estimate = float(attribution.values[layer, 1, position])
+        assert finite_difference == pytest.approx(estimate, rel=0.05, abs=1e-3)
+    same = attribution_patch(model, clean, clean, hook, metric, steps=[last])
+    assert same.values.abs().max() == 0

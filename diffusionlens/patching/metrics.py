@@ -20,8 +20,12 @@ class LogitDiff:
     canvas: int = 0
 
     def __call__(self, run: PatchedRun) -> float:
-        logits = run.logits_at(self.step, self.canvas)[:, self.position]
-        return float((logits[:, self.good] - logits[:, self.bad]).mean())
+        return float(self.on_logits(run.logits_at(self.step, self.canvas)))
+
+    def on_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The metric on one step's logits `[batch, canvas, vocab]`, differentiably."""
+        at = logits[:, self.position]
+        return (at[:, self.good] - at[:, self.bad]).mean()
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,11 @@ class TargetProb:
     canvas: int = 0
 
     def __call__(self, run: PatchedRun) -> float:
-        logits = run.logits_at(self.step, self.canvas)[:, self.position]
-        return float(torch.softmax(logits.float(), -1)[:, self.token].mean())
+        return float(self.on_logits(run.logits_at(self.step, self.canvas)))
+
+    def on_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The metric on one step's logits `[batch, canvas, vocab]`, differentiably."""
+        return torch.softmax(logits[:, self.position].float(), -1)[:, self.token].mean()
 
 
 @dataclass(frozen=True)
