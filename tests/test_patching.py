@@ -151,6 +151,34 @@ def test_sweep_shapes_labels_and_normalisation(model, prompts):
     )
     assert by_step.values.shape == (2, 2) and by_step.labels["step"] == [0, last]
     assert by_step.values[0].abs().max() == 0  # frozen: a patch at step 0 cannot move the last step's logits
+    raw = LogitDiff(0, clean_top, corrupt_top, step=last)
+    per_cell = patch_sweep(
+        model,
+        clean,
+        corrupted,
+        "decoder.blocks.0.hook_resid_pre",
+        ("step", "position"),
+        raw,
+        steps=[0, last],
+        positions=[0, 3],
+        metric_steps="cell",
+        progress=False,
+    )
+    single = run_patched(
+        model,
+        corrupted,
+        Patch("decoder.blocks.0.hook_resid_pre", clean.cache, steps=0, positions=3),
+        mode="frozen",
+        steps=[0],
+    )
+    assert per_cell.values[0, 1] == pytest.approx(LogitDiff(0, clean_top, corrupt_top, step=0)(single))
+    expected = []
+    for position in (0, 3):
+        patch = Patch("decoder.blocks.0.hook_resid_pre", clean.cache, steps=last, positions=position)
+        expected.append(raw(run_patched(model, corrupted, patch, mode="frozen", steps=[last])))
+    assert per_cell.values[1].tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="cell"):
+        patch_sweep(model, clean, corrupted, hook, ("layer", "position"), raw, metric_steps="cell")
     with pytest.raises(ValueError, match="did not record"):
         patch_sweep(model, clean, corrupted, "decoder.blocks.{layer}.hook_mlp_out", ("layer", "position"), metric)
     fig = sweep.plot()

@@ -7,7 +7,7 @@ clean run's recorded activations and one patched run are alive at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,7 @@ def patch_sweep(
     layers: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
-    metric_steps: Sequence[int] | None = None,
+    metric_steps: Sequence[int] | str | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Patch `hook` (a name, with `{layer}` where the layer goes) from `clean` into `corrupted`, one
@@ -66,6 +66,8 @@ def patch_sweep(
     coordinates cover everything (all steps, all positions). `clean` must have recorded the hook
     (`record_run(..., names_filter=...)`). In frozen mode each cell re-runs only the steps the metric
     reads (`metric_steps`, default: the last step; a step-axis cell re-runs its own step too).
+    `metric_steps="cell"` (frozen step sweeps) scores each cell at its own step: the metric must have a
+    `step` field (LogitDiff, TargetProb, KLToClean), which is set to the cell's step.
     """
     over = tuple(over)
     if over not in AXES:
@@ -81,7 +83,10 @@ def patch_sweep(
         "position": list(positions if positions is not None else range(model.cfg.canvas_length)),
         "head": list(range(model.cfg.num_attention_heads)),
     }
-    read_steps = list(metric_steps) if metric_steps is not None else [n_steps - 1]
+    per_cell = metric_steps == "cell"
+    if per_cell and ("step" not in over or mode != "frozen" or not hasattr(metric, "step")):
+        raise ValueError("metric_steps='cell' needs a frozen sweep over steps and a metric with a `step` field")
+    read_steps = [] if per_cell else list(metric_steps) if metric_steps is not None else [n_steps - 1]
     name_of = (lambda layer: hook.format(layer=layer)) if "{layer}" in hook else (lambda layer: hook)
     missing = [n for n in {name_of(layer) for layer in labels["layer"]} if n not in clean.cache]
     if missing:
@@ -99,8 +104,8 @@ def patch_sweep(
         )
         run_steps = sorted({*read_steps, coords["step"]}) if "step" in coords else read_steps
         patched = run_patched(model, corrupted, patch, mode=mode, steps=run_steps if mode == "frozen" else None)
-        values[i] = metric(patched)
-    metadata = {"hook": hook, "mode": mode, "metric": repr(metric), "metric_steps": read_steps}
+        values[i] = (replace(metric, step=coords["step"]) if per_cell else metric)(patched)
+    metadata = {"hook": hook, "mode": mode, "metric": repr(metric), "metric_steps": "cell" if per_cell else read_steps}
     return SweepResult(
         values.view(len(labels[over[0]]), len(labels[over[1]])), over, {a: labels[a] for a in over}, metadata
     )
