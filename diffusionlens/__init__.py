@@ -1,5 +1,6 @@
 """diffusionlens: mechanistic interpretability for DiffusionGemma, with a step axis."""
 
+from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.cache import ActivationCache
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache
@@ -20,6 +21,7 @@ __all__ = [
     "DenoisingTrace",
     "GenerationResult",
     "ReplayNoise",
+    "TokenBottleneck",
     "TorchRNGNoise",
     "estimate_cache_bytes",
     "hook_specs",

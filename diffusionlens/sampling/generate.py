@@ -72,6 +72,7 @@ def generate(
     pad_token_id: int | None = _UNSET,
     record_top_k: int = 0,
     self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bottleneck: Callable[[torch.Tensor], torch.Tensor] | None = None,
     cache: DenoisingCache | None = None,
 ) -> GenerationResult:
     """Generate with DiffusionGemma's block-diffusion sampler; hooks fire at every step.
@@ -79,7 +80,8 @@ def generate(
     With the default `noise=TorchRNGNoise()`, `torch.manual_seed(s)` followed by this call gives the
     same `.sequences` as `torch.manual_seed(s)` followed by transformers' `generate` with the same
     settings. eos/pad default to the model config's ids (pass None to disable eos stopping).
-    `self_cond_transform` rewrites the self-conditioning logits between steps (e.g. a token bottleneck).
+    `bottleneck` (e.g. `TokenBottleneck(top_k=4)`) or any `self_cond_transform` rewrites the
+    self-conditioning logits between steps.
     `cache` (see `generate_with_cache`) records hook values with the step axis.
     """
     settings = SamplerSettings(
@@ -93,6 +95,9 @@ def generate(
     eos_ids = cfg.eos_token_ids if eos_token_id is _UNSET else _as_tuple(eos_token_id)
     pad_id = cfg.pad_token_id if pad_token_id is _UNSET else pad_token_id
     noise = noise if noise is not None else TorchRNGNoise()
+    if bottleneck is not None and self_cond_transform is not None:
+        raise ValueError("pass either bottleneck or self_cond_transform, not both")
+    self_cond_transform = bottleneck or self_cond_transform
     input_ids = model._check_tokens(input_ids, "input_ids")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. bos)")

@@ -1,0 +1,41 @@
+"""The token bottleneck: what it keeps, renormalisation, and generate/hook equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import CANVAS, build_pair
+
+from diffusionlens import ReplayNoise, TokenBottleneck
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert TokenBottleneck(top_k=2).keep_mask(logits).tolist() == [[True, True, False, False]]
+    assert TokenBottleneck(top_p=0.5).keep_mask(logits).tolist() == [[True, False, False, False]]
+    assert TokenBottleneck(top_p=0.79).keep_mask(logits).tolist() == [[True, True, False, False]]
+    assert TokenBottleneck(top_p=0.81).keep_mask(logits).tolist() == [[True, True, True, False]]
+    assert TokenBottleneck(top_k=1, top_p=0.9).keep_mask(logits).tolist() == [[True, False, False, False]]
+    probs = torch.softmax(TokenBottleneck(top_k=2)(logits), -1)
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert probs[0, 2:].eq(0).all()
+
+
+@pytest.mark.parametrize("bad", [dict(), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_invalid_settings(bad):
+    with pytest.raises(ValueError):
+        TokenBottleneck(**bad)
+
+
+def test_generate_option_equals_the_hook_and_changes_the_run():
+    _, model = build_pair("mixed", seed=2)
+    ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=CANVAS["mixed"] * 2, max_denoising_steps=6, noise=ReplayNoise(0), progress=False)
+    bottleneck = TokenBottleneck(top_k=2)
+    seen = []
+    record = [("decoder.self_cond.hook_logits_in", lambda x, h: seen.append(x.clone()))]
+    via_option = model.generate(ids, bottleneck=bottleneck, fwd_hooks=record, **kw)
+    assert all(bool((torch.softmax(x.float(), -1) > 0).sum(-1).le(2).all()) for x in seen)
+    via_hook = model.generate(ids, fwd_hooks=[("decoder.self_cond.hook_logits_in", bottleneck.hook)], **kw)
+    assert torch.equal(via_option.sequences, via_hook.sequences)
+    assert not torch.equal(via_option.sequences, model.generate(ids, **kw).sequences)
