@@ -213,16 +213,20 @@ class DiffusionGemmaConfig:
     @classmethod
     def _from_text_dict(cls, text: dict[str, Any], canvas_length: int) -> DiffusionGemmaConfig:
         layer_types = text.get("layer_types")
-        per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items() if str(k).isdigit()}
-        full_layers = [i for i, t in enumerate(layer_types or []) if t == FULL]
-        global_head_dim = text.get("global_head_dim")
-        global_kv = text.get("num_global_key_value_heads")
-        for i in full_layers:
-            override = per_layer.get(i, {})
-            global_head_dim = override.get("head_dim", global_head_dim)
-            global_kv = override.get("num_key_value_heads", global_kv)
-        if global_head_dim is None:
-            global_head_dim = 512  # transformers' default when a config names none
+        if text.get("per_layer_config") is not None:
+            # transformers serialises only the overrides that differ from the base values, so a full
+            # layer without an entry uses the sliding layers' head_dim and key-value heads.
+            per_layer = {int(k): v for k, v in text["per_layer_config"].items() if str(k).isdigit()}
+            full_layers = [i for i, t in enumerate(layer_types or []) if t == FULL]
+            overrides = [per_layer.get(i, {}) for i in full_layers] or [{}]
+            head_dims = {o.get("head_dim", text.get("head_dim", 256)) for o in overrides}
+            kv_heads = {o.get("num_key_value_heads", text.get("num_key_value_heads", 4)) for o in overrides}
+            if len(head_dims) > 1 or len(kv_heads) > 1:
+                raise ValueError(f"full-attention layers with different shapes are not supported: {per_layer}")
+            global_head_dim, global_kv = head_dims.pop(), kv_heads.pop()
+        else:  # a config that predates per_layer_config: transformers' constructor defaults
+            global_head_dim = text.get("global_head_dim", 512)
+            global_kv = text.get("num_global_key_value_heads")
         rope = text.get("rope_parameters") or {}
         local_rope = rope.get(SLIDING) or {"rope_type": "default", "rope_theta": 10_000.0}
         global_rope = rope.get(FULL) or {"rope_type": "proportional", "partial_rotary_factor": 0.25}
