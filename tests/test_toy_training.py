@@ -65,3 +65,12 @@ def test_evaluate_scores_exact_match(tmp_path):
     with model.hooks(fwd_hooks=[("sampler.hook_logits", force)]):
         forced = evaluate(model, n=4, tasks=["reverse"], batch_size=4, max_denoising_steps=3)
     assert forced["reverse"].exact_match == 1.0
+
+
+def test_bottleneck_table_has_a_row_per_setting(tmp_path):
+    from diffusionlens.toy.evaluate import BOTTLENECKS, bottleneck_table
+
+    model = train(tmp_path / "run", _settings(1), toy_config(**TINY), progress=False)
+    table = bottleneck_table(model, n=2, progress=False).splitlines()
+    assert len(table) == 2 + len(BOTTLENECKS)
+    assert table[2].startswith("| full logits |") and "top_k=16" in table[7] and "top_p=0.99" in table[-1]

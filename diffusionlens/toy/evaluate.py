@@ -9,7 +9,9 @@ import argparse
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling.noise import ReplayNoise
 from diffusionlens.toy.data import make_batch
@@ -70,14 +72,36 @@ def format_table(scores: dict[str, TaskScore]) -> str:
     return "\n".join(lines)
 
 
+BOTTLENECKS = [
+    None,
+    *(TokenBottleneck(top_k=k) for k in (1, 2, 4, 8, 16)),
+    *(TokenBottleneck(top_p=p) for p in (0.5, 0.9, 0.99)),
+]
+
+
+def bottleneck_table(model: HookedDiffusionGemma, *, n: int = 100, seed: int = 12345, progress: bool = True) -> str:
+    """Exact match per task and mean steps with no bottleneck and each top-k / top-p bottleneck."""
+    tasks = list(TASKS)
+    lines = ["| self-conditioning | " + " | ".join(tasks) + " | mean steps |", "|---" * (len(tasks) + 2) + "|"]
+    for bottleneck in tqdm(BOTTLENECKS, desc="bottlenecks", disable=not progress):
+        scores = evaluate(model, n=n, seed=seed, bottleneck=bottleneck)
+        steps = sum(s.mean_steps for s in scores.values()) / len(scores)
+        cells = " | ".join(f"{100 * scores[t].exact_match:.1f}%" for t in tasks)
+        lines.append(f"| {bottleneck or 'full logits'} | {cells} | {steps:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Exact match of a toy model on held-out problems.")
     parser.add_argument("--model", default="toy", help="'toy' (the shipped model) or a checkpoint directory")
     parser.add_argument("--n", type=int, default=200, help="problems per task")
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--bottlenecks", action="store_true", help="also sweep the token bottleneck settings")
     args = parser.parse_args(argv)
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     print(format_table(evaluate(model, n=args.n, seed=args.seed)))
+    if args.bottlenecks:
+        print(bottleneck_table(model, n=args.n, seed=args.seed))
 
 
 if __name__ == "__main__":
