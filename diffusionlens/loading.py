@@ -283,6 +283,12 @@ def save_pretrained(model: HookedDiffusionGemma, directory: str | Path, *, max_s
     config = model.cfg.to_hf()
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    # transformers' generate reads eos/pad from here (its model config alone leaves them unset).
+    special = {"bos_token_id": model.cfg.bos_token_id, "pad_token_id": model.cfg.pad_token_id}
+    special["eos_token_id"] = (
+        list(model.cfg.eos_token_ids) if len(model.cfg.eos_token_ids) != 1 else model.cfg.eos_token_ids[0]
+    )
+    (directory / "generation_config.json").write_text(json.dumps(special, indent=2, sort_keys=True))
     if len(shards) == 1:
         save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
     else:
