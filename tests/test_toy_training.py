@@ -74,3 +74,25 @@ def test_bottleneck_table_has_a_row_per_setting(tmp_path):
     table = bottleneck_table(model, n=2, progress=False).splitlines()
     assert len(table) == 2 + len(BOTTLENECKS)
     assert table[2].startswith("| full logits |") and "top_k=16" in table[7] and "top_p=0.99" in table[-1]
+
+
+def test_draft_monitor_auroc_sees_when_the_answer_is_written(tmp_path):
+    from diffusionlens.toy.monitor import draft_monitor_auroc
+    from diffusionlens.toy.tasks import make_dataset
+    from diffusionlens.toy.tokenizer import encode_answer
+
+    model = train(tmp_path / "run", _settings(1), toy_config(**TINY), progress=False)
+    data = make_dataset("reverse", 4, seed=777, split="eval")
+    targets = torch.tensor([encode_answer(model.tokenizer, a) for a in data.answers])
+
+    def write_answer_in_rows_0_and_1_from_step_2(logits, hook):
+        if hook.ctx.step < 2:
+            return None
+        forced = torch.full_like(logits[:2], -30.0).scatter(-1, targets[:2, :, None], 30.0)
+        return torch.cat([forced, logits[2:]])
+
+    with model.hooks(fwd_hooks=[("sampler.hook_logits", write_answer_in_rows_0_and_1_from_step_2)]):
+        by_step = draft_monitor_auroc(model, n=4, tasks=["reverse"], batch_size=4, max_denoising_steps=4)
+    assert set(by_step) == {0, 1, 2, 3}
+    assert by_step[0] == 0.5 and by_step[1] == 0.5  # no draft is right yet: the monitor cannot tell
+    assert by_step[3] == 1.0
