@@ -1,9 +1,9 @@
 """Where does the toy model decide how many squares lie between 400 and 800?
 
-Clean prompt "squares 400 800:" (answer "8: 441 … 784") against the corrupted "squares 300 800:"
-(answer "11: 324 … 784"). We patch the clean run's residual stream into the corrupted run, one
+Clean prompt "squares 400 800:" (answer "8: 441 … 784") against the corrupted "squares 600 800:"
+(answer "4: 625 676 729 784"). We patch the clean run's residual stream into the corrupted run, one
 (step, position) at a time on the corrupted run's frozen trajectory, and read the logit difference
-between "8" and "1" at the count's position at the same step. Then we carry one channel at a time
+between "8" and "4" at the count's position at the same step. Then we carry one channel at a time
 (canvas tokens, self-conditioning logits, prompt keys/values) from the clean run into a free-running
 corrupted run and see which restores the clean count.
 
@@ -26,7 +26,7 @@ args = parser.parse_args()
 
 model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
 tok = model.tokenizer
-clean_ids, corrupted_ids = model.to_tokens("squares 400 800:"), model.to_tokens("squares 300 800:")
+clean_ids, corrupted_ids = model.to_tokens("squares 400 800:"), model.to_tokens("squares 600 800:")
 hook = f"decoder.blocks.{args.layer}.hook_resid_pre"
 channel_hooks = [name for patterns in CHANNELS.values() for name in model.resolve_hook_names(patterns)]
 settings = dict(max_new_tokens=model.cfg.canvas_length, noise=ReplayNoise(0))
@@ -35,9 +35,9 @@ corrupted = record_run(model, corrupted_ids, **settings)
 print("clean answer:    ", decode_canvas(tok, clean.answer()[0].tolist()))
 print("corrupted answer:", decode_canvas(tok, corrupted.answer()[0].tolist()))
 
-eight, one = tok.convert_tokens_to_ids("8"), tok.convert_tokens_to_ids("1")
+eight, four = tok.convert_tokens_to_ids("8"), tok.convert_tokens_to_ids("4")
 steps = min(clean.trace.steps(0), corrupted.trace.steps(0))
-metric = LogitDiff(position=0, good=eight, bad=one)
+metric = LogitDiff(position=0, good=eight, bad=four)
 sweep = patch_sweep(
     model,
     clean,
@@ -50,12 +50,12 @@ sweep = patch_sweep(
     metric_steps="cell",
     progress=False,
 )
-baseline = torch.tensor([LogitDiff(0, eight, one, step=s)(corrupted) for s in range(steps)])
+baseline = torch.tensor([LogitDiff(0, eight, four, step=s)(corrupted) for s in range(steps)])
 effect = sweep.values - baseline[:, None]
 row, col = divmod(int(effect.abs().argmax()), effect.shape[1])
-print(f"largest effect on logit('8') - logit('1') at the count: step {row}, position {col}: {effect[row, col]:+.2f}")
+print(f"largest effect on logit('8') - logit('4') at the count: step {row}, position {col}: {effect[row, col]:+.2f}")
 sweep.values = effect
-sweep.plot(title=f"patching {hook}: change in logit('8') - logit('1') at position 0").savefig(args.out, dpi=120)
+sweep.plot(title=f"patching {hook}: change in logit('8') - logit('4') at position 0").savefig(args.out, dpi=120)
 print(f"heatmap written to {args.out}")
 
 print("\nchannel carried from the clean run -> corrupted run's answer")

@@ -225,3 +225,16 @@ def test_attribution_is_the_first_order_effect_of_each_patch(model, prompts):
         assert finite_difference == pytest.approx(estimate, rel=0.05, abs=1e-3)
     same = attribution_patch(model, clean, clean, hook, metric, steps=[last])
     assert same.values.abs().max() == 0
+
+
+def test_steps_after_the_source_stopped_are_left_unpatched(model, prompts):
+    clean_ids, corrupted_ids = prompts
+    long = dict(GEN, max_denoising_steps=6)
+    name = "decoder.blocks.1.hook_resid_post"
+    short_run = record_run(model, clean_ids, names_filter=name, **dict(GEN, max_denoising_steps=3))
+    base = record_run(model, corrupted_ids, **long)
+    patched = run_patched(model, base, Patch(name, short_run.cache), names_filter=name)
+    assert torch.equal(patched.cache.get(name, step=2), short_run.cache.get(name, step=2))
+    assert patched.trace.steps(0) > 3
+    with pytest.raises(KeyError, match="recorded"):
+        run_patched(model, base, Patch(name, record_run(model, clean_ids, **GEN).cache))

@@ -93,14 +93,19 @@ class Patch:
                 if ctx.step is not None and steps is not None and ctx.step not in steps:
                     return None
                 donor = self._donor(value, hook)
+                if donor is None:
+                    return None
             return _write(value, donor.to(device=value.device, dtype=value.dtype), axes)
 
         return apply
 
-    def _donor(self, value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    def _donor(self, value: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
         source = self.source
         if isinstance(source, DenoisingCache):
             ctx = hook.ctx
+            recorded = source.steps(ctx.canvas)
+            if ctx.step is not None and recorded and ctx.step > recorded[-1]:
+                return None  # the source run had stopped by this step: nothing to carry over
             donor = (
                 source.get(hook.name, canvas=ctx.canvas, step=ctx.step)
                 if ctx.step is not None
