@@ -3,6 +3,7 @@
 diffusionlens demo [--prompt "squares 400 800:"]   watch the shipped toy model denoise an answer
 diffusionlens train-toy --out runs/toy              train (or resume) the toy model
 diffusionlens evaluate --model toy --n 200          exact match per task on held-out problems
+diffusionlens depth --config real --steps 48        opaque serial depth: DiffusionGemma vs AR Gemma 4
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def demo(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo, "train-toy": _train_toy, "evaluate": _evaluate}
+    commands = {"demo": demo, "train-toy": _train_toy, "evaluate": _evaluate, "depth": _depth}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):
@@ -71,6 +72,27 @@ def _evaluate(argv: list[str]) -> None:
     from diffusionlens.toy.evaluate import main as evaluate_main
 
     evaluate_main(argv)
+
+
+def _depth(argv: list[str]) -> None:
+    """Opaque serial depth of DiffusionGemma (naive self-conditioning, token bottleneck) vs AR Gemma 4."""
+    parser = argparse.ArgumentParser(prog="diffusionlens depth", description=_depth.__doc__)
+    parser.add_argument(
+        "--config", default="real", help="'real' (the shipped DiffusionGemma 26B-A4B config) or a config.json path"
+    )
+    parser.add_argument("--steps", type=int, default=48, help="denoising steps per canvas (largest row shown)")
+    parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens in the encoder's KV cache")
+    parser.add_argument(
+        "--toy-mean-steps", type=float, default=None, help="mean denoising steps measured on the toy model"
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.prompt_len < 1:
+        parser.error("--steps and --prompt-len must be >= 1")
+    from diffusionlens.serial_depth import depth_table, format_depth_table
+
+    config = None if args.config == "real" else args.config
+    table = depth_table(config, steps=args.steps, prompt_len=args.prompt_len, toy_mean_steps=args.toy_mean_steps)
+    print(format_depth_table(table))
 
 
 if __name__ == "__main__":

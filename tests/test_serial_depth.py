@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import diffusionlens.serial_depth.depth as depth_mod
+from diffusionlens.cli import main as cli_main
 from diffusionlens.serial_depth import (
+    DepthReport,
+    build_depth_table,
     clog2,
     compose_depths,
+    depth_table,
+    format_depth_table,
     interpretable,
+    naive_ratio_at,
     report,
     serial_depth,
+    steps_for_naive_ratio,
+    table_step_counts,
 )
 from diffusionlens.serial_depth.architectures import (
     DEFAULT_CONFIG,
@@ -71,7 +82,78 @@ def test_mlp_with_bias_adds_one_per_dense():
     assert serial_depth(mlp, torch.randn(1)).depth == 14
 
 
+# The reference README's rule list, written as PyTorch: data movement 0; elementwise 1 each; reductions,
+# dot_general and cumsum log N; scan = iterations x body depth; cond = max over branches; nested computations
+# recursed into; the program's depth = max over outputs.
+
+
+def test_readme_data_movement_is_0():
+    assert serial_depth(lambda x: x.t().reshape(4, 6).permute(1, 0).flatten(), torch.empty(6, 4)).depth == 0
+
+
+def test_readme_elementwise_add_mul_sin_are_1_each():
+    assert serial_depth(lambda x, y: torch.sin(x * y + y), torch.empty(5), torch.empty(5)).depth == 3
+
+
+@pytest.mark.parametrize(
+    "fn,n,extra",
+    [
+        (lambda x: x.sum(), 1000, 0),  # reduce_sum
+        (lambda x: torch.cumsum(x, 0), 1000, 0),  # cumsum
+        (lambda x: torch.dot(x, x), 8, 1),  # dot_general: multiply, then log N adder tree
+    ],
+)
+def test_readme_log_depth_primitives(fn, n, extra):
+    assert serial_depth(fn, torch.empty(n)).depth == math.ceil(math.log2(n)) + extra
+
+
+def test_readme_scan_is_iterations_times_body():
+    # A Python loop unrolls into the ATen graph, which is what the reference's scan rule charges:
+    # length x body depth. Body: x @ W with K = 16 (clog2(16) + 1 = 5) then tanh (1).
+    def loop(x, w):
+        for _ in range(5):
+            x = torch.tanh(x @ w)
+        return x
+
+    assert serial_depth(loop, torch.empty(2, 16), torch.empty(16, 16)).depth == 5 * (clog2(16) + 1 + 1) == 30
+
+
+def test_readme_cond_is_max_of_branches():
+    # torch.cond does not trace on meta tensors here; the data-dependent choice of one of two computed
+    # branches is torch.where (jax select_n, clog2(2) = 1 on top of the deeper branch).
+    def choose(p, x):
+        return torch.where(p > 0, x.exp().exp().exp(), x.neg())
+
+    assert serial_depth(choose, torch.empty(3), torch.empty(3)).depth == max(3, 1) + 1
+    # a Python `if` on a static value traces only the branch taken
+    assert serial_depth(lambda x: x.exp().exp() if x.shape[0] > 2 else x, torch.empty(3)).depth == 2
+
+
+def test_readme_nested_computations_are_inlined():
+    flat = nn.Sequential(
+        nn.Linear(1, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 1, bias=False)
+    )
+    nested = nn.Sequential(nn.Sequential(flat[0], flat[1]), nn.Sequential(flat[2], nn.Sequential(flat[3], flat[4])))
+    res = serial_depth(nested, torch.randn(1))
+    assert res.depth == serial_depth(flat, torch.randn(1)).depth == 11
+    assert res.per_module == {"0.0": 1, "0.1": 1, "1.0": 4, "1.1.0": 1, "1.1.1": 4}
+
+
+def test_readme_final_depth_is_max_over_outputs():
+    res = serial_depth(lambda x: (x.exp(), x.exp().exp().exp(), x.t()), torch.empty(2, 2))
+    assert res.depth == 3
+    assert res.output_depths == [1, 3, 0]
+
+
 # --------------------------------------------------------------------------------------------- single ops
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 1024, 1025])
+def test_matmul_depth_for_several_k(k):
+    # multiply (1) then an adder tree over K: clog2(K) + 1 -> 1, 2, 3, 11, 12
+    expected = {1: 1, 2: 2, 3: 3, 1024: 11, 1025: 12}[k]
+    assert serial_depth(lambda a, b: a @ b, torch.empty(4, k), torch.empty(k, 5)).depth == expected
+    assert serial_depth(lambda a, b: torch.bmm(a, b), torch.empty(2, 4, k), torch.empty(2, k, 5)).depth == expected
 
 
 @pytest.mark.parametrize(
@@ -266,3 +348,125 @@ def test_tiny_decoder_pass_traces_and_report_composes():
     assert g.bottleneck == rep.step + rep.readout
     assert rep.readout == 1 + clog2(128) + 2 * clog2(4) + 3
     assert "naive" in str(rep)
+
+
+def test_real_config_traces_on_meta_within_4_gib():
+    # In a fresh interpreter, so that other tests' allocations do not count: trace the shipped 26B-A4B
+    # decoder pass (canvas 256, full vocabulary, a 1024-token KV cache) on meta tensors.
+    code = """
+import resource, torch
+from diffusionlens.serial_depth import serial_depth
+from diffusionlens.serial_depth.architectures import DecoderPass, build_stack, load_config
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+spec, canvas = load_config()
+meta = torch.device("meta")
+past = [(torch.empty(1, kv, 1024, hd, device=meta), torch.empty(1, kv, 1024, hd, device=meta))
+        for hd, kv in (spec.layer_attn(i) for i in range(spec.num_hidden_layers))]
+res = serial_depth(
+    DecoderPass(build_stack(spec)),
+    torch.empty(1, canvas, dtype=torch.long, device=meta),
+    torch.empty(1, canvas, spec.vocab_size, device=meta),
+    past,
+    sources=[0, 1],
+)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after, res.depth, len(res.unknown_ops))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    before_kib, after_kib, depth, n_unknown = (int(v) for v in out.stdout.split())
+    assert after_kib - before_kib < 4 * 1024 * 1024  # ru_maxrss is in KiB on Linux
+    assert after_kib < 4 * 1024 * 1024  # the whole process, torch included
+    assert n_unknown == 0
+    assert depth == 7979  # docs/serial_depth.md: decoder pass from canvas tokens + sc input, prompt 1024
+
+
+# ---------------------------------------------------------------------------------------- the depth table
+
+
+def fake_report(encoder=7515, decoder=7979, from_sc=7979, step=7979, ar=7850, readout=34, steps=48) -> DepthReport:
+    gen = compose_depths(step, from_sc, ar, steps, readout_depth=readout)
+    settings = {"config": "fake", "prompt_len": 1024, "canvas_length": 256, "steps": steps, "readout_k": 64}
+    return DepthReport(encoder, decoder, from_sc, step, ar, readout, gen, settings)
+
+
+def test_table_step_counts():
+    assert table_step_counts(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert table_step_counts(10) == [1, 2, 4, 8, 10]
+    assert table_step_counts(1) == [1]
+    assert table_step_counts(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    with pytest.raises(ValueError):
+        table_step_counts(0)
+
+
+def test_steps_for_naive_ratio_arithmetic():
+    # D_step + (S-1)(1 + D_sc) + R = ratio * (D_ar + R)
+    # 100 + (S-1) * 91 + 10 = 28.6 * 90 = 2574  ->  S = 1 + 2464 / 91
+    s = steps_for_naive_ratio(28.6, step_depth=100, sc_depth=90, ar_total=90, readout_depth=10)
+    assert s == pytest.approx(1 + 2464 / 91)
+    assert math.ceil(s) == 29
+    below = compose_depths(100, 90, 80, steps=28, readout_depth=10)
+    above = compose_depths(100, 90, 80, steps=29, readout_depth=10)
+    assert below.naive_ratio < 28.6 <= above.naive_ratio
+    assert naive_ratio_at(s, 100, 90, 90, 10) == pytest.approx(28.6)
+    # exact when the solution is whole (no float round-off pushing ceil one step up)
+    assert steps_for_naive_ratio(3.0, step_depth=10, sc_depth=9, ar_total=10, readout_depth=0) == 3.0
+    assert steps_for_naive_ratio(28.6, step_depth=10, sc_depth=9, ar_total=10, readout_depth=0) == 28.6
+    assert steps_for_naive_ratio(2.0, step_depth=30, sc_depth=9, ar_total=10, readout_depth=0) == 1.0
+    assert steps_for_naive_ratio(28.6, 10, sc_depth=0, ar_total=10, readout_depth=0, link_depth=0) == math.inf
+    # the 26B numbers in docs/serial_depth.md: S = 28 gives 28.35x, S = 29 gives 29.36x
+    s26 = steps_for_naive_ratio(28.6, step_depth=7979, sc_depth=7979, ar_total=7884, readout_depth=34)
+    assert s26 == pytest.approx(1 + (28.6 * 7884 - 8013) / 7980)
+    assert 28 < s26 < 29
+    assert naive_ratio_at(28, 7979, 7979, 7884, 34) == pytest.approx(28.345, abs=1e-3)
+
+
+def test_build_depth_table_rows_and_format():
+    rep = fake_report()
+    table = build_depth_table(rep)
+    labels = [r.label for r in table.rows]
+    assert labels[0].startswith("AR Gemma 4") and "decoder pass" in labels[1] and "bottleneck" in labels[-1]
+    ar, dec, *naive, bottleneck = table.rows
+    assert (ar.depth, ar.ratio) == (7884, 1.0)
+    assert dec.depth == 7979 + 34
+    assert [r.steps for r in naive] == [1, 2, 4, 8, 16, 32, 48]
+    for r in naive:
+        g = compose_depths(7979, 7979, 7850, r.steps, readout_depth=34)
+        assert r.depth == g.naive and r.ratio == pytest.approx(g.naive_ratio)
+    assert naive[-1].depth == rep.generation.naive == 383073
+    assert bottleneck.depth == 8013 and bottleneck.steps is None
+    assert table.whole_steps_to_paper == 29 and 28 < table.steps_to_paper < 29
+    text = format_depth_table(table)
+    assert "not given" in text and "28.6x" in text and "383073" in text and "48.59x" in text
+
+    toy = build_depth_table(rep, steps=10, toy_mean_steps=7.5)
+    assert [r.steps for r in toy.rows[2:-1]] == [1, 2, 4, 8, 10]
+    assert toy.toy_ratio == pytest.approx(naive_ratio_at(7.5, 7979, 7979, 7884, 34))
+    assert "toy model mean denoising steps: 7.5" in format_depth_table(toy)
+
+
+def test_depth_table_on_tiny_config():
+    cfg = {"text_config": tiny_text_config(), "canvas_length": 6}
+    table = depth_table(cfg, steps=5, prompt_len=10)
+    rep = table.report
+    assert table.rows[0].depth == rep.ar + rep.readout and table.rows[0].ratio == 1.0
+    naive = {r.steps: r.depth for r in table.rows if r.steps is not None}
+    assert naive == {s: rep.step + (s - 1) * (1 + rep.decoder_from_sc) + rep.readout for s in (1, 2, 4, 5)}
+    assert naive[5] == rep.generation.naive
+    assert table.rows[-1].depth == rep.generation.bottleneck
+
+
+def test_cli_depth(tmp_path, capsys):
+    cli_main(["--help"])
+    assert "diffusionlens depth" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["depth", "--help"])
+    assert exc.value.code == 0
+    assert "--toy-mean-steps" in capsys.readouterr().out
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"text_config": tiny_text_config(), "canvas_length": 6}))
+    cli_main(["depth", "--config", str(path), "--steps", "3", "--prompt-len", "10", "--toy-mean-steps", "2.5"])
+    out = capsys.readouterr().out
+    assert "naive self-conditioning" in out and "token bottleneck" in out
+    assert "toy model mean denoising steps: 2.5" in out and "28.6x" in out
+    assert [ln.split()[-3] for ln in out.splitlines() if "naive self-conditioning" in ln] == ["1", "2", "3"]

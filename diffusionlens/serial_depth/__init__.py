@@ -9,7 +9,20 @@ Quick use::
 from .boundary import interpretable
 from .compose import GenerationDepths, compose_depths
 from .depth import OpStats, PathStep, SerialDepthResult, graph_depth, serial_depth
-from .report import DepthReport, report, topk_readout
+from .report import (
+    PAPER_NAIVE_RATIO,
+    DepthReport,
+    DepthTable,
+    DepthTableRow,
+    build_depth_table,
+    depth_table,
+    format_depth_table,
+    naive_ratio_at,
+    report,
+    steps_for_naive_ratio,
+    table_step_counts,
+    topk_readout,
+)
 from .rules import REFERENCE_COMPAT_OVERRIDES, RULES, Rule, clog2
 from .trace import trace
 
@@ -20,6 +33,15 @@ __all__ = [
     "report",
     "DepthReport",
     "topk_readout",
+    "depth_table",
+    "build_depth_table",
+    "format_depth_table",
+    "DepthTable",
+    "DepthTableRow",
+    "PAPER_NAIVE_RATIO",
+    "naive_ratio_at",
+    "steps_for_naive_ratio",
+    "table_step_counts",
     "graph_depth",
     "trace",
     "interpretable",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,23 @@ from .compose import GenerationDepths, compose_depths
 from .depth import SerialDepthResult, graph_depth, serial_depth
 from .trace import trace
 
-__all__ = ["DepthReport", "report", "topk_readout"]
+__all__ = [
+    "DepthReport",
+    "DepthTable",
+    "DepthTableRow",
+    "PAPER_NAIVE_RATIO",
+    "build_depth_table",
+    "depth_table",
+    "format_depth_table",
+    "naive_ratio_at",
+    "report",
+    "steps_for_naive_ratio",
+    "table_step_counts",
+    "topk_readout",
+]
+
+#: Naive self-conditioning / AR opaque-depth ratio reported by "How Transparent is DiffusionGemma?".
+PAPER_NAIVE_RATIO = 28.6
 
 
 def topk_readout(logits: Float[Tensor, "... v"], k: int = 64, temperature: float = 1.0) -> Tensor:
@@ -135,3 +153,197 @@ def _encoder_depth(stack: torch.nn.Module, prompt: Tensor) -> int:
     """Depth of the encoder's KV outputs (the deepest cache entry, from prompt tokens)."""
     res = serial_depth(EncoderPass(stack), prompt)
     return max(d for d in res.output_depths if d is not None)
+
+
+# ------------------------------------------------------------------------------------------- the CLI table
+
+
+@dataclass(frozen=True)
+class DepthTableRow:
+    """One row of the depth table: an opaque chain ending in the top-k readout, and its ratio to AR.
+
+    ``steps`` is the number of denoising steps for naive self-conditioning rows, None where it does not apply.
+    """
+
+    label: str
+    steps: int | None
+    depth: int
+    ratio: float
+
+
+@dataclass
+class DepthTable:
+    """What ``diffusionlens depth`` prints: per-pass depths, composed rows and the steps-to-paper-ratio solve.
+
+    Attributes:
+        report: the :class:`DepthReport` the rows are composed from.
+        rows: AR token, one decoder pass, naive self-conditioning at several step counts, token bottleneck.
+        paper_ratio: the naive ratio to solve for (the paper's 28.6x).
+        steps_to_paper: real-valued S at which the naive ratio equals ``paper_ratio`` (from the composition
+            formula; ``math.inf`` if the naive chain does not grow with S).
+        whole_steps_to_paper: smallest whole number of steps whose naive ratio is >= ``paper_ratio``.
+        toy_mean_steps: mean denoising steps measured on the toy model, if given.
+        toy_ratio: naive ratio at ``toy_mean_steps`` steps under these depths, if given.
+    """
+
+    report: DepthReport
+    rows: list[DepthTableRow]
+    paper_ratio: float
+    steps_to_paper: float
+    whole_steps_to_paper: int | float
+    toy_mean_steps: float | None = None
+    toy_ratio: float | None = None
+    link_depth: int = 1
+
+
+def table_step_counts(steps: int) -> list[int]:
+    """Step counts shown for naive self-conditioning: 1, 2, 4, 8, 16, 32, 48 up to ``steps``, and ``steps``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    counts = [s for s in (1, 2, 4, 8, 16, 32, 48) if s <= steps]
+    return counts if counts[-1] == steps else [*counts, steps]
+
+
+def naive_ratio_at(
+    steps: float, step_depth: int, sc_depth: int, ar_total: int, readout_depth: int, link_depth: int = 1
+) -> float:
+    """Naive self-conditioning depth over AR depth at ``steps`` (real-valued) denoising steps.
+
+    ``(D_step + (S - 1)(link + D_sc) + readout) / ar_total``, the :func:`compose_depths` formula, with
+    ``ar_total = D_ar + readout``.
+    """
+    return (step_depth + max(steps - 1, 0) * (link_depth + sc_depth) + readout_depth) / ar_total
+
+
+def steps_for_naive_ratio(
+    ratio: float, step_depth: int, sc_depth: int, ar_total: int, readout_depth: int, link_depth: int = 1
+) -> float:
+    """Real-valued number of steps S >= 1 at which :func:`naive_ratio_at` equals ``ratio``.
+
+    Solves ``D_step + (S - 1)(link + D_sc) + readout = ratio * ar_total`` for S (exact rational arithmetic,
+    ``ratio`` read as its decimal repr). Returns 1.0 if one step already reaches ``ratio``, ``math.inf`` if the
+    naive chain does not grow with S and never reaches it. ``math.ceil`` of the result is the smallest whole
+    number of steps that reaches ``ratio``.
+    """
+    target = Fraction(repr(ratio)) * ar_total
+    first = step_depth + readout_depth
+    if first >= target:
+        return 1.0
+    per_step = link_depth + sc_depth
+    if per_step <= 0:
+        return math.inf
+    s = 1 + (target - first) / per_step
+    return float(s) if s.denominator != 1 else float(s.numerator)
+
+
+def build_depth_table(
+    rep: DepthReport,
+    steps: int | None = None,
+    toy_mean_steps: float | None = None,
+    paper_ratio: float = PAPER_NAIVE_RATIO,
+    link_depth: int = 1,
+) -> DepthTable:
+    """Composes the rows of the depth table from a :class:`DepthReport` (no tracing).
+
+    Args:
+        rep: per-pass depths from :func:`report`.
+        steps: largest number of denoising steps shown (defaults to the report's ``steps``).
+        toy_mean_steps: mean denoising steps measured on the toy model, compared with the solved S.
+        paper_ratio: naive ratio to solve the number of steps for.
+        link_depth: logits -> next step's self-conditioning input (temperature: 1).
+    """
+    steps = int(rep.settings.get("steps", 48)) if steps is None else steps
+    r = rep.readout
+    ar_total = rep.ar + r
+
+    def row(label: str, depth: int, n: int | None = None) -> DepthTableRow:
+        return DepthTableRow(label, n, depth, depth / ar_total)
+
+    rows = [
+        row("AR Gemma 4, one token (encoder stack, causal)", ar_total),
+        row("DiffusionGemma, one decoder pass", rep.decoder + r),
+    ]
+    for n in table_step_counts(steps):
+        g = compose_depths(rep.step, rep.decoder_from_sc, rep.ar, n, readout_depth=r, link_depth=link_depth)
+        rows.append(row("DiffusionGemma, naive self-conditioning", g.naive, n))
+    rows.append(row("DiffusionGemma, token bottleneck (any steps)", rep.step + r))
+
+    solved = steps_for_naive_ratio(paper_ratio, rep.step, rep.decoder_from_sc, ar_total, r, link_depth)
+    toy_ratio = None
+    if toy_mean_steps is not None:
+        toy_ratio = naive_ratio_at(toy_mean_steps, rep.step, rep.decoder_from_sc, ar_total, r, link_depth)
+    return DepthTable(
+        report=rep,
+        rows=rows,
+        paper_ratio=paper_ratio,
+        steps_to_paper=solved,
+        whole_steps_to_paper=math.ceil(solved) if math.isfinite(solved) else math.inf,
+        toy_mean_steps=toy_mean_steps,
+        toy_ratio=toy_ratio,
+        link_depth=link_depth,
+    )
+
+
+def depth_table(
+    config: str | Path | dict[str, Any] | None = None,
+    steps: int = 48,
+    prompt_len: int = 1024,
+    toy_mean_steps: float | None = None,
+    paper_ratio: float = PAPER_NAIVE_RATIO,
+    readout_k: int = 64,
+) -> DepthTable:
+    """Traces ``config`` (default: the shipped 26B-A4B) with :func:`report` and builds the depth table."""
+    rep = report(config, prompt_len=prompt_len, steps=steps, readout_k=readout_k)
+    return build_depth_table(rep, steps=steps, toy_mean_steps=toy_mean_steps, paper_ratio=paper_ratio)
+
+
+def format_depth_table(table: DepthTable) -> str:
+    """The text ``diffusionlens depth`` prints."""
+    rep, s = table.report, table.report.settings
+    lines = [
+        "Opaque serial depth: DiffusionGemma vs autoregressive Gemma 4",
+        f"config: {s.get('config')}  prompt_len={s.get('prompt_len')}  canvas={s.get('canvas_length')}  "
+        f"readout=top-{s.get('readout_k')}  (traced in {s.get('seconds', 0.0):.1f}s)",
+        "",
+        "pass depths (from interpretable inputs to logits)",
+    ]
+    passes = [
+        ("AR Gemma 4 pass over prompt+canvas tokens (D_ar)", rep.ar),
+        ("encoder pass, prompt tokens -> deepest KV cache entry", rep.encoder),
+        ("decoder pass from canvas tokens + self-conditioning input", rep.decoder),
+        ("decoder pass from self-conditioning logits (D_sc)", rep.decoder_from_sc),
+        ("diffusion step, encoder + decoder from tokens (D_step)", rep.step),
+        ("readout, logits -> top-k distribution (R)", rep.readout),
+    ]
+    lines += [f"  {label:<58} {d:>8}" for label, d in passes]
+    lines += [
+        "",
+        "opaque depth of a generation (every chain ends in the readout R)",
+        f"  {'model':<46} {'steps':>5} {'depth':>9} {'x AR':>7}",
+    ]
+    for row in table.rows:
+        n = "-" if row.steps is None else str(row.steps)
+        lines.append(f"  {row.label:<46} {n:>5} {row.depth:>9} {row.ratio:>6.2f}x")
+    ar_total, link = rep.ar + rep.readout, table.link_depth
+    lines += [
+        "",
+        f"naive = D_step + (S-1)(link + D_sc) + R = {rep.step} + (S-1)*{link + rep.decoder_from_sc} + {rep.readout}; "
+        f"AR = D_ar + R = {ar_total}",
+    ]
+    p, solved, whole = table.paper_ratio, table.steps_to_paper, table.whole_steps_to_paper
+    if math.isfinite(solved):
+        at_whole = naive_ratio_at(whole, rep.step, rep.decoder_from_sc, ar_total, rep.readout, link)
+        lines.append(
+            f"naive ratio reaches the paper's {p:g}x at S = {solved:.2f} steps "
+            f"(first whole step count: {whole}, {at_whole:.2f}x)"
+        )
+    else:
+        lines.append(f"naive ratio never reaches the paper's {p:g}x (the chain does not grow with S)")
+    if table.toy_mean_steps is None:
+        lines.append("toy model mean denoising steps: not given (--toy-mean-steps)")
+    else:
+        lines.append(
+            f"toy model mean denoising steps: {table.toy_mean_steps:g} "
+            f"(naive ratio at that S: {table.toy_ratio:.2f}x; S for {p:g}x: {solved:.2f})"
+        )
+    return "\n".join(lines)
