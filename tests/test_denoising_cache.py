@@ -187,3 +187,13 @@ def test_estimate_on_the_real_26b_config():
         )
     )
     assert set(hook_specs(tiny.cfg)) == set(tiny.hook_dict)
+
+
+def test_logit_lens_at_every_step(model, ids):
+    names = ["decoder.blocks.*.hook_resid_pre", "decoder.blocks.3.hook_resid_post", "decoder.hook_logits"]
+    result, cache = model.generate_with_cache(ids, names_filter=names, max_new_tokens=CANVAS["mixed"], **GEN)
+    for step in cache.steps(0):
+        lens = cache.logit_lens(step=step)
+        assert lens.shape == (5, 2, CANVAS["mixed"], 97)
+        assert torch.allclose(lens[-1], cache.get("decoder.hook_logits", step=step), atol=1e-5)
+    assert not torch.allclose(cache.logit_lens(step=0)[1], cache.logit_lens(step=0)[-1])
