@@ -122,3 +122,22 @@ def estimate_cache_bytes(
             nbytes = nbytes // spec.shape[spec.pos_axis] * positions
         total += nbytes * (canvases if spec.fires == "encoder" else steps * canvases)
     return total
+
+
+def hook_reference_markdown(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 17) -> str:
+    """A markdown table of every hook point of a model with config `cfg` (for the docs)."""
+    when = {
+        "encoder": "once per canvas (step None)",
+        "decoder": "every denoising step",
+        "sampler": "every step, in generate only",
+    }
+    lines = [
+        f"Shapes for batch {batch}, a {prompt_len}-token prompt and a {cfg.canvas_length}-token canvas "
+        f"(first canvas). `model` dtype is the weights' dtype.",
+        "",
+        "| hook | shape | dtype | fires |",
+        "|---|---|---|---|",
+    ]
+    for spec in hook_specs(cfg, batch, prompt_len).values():
+        lines.append(f"| `{spec.name}` | {list(spec.shape)} | {spec.dtype} | {when[spec.fires]} |")
+    return "\n".join(lines) + "\n"

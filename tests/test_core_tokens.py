@@ -45,3 +45,15 @@ def test_token_helpers_and_checkpoint_tokenizer(tmp_path):
     assert loaded.to_tokens("7+8=").tolist() == model.to_tokens("7+8=").tolist()
     canvas = torch.randint(0, 44, (1, 6), generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(tokens[1:], canvas), model(tokens[1:], canvas))
+
+
+def test_docs_hook_reference_lists_exactly_the_hook_dict():
+    from pathlib import Path
+
+    from diffusionlens.hook_reference import hook_reference_markdown
+    from diffusionlens.toy.train import toy_config
+
+    page = (Path(__file__).parents[1] / "docs" / "hook_reference.md").read_text()
+    listed = {line.split("`")[1] for line in page.splitlines() if line.startswith("| `")}
+    assert listed == set(HookedDiffusionGemma.from_pretrained("toy", progress=False).hook_dict)
+    assert page.endswith(hook_reference_markdown(toy_config()))  # regenerated whenever hooks change
