@@ -1,15 +1,22 @@
-"""The `diffusionlens` command.
+"""The `diffusionlens` command. Every command takes --help; --model defaults to the shipped toy model.
 
-diffusionlens demo [--prompt "squares 400 800:"]   watch the shipped toy model denoise an answer
-diffusionlens train-toy --out runs/toy              train (or resume) the toy model
-diffusionlens evaluate --model toy --n 200          exact match per task on held-out problems
-diffusionlens depth --config real --steps 48        opaque serial depth: DiffusionGemma vs AR Gemma 4
+diffusionlens demo [--prompt "squares 400 800:"]          watch the toy model denoise an answer
+diffusionlens generate --prompt "347+589=" [--prompt ...]  print generated answers
+diffusionlens trace --prompt ... --out runs/trace [--cache "decoder.blocks.*.hook_resid_post"]
+                                                           save the trace (and a disk cache) of a generation
+diffusionlens view --prompt ... --out viewer.html          write the HTML trajectory viewer (or --trace DIR)
+diffusionlens patch spec.yaml --out runs/sweep             run a patch sweep described in a JSON/YAML file
+diffusionlens depth --config real --steps 48               opaque serial depth: DiffusionGemma vs AR Gemma 4
+diffusionlens train-toy --out runs/toy                     train (or resume) the toy model
+diffusionlens evaluate --model toy --n 200                 exact match per task on held-out problems
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _canvas_text(tokenizer, ids: list[int]) -> str:
@@ -18,16 +25,85 @@ def _canvas_text(tokenizer, ids: list[int]) -> str:
     return "".join(special.get(i) or tokenizer.decode([i]) or "?" for i in ids)
 
 
+def _parser(command: str, description: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"diffusionlens {command}", description=description)
+    parser.add_argument("--model", default="toy", help="'toy' (shipped) or a checkpoint directory (default: toy)")
+    return parser
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, prompt_required: bool = True) -> None:
+    parser.add_argument("--prompt", action="append", required=prompt_required, help="prompt text; repeat for a batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--noise",
+        choices=("replay", "torch"),
+        default="replay",
+        help="replay: ReplayNoise(seed), reproducible per step; torch: the global RNG as transformers uses it",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: one canvas")
+    parser.add_argument("--max-steps", type=int, default=48, help="denoising steps per canvas at most")
+    parser.add_argument("--entropy-bound", type=float, default=0.1)
+    parser.add_argument("--t-min", type=float, default=0.4)
+    parser.add_argument("--t-max", type=float, default=0.8)
+    parser.add_argument("--bottleneck-top-k", type=int, default=None, help="pass self-conditioning through top-k")
+    parser.add_argument("--bottleneck-top-p", type=float, default=None, help="... and/or a top-p nucleus")
+    parser.add_argument("--record-top-k", type=int, default=5, help="top-k tokens per position kept in the trace")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _generation_inputs(model, args) -> tuple:
+    """(input_ids, generate kwargs) from the shared generation flags."""
+    import torch
+
+    from diffusionlens import ReplayNoise, TokenBottleneck, TorchRNGNoise
+
+    tokenizer = model._need_tokenizer()
+    rows = [tokenizer(p)["input_ids"] for p in args.prompt]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    if args.noise == "torch":
+        torch.manual_seed(args.seed)
+    kwargs = dict(
+        attention_mask=attention_mask,
+        max_new_tokens=args.max_new_tokens or model.cfg.canvas_length,
+        max_denoising_steps=args.max_steps,
+        entropy_bound=args.entropy_bound,
+        t_min=args.t_min,
+        t_max=args.t_max,
+        noise=ReplayNoise(args.seed) if args.noise == "replay" else TorchRNGNoise(),
+        record_top_k=args.record_top_k,
+        progress=not args.no_progress,
+    )
+    if args.bottleneck_top_k is not None or args.bottleneck_top_p is not None:
+        kwargs["bottleneck"] = TokenBottleneck(top_k=args.bottleneck_top_k, top_p=args.bottleneck_top_p)
+    return input_ids, kwargs
+
+
+def _load(args):
+    from diffusionlens import HookedDiffusionGemma
+
+    return HookedDiffusionGemma.from_pretrained(args.model, progress=not getattr(args, "no_progress", False))
+
+
+def _answers(model, result) -> list[str]:
+    tokenizer = model._need_tokenizer()
+    return [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in result.new_tokens()]
+
+
 def demo(argv: list[str]) -> None:
-    from diffusionlens import HookedDiffusionGemma, ReplayNoise
+    """Generate the answer to a prompt with the shipped toy model, caching the residual stream, and show
+    how the canvas evolved over the denoising steps."""
+    from diffusionlens import ReplayNoise
     from diffusionlens.toy import decode_canvas
 
-    parser = argparse.ArgumentParser(prog="diffusionlens demo", description=demo.__doc__)
+    parser = _parser("demo", demo.__doc__)
     parser.add_argument("--prompt", default="squares 400 800:")
-    parser.add_argument("--model", default="toy")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
+    args.no_progress = True
+    model = _load(args)
     tokenizer = model.tokenizer
     ids = model.to_tokens(args.prompt)
     result, cache = model.generate_with_cache(
@@ -51,15 +127,145 @@ def demo(argv: list[str]) -> None:
     print(f"cache: {cache} — e.g. decoder.blocks.0.hook_resid_post is {tuple(resid.shape)} [step, batch, pos, d_model]")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo, "train-toy": _train_toy, "evaluate": _evaluate, "depth": _depth}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(__doc__)
-        if argv and argv[0] not in ("-h", "--help"):
-            raise SystemExit(f"unknown command {argv[0]!r}; choose one of {', '.join(commands)}")
+def _generate(argv: list[str]) -> None:
+    """Generate answers and print them, one line per prompt, with the denoising steps each canvas used."""
+    parser = _parser("generate", _generate.__doc__)
+    _add_generation_args(parser)
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
+    args = parser.parse_args(argv)
+    model = _load(args)
+    input_ids, kwargs = _generation_inputs(model, args)
+    result = model.generate(input_ids, **kwargs)
+    steps = [[int(s) + 1 for s in canvas.stop_step().tolist()] for canvas in result.trace.canvases]
+    answers = _answers(model, result)
+    if args.json:
+        rows = [
+            {"prompt": p, "answer": a, "steps_per_canvas": [s[i] for s in steps]}
+            for i, (p, a) in enumerate(zip(args.prompt, answers, strict=True))
+        ]
+        print(json.dumps(rows, indent=1))
         return
-    commands[argv[0]](argv[1:])
+    for i, (prompt, answer) in enumerate(zip(args.prompt, answers, strict=True)):
+        print(f"{prompt}\t{answer}\t(steps: {', '.join(str(s[i]) for s in steps)})")
+
+
+def _trace(argv: list[str]) -> None:
+    """Generate and save the denoising trace (trace.safetensors + trace.json) and, with --cache, a disk
+    DenoisingCache of the matching hooks (written step by step, so an interrupted run keeps its steps)."""
+    parser = _parser("trace", _trace.__doc__)
+    _add_generation_args(parser)
+    parser.add_argument("--out", required=True, help="directory to write into")
+    parser.add_argument("--cache", action="append", default=[], help="hook names or globs to cache; repeatable")
+    parser.add_argument("--cache-steps", default=None, help="comma-separated steps to cache (default: all)")
+    parser.add_argument("--max-cache-gb", type=float, default=None, help="refuse before running if larger")
+    args = parser.parse_args(argv)
+    model = _load(args)
+    input_ids, kwargs = _generation_inputs(model, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.cache:
+        steps = [int(s) for s in args.cache_steps.split(",")] if args.cache_steps else None
+        max_bytes = int(args.max_cache_gb * 2**30) if args.max_cache_gb else None
+        result, cache = model.generate_with_cache(
+            input_ids,
+            names_filter=args.cache,
+            steps=steps,
+            storage="disk",
+            path=out / "cache",
+            max_bytes=max_bytes,
+            **kwargs,
+        )
+        print(f"cache: {cache}")
+    else:
+        result = model.generate(input_ids, **kwargs)
+    result.trace.save(out)
+    run = {"model": args.model, "prompts": args.prompt, "answers": _answers(model, result), "seed": args.seed}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    for prompt, answer in zip(args.prompt, run["answers"], strict=True):
+        print(f"{prompt}\t{answer}")
+    print(f"trace written to {out}" + (f" (cache in {out / 'cache'})" if args.cache else ""))
+
+
+def _view(argv: list[str]) -> None:
+    """Write the self-contained HTML trajectory viewer (step slider, entropy colours, top-k on hover) for
+    a trace saved by `diffusionlens trace --out DIR` (--trace DIR) or for a fresh generation (--prompt)."""
+    parser = _parser("view", _view.__doc__)
+    _add_generation_args(parser, prompt_required=False)
+    parser.add_argument("--trace", default=None, help="a directory written by `diffusionlens trace`")
+    parser.add_argument("--out", default="viewer.html")
+    parser.add_argument("--row", type=int, default=0, help="which prompt of the batch to show")
+    parser.add_argument("--canvas", type=int, default=0, help="which canvas to show")
+    args = parser.parse_args(argv)
+    if (args.trace is None) == (args.prompt is None):
+        parser.error("give either --trace DIR or --prompt TEXT")
+    from diffusionlens import DenoisingTrace
+    from diffusionlens.viz.viewer import write_viewer
+
+    model_name = args.model
+    if args.trace is not None:
+        run_file = Path(args.trace) / "run.json"
+        if model_name == "toy" and run_file.exists():
+            model_name = json.loads(run_file.read_text()).get("model", "toy")
+        trace = DenoisingTrace.load(args.trace)
+        tokenizer = _tokenizer_only(model_name)
+        title = f"trace {args.trace}"
+    else:
+        model = _load(args)
+        input_ids, kwargs = _generation_inputs(model, args)
+        trace = model.generate(input_ids, **kwargs).trace
+        tokenizer, title = model.tokenizer, args.prompt[args.row]
+    if not 0 <= args.canvas < len(trace):
+        parser.error(f"--canvas {args.canvas} is out of range: the trace has {len(trace)} canvas(es)")
+    if not 0 <= args.row < trace[args.canvas].input_canvas.shape[1]:
+        parser.error(f"--row {args.row} is out of range: the trace has {trace[args.canvas].input_canvas.shape[1]}")
+    path = write_viewer(trace, tokenizer, args.out, canvas=args.canvas, row=args.row, title=title)
+    print(f"viewer written to {path}")
+
+
+def _tokenizer_only(model_name: str):
+    from transformers import AutoTokenizer
+
+    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+
+    return AutoTokenizer.from_pretrained(str(SHIPPED_CHECKPOINTS.get(model_name, model_name)))
+
+
+def _patch(argv: list[str]) -> None:
+    """Run a patch sweep described in a JSON or YAML spec and save it (sweep.safetensors + sweep.json,
+    optionally a heatmap). Example spec (JSON; YAML takes the same keys):
+
+    {"clean": "squares 400 800:", "corrupted": "squares 600 800:",
+     "hook": "decoder.blocks.{layer}.hook_resid_pre", "over": ["step", "position"], "layers": [2],
+     "positions": {"start": 0, "stop": 12}, "metric_steps": "cell",
+     "metric": {"kind": "logit_diff", "position": 0, "good": "8", "bad": "4"}}
+
+    Metric kinds: logit_diff (position, good, bad), target_prob (position, token), kl_to_clean;
+    each takes an optional step (default: the last). Axes: layer×position, step×position, layer×step,
+    layer×head. Optional: model, mode (frozen|free), layers, steps, positions, metric_steps, seed."""
+    parser = argparse.ArgumentParser(
+        prog="diffusionlens patch", description=_patch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("spec", help="a .json, .yaml or .yml sweep spec")
+    parser.add_argument("--out", required=True, help="directory for sweep.safetensors and sweep.json")
+    parser.add_argument("--model", default=None, help="overrides the spec's model")
+    parser.add_argument("--plot", default=None, help="also save a heatmap (PNG/SVG; needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from diffusionlens.patching.sweep_spec import SweepSpec, run_sweep_spec
+
+    try:
+        spec = SweepSpec.load(args.spec)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"diffusionlens patch: {error}") from None
+    if args.model:
+        spec.model = args.model
+    result = run_sweep_spec(spec, progress=not args.no_progress)
+    result.save(args.out)
+    print(result.table())
+    print(f"largest value at {dict(zip(result.axes, result.argmax(), strict=True))}; saved to {args.out}")
+    if args.plot:
+        result.plot(title=f"{spec.hook}: {spec.metric['kind']}").savefig(args.plot, dpi=120)
+        print(f"heatmap written to {args.plot}")
 
 
 def _train_toy(argv: list[str]) -> None:
@@ -93,6 +299,28 @@ def _depth(argv: list[str]) -> None:
     config = None if args.config == "real" else args.config
     table = depth_table(config, steps=args.steps, prompt_len=args.prompt_len, toy_mean_steps=args.toy_mean_steps)
     print(format_depth_table(table))
+
+
+COMMANDS = {
+    "demo": demo,
+    "generate": _generate,
+    "trace": _trace,
+    "view": _view,
+    "patch": _patch,
+    "depth": _depth,
+    "train-toy": _train_toy,
+    "evaluate": _evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+        return
+    COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ clean run's recorded activations and one patched run are alive at a time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import product
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusionlens.patching.runs import PatchedRun, run_patched
@@ -37,6 +40,33 @@ class SweepResult:
         from diffusionlens.viz import plot_sweep
 
         return plot_sweep(self, ax=ax, title=title)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `sweep.safetensors` (values) and `sweep.json` (axes, labels, metadata) into directory `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"values": self.values.detach().float().contiguous().cpu()}, str(path / "sweep.safetensors"))
+        meta = {"format_version": 1, "axes": list(self.axes), "labels": self.labels, "metadata": self.metadata}
+        (path / "sweep.json").write_text(json.dumps(meta, indent=1, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SweepResult:
+        path = Path(path)
+        meta = json.loads((path / "sweep.json").read_text())
+        if meta.get("format_version", 0) > 1:
+            raise ValueError(f"{path} was written by a newer diffusionlens; upgrade diffusionlens to read it")
+        values = load_file(str(path / "sweep.safetensors"))["values"]
+        return cls(values, tuple(meta["axes"]), meta["labels"], meta["metadata"])
+
+    def table(self, digits: int = 2) -> str:
+        """The values as a text table, rows = first axis, columns = second axis."""
+        rows, cols = self.axes
+        header = f"{rows}\\{cols}".ljust(10) + "".join(f"{c!s:>{digits + 6}}" for c in self.labels[cols])
+        lines = [header]
+        for label, row in zip(self.labels[rows], self.values.tolist(), strict=True):
+            lines.append(f"{label!s:<10}" + "".join(f"{v:>{digits + 6}.{digits}f}" for v in row))
+        return "\n".join(lines)
 
     def argmax(self) -> tuple:
         flat = int(self.values.flatten().argmax())

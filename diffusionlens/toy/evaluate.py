@@ -91,8 +91,8 @@ def bottleneck_table(model: HookedDiffusionGemma, *, n: int = 100, seed: int = 1
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Exact match of a toy model on held-out problems.")
+def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Exact match of a toy model on held-out problems.")
     parser.add_argument("--model", default="toy", help="'toy' (the shipped model) or a checkpoint directory")
     parser.add_argument("--n", type=int, default=200, help="problems per task")
     parser.add_argument("--seed", type=int, default=12345)

@@ -1,0 +1,128 @@
+"""The `diffusionlens` command on the shipped toy model: every command's --help, generate, trace, patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffusionlens import DenoisingCache, DenoisingTrace, HookedDiffusionGemma, ReplayNoise
+from diffusionlens.cli import COMMANDS, main
+from diffusionlens.patching import LogitDiff, SweepResult, patch_sweep, record_run
+from diffusionlens.patching.sweep_spec import SweepSpec
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"diffusionlens {command}" in capsys.readouterr().out
+
+
+def test_unknown_command_names_the_choices(capsys):
+    with pytest.raises(SystemExit, match="choose one of demo, generate"):
+        main(["generat"])
+
+
+def test_generate_prints_what_the_library_generates(toy, capsys):
+    prompts = ["347+589=", "sort 5 3 9 1:"]
+    main(["generate", "--prompt", prompts[0], "--prompt", prompts[1], "--seed", "3", "--json", "--no-progress"])
+    printed = json.loads(capsys.readouterr().out)
+    tokenizer = toy.tokenizer
+    assert [row["prompt"] for row in printed] == prompts
+    assert all(len(row["steps_per_canvas"]) == 1 for row in printed)
+    # ReplayNoise draws depend on the batch shape, so answers are compared on a single prompt
+    main(["generate", "--prompt", prompts[1], "--seed", "3", "--json", "--no-progress"])
+    (single,) = json.loads(capsys.readouterr().out)
+    result = toy.generate(toy.to_tokens(prompts[1]), max_new_tokens=48, noise=ReplayNoise(3), progress=False)
+    assert single["answer"] == tokenizer.decode(result.new_tokens()[0].tolist(), skip_special_tokens=True)
+    assert single["steps_per_canvas"] == [int(result.trace[0].stop_step()[0]) + 1]
+
+
+def test_trace_saves_a_trace_and_a_disk_cache_that_load(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    hook = "decoder.blocks.1.hook_resid_post"
+    main(["trace", "--prompt", "reverse 7 2 4:", "--out", str(out), "--cache", hook, "--seed", "1", "--no-progress"])
+    trace = DenoisingTrace.load(out)
+    cache = DenoisingCache.load(out / "cache")
+    result, expected = toy.generate_with_cache(
+        toy.to_tokens("reverse 7 2 4:"),
+        names_filter=hook,
+        max_new_tokens=48,
+        noise=ReplayNoise(1),
+        record_top_k=5,
+        progress=False,
+    )
+    assert torch.equal(trace[0].argmax, result.trace[0].argmax)
+    assert torch.equal(trace[0].top_k_tokens, result.trace[0].top_k_tokens)
+    assert torch.equal(cache[hook], expected[hook])
+    run = json.loads((out / "run.json").read_text())
+    assert run["answers"] == [toy.tokenizer.decode(result.new_tokens()[0].tolist(), skip_special_tokens=True)]
+
+
+SPEC = {
+    "clean": "squares 400 800:",
+    "corrupted": "squares 600 800:",
+    "hook": "decoder.blocks.{layer}.hook_resid_pre",
+    "over": ["layer", "position"],
+    "layers": [0, 2],
+    "positions": {"start": 0, "stop": 3},
+    "metric": {"kind": "logit_diff", "position": 0, "good": "8", "bad": "4"},
+}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_patch_runs_the_sweep_the_spec_describes(toy, tmp_path, suffix, capsys):
+    import yaml
+
+    spec_file = tmp_path / f"spec{suffix}"
+    spec_file.write_text(json.dumps(SPEC) if suffix == ".json" else yaml.safe_dump(SPEC))
+    main(["patch", str(spec_file), "--out", str(tmp_path / "sweep"), "--no-progress"])
+    assert "largest value at" in capsys.readouterr().out
+    saved = SweepResult.load(tmp_path / "sweep")
+
+    names = ["decoder.blocks.0.hook_resid_pre", "decoder.blocks.2.hook_resid_pre"]
+    clean = record_run(toy, toy.to_tokens(SPEC["clean"]), names_filter=names, noise=ReplayNoise(0), max_new_tokens=48)
+    corrupted = record_run(toy, toy.to_tokens(SPEC["corrupted"]), noise=ReplayNoise(0), max_new_tokens=48)
+    eight, four = (toy.tokenizer.convert_tokens_to_ids(t) for t in "84")
+    direct = patch_sweep(
+        toy,
+        clean,
+        corrupted,
+        SPEC["hook"],
+        ("layer", "position"),
+        LogitDiff(0, eight, four),
+        layers=[0, 2],
+        positions=range(3),
+        progress=False,
+    )
+    assert saved.axes == ("layer", "position") and saved.labels == {"layer": [0, 2], "position": [0, 1, 2]}
+    torch.testing.assert_close(saved.values, direct.values)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hooks": "x"}, "unknown keys \\['hooks'\\]"),
+        ({"over": ["step"]}, "'over' needs two axes"),
+        ({"metric": {"kind": "accuracy"}}, "metric kind 'accuracy'"),
+        ({"positions": {"begin": 0}}, "as a range is"),
+    ],
+)
+def test_bad_specs_name_the_problem(change, message):
+    with pytest.raises(ValueError, match=message):
+        SweepSpec.from_dict({**SPEC, **change})
+
+
+def test_a_metric_token_must_be_one_token(toy, tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({**SPEC, "metric": {"kind": "target_prob", "position": 0, "token": "84"}}))
+    with pytest.raises(ValueError, match="'84' is 2 tokens"):
+        main(["patch", str(spec_file), "--out", str(tmp_path / "out"), "--no-progress"])
