@@ -28,9 +28,11 @@ from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, make_dataset
-from diffusionlens.toy.tokenizer import CANVAS_LENGTH, VOCAB, build_tokenizer
+from diffusionlens.toy.tokenizer import CANVAS_LENGTH, PAD_ID, VOCAB, build_tokenizer
 
-TASK_WEIGHTS = {"addition": 0.2, "squares": 0.4, "sort": 0.2, "reverse": 0.2}
+# Addition's answers are short (1-4 characters), so per batch it sees the least answer signal: it gets the
+# largest share of batches together with the hard squares task.
+TASK_WEIGHTS = {"addition": 0.35, "squares": 0.35, "sort": 0.15, "reverse": 0.15}
 
 
 def toy_config(**overrides) -> DiffusionGemmaConfig:
@@ -73,6 +75,26 @@ class TrainSettings:
     eval_examples: int = 64
     save_every: int = 250
     seed: int = 0
+    # Pads fill most of the 48-token canvas and are learnt at once; full weight on them would drown the
+    # answer positions (and short-answer tasks most of all).
+    pad_weight: float = 0.1
+    task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
+    # A checkpoint directory to start from (weights only, fresh optimiser): continues an earlier run
+    # whose optimiser state is gone. Ignored when --out already holds a run to resume.
+    init_from: str = ""
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """`"addition=0.35,squares=0.35"` -> {"addition": 0.35, "squares": 0.35}."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"task weight {item!r} should look like task=weight, e.g. addition=0.35")
+        weights[task.strip()] = float(value)
+    if not weights:
+        raise ValueError("task_weights names no task; e.g. addition=0.5,squares=0.5")
+    return weights
 
 
 def learning_rate(step: int, s: TrainSettings) -> float:
@@ -103,17 +125,20 @@ def training_loss(
             temperature = s.t_min + (s.t_max - s.t_min) * float(torch.rand((), generator=generator))
             self_cond = model.denoise(noisy, state) / temperature
     logits = model.denoise(noisy, state, self_cond)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    weight = torch.where(target.flatten() == PAD_ID, s.pad_weight, 1.0)
+    return (per_token * weight).sum() / weight.sum()
 
 
 def _batch(tokenizer, step: int, s: TrainSettings) -> dict[str, torch.Tensor]:
     # Each step's data is a pure function of (seed, step): resuming replays nothing and skips nothing.
+    task_weights = parse_task_weights(s.task_weights)
     data = make_dataset(
-        list(TASK_WEIGHTS),
+        list(task_weights),
         s.batch_size,
         seed=s.seed * 1_000_003 + step,
         split="train",
-        weights=list(TASK_WEIGHTS.values()),
+        weights=list(task_weights.values()),
         exclude=EXAMPLE_PROMPTS.values(),
     )
     return make_batch(tokenizer, data.examples, CANVAS_LENGTH)
@@ -166,6 +191,8 @@ def train(
     resuming = (out / "training_state.json").exists()
     if resuming:
         model = HookedDiffusionGemma.from_pretrained(out, progress=False)
+    elif s.init_from:
+        model = HookedDiffusionGemma.from_pretrained(s.init_from, progress=False)
     else:
         model = HookedDiffusionGemma.from_config(config or toy_config(), seed=s.seed)
     model.tokenizer = tokenizer
@@ -196,8 +223,8 @@ def train(
     return model.eval().requires_grad_(False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the toy DiffusionGemma (resumes from --out).")
+def main(argv: list[str] | None = None, prog: str = "diffusionlens train-toy") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Train the toy DiffusionGemma (resumes from --out).")
     parser.add_argument("--out", default="runs/toy")
     for name, value in asdict(TrainSettings()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
