@@ -1,5 +1,20 @@
-"""Figures (matplotlib is imported here and nowhere else in the package)."""
+"""Figures and the HTML trajectory viewer (matplotlib is imported here and nowhere else in the package).
+
+Every figure function returns a `matplotlib.figure.Figure` (save it with `fig.savefig("x.png")` or `.svg`);
+pyplot runs on the headless Agg backend unless you chose another backend first.
+"""
 
 from diffusionlens.viz.heatmaps import plot_sweep
+from diffusionlens.viz.lens import plot_logit_lens
+from diffusionlens.viz.trajectory import plot_commit_order, plot_entropy, plot_token_grid
+from diffusionlens.viz.viewer import render_viewer, write_viewer
 
-__all__ = ["plot_sweep"]
+__all__ = [
+    "plot_commit_order",
+    "plot_entropy",
+    "plot_logit_lens",
+    "plot_sweep",
+    "plot_token_grid",
+    "render_viewer",
+    "write_viewer",
+]

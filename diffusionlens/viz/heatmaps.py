@@ -4,24 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diffusionlens.viz._common import pyplot
+
 if TYPE_CHECKING:
     from diffusionlens.patching.sweep import SweepResult
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'diffusionlens[viz]'") from err
-    return plt
-
-
 def plot_sweep(result: SweepResult, ax=None, title: str | None = None):
     """Heatmap of a sweep: rows are the first axis, columns the second; returns the Figure."""
-    plt = _pyplot()
+    plt = pyplot()
     if ax is None:
         fig, ax = plt.subplots(
             figsize=(max(4, 0.25 * result.values.shape[1] + 2), max(3, 0.3 * result.values.shape[0] + 1.5))

@@ -1,0 +1,119 @@
+"""Shared helpers for figures and the viewer: pyplot on the Agg backend, token text, position crops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from diffusionlens.trace import CanvasTrace, DenoisingTrace
+
+#: Anything that turns token ids into text: an object with `decode(list[int]) -> str` (a transformers
+#: tokenizer), a callable `id -> str`, or None (the id itself is shown).
+TokenDecoder = Any
+
+_VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "": "∅"}
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (unless a backend was already chosen)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'diffusionlens[viz]'") from err
+    return plt
+
+
+def token_texts(tokenizer: TokenDecoder, ids: Iterable[int]) -> list[str]:
+    """The text of each token id, decoded one id at a time (special tokens included)."""
+    ids = [int(i) for i in ids]
+    cache: dict[int, str] = {}
+    for i in ids:
+        if i not in cache:
+            cache[i] = _decode_one(tokenizer, i)
+    return [cache[i] for i in ids]
+
+
+def _decode_one(tokenizer: TokenDecoder, token: int) -> str:
+    if tokenizer is None:
+        return str(token)
+    if hasattr(tokenizer, "decode"):
+        return str(tokenizer.decode([token]))
+    if callable(tokenizer):
+        return str(tokenizer(token))
+    raise TypeError(f"tokenizer must have decode(ids), be a callable id -> str, or be None; got {type(tokenizer)}")
+
+
+def visible(text: str) -> str:
+    """Token text for a figure cell: whitespace and empty strings drawn as visible symbols."""
+    if text in _VISIBLE:
+        return _VISIBLE[text]
+    return text.replace("\n", "⏎").replace("\t", "⇥")
+
+
+def canvas_trace(trace: DenoisingTrace | CanvasTrace, canvas: int = 0) -> CanvasTrace:
+    """The CanvasTrace to draw: `trace` itself, or canvas `canvas` of a DenoisingTrace."""
+    if isinstance(trace, DenoisingTrace):
+        if not 0 <= canvas < len(trace):
+            raise IndexError(f"canvas {canvas} out of range: the trace has {len(trace)} canvases")
+        return trace[canvas]
+    if isinstance(trace, CanvasTrace):
+        return trace
+    raise TypeError(f"expected a DenoisingTrace or CanvasTrace, got {type(trace)}")
+
+
+def on_cpu(trace: CanvasTrace) -> CanvasTrace:
+    """A CPU copy of `trace` (traces are small), so plotting works on traces generated on an accelerator."""
+    return CanvasTrace(**{name: value.detach().cpu() for name, value in trace.tensors().items()})
+
+
+def check_row(trace: CanvasTrace, row: int) -> int:
+    """Validate a batch row index."""
+    batch = trace.input_canvas.shape[1]
+    if not 0 <= row < batch:
+        raise IndexError(f"row {row} out of range: the trace has batch size {batch}")
+    return row
+
+
+def row_steps(trace: CanvasTrace, row: int) -> int:
+    """Steps that changed `row`: up to and including the step after which it stopped."""
+    return int(trace.stop_step()[row]) + 1
+
+
+def select_positions(
+    length: int, positions: Sequence[int] | torch.Tensor | range | slice | None, max_positions: int | None
+) -> list[int]:
+    """Canvas positions to draw: all, an explicit list/range/slice, then cropped to the first `max_positions`."""
+    if positions is None:
+        chosen = list(range(length))
+    elif isinstance(positions, slice):
+        chosen = list(range(length))[positions]
+    else:
+        chosen = [int(p) for p in (positions.tolist() if isinstance(positions, torch.Tensor) else positions)]
+        bad = [p for p in chosen if not 0 <= p < length]
+        if bad:
+            raise IndexError(f"positions {bad} out of range for a canvas of length {length}")
+    if max_positions is not None:
+        if max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        chosen = chosen[:max_positions]
+    if not chosen:
+        raise ValueError("no positions selected")
+    return chosen
+
+
+def new_axes(ax, figsize: tuple[float, float]):
+    """`(fig, ax)`: a new figure of `figsize` when `ax` is None, else `ax` and its figure."""
+    if ax is None:
+        return pyplot().subplots(figsize=figsize)
+    return ax.figure, ax
+
+
+def no_math(texts: Iterable[Any]) -> None:
+    """Draw matplotlib Text objects literally (a `$` in a token must not start mathtext)."""
+    for text in texts:
+        text.set_parse_math(False)

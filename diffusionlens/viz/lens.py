@@ -1,0 +1,83 @@
+"""Logit-lens figure: the top token at every decoder layer and canvas position, at one denoising step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Int
+
+from diffusionlens.viz._common import TokenDecoder, new_axes, no_math, select_positions, token_texts, visible
+
+if TYPE_CHECKING:
+    from diffusionlens.denoising_cache import DenoisingCache
+
+Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
+
+
+def plot_logit_lens(
+    cache: DenoisingCache,
+    step: int,
+    tokenizer: TokenDecoder = None,
+    *,
+    canvas: int = 0,
+    row: int = 0,
+    positions: Positions = None,
+    max_positions: int | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Layer × position grid of the logit lens at `step`: each cell shows the top token read off the
+    residual stream (through the final norm and the tied head) and is coloured by its probability.
+
+    Uses `cache.logit_lens(step, canvas)` (`[layers + 1, batch, pos, vocab]`), so the cache needs every
+    `decoder.blocks.*.hook_resid_pre` and the last block's `hook_resid_post` at that step. Rows are the
+    input to each block, then the output of the last block. `positions` are canvas positions (when the
+    cache was recorded with a positions filter, only recorded ones can be drawn); `max_positions` crops.
+    Returns the Figure; its axes hold one text per cell, row-major (layer, position).
+    """
+    with torch.no_grad():
+        lens = cache.logit_lens(step, canvas).detach().float().cpu()
+    n_rows, batch, width = lens.shape[:3]
+    if not 0 <= row < batch:
+        raise IndexError(f"row {row} out of range: the cache has batch size {batch}")
+    recorded = list(range(width)) if cache.positions is None else list(cache.positions)
+    if positions is None:
+        chosen = select_positions(len(recorded), None, max_positions)
+        chosen = [recorded[i] for i in chosen]
+    else:
+        chosen = select_positions(max(recorded) + 1, positions, max_positions)
+        missing = [p for p in chosen if p not in recorded]
+        if missing:
+            raise ValueError(f"positions {missing} were not recorded in this cache (recorded: {recorded})")
+    columns = torch.tensor([recorded.index(p) for p in chosen])
+    probs = torch.softmax(lens[:, row][:, columns], dim=-1)
+    top_prob, top_token = probs.max(-1)
+    fig, ax = new_axes(ax, (max(4.0, 0.45 * len(chosen) + 2.5), max(2.5, 0.36 * n_rows + 1.6)))
+    image = ax.imshow(top_prob.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    texts = token_texts(tokenizer, top_token.flatten().tolist())
+    for k, text in enumerate(texts):
+        layer, col = divmod(k, len(chosen))
+        dark = float(top_prob[layer, col]) > 0.6
+        ax.text(
+            col,
+            layer,
+            visible(text),
+            ha="center",
+            va="center",
+            fontsize=7 if len(text) <= 3 else 5.5,
+            color="white" if dark else "black",
+            parse_math=False,
+        )
+    stride = max(1, len(chosen) // 64)
+    ax.set_xticks(range(0, len(chosen), stride), [str(p) for p in chosen[::stride]], fontsize=7)
+    labels = [f"block {i} in" for i in range(n_rows - 1)] + [f"block {n_rows - 2} out"]
+    ax.set_yticks(range(n_rows), labels, fontsize=7)
+    no_math(ax.get_yticklabels())
+    ax.set_xlabel("canvas position")
+    ax.set_ylabel("residual stream")
+    fig.colorbar(image, ax=ax, label="top-token probability")
+    ax.set_title(title or f"logit lens at step {step} (canvas {canvas}, row {row})", fontsize=9)
+    fig.tight_layout()
+    return fig

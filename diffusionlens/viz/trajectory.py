@@ -1,0 +1,193 @@
+"""Figures of one canvas's denoising trajectory: tokens per step, entropy, commit order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Int
+
+from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.viz._common import (
+    TokenDecoder,
+    canvas_trace,
+    check_row,
+    new_axes,
+    no_math,
+    on_cpu,
+    row_steps,
+    select_positions,
+    token_texts,
+    visible,
+)
+
+Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
+
+_TOKEN_FIELDS = ("argmax", "sampled", "input_canvas", "next_canvas")
+_ACCEPTED_COLOUR = "#7fc97f"
+_REJECTED_COLOUR = "#eeeeee"
+
+
+def _prepare(trace: DenoisingTrace | CanvasTrace, canvas: int, row: int, positions: Positions, max_positions):
+    trace = canvas_trace(trace, canvas)
+    trace = on_cpu(trace)
+    check_row(trace, row)
+    chosen = select_positions(trace.input_canvas.shape[-1], positions, max_positions)
+    return trace, chosen, row_steps(trace, row)
+
+
+def _position_ticks(ax, chosen: list[int], labels: list[str] | None, axis: str = "x") -> None:
+    stride = max(1, len(chosen) // 64)
+    ticks = list(range(0, len(chosen), stride))
+    names = [f"{chosen[i]}" if labels is None else f"{chosen[i]}\n{visible(labels[i])}" for i in ticks]
+    if axis == "x":
+        ax.set_xticks(ticks, names, fontsize=7)
+        no_math(ax.get_xticklabels())
+    else:
+        ax.set_yticks(ticks, names, fontsize=7)
+        no_math(ax.get_yticklabels())
+
+
+def plot_token_grid(
+    trace: DenoisingTrace | CanvasTrace,
+    tokenizer: TokenDecoder = None,
+    *,
+    row: int = 0,
+    canvas: int = 0,
+    positions: Positions = None,
+    max_positions: int | None = None,
+    tokens: str = "argmax",
+    ax=None,
+    title: str | None = None,
+):
+    """Step × position grid with each step's token text in its cell; green cells were accepted that step.
+
+    `tokens` picks which tokens are written: "argmax" (the draft answer, default), "sampled",
+    "input_canvas" or "next_canvas". The cell where each position committed (`commit_step`) gets a
+    black outline. Steps run from the first to the one after which `row` stopped. `positions` (a list,
+    range or slice of canvas positions) and `max_positions` crop the columns. Returns the Figure; its
+    axes hold one text per cell, in row-major (step, position) order.
+    """
+    if tokens not in _TOKEN_FIELDS:
+        raise ValueError(f"tokens must be one of {_TOKEN_FIELDS}, got {tokens!r}")
+    trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch, Rectangle
+
+    index = torch.tensor(chosen)
+    ids = getattr(trace, tokens)[:n_steps, row][:, index]
+    accepted = trace.accepted[:n_steps, row][:, index]
+    commits = trace.commit_step()[row][index]
+    fig, ax = new_axes(ax, (max(4.0, 0.32 * len(chosen) + 1.5), max(2.5, 0.32 * n_steps + 1.6)))
+    ax.imshow(
+        accepted.int().numpy(),
+        cmap=ListedColormap([_REJECTED_COLOUR, _ACCEPTED_COLOUR]),
+        vmin=0,
+        vmax=1,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    texts = token_texts(tokenizer, ids.flatten().tolist())
+    fontsize = 7 if len(chosen) <= 64 else 5
+    for k, text in enumerate(texts):
+        step, col = divmod(k, len(chosen))
+        size = fontsize if len(text) <= 3 else fontsize - 1.5
+        ax.text(col, step, visible(text), ha="center", va="center", fontsize=size, parse_math=False)
+    for col, step in enumerate(commits.tolist()):
+        if step < n_steps:
+            ax.add_patch(Rectangle((col - 0.5, step - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.0))
+    _position_ticks(ax, chosen, None)
+    ax.set_yticks(range(n_steps), [str(s) for s in range(n_steps)], fontsize=7)
+    ax.set_xlabel("canvas position")
+    ax.set_ylabel("step")
+    ax.legend(
+        handles=[
+            Patch(facecolor=_ACCEPTED_COLOUR, label="accepted this step"),
+            Patch(facecolor=_REJECTED_COLOUR, label="not accepted"),
+            Patch(facecolor="none", edgecolor="black", label="commit step"),
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        frameon=False,
+    )
+    ax.set_title(title or f"{tokens} per step (row {row})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_entropy(
+    trace: DenoisingTrace | CanvasTrace,
+    tokenizer: TokenDecoder = None,
+    *,
+    row: int = 0,
+    canvas: int = 0,
+    positions: Positions = None,
+    max_positions: int | None = None,
+    mark_accepted: bool = True,
+    ax=None,
+    title: str | None = None,
+):
+    """Heatmap of the per-position entropy (nats, of the temperature-scaled logits), step × position.
+
+    With `mark_accepted`, a white dot marks each position accepted at that step. With a tokenizer, the
+    x tick labels carry the final token of each position. `positions`/`max_positions` crop the columns.
+    Returns the Figure (the heatmap's axes and its colorbar's).
+    """
+    trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
+    index = torch.tensor(chosen)
+    values = trace.entropy[:n_steps, row][:, index].float()
+    fig, ax = new_axes(ax, (max(4.0, 0.25 * len(chosen) + 2.5), max(2.5, 0.25 * n_steps + 1.8)))
+    image = ax.imshow(values.numpy(), cmap="magma", aspect="auto", interpolation="nearest", vmin=0)
+    if mark_accepted:
+        steps, cols = torch.nonzero(trace.accepted[:n_steps, row][:, index], as_tuple=True)
+        ax.scatter(cols.numpy(), steps.numpy(), s=6, c="white", marker="o", linewidths=0, label="accepted")
+    final = token_texts(tokenizer, trace.final[row][index].tolist()) if tokenizer is not None else None
+    _position_ticks(ax, chosen, final)
+    stride = max(1, n_steps // 24)
+    ax.set_yticks(range(0, n_steps, stride), [str(s) for s in range(0, n_steps, stride)], fontsize=7)
+    ax.set_xlabel("canvas position" + (" / final token" if final else ""))
+    ax.set_ylabel("step")
+    fig.colorbar(image, ax=ax, label="entropy (nats)")
+    ax.set_title(title or f"entropy per step and position (row {row})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_commit_order(
+    trace: DenoisingTrace | CanvasTrace,
+    tokenizer: TokenDecoder = None,
+    *,
+    row: int = 0,
+    canvas: int = 0,
+    positions: Positions = None,
+    max_positions: int | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Commit step per position (the step after which its argmax never changed), labelled with the
+    position's final token: a stem plot, position on x, commit step on y.
+
+    `positions`/`max_positions` crop the positions shown. Returns the Figure; its axes hold one text
+    (the final token) per position shown.
+    """
+    trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
+    index = torch.tensor(chosen)
+    commits = trace.commit_step()[row][index]
+    final = token_texts(tokenizer, trace.final[row][index].tolist())
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = new_axes(ax, (max(4.0, 0.28 * len(chosen) + 1.5), 3.2))
+    xs = list(range(len(chosen)))
+    ax.vlines(xs, 0, commits.numpy(), colors="#bbbbbb", linewidth=1)
+    ax.scatter(xs, commits.numpy(), c=commits.numpy(), cmap="viridis", vmin=0, vmax=max(1, n_steps - 1), zorder=3)
+    for x, (text, step) in enumerate(zip(final, commits.tolist(), strict=True)):
+        ax.text(x, step + 0.25, visible(text), ha="center", va="bottom", fontsize=7, parse_math=False)
+    _position_ticks(ax, chosen, None)
+    ax.set_ylim(-0.5, max(1, int(commits.max()) + 1) + 0.2)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("canvas position")
+    ax.set_ylabel("commit step")
+    ax.set_title(title or f"commit step per position, labelled with the final token (row {row})", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,370 @@
+"""The HTML trajectory viewer: one self-contained file (inline CSS, JS and JSON; no network) with a step
+slider over one canvas of a DenoisingTrace.
+
+Token text never reaches the page as markup: the data travel as JSON inside a
+`<script type="application/json">` whose `<`, `>` and `&` are written as `\\u003c`, `\\u003e`, `\\u0026`
+(so no token can close the script element), and the page builds every element with `textContent`. A
+Content-Security-Policy allows no network access and only the viewer's own script (by hash).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.viz._common import TokenDecoder, canvas_trace, check_row, on_cpu, row_steps, token_texts
+
+_FIELDS = ("argmax", "sampled", "input_canvas", "next_canvas")
+
+
+def _round(value: float, digits: int) -> float | None:
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def viewer_data(
+    trace: DenoisingTrace | CanvasTrace,
+    tokenizer: TokenDecoder = None,
+    *,
+    canvas: int = 0,
+    row: int = 0,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready dict the viewer page reads: per-step token ids of every field, entropy, accepted
+    flags, top-k (when recorded), commit steps, and the text of every token id that appears."""
+    prompt_length = trace.prompt_length if isinstance(trace, DenoisingTrace) else None
+    ct = on_cpu(canvas_trace(trace, canvas))
+    check_row(ct, row)
+    n_steps = row_steps(ct, row)
+    fields = {name: getattr(ct, name)[:n_steps, row].tolist() for name in _FIELDS}
+    entropy = ct.entropy[:n_steps, row].float()
+    finite = entropy[entropy.isfinite()]
+    top_tokens = top_probs = None
+    if ct.top_k_tokens is not None and ct.top_k_probs is not None:
+        top_tokens = ct.top_k_tokens[:n_steps, row].tolist()
+        top_probs = [[[_round(p, 4) for p in ps] for ps in step] for step in ct.top_k_probs[:n_steps, row].tolist()]
+    ids = {i for rows in fields.values() for step in rows for i in step}
+    if top_tokens is not None:
+        ids |= {i for step in top_tokens for ks in step for i in ks}
+    ordered = sorted(ids)
+    texts = dict(zip((str(i) for i in ordered), token_texts(tokenizer, ordered), strict=True))
+    return {
+        "title": title if title is not None else f"canvas {canvas}, row {row}",
+        "canvas": canvas,
+        "row": row,
+        "prompt_length": prompt_length,
+        "n_steps": n_steps,
+        "length": ct.input_canvas.shape[-1],
+        "k": 0 if top_tokens is None else len(top_tokens[0][0]),
+        "text": texts,
+        "fields": fields,
+        "entropy": [[_round(e, 4) for e in step] for step in entropy.tolist()],
+        "max_entropy": _round(finite.max(), 4) if finite.numel() else 0.0,
+        "accepted": ct.accepted[:n_steps, row].int().tolist(),
+        "finished": ct.finished[:n_steps, row].tolist(),
+        "temperature": [_round(v, 4) for v in ct.temperature[:n_steps].tolist()],
+        "t": ct.t[:n_steps].tolist(),
+        "top_k_tokens": top_tokens,
+        "top_k_probs": top_probs,
+        "commit": ct.commit_step()[row].tolist(),
+        "final": ct.argmax[n_steps - 1, row].tolist(),
+    }
+
+
+def script_safe_json(data: Any) -> str:
+    """JSON that is safe inside a `<script>` element: `<`, `>`, `&` (and every non-ASCII character,
+    U+2028/2029 included) are `\\u` escapes, so the text can never close the element or open a comment."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_viewer(
+    trace: DenoisingTrace | CanvasTrace,
+    tokenizer: TokenDecoder = None,
+    *,
+    canvas: int = 0,
+    row: int = 0,
+    title: str | None = None,
+    step: int = 0,
+) -> str:
+    """The viewer for one canvas and batch row of `trace`, as a self-contained HTML page.
+
+    A step slider (`#step-slider`, also arrow keys and play) shows the canvas at each step: by default
+    the draft answer (argmax), or the sampled tokens, the canvas the decoder read, or the canvas after
+    renoising (`#view-select`). Each position (`.cell[data-position]` holding `.token[data-position]`) is
+    coloured by its entropy at that step, outlined when accepted at that step, and labels its commit
+    step (`.commit`). Hovering a position shows its top-k tokens and probabilities (`#tooltip`) when the
+    trace was generated with `record_top_k`. `tokenizer` turns ids into text (an object with `decode`,
+    a callable id -> str, or None for ids); `step` is the step shown first. Steps run to the one after
+    which the row stopped.
+    """
+    data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title)
+    if not 0 <= step < data["n_steps"]:
+        raise IndexError(f"step {step} out of range: row {row} of canvas {canvas} has {data['n_steps']} steps")
+    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
+    csp = (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        f"script-src 'sha256-{script_hash}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
+    )
+    replacements = {
+        "@CSP@": csp,  # no quotes or markup in it
+        "@TITLE@": html.escape(data["title"], quote=True),
+        "@MAX_STEP@": str(data["n_steps"] - 1),
+        "@STEP@": str(step),
+        "@STYLE@": _STYLE,
+        "@DATA@": script_safe_json(data),
+        "@SCRIPT@": _SCRIPT,
+    }
+    # one pass, so nothing substituted (a title, the data) is scanned for placeholders again
+    return re.sub(r"@[A-Z_]+@", lambda match: replacements[match.group(0)], _TEMPLATE)
+
+
+def write_viewer(trace: DenoisingTrace | CanvasTrace, tokenizer: TokenDecoder, path: str | Path, **kw: Any) -> Path:
+    """Write `render_viewer(trace, tokenizer, **kw)` to `path` (UTF-8) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_viewer(trace, tokenizer, **kw), encoding="utf-8")
+    return path
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="@CSP@">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>@TITLE@</title>
+<style>@STYLE@</style>
+</head>
+<body>
+<header>
+<h1 id="title">@TITLE@</h1>
+<div id="meta"></div>
+</header>
+<section id="controls">
+<button type="button" id="prev-step" title="previous step">&#9664;</button>
+<input type="range" id="step-slider" min="0" max="@MAX_STEP@" value="@STEP@" step="1" aria-label="denoising step">
+<button type="button" id="next-step" title="next step">&#9654;</button>
+<button type="button" id="play">play</button>
+<span id="step-label"></span>
+<label for="view-select">show</label>
+<select id="view-select">
+<option value="argmax" selected>draft (argmax)</option>
+<option value="sampled">sampled</option>
+<option value="input_canvas">canvas read by the decoder</option>
+<option value="next_canvas">canvas after the step</option>
+</select>
+</section>
+<div id="step-info"></div>
+<div id="step-bars" aria-label="accepted tokens per step"></div>
+<div id="canvas" aria-live="polite"></div>
+<div id="legend">
+<span class="legend-item">entropy <span id="entropy-min">0</span>
+<span class="gradient"></span> <span id="entropy-max"></span> nats</span>
+<span class="legend-item"><span class="swatch accepted-swatch"></span> accepted at this step</span>
+<span class="legend-item"><b>bold</b>: committed (argmax final from here)</span>
+<span class="legend-item"><span class="commit-example">c3</span>: commits at step 3</span>
+<span class="legend-item" id="topk-note"></span>
+</div>
+<div id="tooltip" role="tooltip" hidden></div>
+<script type="application/json" id="trace-data">@DATA@</script>
+<script>@SCRIPT@</script>
+</body>
+</html>
+"""
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.2em; color: #222; }
+h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
+#meta, #step-info { color: #555; font-size: 0.85em; margin: 0.2em 0; }
+#controls { display: flex; align-items: center; gap: 0.5em; flex-wrap: wrap; margin: 0.6em 0; }
+#step-slider { width: 22em; }
+#step-label { font-weight: 600; min-width: 7em; font-variant-numeric: tabular-nums; }
+#step-bars { display: flex; align-items: flex-end; gap: 2px; height: 36px; margin: 0.4em 0 0.8em 0; }
+.step-bar { width: 10px; background: #9ecae1; cursor: pointer; min-height: 2px; }
+.step-bar.current { background: #08519c; }
+#canvas { display: flex; flex-wrap: wrap; gap: 3px; font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
+.cell { display: inline-flex; flex-direction: column; align-items: center; min-width: 1.7em;
+  border: 2px solid #ddd; border-radius: 4px; padding: 1px 2px; cursor: default; }
+.cell.accepted { border-color: #1a9641; box-shadow: inset 0 -3px 0 #1a9641; }
+.cell:focus { outline: 2px solid #08519c; }
+.pos { font-size: 0.6em; color: #888; }
+.token { white-space: pre; font-size: 1.05em; min-height: 1.2em; color: #666; }
+.cell.committed .token { font-weight: 700; color: #000; }
+.cell.blank .token { min-width: 0.8em; border-bottom: 1px dotted #999; }
+.commit, .commit-example { font-size: 0.6em; color: #555; }
+#legend { margin-top: 1em; font-size: 0.8em; color: #444; display: flex; gap: 1.5em; flex-wrap: wrap; }
+.gradient { display: inline-block; width: 6em; height: 0.8em; vertical-align: middle;
+  background: linear-gradient(to right, rgb(255,255,255), rgb(255,105,35)); border: 1px solid #ccc; }
+.swatch { display: inline-block; width: 1em; height: 0.8em; vertical-align: middle; }
+.accepted-swatch { border: 2px solid #1a9641; box-shadow: inset 0 -3px 0 #1a9641; }
+#tooltip { position: absolute; background: #fff; border: 1px solid #888; border-radius: 4px; padding: 0.4em 0.6em;
+  font-size: 0.8em; box-shadow: 0 2px 6px rgba(0,0,0,0.2); z-index: 10; pointer-events: none; min-width: 10em; }
+#tooltip .tip-head { font-weight: 600; white-space: pre; }
+#tooltip table { border-collapse: collapse; margin-top: 0.3em; }
+#tooltip td { padding: 0 0.4em; font-family: ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre; }
+#tooltip .topk-token.blank { border-bottom: 1px dotted #999; min-width: 0.6em; display: inline-block; }
+#tooltip .bar { display: inline-block; height: 0.7em; background: #6baed6; }
+"""
+
+_SCRIPT = """
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("trace-data").textContent);
+  var slider = document.getElementById("step-slider");
+  var label = document.getElementById("step-label");
+  var info = document.getElementById("step-info");
+  var view = document.getElementById("view-select");
+  var board = document.getElementById("canvas");
+  var tooltip = document.getElementById("tooltip");
+  var bars = document.getElementById("step-bars");
+  var cells = [], tokens = [], stepBars = [];
+  var hovered = null, timer = null;
+
+  function text(id) {
+    var t = data.text[String(id)];
+    return t === undefined ? String(id) : t;
+  }
+  function fmt(x, digits) { return x === null ? "n/a" : Number(x).toFixed(digits); }
+  function colour(e) {
+    if (e === null) { return "rgb(255,255,255)"; }
+    var x = data.max_entropy > 0 ? Math.min(1, Math.max(0, e / data.max_entropy)) : 0;
+    return "rgb(255," + Math.round(255 - 150 * x) + "," + Math.round(255 - 220 * x) + ")";
+  }
+  function el(tag, cls, content) {
+    var node = document.createElement(tag);
+    if (cls) { node.className = cls; }
+    if (content !== undefined) { node.textContent = content; }
+    return node;
+  }
+  function current() { return Number(slider.value); }
+
+  var meta = "canvas " + data.canvas + ", row " + data.row + ", " + data.length + " positions, " +
+    data.n_steps + " steps";
+  if (data.prompt_length !== null) { meta += ", prompt of " + data.prompt_length + " tokens"; }
+  document.getElementById("meta").textContent = meta;
+  document.getElementById("entropy-max").textContent = fmt(data.max_entropy, 2);
+  document.getElementById("topk-note").textContent = data.k > 0 ?
+    "hover a position for its top-" + data.k + " tokens" :
+    "hover a position for details (generate with record_top_k=k to see alternatives)";
+
+  for (var s = 0; s < data.n_steps; s++) {
+    var count = data.accepted[s].reduce(function (a, b) { return a + b; }, 0);
+    var bar = el("div", "step-bar");
+    bar.dataset.step = String(s);
+    bar.style.height = Math.max(2, Math.round(34 * count / Math.max(1, data.length))) + "px";
+    bar.title = "step " + s + ": " + count + " accepted";
+    bar.addEventListener("click", (function (step) { return function () { go(step); }; })(s));
+    bars.appendChild(bar);
+    stepBars.push(bar);
+  }
+
+  for (var p = 0; p < data.length; p++) {
+    var cell = el("div", "cell");
+    cell.dataset.position = String(p);
+    cell.tabIndex = 0;
+    var tok = el("span", "token");
+    tok.dataset.position = String(p);
+    var com = el("span", "commit", "c" + data.commit[p]);
+    com.dataset.position = String(p);
+    cell.appendChild(el("span", "pos", String(p)));
+    cell.appendChild(tok);
+    cell.appendChild(com);
+    cell.addEventListener("mouseenter", (function (q) { return function () { show(q); }; })(p));
+    cell.addEventListener("focus", (function (q) { return function () { show(q); }; })(p));
+    cell.addEventListener("mouseleave", hide);
+    cell.addEventListener("blur", hide);
+    board.appendChild(cell);
+    cells.push(cell);
+    tokens.push(tok);
+  }
+
+  function show(p) {
+    hovered = p;
+    var step = current();
+    var ids = data.fields[view.value][step];
+    while (tooltip.firstChild) { tooltip.removeChild(tooltip.firstChild); }
+    tooltip.appendChild(el("div", "tip-head", "position " + p + ": " + JSON.stringify(text(ids[p]))));
+    tooltip.appendChild(el("div", "tip-line", "entropy " + fmt(data.entropy[step][p], 3) + " nats" +
+      (data.accepted[step][p] ? ", accepted at step " + step : ", not accepted at step " + step)));
+    tooltip.appendChild(el("div", "tip-line", "commit step " + data.commit[p] + ", final " +
+      JSON.stringify(text(data.final[p]))));
+    if (data.top_k_tokens !== null) {
+      var table = el("table", "topk");
+      var ks = data.top_k_tokens[step][p], ps = data.top_k_probs[step][p];
+      for (var i = 0; i < ks.length; i++) {
+        var tr = el("tr", "topk-row");
+        tr.dataset.tokenId = String(ks[i]);
+        var word = text(ks[i]);
+        tr.appendChild(el("td", word.trim() === "" ? "topk-token blank" : "topk-token", word));
+        tr.appendChild(el("td", "topk-prob", fmt(ps[i], 3)));
+        var cellBar = el("td");
+        var b = el("span", "bar");
+        b.style.width = Math.round(60 * (ps[i] || 0)) + "px";
+        cellBar.appendChild(b);
+        tr.appendChild(cellBar);
+        table.appendChild(tr);
+      }
+      tooltip.appendChild(table);
+    }
+    var r = cells[p].getBoundingClientRect();
+    tooltip.style.left = Math.max(0, r.left + window.scrollX) + "px";
+    tooltip.style.top = (r.bottom + window.scrollY + 4) + "px";
+    tooltip.hidden = false;
+  }
+  function hide() { hovered = null; tooltip.hidden = true; }
+
+  function render() {
+    var step = current();
+    var ids = data.fields[view.value][step];
+    var ent = data.entropy[step], acc = data.accepted[step];
+    for (var p = 0; p < data.length; p++) {
+      var t = text(ids[p]);
+      tokens[p].textContent = t;
+      tokens[p].dataset.tokenId = String(ids[p]);
+      cells[p].style.backgroundColor = colour(ent[p]);
+      cells[p].dataset.entropy = ent[p] === null ? "" : String(ent[p]);
+      cells[p].dataset.accepted = acc[p] ? "1" : "0";
+      cells[p].classList.toggle("accepted", acc[p] === 1);
+      cells[p].classList.toggle("committed", step >= data.commit[p]);
+      cells[p].classList.toggle("blank", t.trim() === "");
+    }
+    for (var s = 0; s < stepBars.length; s++) { stepBars[s].classList.toggle("current", s === step); }
+    var accepted = acc.reduce(function (a, b) { return a + b; }, 0);
+    label.textContent = "step " + step + " / " + (data.n_steps - 1);
+    info.textContent = "t = " + data.t[step] + ", temperature " + fmt(data.temperature[step], 3) + ", " +
+      accepted + " accepted" + (data.finished[step] ? ", stopped after this step" : "");
+    board.dataset.step = String(step);
+    if (hovered !== null) { show(hovered); }
+  }
+  function go(step) {
+    slider.value = String(Math.max(0, Math.min(data.n_steps - 1, step)));
+    render();
+  }
+
+  slider.addEventListener("input", render);
+  slider.addEventListener("change", render);
+  view.addEventListener("change", render);
+  document.getElementById("prev-step").addEventListener("click", function () { go(current() - 1); });
+  document.getElementById("next-step").addEventListener("click", function () { go(current() + 1); });
+  var play = document.getElementById("play");
+  play.addEventListener("click", function () {
+    if (timer !== null) { clearInterval(timer); timer = null; play.textContent = "play"; return; }
+    if (current() >= data.n_steps - 1) { go(0); }
+    play.textContent = "pause";
+    timer = setInterval(function () {
+      if (current() >= data.n_steps - 1) { clearInterval(timer); timer = null; play.textContent = "play"; return; }
+      go(current() + 1);
+    }, 600);
+  });
+  render();
+  document.body.dataset.ready = "1";
+})();
+"""
