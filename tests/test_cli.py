@@ -126,3 +126,18 @@ def test_a_metric_token_must_be_one_token(toy, tmp_path):
     spec_file.write_text(json.dumps({**SPEC, "metric": {"kind": "target_prob", "position": 0, "token": "84"}}))
     with pytest.raises(ValueError, match="'84' is 2 tokens"):
         main(["patch", str(spec_file), "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_view_writes_the_viewer_for_a_saved_trace_and_for_a_prompt(toy, tmp_path, capsys):
+    from diffusionlens.viz import render_viewer
+
+    main(["trace", "--prompt", "sort 5 3 9 1:", "--out", str(tmp_path / "run"), "--no-progress"])
+    main(["view", "--trace", str(tmp_path / "run"), "--out", str(tmp_path / "saved.html")])
+    main(["view", "--prompt", "sort 5 3 9 1:", "--out", str(tmp_path / "fresh.html"), "--no-progress"])
+    saved = (tmp_path / "saved.html").read_text()
+    expected = render_viewer(DenoisingTrace.load(tmp_path / "run"), toy.tokenizer, title=f"trace {tmp_path / 'run'}")
+    assert saved == expected
+    assert "step-slider" in (tmp_path / "fresh.html").read_text()
+    with pytest.raises(SystemExit):
+        main(["view", "--out", str(tmp_path / "none.html")])
+    assert "either --trace DIR or --prompt TEXT" in capsys.readouterr().err
