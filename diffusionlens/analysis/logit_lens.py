@@ -1,0 +1,115 @@
+"""Logit lens across denoising steps: what each decoder layer would predict, at every step.
+
+`DenoisingCache.logit_lens(step)` reads one step (`[layers + 1, batch, pos, vocab]`: the residual
+before every block and after the last, through the final norm and the soft-capped tied head).
+`logit_lens_by_step` stacks it over the recorded steps for chosen positions, keeping only the top
+tokens and, given the final canvas, the probability of the final token, so memory does not grow
+with the vocabulary. Probabilities are the softmax of the lens logits (no sampling temperature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+
+from diffusionlens.components.unembed import unembed
+from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.trace import CanvasTrace
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
+
+
+@dataclass
+class LogitLensByStep:
+    """steps: recorded steps (axis 0); layer axis: residual before block 0 … after the last block
+    (`layers + 1`); positions: canvas positions (last axis before `top`).
+
+    top_tokens / top_probs: `[step, layer, batch, pos, top]`; final_tokens: `[batch, pos]`;
+    final_probs: `[step, layer, batch, pos]` probability of the final token (None without `final`).
+    """
+
+    steps: list[int]
+    positions: list[int]
+    top_tokens: Int[torch.Tensor, "step layer batch pos top"]
+    top_probs: Float[torch.Tensor, "step layer batch pos top"]
+    final_tokens: Int[torch.Tensor, "batch pos"] | None = None
+    final_probs: Float[torch.Tensor, "step layer batch pos"] | None = None
+
+    @property
+    def top1(self) -> Int[torch.Tensor, "step layer batch pos"]:
+        """The lens's most likely token, `[step, layer, batch, pos]`."""
+        return self.top_tokens[..., 0]
+
+    def first_layer_correct(self) -> Int[torch.Tensor, "step batch pos"]:
+        """Per step and position, the first layer whose top-1 is the final token (-1 if none)."""
+        if self.final_tokens is None:
+            raise ValueError("this lens was computed without final=; pass final=result.trace[canvas]")
+        hit = self.top1 == self.final_tokens[None, None]
+        first = hit.int().argmax(1)
+        return torch.where(hit.any(1), first, torch.full_like(first, -1))
+
+
+def logit_lens_by_step(
+    cache: DenoisingCache,
+    positions: Sequence[int] | int | None = None,
+    top: int = 1,
+    canvas: int = 0,
+    final: Int[torch.Tensor, "batch canvas"] | CanvasTrace | None = None,
+    model: HookedDiffusionGemma | None = None,
+) -> LogitLensByStep:
+    """Top-`top` lens tokens and probabilities of every layer at every recorded step.
+
+    `cache` needs `decoder.blocks.*.hook_resid_pre` and the last block's `hook_resid_post` (record with
+    names_filter=['decoder.blocks.*.hook_resid_pre', 'decoder.blocks.*.hook_resid_post']). `positions`:
+    canvas positions (default: all recorded). `final`: the final canvas (`result.trace[canvas]` or
+    `[batch, canvas]` tokens) for `final_probs`. `model`: needed only for a cache reopened from disk.
+    """
+    model = model if model is not None else cache.model
+    if model is None:
+        raise ValueError("this cache has no model attached (reopened from disk?); pass model=")
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    steps = cache.steps(canvas)
+    if not steps:
+        raise ValueError(f"the cache recorded no steps for canvas {canvas}")
+    length = model.cfg.canvas_length
+    recorded = list(range(length)) if cache.positions is None else list(cache.positions)
+    if positions is None:
+        positions = recorded
+    positions = [positions] if isinstance(positions, int) else [int(p) % length for p in positions]
+    absent = [p for p in positions if p not in recorded]
+    if absent:
+        raise ValueError(f"positions {absent} were not recorded; the cache holds positions {recorded}")
+    index = torch.tensor([recorded.index(p) for p in positions])
+    W_E, softcap = model.decoder.embed.W_E, model.cfg.final_logit_softcapping
+    tokens, probs, final_probs = [], [], []
+    final_tokens = None
+    if final is not None:
+        final_tokens = (final.final if isinstance(final, CanvasTrace) else final).cpu()[:, positions]
+    for step in steps:
+        view = cache.step_cache(step, canvas)
+        view.model = model
+        resid = view.accumulated_resid("decoder", apply_ln=True)  # [layer, batch, pos, d_model]
+        logits = unembed(resid[:, :, index.to(resid.device)], W_E, softcap)
+        p = torch.softmax(logits.float(), dim=-1).cpu()
+        best = p.topk(min(top, p.shape[-1]), dim=-1)
+        tokens.append(best.indices)
+        probs.append(best.values)
+        if final_tokens is not None:
+            if final_tokens.shape[0] != p.shape[1]:
+                raise ValueError(f"final has {final_tokens.shape[0]} rows but the cache {p.shape[1]}")
+            gather = final_tokens[None, :, :, None].expand(p.shape[0], -1, -1, 1)
+            final_probs.append(p.gather(-1, gather).squeeze(-1))
+    return LogitLensByStep(
+        steps=steps,
+        positions=positions,
+        top_tokens=torch.stack(tokens),
+        top_probs=torch.stack(probs),
+        final_tokens=final_tokens,
+        final_probs=torch.stack(final_probs) if final_probs else None,
+    )

@@ -1,0 +1,114 @@
+"""Many reproducible runs: every prompt with every seed, batched, each row replayable on its own.
+
+`RowReplayNoise(seeds)` gives row i of a batch exactly the random numbers `ReplayNoise(seeds[i])` gives a
+batch of one, so a run found in a batched sweep is reproduced by
+`model.generate(model.to_tokens(prompt), noise=ReplayNoise(seed))` whatever it was batched with
+(up to the float effects of left-padding prompts of different lengths).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from diffusionlens.sampling.noise import ReplayNoise
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
+    from diffusionlens.sampling.generate import GenerationResult
+
+
+class RowReplayNoise:
+    """A noise source whose row i draws what `ReplayNoise(seeds[i])` draws for a batch of one."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.sources = [ReplayNoise(s) for s in seeds]
+
+    def _check(self, batch: int) -> None:
+        if batch != len(self.sources):
+            raise ValueError(f"a batch of {batch} rows needs {batch} seeds, got {len(self.sources)}")
+
+    def initial_canvas(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int
+    ) -> Int[torch.Tensor, "batch canvas"]:
+        self._check(batch)
+        return torch.cat([s.initial_canvas(1, length, vocab, device, canvas) for s in self.sources])
+
+    def sample(
+        self, probs: Float[torch.Tensor, "batch canvas vocab"], canvas: int, step: int
+    ) -> Int[torch.Tensor, "batch canvas"]:
+        self._check(probs.shape[0])
+        return torch.cat([s.sample(probs[i : i + 1], canvas, step) for i, s in enumerate(self.sources)])
+
+    def renoise(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+    ) -> Int[torch.Tensor, "batch canvas"]:
+        self._check(batch)
+        return torch.cat([s.renoise(1, length, vocab, device, canvas, step) for s in self.sources])
+
+    def __repr__(self) -> str:
+        return f"RowReplayNoise(seeds={[s.seed for s in self.sources]})"
+
+
+@dataclass
+class SeededBatch:
+    """One batch of `generate_over_seeds`: `runs[i]` = (prompt, seed) of row i of `result`."""
+
+    runs: list[tuple[str, int]]
+    result: GenerationResult
+
+
+def tokenize_prompts(
+    model: HookedDiffusionGemma, prompts: Sequence[str]
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    """Left-padded `input_ids` and `attention_mask` (1 on prompt tokens) for a list of prompts."""
+    tok = model._need_tokenizer()
+    rows = [list(tok(p)["input_ids"]) for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    return ids, mask
+
+
+def generate_over_seeds(
+    model: HookedDiffusionGemma,
+    prompts: Sequence[str] | str,
+    seeds: Iterable[int],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "runs",
+    **generate_kwargs: Any,
+) -> Iterator[SeededBatch]:
+    """Generate every prompt with every seed, `batch_size` rows at a time, yielding each batch.
+
+    Row (prompt, seed) uses `RowReplayNoise`, so it is reproducible alone. `generate_kwargs` go to
+    `generate` (default `max_new_tokens`: one canvas). `progress` shows a tqdm bar over runs.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [int(s) for s in seeds]
+    if not prompts or not seeds:
+        raise ValueError("give at least one prompt and one seed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if "noise" in generate_kwargs:
+        raise ValueError("the noise is set per seed here (ReplayNoise); drop noise=")
+    generate_kwargs.setdefault("max_new_tokens", model.cfg.canvas_length)
+    runs = [(p, s) for s in seeds for p in prompts]
+    bar = tqdm(total=len(runs), desc=desc, disable=not progress)
+    try:
+        for start in range(0, len(runs), batch_size):
+            chunk = runs[start : start + batch_size]
+            ids, attention = tokenize_prompts(model, [p for p, _ in chunk])
+            noise = RowReplayNoise([s for _, s in chunk])
+            result = model.generate(ids, attention_mask=attention, noise=noise, progress=False, **generate_kwargs)
+            yield SeededBatch(chunk, result)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
