@@ -186,7 +186,8 @@ def _generate(
                 probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
                 sampled = hooks.hook_sampled(noise.sample(probs, canvas_index, step))
                 new_argmax = hooks.hook_argmax(torch.argmax(logits, dim=-1))
-                token_entropy = hooks.hook_entropy(entropy(logits))
+                raw_entropy = entropy(logits)
+                token_entropy = hooks.hook_entropy(raw_entropy)
                 accepted = hooks.hook_accepted(entropy_bound_acceptance(token_entropy, settings.entropy_bound))
                 kept = torch.where(accepted, sampled, canvas)
                 fresh = noise.renoise(batch, length, vocab, device, canvas_index, step)
@@ -196,7 +197,9 @@ def _generate(
                     next_canvas = torch.where(finished[:, None], canvas, next_canvas)
                     logits = torch.where(finished[:, None, None], self_cond, logits)
                 next_canvas = hooks.hook_canvas_next(next_canvas)
-                finished = finished | stopper(new_argmax, logits)
+                # The reference recomputes this entropy inside its stopping rule; rows whose logits were
+                # swapped above are finished already, so reusing it changes no decision.
+                finished = finished | stopper(new_argmax, raw_entropy)
                 _append(record, canvas, sampled, new_argmax, token_entropy, accepted, next_canvas, finished, temp, t)
                 if record_top_k:
                     top = torch.topk(probs, k=min(record_top_k, vocab), dim=-1)

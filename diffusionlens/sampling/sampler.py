@@ -74,10 +74,11 @@ class StableAndConfident:
         self.history: torch.Tensor | None = None
 
     def __call__(
-        self, argmax_canvas: Int[torch.Tensor, "batch canvas"], logits: Float[torch.Tensor, "batch canvas vocab"]
+        self, argmax_canvas: Int[torch.Tensor, "batch canvas"], token_entropy: Float[torch.Tensor, "batch canvas"]
     ) -> Bool[torch.Tensor, " batch"]:
+        """`token_entropy`: `entropy(logits)` of the temperature-scaled logits, per position."""
         if self.stability_threshold == 0:
-            stable = torch.ones(logits.shape[0], device=logits.device, dtype=torch.bool)
+            stable = torch.ones(token_entropy.shape[0], device=token_entropy.device, dtype=torch.bool)
         else:
             if self.history is None:
                 self.history = torch.full(
@@ -89,5 +90,5 @@ class StableAndConfident:
             stable = (self.history == argmax_canvas[None]).all(dim=-1).all(dim=0)
             self.history = torch.roll(self.history, shifts=-1, dims=0)
             self.history[-1] = argmax_canvas
-        confident = torch.mean(entropy(logits), dim=-1) < self.confidence_threshold
+        confident = torch.mean(token_entropy, dim=-1) < self.confidence_threshold
         return stable & confident
