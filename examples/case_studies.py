@@ -263,26 +263,21 @@ for i, step in enumerate(lens.steps):
 
 # ---------------------------------------------------------------- figures
 if not args.no_figures:
-    try:
-        from diffusionlens.viz import plot_commit_order, plot_logit_lens, plot_token_grid
-    except ImportError:  # viz figures not available in this install: skip them
-        print("\n(diffusionlens.viz figures are not available; no figures written)")
-    else:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_commit_order(trace, tok, max_positions=len(positions) + 1).savefig(
-            out / "commit_order_addition.png", dpi=120
+    from diffusionlens.viz import plot_commit_order, plot_logit_lens, plot_token_grid
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_commit_order(trace, tok, max_positions=len(positions) + 1).savefig(out / "commit_order_addition.png", dpi=120)
+    plot_logit_lens(cache, 0, tok, max_positions=len(positions) + 1).savefig(out / "logit_lens_step0.png", dpi=120)
+    if count_events:  # replay a run with a count correction on its own: RowReplayNoise makes it the same run
+        prompt, seed = count_events[0]
+        replay = model.generate(
+            model.to_tokens(prompt), noise=ReplayNoise(seed), max_new_tokens=model.cfg.canvas_length, progress=False
         )
-        plot_logit_lens(cache, 0, tok, max_positions=len(positions) + 1).savefig(out / "logit_lens_step0.png", dpi=120)
-        if count_events:  # replay a run with a count correction on its own: RowReplayNoise makes it the same run
-            prompt, seed = count_events[0]
-            replay = model.generate(
-                model.to_tokens(prompt), noise=ReplayNoise(seed), max_new_tokens=model.cfg.canvas_length, progress=False
-            )
-            title = f"{prompt!r}, ReplayNoise({seed}): sampled tokens (green: accepted)"
-            grid = plot_token_grid(replay.trace, tok, max_positions=24, tokens="sampled", title=title)
-            grid.savefig(out / "self_correction.png", dpi=120)
-        print(f"\nfigures written to {out}/")
+        title = f"{prompt!r}, ReplayNoise({seed}): sampled tokens (green: accepted)"
+        grid = plot_token_grid(replay.trace, tok, max_positions=24, tokens="sampled", title=title)
+        grid.savefig(out / "self_correction.png", dpi=120)
+    print(f"\nfigures written to {out}/")
 
 # ---------------------------------------------------------------- what the toy does not show
 print("\n== what this toy does not show")
