@@ -61,6 +61,19 @@ def config_200m() -> DiffusionGemmaConfig:
     )
 
 
+def config_55m() -> DiffusionGemmaConfig:
+    """The shape the ReplayNoise target was stated for (~55M parameters, canvas 128, vocab 8192, run at
+    batch 2), where transformers' sampler adds ~40% to a step and `torch.multinomial` most of that."""
+    return config_200m().replace(
+        hidden_size=512,
+        intermediate_size=384,
+        num_experts=16,
+        moe_intermediate_size=128,
+        vocab_size=8192,
+        canvas_length=128,
+    )
+
+
 @dataclass
 class Pair:
     """Both models with the same weights, plus the settings the cases use for this model."""
@@ -118,8 +131,16 @@ def build_pair(name: str, *, dtype: torch.dtype, device: str, quick: bool) -> Pa
         reference = _load_reference(directory, dtype, device)
         # Longer than the sliding window, so sliding layers drop prompt keys in both stacks.
         prompt_len, batch, steps = 160, 1, 4 if quick else 8
+    elif name == "55m":
+        cfg = config_55m()
+        ours = HookedDiffusionGemma.from_config(cfg, seed=0, dtype=dtype, device=device).eval().requires_grad_(False)
+        tmp = tempfile.TemporaryDirectory(prefix="diffusionlens-bench-")
+        directory = Path(tmp.name)
+        ours.save_pretrained(directory, max_shard_size="100MB")
+        reference = _load_reference(directory, dtype, device)
+        prompt_len, batch, steps = 64, 2, 4 if quick else 8
     else:
-        raise ValueError(f"unknown model {name!r}; choose from toy, 200m")
+        raise ValueError(f"unknown model {name!r}; choose from toy, 200m, 55m")
     return Pair(
         name,
         ours,

@@ -34,7 +34,7 @@ CASES = ("decoder", "hooks", "generate", "memory", "patching")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="toy,200m", help="comma-separated: toy, 200m")
+    parser.add_argument("--models", default="toy,200m,55m", help="comma-separated: toy, 200m, 55m")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps: a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per contender (default 7, quick 3)")
