@@ -115,6 +115,17 @@ def _weight_bytes(model: HookedDiffusionGemma) -> int:
     return total
 
 
+RANDOM_CONFIGS = {"200m": config_200m, "55m": config_55m}
+
+
+def _random_pair(cfg: DiffusionGemmaConfig, dtype: torch.dtype, device: str):
+    """Ours from a seeded random init, saved as transformers safetensors that transformers then loads."""
+    ours = HookedDiffusionGemma.from_config(cfg, seed=0, dtype=dtype, device=device).eval().requires_grad_(False)
+    tmp = tempfile.TemporaryDirectory(prefix="diffusionlens-bench-")
+    ours.save_pretrained(tmp.name, max_shard_size="100MB")
+    return ours, _load_reference(Path(tmp.name), dtype, device), tmp
+
+
 def build_pair(name: str, *, dtype: torch.dtype, device: str, quick: bool) -> Pair:
     if name == "toy":
         directory = Path(checkpoint_path())
@@ -122,23 +133,11 @@ def build_pair(name: str, *, dtype: torch.dtype, device: str, quick: bool) -> Pa
         reference = _load_reference(directory, dtype, device)
         tmp = None
         prompt_len, batch, steps = 24, 2, 16 if quick else 32
-    elif name == "200m":
-        cfg = config_200m()
-        ours = HookedDiffusionGemma.from_config(cfg, seed=0, dtype=dtype, device=device).eval().requires_grad_(False)
-        tmp = tempfile.TemporaryDirectory(prefix="diffusionlens-bench-")
+    elif name in RANDOM_CONFIGS:
+        ours, reference, tmp = _random_pair(RANDOM_CONFIGS[name](), dtype, device)
         directory = Path(tmp.name)
-        ours.save_pretrained(directory, max_shard_size="100MB")
-        reference = _load_reference(directory, dtype, device)
-        # Longer than the sliding window, so sliding layers drop prompt keys in both stacks.
-        prompt_len, batch, steps = 160, 1, 4 if quick else 8
-    elif name == "55m":
-        cfg = config_55m()
-        ours = HookedDiffusionGemma.from_config(cfg, seed=0, dtype=dtype, device=device).eval().requires_grad_(False)
-        tmp = tempfile.TemporaryDirectory(prefix="diffusionlens-bench-")
-        directory = Path(tmp.name)
-        ours.save_pretrained(directory, max_shard_size="100MB")
-        reference = _load_reference(directory, dtype, device)
-        prompt_len, batch, steps = 64, 2, 4 if quick else 8
+        # 200m: a prompt longer than the sliding window, so sliding layers drop prompt keys in both stacks.
+        prompt_len, batch, steps = (160, 1, 4 if quick else 8) if name == "200m" else (64, 2, 4 if quick else 8)
     else:
         raise ValueError(f"unknown model {name!r}; choose from toy, 200m, 55m")
     return Pair(
