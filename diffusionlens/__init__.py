@@ -8,7 +8,7 @@ from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, 
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
-from diffusionlens.sampling import GenerationResult, ReplayNoise, TorchRNGNoise
+from diffusionlens.sampling import GenerationResult, ReplayNoise, RowReplayNoise, TorchRNGNoise
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "DenoisingTrace",
     "GenerationResult",
     "ReplayNoise",
+    "RowReplayNoise",
     "TokenBottleneck",
     "TorchRNGNoise",
     "estimate_cache_bytes",

@@ -56,13 +56,9 @@ def _generation_inputs(model, args) -> tuple:
     import torch
 
     from diffusionlens import ReplayNoise, TokenBottleneck, TorchRNGNoise
+    from diffusionlens.analysis.seeds import tokenize_prompts
 
-    tokenizer = model._need_tokenizer()
-    rows = [tokenizer(p)["input_ids"] for p in args.prompt]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    input_ids, attention_mask = tokenize_prompts(model, args.prompt)
     if args.noise == "torch":
         torch.manual_seed(args.seed)
     kwargs = dict(

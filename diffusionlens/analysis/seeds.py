@@ -13,46 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from tqdm.auto import tqdm
 
-from diffusionlens.sampling.noise import ReplayNoise
+from diffusionlens.sampling.noise import RowReplayNoise
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
     from diffusionlens.sampling.generate import GenerationResult
-
-
-class RowReplayNoise:
-    """A noise source whose row i draws what `ReplayNoise(seeds[i])` draws for a batch of one."""
-
-    def __init__(self, seeds: Sequence[int]) -> None:
-        self.sources = [ReplayNoise(s) for s in seeds]
-
-    def _check(self, batch: int) -> None:
-        if batch != len(self.sources):
-            raise ValueError(f"a batch of {batch} rows needs {batch} seeds, got {len(self.sources)}")
-
-    def initial_canvas(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int
-    ) -> Int[torch.Tensor, "batch canvas"]:
-        self._check(batch)
-        return torch.cat([s.initial_canvas(1, length, vocab, device, canvas) for s in self.sources])
-
-    def sample(
-        self, probs: Float[torch.Tensor, "batch canvas vocab"], canvas: int, step: int
-    ) -> Int[torch.Tensor, "batch canvas"]:
-        self._check(probs.shape[0])
-        return torch.cat([s.sample(probs[i : i + 1], canvas, step) for i, s in enumerate(self.sources)])
-
-    def renoise(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
-    ) -> Int[torch.Tensor, "batch canvas"]:
-        self._check(batch)
-        return torch.cat([s.renoise(1, length, vocab, device, canvas, step) for s in self.sources])
-
-    def __repr__(self) -> str:
-        return f"RowReplayNoise(seeds={[s.seed for s in self.sources]})"
 
 
 @dataclass

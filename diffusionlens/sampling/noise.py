@@ -6,12 +6,15 @@ reproduces transformers' `generate` token for token.
 
 `ReplayNoise(seed)` makes every draw a pure function of (seed, canvas, step, purpose): a patched run
 sees the same random numbers as the clean run at every step, even if it stops earlier or later, so
-any difference between the runs is caused by the intervention.
+any difference between the runs is caused by the intervention. Its draws for a row depend on the batch
+shape; `RowReplayNoise(seeds)` gives row i what `ReplayNoise(seeds[i])` gives a batch of one, so a row
+replays alone whatever it was batched with.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -86,3 +89,35 @@ class ReplayNoise:
 
     def __repr__(self) -> str:
         return f"ReplayNoise(seed={self.seed})"
+
+
+class RowReplayNoise:
+    """A noise source whose row i draws what `ReplayNoise(seeds[i])` draws for a batch of one."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self.sources = [ReplayNoise(s) for s in seeds]
+
+    def _check(self, batch: int) -> None:
+        if batch != len(self.sources):
+            raise ValueError(f"a batch of {batch} rows needs {batch} seeds, got {len(self.sources)}")
+
+    def initial_canvas(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int
+    ) -> Int[torch.Tensor, "batch canvas"]:
+        self._check(batch)
+        return torch.cat([s.initial_canvas(1, length, vocab, device, canvas) for s in self.sources])
+
+    def sample(
+        self, probs: Float[torch.Tensor, "batch canvas vocab"], canvas: int, step: int
+    ) -> Int[torch.Tensor, "batch canvas"]:
+        self._check(probs.shape[0])
+        return torch.cat([s.sample(probs[i : i + 1], canvas, step) for i, s in enumerate(self.sources)])
+
+    def renoise(
+        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+    ) -> Int[torch.Tensor, "batch canvas"]:
+        self._check(batch)
+        return torch.cat([s.renoise(1, length, vocab, device, canvas, step) for s in self.sources])
+
+    def __repr__(self) -> str:
+        return f"RowReplayNoise(seeds={[s.seed for s in self.sources]})"
