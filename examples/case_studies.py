@@ -2,8 +2,9 @@
 context and the logit lens, each measured over many seeds. Everything printed is measured on the
 checkpoint you load; nothing is hard-coded.
 
-1. Commit order on addition: do the last digits (where carries are decided) commit before the
-   leading digits? Mean Kendall τ-b (position vs commit step; +1 = left to right) and out-of-order share.
+1. Commit order on addition (ten prompts, nine of them held out): do the last digits (where carries
+   are decided) commit before the leading digits? Mean Kendall τ-b (position vs commit step; +1 = left
+   to right) and out-of-order share.
 2. Retroactive self-correction of the count on squares ("squares a b:" → "k: …"; the count k is the
    first answer token): how often is a token accepted at position 0/1 later replaced?
 3. Smearing: token smearing (final tokens' mass at neighbouring positions) and sequence smearing
@@ -38,6 +39,7 @@ from diffusionlens.analysis import (
     token_smearing,
 )
 from diffusionlens.toy import decode_canvas, solve
+from diffusionlens.toy.tasks import make_dataset
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="toy")
@@ -79,7 +81,11 @@ def add_smearing(task: str, trace) -> None:
 
 
 # ---------------------------------------------------------------- 1. commit order on addition
-ADDITION = ["347+589=", "905+97="]
+# The README example and nine held-out problems (never trained on), so carries and their absence both occur
+ADDITION = [
+    "347+589=",
+    *(ex.prompt for ex in make_dataset("addition", 9, seed=2026, split="eval", unique=True).examples),
+]
 print(f"== 1. commit order on addition: {len(ADDITION)} prompts x {args.seeds} seeds")
 orders_all, correct_orders = [], []
 last_first = {"before": 0, "same": 0, "after": 0}
