@@ -5,7 +5,8 @@ python scripts/attribution_agreement.py [--positions 20]
 Clean `squares 400 800:`, corrupted `squares 600 800:`, hook `decoder.blocks.{layer}.hook_resid_pre`,
 metric logit('8') - logit('4') at the count's position. Per step of the corrupted run's frozen
 trajectory: exact effects from a frozen layer × position `patch_sweep` scored at that step, estimates
-from `attribution_patch`; prints Pearson r, sign agreement (over cells whose exact effect is not zero) and the largest exact effect with its estimate.
+from `attribution_patch`; prints Pearson r, sign agreement (over cells whose exact effect is not zero)
+and the largest exact effect with its estimate.
 """
 
 from __future__ import annotations
