@@ -56,9 +56,8 @@ def _generation_inputs(model, args) -> tuple:
     import torch
 
     from diffusionlens import ReplayNoise, TokenBottleneck, TorchRNGNoise
-    from diffusionlens.analysis.seeds import tokenize_prompts
 
-    input_ids, attention_mask = tokenize_prompts(model, args.prompt)
+    input_ids, attention_mask = model.to_tokens_and_mask(args.prompt)
     if args.noise == "torch":
         torch.manual_seed(args.seed)
     kwargs = dict(
@@ -77,10 +76,10 @@ def _generation_inputs(model, args) -> tuple:
     return input_ids, kwargs
 
 
-def _load(args):
+def _load(model: str, progress: bool):
     from diffusionlens import HookedDiffusionGemma
 
-    return HookedDiffusionGemma.from_pretrained(args.model, progress=not getattr(args, "no_progress", False))
+    return HookedDiffusionGemma.from_pretrained(model, progress=progress)
 
 
 def _answers(model, result) -> list[str]:
@@ -98,8 +97,7 @@ def demo(argv: list[str]) -> None:
     parser.add_argument("--prompt", default="squares 400 800:")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    args.no_progress = True
-    model = _load(args)
+    model = _load(args.model, progress=False)
     tokenizer = model.tokenizer
     ids = model.to_tokens(args.prompt)
     result, cache = model.generate_with_cache(
@@ -129,7 +127,7 @@ def _generate(argv: list[str]) -> None:
     _add_generation_args(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
     args = parser.parse_args(argv)
-    model = _load(args)
+    model = _load(args.model, progress=not args.no_progress)
     input_ids, kwargs = _generation_inputs(model, args)
     result = model.generate(input_ids, **kwargs)
     steps = [[int(s) + 1 for s in canvas.stop_step().tolist()] for canvas in result.trace.canvases]
@@ -155,7 +153,7 @@ def _trace(argv: list[str]) -> None:
     parser.add_argument("--cache-steps", default=None, help="comma-separated steps to cache (default: all)")
     parser.add_argument("--max-cache-gb", type=float, default=None, help="refuse before running if larger")
     args = parser.parse_args(argv)
-    model = _load(args)
+    model = _load(args.model, progress=not args.no_progress)
     input_ids, kwargs = _generation_inputs(model, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +204,7 @@ def _view(argv: list[str]) -> None:
         tokenizer = _tokenizer_only(model_name)
         title = f"trace {args.trace}"
     else:
-        model = _load(args)
+        model = _load(args.model, progress=not args.no_progress)
         input_ids, kwargs = _generation_inputs(model, args)
         trace = model.generate(input_ids, **kwargs).trace
         tokenizer, title = model.tokenizer, args.prompt[args.row]

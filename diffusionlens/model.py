@@ -207,12 +207,21 @@ class HookedDiffusionGemma(HookedRootModule):
 
     def to_tokens(self, text: str | list[str]) -> Int[torch.Tensor, "batch pos"]:
         """Tokenise (left-padded for a list) exactly as the tokenizer does, bos included if it adds one."""
+        return self.to_tokens_and_mask(text)[0]
+
+    def to_tokens_and_mask(
+        self, text: str | list[str]
+    ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+        """`to_tokens` plus the attention mask `generate` needs for a batch of prompts of different
+        lengths (1 on prompt tokens, 0 on left padding)."""
         tok = self._need_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
-        rows = [tok(t)["input_ids"] for t in texts]
+        rows = [list(tok(t)["input_ids"]) for t in texts]
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return ids, mask
 
     def to_string(self, tokens: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str | list[str]:
         tok = self._need_tokenizer()

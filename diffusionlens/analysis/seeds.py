@@ -35,13 +35,7 @@ def tokenize_prompts(
     model: HookedDiffusionGemma, prompts: Sequence[str]
 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
     """Left-padded `input_ids` and `attention_mask` (1 on prompt tokens) for a list of prompts."""
-    tok = model._need_tokenizer()
-    rows = [list(tok(p)["input_ids"]) for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-    return ids, mask
+    return model.to_tokens_and_mask(list(prompts))
 
 
 def generate_over_seeds(

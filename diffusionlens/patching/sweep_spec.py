@@ -20,7 +20,7 @@ token arguments of metrics are given as text and tokenised with the model's toke
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +29,6 @@ from diffusionlens.patching.runs import PatchedRun, record_run
 from diffusionlens.patching.sweep import SweepResult, patch_sweep
 
 METRIC_KINDS = ("logit_diff", "target_prob", "kl_to_clean")
-_KEYS = {
-    "model",
-    "clean",
-    "corrupted",
-    "hook",
-    "over",
-    "metric",
-    "mode",
-    "layers",
-    "steps",
-    "positions",
-    "metric_steps",
-    "seed",
-    "max_new_tokens",
-}
 
 
 @dataclass
@@ -63,13 +48,14 @@ class SweepSpec:
     metric_steps: Any = None
     seed: int = 0
     max_new_tokens: int | None = None
-    source: str = field(default="<dict>", repr=False)
+    source: str = field(default="<dict>", repr=False)  # where the spec came from, for error messages
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> SweepSpec:
-        unknown = sorted(set(raw) - _KEYS)
+        keys = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(set(raw) - keys)
         if unknown:
-            raise ValueError(f"{source}: unknown keys {unknown}; a sweep spec may hold {sorted(_KEYS)}")
+            raise ValueError(f"{source}: unknown keys {unknown}; a sweep spec may hold {sorted(keys)}")
         missing = [k for k in ("clean", "corrupted", "hook", "over", "metric") if k not in raw]
         if missing:
             raise ValueError(f"{source}: missing {missing}; see `diffusionlens patch --help` for an example spec")

@@ -130,9 +130,8 @@ def training_loss(
     return (per_token * weight).sum() / weight.sum()
 
 
-def _batch(tokenizer, step: int, s: TrainSettings) -> dict[str, torch.Tensor]:
-    # Each step's data is a pure function of (seed, step): resuming replays nothing and skips nothing.
-    task_weights = parse_task_weights(s.task_weights)
+def _batch(tokenizer, step: int, s: TrainSettings, task_weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    # Each step's data is a pure function of (seed, step, task mix): resuming replays and skips nothing.
     data = make_dataset(
         list(task_weights),
         s.batch_size,
@@ -185,6 +184,7 @@ def train(
     """Train (or resume) into directory `out`; returns the model. `evaluate_fn(model, tokenizer, step)`
     runs every `eval_every` steps and its result is logged."""
     s = settings or TrainSettings()
+    task_weights = parse_task_weights(s.task_weights)  # a bad mix fails before any work
     out = Path(out)
     torch.manual_seed(s.seed)
     tokenizer = build_tokenizer()
@@ -205,7 +205,7 @@ def train(
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, s)
-        loss = training_loss(model, _batch(tokenizer, step, s), s, generator)
+        loss = training_loss(model, _batch(tokenizer, step, s, task_weights), s, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
