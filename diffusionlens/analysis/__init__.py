@@ -18,7 +18,7 @@ from diffusionlens.analysis.intermediate_context import (
     intermediate_tokens,
 )
 from diffusionlens.analysis.logit_lens import LogitLensByStep, logit_lens_by_step
-from diffusionlens.analysis.seeds import RowReplayNoise, SeededBatch, generate_over_seeds, tokenize_prompts
+from diffusionlens.analysis.seeds import RowReplayNoise, SeededBatch, generate_over_seeds
 from diffusionlens.analysis.self_correction import (
     CorrectionEvent,
     CorrectionSearch,
@@ -59,7 +59,6 @@ __all__ = [
     "sequence_smearing",
     "token_smearing",
     "token_smearing_mass",
-    "tokenize_prompts",
     "top1_matches_final",
     "top_k_mass",
     "transparency_summary",

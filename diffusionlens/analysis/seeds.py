@@ -12,8 +12,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from diffusionlens.sampling.noise import RowReplayNoise
@@ -29,13 +27,6 @@ class SeededBatch:
 
     runs: list[tuple[str, int]]
     result: GenerationResult
-
-
-def tokenize_prompts(
-    model: HookedDiffusionGemma, prompts: Sequence[str]
-) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
-    """Left-padded `input_ids` and `attention_mask` (1 on prompt tokens) for a list of prompts."""
-    return model.to_tokens_and_mask(list(prompts))
 
 
 def generate_over_seeds(
@@ -67,7 +58,7 @@ def generate_over_seeds(
     try:
         for start in range(0, len(runs), batch_size):
             chunk = runs[start : start + batch_size]
-            ids, attention = tokenize_prompts(model, [p for p, _ in chunk])
+            ids, attention = model.to_tokens_and_mask([p for p, _ in chunk])
             noise = RowReplayNoise([s for _, s in chunk])
             result = model.generate(ids, attention_mask=attention, noise=noise, progress=False, **generate_kwargs)
             yield SeededBatch(chunk, result)
