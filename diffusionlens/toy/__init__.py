@@ -4,6 +4,7 @@ from diffusionlens.toy.data import iterate_batches, make_batch
 from diffusionlens.toy.tasks import (
     EXAMPLE_PROMPTS,
     TASKS,
+    TRAINING_VARIANTS,
     Example,
     Task,
     ToyDataset,
@@ -35,6 +36,7 @@ __all__ = [
     "EXAMPLE_PROMPTS",
     "PAD_ID",
     "TASKS",
+    "TRAINING_VARIANTS",
     "UNK_ID",
     "VOCAB",
     "Example",

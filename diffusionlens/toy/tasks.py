@@ -32,6 +32,7 @@ __all__ = [
     "SQUARES",
     "SQUARES_MAX_BOUND",
     "TASKS",
+    "TRAINING_VARIANTS",
     "Example",
     "Task",
     "ToyDataset",
@@ -189,6 +190,62 @@ REVERSE = Task("reverse", re.compile(rf"reverse {_DIGIT_LIST}:"), _sample_revers
 
 TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, SQUARES, SORT, REVERSE)}
 
+# ------------------------------------------------------------------ training variants
+# The stage-4 checkpoint's errors cluster where the plain samplers rarely go: addition's tens and hundreds
+# digits when both operands have two or three digits, and squares whose bound lies next to a square
+# (``squares 50 100:`` -> ``3: 64 81 100``). These variants draw only such prompts, in the same formats and
+# with the same answers, so a training mix can oversample them; evaluation always uses the plain tasks.
+
+_NEAR_SQUARE = 2
+_MAX_REJECTIONS = 1000
+
+
+def _rejection_sampled(sample: Callable[[random.Random], str], accept: Callable[[str], bool], what: str):
+    def draw(rng: random.Random) -> str:
+        for _ in range(_MAX_REJECTIONS):
+            prompt = sample(rng)
+            if accept(prompt):
+                return prompt
+        raise RuntimeError(f"no {what} prompt in {_MAX_REJECTIONS} draws")
+
+    return draw
+
+
+def _is_multi_digit_sum(prompt: str) -> bool:
+    a, b = (int(x) for x in prompt[:-1].split("+"))
+    return min(a, b) >= 10 and max(a, b) >= 100
+
+
+def _distance_to_square(n: int) -> int:
+    root = round(n**0.5)
+    return min(abs(n - r * r) for r in (root - 1, root, root + 1) if r >= 0)
+
+
+def _has_bound_near_square(prompt: str) -> bool:
+    a, b = (int(x) for x in SQUARES.pattern.fullmatch(prompt).groups())
+    return min(_distance_to_square(a), _distance_to_square(b)) <= _NEAR_SQUARE
+
+
+ADDITION_MULTI_DIGIT = Task(
+    "addition",
+    ADDITION.pattern,
+    _rejection_sampled(_sample_addition, _is_multi_digit_sum, "multi-digit addition"),
+    _solve_addition,
+)
+SQUARES_NEAR_BOUND = Task(
+    "squares",
+    SQUARES.pattern,
+    _rejection_sampled(_sample_squares, _has_bound_near_square, "near-square bound"),
+    _solve_squares,
+)
+
+#: Extra names a training mix may use (``--task-weights addition_multi_digit=0.2,...``). Each samples a
+#: harder slice of a registered task; its examples carry the plain task's name.
+TRAINING_VARIANTS: dict[str, Task] = {
+    "addition_multi_digit": ADDITION_MULTI_DIGIT,
+    "squares_near_bound": SQUARES_NEAR_BOUND,
+}
+
 #: The canonical example prompt of each task (used in docs and interpretability demos).
 EXAMPLE_PROMPTS: dict[str, str] = {
     "addition": "347+589=",
@@ -245,10 +302,11 @@ def _resolve(task_names: str | Sequence[str] | None) -> list[Task]:
         names = list(task_names)
     if not names:
         raise ValueError("task_names is empty")
-    unknown = [n for n in names if n not in TASKS]
+    known = {**TASKS, **TRAINING_VARIANTS}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    return [TASKS[n] for n in names]
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]
 
 
 def _stream(tasks: list[Task], rng: random.Random, weights: Sequence[float] | None) -> Iterator[Example]:

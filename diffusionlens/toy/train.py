@@ -9,6 +9,10 @@ temperature drawn from the sampler's range, exactly as generation feeds them bac
 
 Seeded and deterministic on CPU; resumable: rerunning with the same --out continues from the last
 checkpoint (weights, optimiser state, step and RNG state, all in safetensors + JSON).
+
+The task mix (``--task-weights``) may also name the training-only slices in
+:data:`diffusionlens.toy.tasks.TRAINING_VARIANTS` (multi-digit additions, squares bounds next to a square);
+evaluation always samples the plain tasks.
 """
 
 from __future__ import annotations
