@@ -67,6 +67,34 @@ def test_evaluate_scores_exact_match(tmp_path):
     assert forced["reverse"].exact_match == 1.0
 
 
+def test_seed_table_pools_scores_with_a_wilson_interval():
+    from diffusionlens.toy.evaluate import TaskScore, format_seed_table, pooled, wilson_interval
+
+    by_seed = {
+        1: {"sort": TaskScore("sort", 200, 0.90, 2.0)},
+        2: {"sort": TaskScore("sort", 100, 0.60, 5.0)},
+    }
+    total = pooled(by_seed)["sort"]
+    assert total.n == 300 and abs(total.exact_match - 0.8) < 1e-12 and abs(total.mean_steps - 3.0) < 1e-12
+    low, high = wilson_interval(240, 300)
+    assert 0.75 < low < 0.8 < high < 0.85
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 10)[0] == 0.0
+    table = format_seed_table(by_seed).splitlines()
+    assert table[0].startswith("| task | seed 1 | seed 2 | pooled (n) |")
+    assert table[2] == f"| sort | 90.0% | 60.0% | 80.0% (300) | {100 * low:.1f}–{100 * high:.1f}% | 3.0 |"
+
+
+def test_evaluate_command_with_several_seeds_prints_the_pooled_table(tmp_path, capsys):
+    from diffusionlens.toy.evaluate import main
+
+    train(tmp_path / "run", _settings(1), toy_config(**TINY), progress=False)
+    main(["--model", str(tmp_path / "run"), "--n", "2", "--seed", "4", "5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| task | seed 4 | seed 5 | pooled (n) | 95% interval |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| addition", "| squares", "| sort", "| reverse"]
+    assert all("(4) |" in line for line in lines[2:])
+
+
 def test_bottleneck_table_has_a_row_per_setting(tmp_path):
     from diffusionlens.toy.evaluate import BOTTLENECKS, bottleneck_table
 

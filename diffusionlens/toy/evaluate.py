@@ -1,11 +1,13 @@
 """Exact-match evaluation of a toy model on fresh held-out problems, with the default sampler.
 
 python -m diffusionlens.toy.evaluate --model toy --n 200
+python -m diffusionlens.toy.evaluate --model toy --n 200 --seed 12345 1 2 3   # per seed and pooled
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,46 @@ def evaluate(
     return scores
 
 
+def pooled(by_seed: dict[int, dict[str, TaskScore]]) -> dict[str, TaskScore]:
+    """One score per task over every seed's problems (means weighted by each seed's `n`)."""
+    runs = list(by_seed.values())
+    if not runs:
+        raise ValueError("pooled needs the scores of at least one seed")
+    out = {}
+    for task in runs[0]:
+        parts = [run[task] for run in runs]
+        n = sum(p.n for p in parts)
+        exact = sum(p.exact_match * p.n for p in parts) / n
+        out[task] = TaskScore(task, n, exact, sum(p.mean_steps * p.n for p in parts) / n)
+    return out
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (stays inside [0, 1] near 100%)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_seed_table(by_seed: dict[int, dict[str, TaskScore]]) -> str:
+    """Exact match per task for each seed, then pooled over all seeds with a 95% Wilson interval."""
+    total = pooled(by_seed)
+    seeds = list(by_seed)
+    header = "| task | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled (n) | 95% interval | mean steps |"
+    lines = [header, "|---" * (len(seeds) + 4) + "|"]
+    for task, score in total.items():
+        cells = " | ".join(f"{100 * by_seed[s][task].exact_match:.1f}%" for s in seeds)
+        low, high = wilson_interval(score.exact_match * score.n, score.n)
+        lines.append(
+            f"| {task} | {cells} | {100 * score.exact_match:.1f}% ({score.n}) | "
+            f"{100 * low:.1f}–{100 * high:.1f}% | {score.mean_steps:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def quick_eval(model: HookedDiffusionGemma, tokenizer, n: int = 64, seed: int = 0) -> dict[str, float]:
     """Exact match per task on a few held-out prompts, for logging during training."""
     return {k: round(v.exact_match, 3) for k, v in evaluate(model, tokenizer, n=n, seed=seed).items()}
@@ -95,13 +137,18 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
     parser = argparse.ArgumentParser(prog=prog, description="Exact match of a toy model on held-out problems.")
     parser.add_argument("--model", default="toy", help="'toy' (the shipped model) or a checkpoint directory")
     parser.add_argument("--n", type=int, default=200, help="problems per task")
-    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument(
+        "--seed", type=int, nargs="+", default=[12345], help="one or more seeds; several print a pooled table"
+    )
     parser.add_argument("--bottlenecks", action="store_true", help="also sweep the token bottleneck settings")
     args = parser.parse_args(argv)
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
-    print(format_table(evaluate(model, n=args.n, seed=args.seed)))
+    if len(args.seed) == 1:
+        print(format_table(evaluate(model, n=args.n, seed=args.seed[0])))
+    else:
+        print(format_seed_table({seed: evaluate(model, n=args.n, seed=seed) for seed in args.seed}))
     if args.bottlenecks:
-        print(bottleneck_table(model, n=args.n, seed=args.seed))
+        print(bottleneck_table(model, n=args.n, seed=args.seed[0]))
 
 
 if __name__ == "__main__":
