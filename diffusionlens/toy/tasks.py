@@ -200,7 +200,9 @@ _NEAR_SQUARE = 2
 _MAX_REJECTIONS = 1000
 
 
-def _rejection_sampled(sample: Callable[[random.Random], str], accept: Callable[[str], bool], what: str):
+def _rejection_sampled(
+    sample: Callable[[random.Random], str], accept: Callable[[str], bool], what: str
+) -> Callable[[random.Random], str]:
     def draw(rng: random.Random) -> str:
         for _ in range(_MAX_REJECTIONS):
             prompt = sample(rng)
