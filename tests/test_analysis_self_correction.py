@@ -128,3 +128,22 @@ def test_search_matches_single_runs(toy):
     assert search.runs_with_event() == len({(p, s) for p, s, _ in expected})
     with pytest.raises(ValueError, match="noise"):
         search_corrections(toy, prompts, seeds, noise=ReplayNoise(0))
+
+
+def test_the_shipped_toy_corrects_its_own_count_on_the_papers_prompt(toy):
+    # The paper's case in miniature, replayed alone: the model's argmax count '7' is accepted at step 0 with
+    # the full list 441 ... 784, and step 1 replaces it by '8'. Found by examples/case_studies.py (seed 40);
+    # after retraining the toy, find a new seed there and update this test and docs/case_studies.md.
+    result = toy.generate(toy.to_tokens("squares 400 800:"), noise=ReplayNoise(40), progress=False, max_new_tokens=48)
+    trace = result.trace[0]
+    answer = toy.tokenizer.decode(result.new_tokens()[0].tolist(), skip_special_tokens=True)
+    assert answer == "8: 441 484 529 576 625 676 729 784"
+    events = find_corrections(trace, "accepted", mask=answer_mask(trace, toy.cfg.eos_token_ids))
+    at_count = [e for e in events if e.position == 0]
+    decode = toy.tokenizer.decode
+    assert [(e.step_held, e.step_replaced, decode([e.old_token]), decode([e.new_token])) for e in at_count] == [
+        (0, 1, "7", "8")
+    ]
+    assert at_count[0].held_was_argmax and at_count[0].final_token == at_count[0].new_token
+    first_draft = decode(trace.next_canvas[0, 0].tolist(), skip_special_tokens=True)
+    assert first_draft == "7: 441 484 529 576 625 676 729 784"  # the list is already right; only the count is not
