@@ -216,6 +216,10 @@ def test_unknown_task_rejected():
 def test_training_variants_sample_hard_slices_of_their_tasks():
     from diffusionlens.toy.tasks import TRAINING_VARIANTS
 
+    def bound_near_square(prompt: str) -> bool:
+        bounds = [int(x) for x in prompt[len("squares ") : -1].split()]
+        return min(abs(n - r * r) for n in bounds for r in range(33)) <= 2
+
     data = make_dataset(list(TRAINING_VARIANTS), 600, seed=7, weights=[0.5, 0.5])
     assert set(data.tasks) == {"addition", "squares"}  # examples carry the plain task's name
     squares_near, additions = 0, 0
@@ -227,14 +231,12 @@ def test_training_variants_sample_hard_slices_of_their_tasks():
             assert a >= 10 and b >= 100
             additions += 1
         else:
-            bounds = [int(x) for x in ex.prompt[len("squares ") : -1].split()]
-            assert min(abs(n - r * r) for n in bounds for r in range(33)) <= 2
+            assert bound_near_square(ex.prompt)
             squares_near += 1
     assert additions > 200 and squares_near > 200
     # the plain tasks keep their own distribution: most squares bounds are nowhere near a square
     plain = make_dataset("squares", 400, seed=7, split="eval")
-    far = [p for p in plain.prompts if min(abs(int(n) - r * r) for n in p[8:-1].split() for r in range(33)) > 2]
-    assert len(far) > 200
+    assert sum(not bound_near_square(p) for p in plain.prompts) > 200
 
 
 # ----------------------------------------------------------------------------- splits

@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
     parser.add_argument("--model", default="toy", help="'toy' (the shipped model) or a checkpoint directory")
     parser.add_argument("--n", type=int, default=200, help="problems per task")
     parser.add_argument(
-        "--seed", type=int, nargs="+", default=[12345], help="one or more seeds; several print a pooled table"
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[12345],
+        help="one or more seeds; several print a pooled table (--bottlenecks uses the first)",
     )
     parser.add_argument("--bottlenecks", action="store_true", help="also sweep the token bottleneck settings")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ text (see :func:`is_held_out`).
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -214,13 +215,13 @@ def _rejection_sampled(
 
 
 def _is_multi_digit_sum(prompt: str) -> bool:
-    a, b = (int(x) for x in prompt[:-1].split("+"))
+    a, b = (int(x) for x in ADDITION.pattern.fullmatch(prompt).groups())
     return min(a, b) >= 10 and max(a, b) >= 100
 
 
 def _distance_to_square(n: int) -> int:
-    root = round(n**0.5)
-    return min(abs(n - r * r) for r in (root - 1, root, root + 1) if r >= 0)
+    root = math.isqrt(n)
+    return min(n - root * root, (root + 1) ** 2 - n)
 
 
 def _has_bound_near_square(prompt: str) -> bool:
