@@ -21,6 +21,18 @@ def additive_mask(allowed: Bool[torch.Tensor, "batch 1 q k"], dtype: torch.dtype
 
 
 class Stack(nn.Module):
+    """Shared parts of the encoder and decoder stacks.
+
+    `explicit_masks` (default False): when True, every layer receives a boolean attention mask, even
+    where nothing is masked, and the stack never reads mask values on the host. Off, a batch without
+    padding takes SDPA's mask-free kernels (bit-identical to transformers' sdpa path), which needs a
+    `bool(mask.all())` check; on, the stack runs on tensors without values (the meta device, where
+    `serial_depth` traces it) and computes attention the way transformers' eager path does (scores +
+    mask, softmax), the same numbers up to kernel rounding.
+    """
+
+    explicit_masks: bool = False
+
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -52,7 +64,7 @@ class EncoderStack(Stack):
         resid = self.hook_embed(self.embed(tokens))
         tables = self.rotary_tables(q_pos[None], resid.dtype)
         window_keep = cfg.sliding_window - 1
-        no_padding = bool(full_mask.all())
+        no_padding = not self.explicit_masks and bool(full_mask.all())
         masks: dict[tuple[bool, int], torch.Tensor | None] = {}
         keys_out, values_out = [], []
         for layer, block in enumerate(self.blocks):
@@ -114,13 +126,13 @@ class DecoderStack(Stack):
         tables = self.rotary_tables(positions[None], resid.dtype)
         # Everything is visible except padding in the prompt; without padding no mask is needed.
         masks: dict[int, torch.Tensor | None] = {}
-        has_padding = not bool(prompt.attention_mask.all())
-        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=canvas.device) if has_padding else None
+        build_masks = self.explicit_masks or not bool(prompt.attention_mask.all())
+        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=canvas.device) if build_masks else None
         for layer, block in enumerate(self.blocks):
             n_kept = prompt.keys[layer].shape[2]
             if n_kept not in masks:
                 masks[n_kept] = None
-                if has_padding:
+                if build_masks:
                     visible = torch.cat((prompt.kept_mask(layer), canvas_visible), dim=1)
                     masks[n_kept] = visible[:, None, None, :].expand(batch, 1, length, -1)
             cos, sin = tables[cfg.layer_types[layer]]

@@ -18,7 +18,18 @@ class MoE(nn.Module):
     hook_router_logits: router scores before the softmax `[batch, pos, expert]`;
     hook_expert_weights / hook_expert_indices: the chosen experts and their renormalised, per-expert
     scaled weights `[batch, pos, top_k]`. Replacing the indices re-routes tokens.
+
+    `gather_experts` (default False) picks how the chosen experts run; both compute the same numbers:
+    False sorts the (token, slot) pairs by expert and runs one grouped matmul, transformers' default
+    path (fast, and bit-identical to it). True gathers each token's k expert weight slices by index
+    and applies them with batched matmuls: the *routed* form, whose graph has no sort, histogram or
+    per-expert offsets, only the work each token does. `serial_depth` traces that form (a gather is
+    data movement; the grouped path's sort and histogram would charge bookkeeping no token waits on).
+    It materialises `[batch, pos, k, 2·d_moe, d_model]` weight slices, so keep it for tracing and
+    small models.
     """
+
+    gather_experts: bool = False
 
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
@@ -53,7 +64,29 @@ class MoE(nn.Module):
         expert_input: Float[torch.Tensor, "batch pos d_model"],
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         weights, indices = self.route(resid)
+        if self.gather_experts:
+            return self.apply_experts_gathered(expert_input, weights, indices)
         return self.apply_experts(expert_input, weights, indices)
+
+    def apply_experts_gathered(
+        self,
+        x: Float[torch.Tensor, "batch pos d_model"],
+        weights: Float[torch.Tensor, "batch pos k"],
+        indices: Int[torch.Tensor, "batch pos k"],
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Routed form: each token gathers its k experts' weights and applies them with a batched matmul.
+
+        The same numbers as `apply_experts` (cast to the weights' dtype, fp32 mixing weights, sum over
+        the k slots, cast back), with a graph that holds only the per-token work.
+        """
+        x_in = x.to(self.gate_up_proj.dtype)
+        # [b, p, k, 2·d_moe, d] @ [b, p, 1, d, 1]: contraction over d_model.
+        gate_up = torch.matmul(self.gate_up_proj[indices], x_in[..., None, :, None]).squeeze(-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        # [b, p, k, d, d_moe] @ [b, p, k, d_moe, 1]: contraction over d_moe.
+        out = torch.matmul(self.down_proj[indices], (self.act(gate) * up)[..., None]).squeeze(-1)
+        out = out * weights.unsqueeze(-1)
+        return out.sum(dim=-2).to(x.dtype)
 
     def apply_experts(
         self,

@@ -13,10 +13,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .architectures import CausalLMPass, DiffusionStepPass, EncoderPass, build_stack, load_config
+from diffusionlens.config import DiffusionGemmaConfig
+
 from .boundary import interpretable
 from .compose import GenerationDepths, compose_depths
 from .depth import SerialDepthResult, graph_depth, serial_depth
+from .passes import CausalLMPass, DiffusionStepPass, EncoderPass, build_depth_model, load_config
 from .trace import trace
 
 __all__ = [
@@ -78,7 +80,7 @@ class DepthReport:
 
 
 def report(
-    config: str | Path | dict[str, Any] | None = None,
+    config: str | Path | dict[str, Any] | DiffusionGemmaConfig | None = None,
     prompt_len: int = 1024,
     steps: int = 48,
     canvases: int = 1,
@@ -89,8 +91,9 @@ def report(
     """Measures DiffusionGemma's and AR Gemma 4's opaque serial depth from a config.
 
     Args:
-        config: a DiffusionGemma ``config.json`` path or dict (``text_config`` + ``canvas_length``), or a bare
-            text config; defaults to the shipped 26B-A4B config.
+        config: a DiffusionGemma ``config.json`` path or dict (``text_config`` + ``canvas_length``), a bare
+            text config, or a :class:`DiffusionGemmaConfig`; defaults to the shipped 26B-A4B config. The real
+            :class:`HookedDiffusionGemma` is built from it on the meta device and traced (see :mod:`.passes`).
         prompt_len: prompt tokens in the encoder's KV cache. The AR baseline is traced over
             ``prompt_len + canvas_length`` tokens, the same context the canvas attends to.
         steps: denoising steps per canvas.
@@ -100,22 +103,23 @@ def report(
         dtype: dtype of the meta trace (only matters with reference-compatible cast rules).
     """
     t0 = time.perf_counter()
-    spec, canvas = load_config(config)
-    stack = build_stack(spec).to(dtype)
+    cfg = load_config(config)
+    model = build_depth_model(cfg, dtype)
+    canvas = cfg.canvas_length
     meta = torch.device("meta")
     prompt = torch.empty(1, prompt_len, dtype=torch.long, device=meta)
     canvas_ids = torch.empty(1, canvas, dtype=torch.long, device=meta)
-    sc_logits = torch.empty(1, canvas, spec.vocab_size, dtype=dtype, device=meta)
+    sc_logits = torch.empty(1, canvas, cfg.vocab_size, dtype=dtype, device=meta)
 
     # One trace of encoder + decoder serves every diffusion number: sources pick which inputs chains start
     # from (all: the step; sc logits only: D_sc; canvas + sc: the decoder without the encoder's chain).
-    step_graph = trace(DiffusionStepPass(stack), prompt, canvas_ids, sc_logits)
+    step_graph = trace(DiffusionStepPass(model), prompt, canvas_ids, sc_logits)
     step = graph_depth(step_graph)
     from_sc = graph_depth(step_graph, sources=[2])
     decoder = graph_depth(step_graph, sources=[1, 2])
-    encoder = _encoder_depth(stack, prompt)
-    ar = serial_depth(CausalLMPass(stack), torch.empty(1, prompt_len + canvas, dtype=torch.long, device=meta))
-    readout = serial_depth(topk_readout, torch.empty(1, canvas, spec.vocab_size, device=meta), k=readout_k)
+    encoder = _encoder_depth(model, prompt)
+    ar = serial_depth(CausalLMPass(model), torch.empty(1, prompt_len + canvas, dtype=torch.long, device=meta))
+    readout = serial_depth(topk_readout, torch.empty(1, canvas, cfg.vocab_size, device=meta), k=readout_k)
 
     gen = compose_depths(
         step_depth=step.depth,
@@ -127,7 +131,7 @@ def report(
         link_depth=link_depth,
     )
     settings = {
-        "config": "shipped 26B-A4B" if config is None else (str(config) if not isinstance(config, dict) else "dict"),
+        "config": _config_label(config),
         "prompt_len": prompt_len,
         "canvas_length": canvas,
         "steps": steps,
@@ -149,9 +153,17 @@ def report(
     )
 
 
-def _encoder_depth(stack: torch.nn.Module, prompt: Tensor) -> int:
+def _config_label(config: str | Path | dict[str, Any] | DiffusionGemmaConfig | None) -> str:
+    if config is None:
+        return "shipped 26B-A4B"
+    if isinstance(config, (dict, DiffusionGemmaConfig)):
+        return type(config).__name__
+    return str(config)
+
+
+def _encoder_depth(model: torch.nn.Module, prompt: Tensor) -> int:
     """Depth of the encoder's KV outputs (the deepest cache entry, from prompt tokens)."""
-    res = serial_depth(EncoderPass(stack), prompt)
+    res = serial_depth(EncoderPass(model), prompt)
     return max(d for d in res.output_depths if d is not None)
 
 

@@ -291,6 +291,9 @@ RULES.update(
             "composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "max, sub, exp, sum, div: 2*ceil(log2 N)+3"
         ),
         "aten.softmax": Rule("composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "2*ceil(log2 N)+3"),
+        # SDPA's math path (what attention decomposes to on the meta device): a softmax whose fully masked rows
+        # give 0 instead of NaN. That fix-up is a select on a mask-only condition, off the scores' chain.
+        "aten._safe_softmax": Rule("composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "2*ceil(log2 N)+3"),
         "aten._log_softmax": Rule("composite", lambda n: _log_softmax_cost(_last_or_dim(n, 1)), "2*ceil(lg N)+4"),
         "aten.log_softmax": Rule("composite", lambda n: _log_softmax_cost(_last_or_dim(n, 1)), "2*ceil(lg N)+4"),
         "aten.native_layer_norm": Rule("composite", _layer_norm, "2*(ceil(log2 N)+1) + 5, + scale, + bias"),

@@ -122,8 +122,10 @@ def trace(fn: Callable[..., Any] | nn.Module, *args: Any, **kwargs: Any) -> Trac
     state: dict[str, torch.Tensor] = {}
     if isinstance(fn, nn.Module):
         names = {id(m): (name or type(fn).__name__) for name, m in fn.named_modules()}
-        state = {k: to_meta(v) for k, v in fn.named_parameters(remove_duplicate=False)}
-        state.update({k: to_meta(v) for k, v in fn.named_buffers(remove_duplicate=False)})
+        # One placeholder per distinct tensor: tied weights (the encoder and decoder share theirs) are passed once
+        # under their first name, and functional_call's tie_weights gives the value to every tied name.
+        state = {k: to_meta(v) for k, v in fn.named_parameters()}
+        state.update({k: to_meta(v) for k, v in fn.named_buffers()})
     state_keys = list(state)
 
     def flat_fn(*flat: torch.Tensor) -> Any:
