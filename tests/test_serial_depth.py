@@ -1,4 +1,4 @@
-"""Tests for diffusionlens.serial_depth: rules, longest path, boundaries, composition, reference stack."""
+"""Tests for diffusionlens.serial_depth: rules, longest path, boundaries, composition, the traced model."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ from diffusionlens.serial_depth import (
     steps_for_naive_ratio,
     table_step_counts,
 )
-from diffusionlens.serial_depth.architectures import (
+from diffusionlens.serial_depth.passes import (
     DEFAULT_CONFIG,
     CausalLMPass,
     DecoderPass,
-    build_stack,
+    build_depth_model,
     load_config,
 )
 
@@ -281,29 +281,30 @@ def test_compose_depths_arithmetic():
         compose_depths(1, 1, 1, steps=0)
 
 
-# ------------------------------------------------------------------------------------------ reference stack
+# ---------------------------------------------------------------------------- the traced model (real stacks)
 
 
 def test_shipped_26b_config_loads():
     raw = json.loads(DEFAULT_CONFIG.read_text())
     assert raw["canvas_length"] == 256
-    spec, canvas = load_config()
-    assert canvas == 256
-    assert spec.hidden_size == 2816 and spec.num_hidden_layers == 30
-    full = [i for i, t in enumerate(spec.layer_types) if t == "full_attention"]
+    cfg = load_config()
+    assert cfg.canvas_length == 256
+    assert cfg.hidden_size == 2816 and cfg.num_hidden_layers == 30
+    full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
     assert full == [5, 11, 17, 23, 29]
-    assert spec.layer_attn(5) == (512, 2) and spec.layer_attn(4) == (256, 8)
-    assert (spec.num_experts, spec.top_k_experts, spec.moe_intermediate_size) == (128, 8, 704)
-    assert spec.vocab_size == 262144 and spec.sliding_window == 1024
-    assert spec.rope_parameters["full_attention"]["partial_rotary_factor"] == 0.25
+    assert (cfg.layer_head_dim(5), cfg.layer_kv_heads(5)) == (512, 2)
+    assert (cfg.layer_head_dim(4), cfg.layer_kv_heads(4)) == (256, 8)
+    assert (cfg.num_experts, cfg.top_k_experts, cfg.moe_intermediate_size) == (128, 8, 704)
+    assert cfg.vocab_size == 262144 and cfg.sliding_window == 1024
+    assert cfg.global_partial_rotary_factor == 0.25
 
 
 def test_26b_dims_one_layer_matches_hand_count():
     cfg = json.loads(DEFAULT_CONFIG.read_text())["text_config"]
     cfg = {**cfg, "num_hidden_layers": 1, "layer_types": ["sliding_attention"], "per_layer_config": {}}
-    spec, _ = load_config(cfg)
     seq = 1280
-    res = serial_depth(CausalLMPass(build_stack(spec)), torch.empty(1, seq, dtype=torch.long, device=META))
+    model = build_depth_model(load_config(cfg))
+    res = serial_depth(CausalLMPass(model), torch.empty(1, seq, dtype=torch.long, device=META))
     norm = 1 + (clog2(2816) + 1) + 1 + 1 + 1 + 1  # pow, mean, add, pow(-1/2), mul, weight
     attn = norm + 13 + 14 + 3 + 9 + 1 + 1 + (2 * clog2(seq) + 3) + (clog2(seq) + 1) + 13 + norm + 1
     router = (norm - 1) + 2 + 13 + (2 * 7 + 3) + 7  # unscaled norm, scale, proj, softmax, top-k
@@ -316,9 +317,9 @@ def test_26b_dims_one_layer_matches_hand_count():
 
 def test_moe_depth_grows_only_by_router_log_terms():
     def depth(experts: int) -> int:
-        spec, _ = load_config(tiny_text_config(num_experts=experts, layers=2))
+        model = build_depth_model(load_config(tiny_text_config(num_experts=experts, layers=2)))
         ids = torch.empty(1, 12, dtype=torch.long, device=META)
-        return serial_depth(CausalLMPass(build_stack(spec)), ids).depth
+        return serial_depth(CausalLMPass(model), ids).depth
 
     d4, d128 = depth(4), depth(128)
     # per layer: softmax over E (2 log2 E) and top-k over E (log2 E) are the only E-dependent terms.
@@ -326,19 +327,20 @@ def test_moe_depth_grows_only_by_router_log_terms():
 
 
 def test_tiny_decoder_pass_traces_and_report_composes():
-    spec, _ = load_config(tiny_text_config())
-    stack = build_stack(spec)
+    cfg = load_config(tiny_text_config())
+    model = build_depth_model(cfg)
     past = [
         (torch.empty(1, kv, 10, hd, device=META), torch.empty(1, kv, 10, hd, device=META))
-        for hd, kv in (spec.layer_attn(i) for i in range(spec.num_hidden_layers))
+        for hd, kv in ((cfg.layer_head_dim(i), cfg.layer_kv_heads(i)) for i in range(cfg.num_hidden_layers))
     ]
     canvas = torch.empty(1, 6, dtype=torch.long, device=META)
-    sc = torch.empty(1, 6, spec.vocab_size, device=META)
-    res = serial_depth(DecoderPass(stack), canvas, sc, past)
-    from_sc = serial_depth(DecoderPass(stack), canvas, sc, past, sources=[1])
+    sc = torch.empty(1, 6, cfg.vocab_size, device=META)
+    res = serial_depth(DecoderPass(model), canvas, sc, past)
+    from_sc = serial_depth(DecoderPass(model), canvas, sc, past, sources=[1])
     assert res.depth >= from_sc.depth > 0
     assert not res.unknown_ops
-    assert any(m.startswith("stack.layers.1.router") for m in res.per_module)
+    # the router is the real model's MoE module (was the deleted reference stack's `stack.layers.1.router`)
+    assert any(m.startswith("model.decoder.blocks.1.moe") for m in res.per_module)
 
     rep = report({"text_config": tiny_text_config(), "canvas_length": 6}, prompt_len=10, steps=5, readout_k=4)
     g = rep.generation
@@ -356,16 +358,16 @@ def test_real_config_traces_on_meta_within_4_gib():
     code = """
 import resource, torch
 from diffusionlens.serial_depth import serial_depth
-from diffusionlens.serial_depth.architectures import DecoderPass, build_stack, load_config
+from diffusionlens.serial_depth.passes import DecoderPass, build_depth_model, load_config
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-spec, canvas = load_config()
+cfg = load_config()
 meta = torch.device("meta")
 past = [(torch.empty(1, kv, 1024, hd, device=meta), torch.empty(1, kv, 1024, hd, device=meta))
-        for hd, kv in (spec.layer_attn(i) for i in range(spec.num_hidden_layers))]
+        for hd, kv in ((cfg.layer_head_dim(i), cfg.layer_kv_heads(i)) for i in range(cfg.num_hidden_layers))]
 res = serial_depth(
-    DecoderPass(build_stack(spec)),
-    torch.empty(1, canvas, dtype=torch.long, device=meta),
-    torch.empty(1, canvas, spec.vocab_size, device=meta),
+    DecoderPass(build_depth_model(cfg)),
+    torch.empty(1, cfg.canvas_length, dtype=torch.long, device=meta),
+    torch.empty(1, cfg.canvas_length, cfg.vocab_size, device=meta),
     past,
     sources=[0, 1],
 )
