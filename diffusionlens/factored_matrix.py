@@ -93,7 +93,8 @@ class FactoredMatrix:
 
     def __matmul__(self, other: torch.Tensor | FactoredMatrix) -> FactoredMatrix | torch.Tensor:
         """`self @ other`. A 1-D tensor gives a dense vector; a matrix or FactoredMatrix gives a FactoredMatrix
-        whose inner dimension is the smaller of the two available (the cheaper factorisation)."""
+        whose inner dimension is the smaller of the two on offer: `A (B other)` keeps mdim, `(AB) other`
+        has rdim (for a FactoredMatrix `other`: this mdim or other's)."""
         if isinstance(other, FactoredMatrix):
             self._check_inner(other.ldim, "right", tuple(other.shape))
             middle = self.B @ other.A  # [..., self.mdim, other.mdim]
@@ -104,9 +105,9 @@ class FactoredMatrix:
             return NotImplemented
         if other.ndim == 1:
             self._check_inner(other.shape[0], "right", tuple(other.shape))
-            return self.A @ (self.B @ other)
+            return (self.A @ (self.B @ other[:, None])).squeeze(-1)
         self._check_inner(other.shape[-2], "right", tuple(other.shape))
-        if self.mdim <= other.shape[-1]:
+        if self.mdim <= self.rdim:
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
 
@@ -116,9 +117,9 @@ class FactoredMatrix:
             return NotImplemented
         if other.ndim == 1:
             self._check_inner(other.shape[0], "left", tuple(other.shape))
-            return (other @ self.A) @ self.B
+            return ((other[None, :] @ self.A) @ self.B).squeeze(-2)
         self._check_inner(other.shape[-1], "left", tuple(other.shape))
-        if self.mdim <= other.shape[-2]:
+        if self.mdim <= self.ldim:
             return FactoredMatrix(other @ self.A, self.B)
         return FactoredMatrix(other, self.AB)
 

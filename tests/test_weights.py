@@ -100,6 +100,9 @@ def test_shapes_and_grouping(setup, layer):
         close(bw.W_K[h], bw._W_K[h // (heads // n_kv)])
         close(bw.b_V[h], bw._b_V[h // (heads // n_kv)])
     assert (bw._W_V is bw._W_K) == (not bw.sliding)  # full layers: k = v
+    close(bw.QK.AB, bw.W_Q @ bw.W_K.transpose(-2, -1))
+    close(bw.OV.AB, bw.W_V @ bw.W_O)
+    close(bw.QK[2].AB, bw.W_Q[2] @ bw.W_K[2].T)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
