@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -255,3 +257,12 @@ def test_bad_layer_and_stack_messages(setup):
         model_weights(setup.model, stack="both")
     with pytest.raises(TypeError, match="layer must be an int"):
         block_weights(setup.model, 1.0)
+
+
+def test_docs_snippet_runs(capsys):
+    page = (Path(__file__).parents[1] / "docs" / "weights.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", page, flags=re.S).group(1)
+    exec(compile(snippet, "weights.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "torch.Size([4, 192, 96]) torch.Size([1, 192, 96]) torch.Size([4, 192, 96]) True" in out
+    assert "torch.Size([4, 44, 44])" in out
