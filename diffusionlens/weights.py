@@ -225,7 +225,7 @@ def block_weights(model, layer: int, stack: str = "decoder", *, fold_norm_gains:
     return BlockWeights(
         layer=layer,
         stack=stack,
-        sliding=attn.v_proj is not None,
+        sliding=attn.sliding,
         folded=fold_norm_gains,
         n_heads=n_heads,
         n_kv_heads=n_kv,
