@@ -4,12 +4,14 @@ from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.cache import ActivationCache
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache
+from diffusionlens.factored_matrix import FactoredMatrix
 from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, HookPoint
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.sampling import GenerationResult, ReplayNoise, RowReplayNoise, TorchRNGNoise
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.weights import BlockWeights, ModelWeights, block_weights, model_weights
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,11 @@ __all__ = [
     "CanvasTrace",
     "DenoisingCache",
     "DenoisingTrace",
+    "FactoredMatrix",
+    "BlockWeights",
+    "ModelWeights",
+    "block_weights",
+    "model_weights",
     "GenerationResult",
     "ReplayNoise",
     "RowReplayNoise",
