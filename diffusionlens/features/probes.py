@@ -40,11 +40,15 @@ class ProbeResult:
         lines = [f"| {what} | " + " | ".join(f"step {s}" for s in self.steps) + " |"]
         lines.append("|---" * (len(self.steps) + 1) + "|")
         for name, row in zip(names, self.score.tolist(), strict=True):
-            lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+            lines.append(f"| {name} | " + " | ".join(_cell(v) for v in row) + " |")
         if self.kind == "logistic":
-            lines.append("| majority baseline | " + " | ".join(f"{v:.2f}" for v in self.baseline.tolist()) + " |")
+            lines.append("| majority baseline | " + " | ".join(_cell(v) for v in self.baseline.tolist()) + " |")
         lines.append("| held-out rows | " + " | ".join(str(int(n)) for n in self.n_test) + " |")
         return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    return "–" if value != value else f"{value:.2f}"  # NaN: no held-out rows at that step
 
 
 def _resolve(value, labels: dict[str, torch.Tensor], what: str) -> torch.Tensor:
@@ -76,6 +80,7 @@ def train_probe(
     seed: int = 0,
     l2: float = 1e-3,
     max_iter: int = 200,
+    min_test_rows: int = 10,
     progress: bool = True,
 ) -> ProbeResult:
     """Fit a probe per (hook, step) predicting `target` from the store's rows.
@@ -83,7 +88,8 @@ def train_probe(
     `target`: a label name (e.g. "final_token"), a `[rows]` tensor, or a function of the labels
     dict. `rows`: a bool mask or a function of the labels selecting rows (e.g. one position).
     `kind`: "logistic" (multinomial, L-BFGS, accuracy) or "linear" (ridge, R²). Features are
-    standardised with training-set statistics.
+    standardised with training-set statistics. Steps with fewer than `min_test_rows` held-out rows
+    (late steps that few prompts reach) are left NaN rather than scored on a handful of rows.
     """
     if kind not in ("logistic", "linear"):
         raise ValueError(f"kind must be 'logistic' or 'linear', got {kind!r}")
@@ -106,7 +112,7 @@ def train_probe(
             at_step = keep & (labels["step"] == step)
             train, test = at_step & ~is_test, at_step & is_test
             n_test[s] = int(test.sum())
-            if train.sum() == 0 or test.sum() == 0:
+            if train.sum() == 0 or test.sum() < max(1, min_test_rows):
                 bar.update(1)
                 continue
             fit = _fit_logistic if kind == "logistic" else _fit_ridge

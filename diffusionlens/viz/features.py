@@ -32,7 +32,10 @@ def plot_probe_accuracy(result: ProbeResult, *, names: Sequence[str] | None = No
         )
     labels = [f"step {s}" for s in result.steps]
     if result.kind == "logistic":
-        labels = [f"{lab}\nbase {b:.2f}" for lab, b in zip(labels, result.baseline.tolist(), strict=True)]
+        labels = [
+            f"{lab}\nbase {'–' if b != b else f'{b:.2f}'}"
+            for lab, b in zip(labels, result.baseline.tolist(), strict=True)
+        ]
     ax.set_xticks(range(len(result.steps)), labels, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     fig.colorbar(image, ax=ax, label="held-out accuracy" if result.kind == "logistic" else "held-out R²")
