@@ -126,3 +126,21 @@ def test_batches_are_seeded_shuffles_of_every_row(model, prompts, tmp_path):
     assert torch.equal(sort(first), sort(everything))
     forever = store.batches(HOOKS[0], 5, epochs=None)
     assert all(next(forever).shape == (5, everything.shape[1]) for _ in range(3 * len(store) // 5))
+
+
+def test_shard_missing_from_manifest_is_redone_not_duplicated(model, prompts, tmp_path):
+    kwargs = {"prompts": prompts[:2], "positions": [0], "batch_size": 1, "max_denoising_steps": 4}
+    budget = ActivationStore(tmp_path, model, HOOKS[:1], **kwargs).batch_bytes()
+    store = ActivationStore(tmp_path, model, HOOKS[:1], max_bytes=budget, **kwargs)  # one unit per shard
+    store.harvest(progress=False)
+    rows = len(store)
+    # a crash between writing shard 1 and rewriting the manifest: the shard is on disk, unlisted
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    reopened = ActivationStore(tmp_path, model, HOOKS[:1], max_bytes=budget, **kwargs)
+    assert reopened.pending_units() == [(1, 0)]
+    reopened.harvest(progress=False)
+    labels = reopened.labels()
+    assert len(reopened) == rows
+    assert sorted(labels["prompt_id"].tolist()) == sorted(store.labels()["prompt_id"].tolist())

@@ -38,7 +38,9 @@ def require_sae_lens() -> Any:
     """Import SAELens, or say which extra installs it."""
     try:
         import sae_lens
-    except ImportError as error:  # pragma: no cover - the dev extras install it
+    except ModuleNotFoundError as error:  # pragma: no cover - the dev extras install it
+        if error.name != "sae_lens":
+            raise  # SAELens is there but one of its own imports failed: show that error, not ours
         raise ImportError(
             "SAE support needs SAELens 6: pip install 'diffusionlens[sae]' (or pip install 'sae-lens>=6.54')"
         ) from error
