@@ -94,10 +94,23 @@ def test_refuses_other_hooks_model_and_small_budget(model, prompts, tmp_path):
     other.tokenizer = model.tokenizer
     with pytest.raises(StoreMismatchError, match="config_hash"):
         ActivationStore(tmp_path, other, HOOKS[:1], prompts=prompts[:1])
+    retrained = HookedDiffusionGemma.from_pretrained("toy", progress=False)
+    with torch.no_grad():
+        retrained.decoder.embed.W_E[0, 0] += 1.0
+    with pytest.raises(StoreMismatchError, match="weights_fingerprint"):
+        ActivationStore(tmp_path, retrained, HOOKS[:1], prompts=prompts[:1])
     with pytest.raises(ValueError, match="below one batch"):
         ActivationStore(tmp_path / "x", model, HOOKS, prompts=prompts, batch_size=8, max_bytes=10_000)
     with pytest.raises(ValueError, match="per-step"):
         ActivationStore(tmp_path / "y", model, ["encoder.blocks.0.hook_resid_post"], prompts=prompts)
+
+
+def test_steps_filter(model, prompts, tmp_path):
+    store = ActivationStore(tmp_path, model, HOOKS[:1], prompts=prompts[:2], steps=[1], positions=[0, 1])
+    store.harvest(progress=False)
+    labels = store.labels()
+    assert set(labels["step"].tolist()) == {1}
+    assert len(store) == 2 * 2  # both prompts run at least two steps; one row per position
 
 
 def test_batches_are_seeded_shuffles_of_every_row(model, prompts, tmp_path):

@@ -57,6 +57,13 @@ def config_hash(model: HookedDiffusionGemma) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def weights_fingerprint(model: HookedDiffusionGemma) -> str:
+    """A short hash of a slice of the embedding and the final norm: tells a retrained checkpoint of the
+    same config apart, without reading every weight of a large model."""
+    sample = torch.cat([model.decoder.embed.W_E.flatten()[:4096], model.decoder.ln_final.weight.flatten()])
+    return hashlib.sha256(sample.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 def _as_index_list(selector: int | Sequence[int] | None, what: str) -> list[int] | None:
     if selector is None:
         return None
@@ -104,6 +111,7 @@ class ActivationStore:
         self.widths = self._check_hooks(model, self.hooks)
         self.settings = {
             "config_hash": config_hash(model),
+            "weights_fingerprint": weights_fingerprint(model),
             "hooks": self.hooks,
             "widths": self.widths,
             "prompts": list(prompts),
