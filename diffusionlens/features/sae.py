@@ -93,7 +93,9 @@ def train_sae(
 
     from diffusionlens.features.store import config_hash
 
-    d_in = store.widths[hook_name] if hook_name in store.widths else store.activations(hook_name).shape[1]
+    if hook_name not in store.widths:
+        raise KeyError(f"{hook_name!r} is not in this store; it holds {store.hooks}")
+    d_in = store.widths[hook_name]
     metadata = SAEMetadata(model_name=f"diffusionlens:{config_hash(store.model)}", hook_name=hook_name)
     sae_config = StandardTrainingSAEConfig(
         d_in=d_in,
