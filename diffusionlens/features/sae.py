@@ -1,0 +1,344 @@
+"""Sparse autoencoders on a denoising model, with SAELens 6 doing the SAE work.
+
+Training uses SAELens's own `SAETrainer` and `StandardTrainingSAE`, fed by an `ActivationStore`
+(the trainer takes any iterator of `[batch, d_in]` tensors). Splicing works with anything that has
+SAELens's `encode`/`decode` interface; the hooks can be limited to chosen denoising steps, and the
+feature activations of every step are recorded into a `DenoisingCache` under
+`<hook>.hook_sae_acts_post`. SAELens is an optional extra, imported on first use.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.hook_reference import hook_specs
+
+if TYPE_CHECKING:
+    from diffusionlens.features.store import ActivationStore
+    from diffusionlens.model import HookedDiffusionGemma
+    from diffusionlens.sampling.generate import GenerationResult
+
+ACTS_SUFFIX = ".hook_sae_acts_post"
+FeatureEdit = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def require_sae_lens() -> Any:
+    """Import SAELens, or say which extra installs it."""
+    try:
+        import sae_lens
+    except ModuleNotFoundError as error:  # pragma: no cover - the dev extras install it
+        if error.name != "sae_lens":
+            raise  # SAELens is there but one of its own imports failed: show that error, not ours
+        raise ImportError(
+            "SAE support needs SAELens 6: pip install 'diffusionlens[sae]' (or pip install 'sae-lens>=6.54')"
+        ) from error
+    return sae_lens
+
+
+@contextmanager
+def _quiet_trainer(progress: bool):
+    """SAETrainer.fit and its norm estimate open tqdm bars with no switch; swap in disabled ones when
+    progress is off (restored on exit)."""
+    from sae_lens.training import activation_scaler, sae_trainer
+
+    modules = (sae_trainer, activation_scaler)
+    originals = [module.tqdm for module in modules]
+    if not progress:
+        for module in modules:
+            module.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.tqdm = original
+
+
+def train_sae(
+    store: ActivationStore,
+    hook_name: str,
+    *,
+    d_sae: int,
+    l1_coefficient: float = 1.0,
+    training_samples: int = 200_000,
+    batch_size: int = 1024,
+    lr: float = 3e-4,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+    **config: Any,
+) -> Any:
+    """Train a SAELens `StandardTrainingSAE` on `hook_name` rows of `store` with SAELens's `SAETrainer`.
+
+    Activations are normalised by SAELens's `expected_average_only_in` scaling (folded into the
+    weights at the end). The result is saved in SAELens's inference format under `out` (a temporary
+    directory if None) and loaded back with `SAE.load_from_disk`, so what is returned is exactly what
+    SAELens alone reads from disk. `config` goes to `StandardTrainingSAEConfig`.
+    """
+    require_sae_lens()
+    from sae_lens import SAE, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from diffusionlens.features.store import config_hash
+
+    if hook_name not in store.widths:
+        raise KeyError(f"{hook_name!r} is not in this store; it holds {store.hooks}")
+    d_in = store.widths[hook_name]
+    metadata = SAEMetadata(model_name=f"diffusionlens:{config_hash(store.model)}", hook_name=hook_name)
+    sae_config = StandardTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        l1_coefficient=l1_coefficient,
+        normalize_activations=config.pop("normalize_activations", "expected_average_only_in"),
+        metadata=metadata,
+        **config,
+    )
+    trainer_config = SAETrainerConfig(
+        total_training_samples=training_samples,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=max(1, training_samples // batch_size // 20),
+        n_batches_for_norm_estimate=20,
+        dead_feature_window=max(1, training_samples // batch_size // 4),
+        feature_sampling_window=max(1, training_samples // batch_size // 2),
+    )
+    # SAELens initialises with torch's global RNG; fork it so training is seeded and leaves it as it was.
+    with torch.random.fork_rng(), _quiet_trainer(progress):
+        torch.manual_seed(seed)
+        sae = StandardTrainingSAE(sae_config)
+        data = store.batches(hook_name, batch_size, seed=seed, epochs=None)
+        SAETrainer(trainer_config, sae, data_provider=data).fit()
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="diffusionlens_sae_"))
+    sae.save_inference_model(out)
+    return SAE.load_from_disk(out)
+
+
+def check_sae(model: HookedDiffusionGemma, sae: Any, hook_name: str) -> None:
+    """Refuse an SAE whose `d_in` or recorded hook does not fit `hook_name` of `model`."""
+    if hook_name not in model.hook_dict:
+        raise KeyError(model.unknown_hook_message(hook_name))
+    spec = hook_specs(model.cfg)[hook_name]
+    width = spec.shape[-1]
+    d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
+    if d_in is not None and d_in != width:
+        raise ValueError(f"the SAE reads d_in={d_in} values but {hook_name} has {width} per position")
+    metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
+    trained_on = getattr(metadata, "hook_name", None) if metadata is not None else None
+    if trained_on is not None and trained_on != hook_name:
+        raise ValueError(f"the SAE was trained on {trained_on!r}, not {hook_name!r}; pass hook_name={trained_on!r}")
+
+
+def sae_hooks(
+    sae: Any,
+    hook_name: str,
+    *,
+    steps: Iterable[int] | None = None,
+    use_error_term: bool = False,
+    feature_edit: FeatureEdit | None = None,
+    on_feature_acts: Callable[[torch.Tensor, Any], None] | None = None,
+    model: HookedDiffusionGemma | None = None,
+) -> list[tuple[str, Callable]]:
+    """`fwd_hooks` that splice `sae` into `hook_name` at `steps` (None: every step).
+
+    Without the error term the site's value becomes the reconstruction `decode(encode(x))`. With
+    it, the value is `x + decode(edited) - decode(acts)`: the reconstruction plus the SAE's error,
+    written so that without a `feature_edit` it is `x` bit for bit. `feature_edit(acts, hook)` may
+    change the feature activations (ablate, clamp, add); `on_feature_acts(acts, hook)` sees them.
+    Pass `model` to have the SAE checked against the hook before anything runs.
+    """
+    if model is not None:
+        check_sae(model, sae, hook_name)
+    wanted = None if steps is None else set(steps)
+    d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
+
+    def splice(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        step = hook.ctx.step
+        if wanted is not None and step not in wanted:
+            return x
+        if d_in is not None and x.shape[-1] != d_in:
+            raise ValueError(f"the SAE reads d_in={d_in} values but {hook.name} has {x.shape[-1]} per position")
+        acts = sae.encode(x)
+        if on_feature_acts is not None:
+            on_feature_acts(acts, hook)
+        edited = feature_edit(acts, hook) if feature_edit is not None else acts
+        if not use_error_term:
+            return sae.decode(edited).to(x.dtype)
+        if feature_edit is None:
+            return x
+        return (x + (sae.decode(edited) - sae.decode(acts))).to(x.dtype)
+
+    return [(hook_name, splice)]
+
+
+def generate_with_sae(
+    model: HookedDiffusionGemma,
+    input_ids: Int[torch.Tensor, "batch pos"],
+    sae: Any,
+    hook_name: str,
+    *,
+    steps: Iterable[int] | None = None,
+    use_error_term: bool = False,
+    feature_edit: FeatureEdit | None = None,
+    positions: Any = None,
+    names_filter: Any = (),
+    **generate_kwargs: Any,
+) -> tuple[GenerationResult, DenoisingCache, DenoisingCache]:
+    """`generate_with_cache` with `sae` spliced in; returns (result, cache of `names_filter`,
+    feature cache) where `feature_cache[hook_name + ".hook_sae_acts_post"]` is `[step, batch, pos, d_sae]`.
+
+    The SAE is checked against the model before generation starts.
+    """
+    check_sae(model, sae, hook_name)
+    acts_name = hook_name + ACTS_SUFFIX
+    max_steps = generate_kwargs.get("max_denoising_steps", 48)
+    feature_cache = DenoisingCache(
+        [acts_name],
+        positions=positions,
+        storage="cpu",
+        max_steps=max_steps,
+        max_canvases=max(1, -(-generate_kwargs.get("max_new_tokens", 256) // model.cfg.canvas_length)),
+        canvas_length=model.cfg.canvas_length,
+        pos_axes={acts_name: 1},
+    )
+    record = feature_cache.recording_hooks(model)[0][1]
+    last: list[tuple[int, int]] = []
+
+    def keep(acts: torch.Tensor, hook: Any) -> None:
+        key = (hook.ctx.canvas, hook.ctx.step)
+        if last and last[0] != key:
+            feature_cache.end_step(*last.pop())  # the previous step is complete
+        if not last:
+            last.append(key)
+        record(acts, SimpleNamespace(name=acts_name, ctx=hook.ctx))
+
+    hooks = sae_hooks(
+        sae, hook_name, steps=steps, use_error_term=use_error_term, feature_edit=feature_edit, on_feature_acts=keep
+    )
+    extra = list(generate_kwargs.pop("fwd_hooks", ()))
+    result, cache = model.generate_with_cache(
+        input_ids, names_filter=names_filter, positions=positions, fwd_hooks=hooks + extra, **generate_kwargs
+    )
+    if last:
+        feature_cache.end_step(*last.pop())
+    feature_cache.finish()
+    return result, cache, feature_cache
+
+
+@torch.no_grad()
+def sae_metrics(sae: Any, store: ActivationStore, hook_name: str, *, batch_size: int = 4096) -> dict[str, float]:
+    """Over every row of the store: explained variance of the reconstruction, mean L0 (features
+    active per row), and the share of dead features (never active on any row)."""
+    total_sq_err, total_sq, total_sum, total_l0, rows = 0.0, 0.0, None, 0.0, 0
+    fired = None
+    for x in store.batches(hook_name, batch_size, shuffle=False):
+        acts = sae.encode(x)
+        recon = sae.decode(acts)
+        total_sq_err += float((x - recon).pow(2).sum())
+        total_sq += float(x.pow(2).sum())
+        total_sum = x.sum(0) if total_sum is None else total_sum + x.sum(0)
+        total_l0 += float((acts > 0).sum())
+        fired = (acts > 0).any(0) if fired is None else fired | (acts > 0).any(0)
+        rows += x.shape[0]
+    variance = total_sq - float(total_sum.pow(2).sum()) / rows  # sum of squared deviations from the mean
+    return {
+        "explained_variance": 1 - total_sq_err / variance,
+        "l0": total_l0 / rows,
+        "dead_share": float((~fired).float().mean()),
+        "rows": rows,
+    }
+
+
+@dataclass
+class FeatureExamples:
+    """Top-activating rows per feature and activation per denoising step.
+
+    `values`, `rows` `[feature, k]` (row indices into the store, -1 where fewer than k rows fired);
+    `labels[field]` `[feature, k]` gathered from the store's labels; `mean_by_step`, `fire_rate_by_step`
+    `[feature, step]` over every row of each step.
+    """
+
+    features: list[int]
+    values: Float[torch.Tensor, "feature k"]
+    rows: Int[torch.Tensor, "feature k"]
+    labels: dict[str, Int[torch.Tensor, "feature k"]]
+    mean_by_step: Float[torch.Tensor, "feature step"]
+    fire_rate_by_step: Float[torch.Tensor, "feature step"]
+
+    def describe(self, feature: int, prompts: list[str], to_str: Callable[[int], str] | None = None) -> str:
+        """A few lines: the activation across steps, then each top example."""
+        i = self.features.index(feature)
+        steps = ", ".join(f"{v:.2f}" for v in self.mean_by_step[i].tolist())
+        rates = ", ".join(f"{100 * v:.0f}%" for v in self.fire_rate_by_step[i].tolist())
+        lines = [f"feature {feature}: mean activation by step [{steps}], fires on [{rates}] of rows"]
+        show = to_str or str
+        for j in range(self.values.shape[1]):
+            if int(self.rows[i, j]) < 0:
+                break
+            lab = {k: int(v[i, j]) for k, v in self.labels.items()}
+            lines.append(
+                f"  {float(self.values[i, j]):6.2f}  {prompts[lab['prompt_id']]!r} seed {lab['seed']} "
+                f"step {lab['step']} "
+                f"pos {lab['position']}: reads {show(lab['input_token'])!r}, final {show(lab['final_token'])!r}"
+            )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def top_activations(
+    sae: Any,
+    store: ActivationStore,
+    hook_name: str,
+    *,
+    k: int = 8,
+    features: list[int] | None = None,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> FeatureExamples:
+    """Stream the store once through the SAE, keeping each feature's top `k` rows and per-step statistics."""
+    labels_all = store.labels()
+    n_steps = int(labels_all["step"].max()) + 1
+    chosen = list(range(sae.cfg.d_sae)) if features is None else list(features)
+    index = torch.tensor(chosen)
+    best_values = torch.full((len(chosen), k), -float("inf"))
+    best_rows = torch.full((len(chosen), k), -1, dtype=torch.long)
+    step_sum = torch.zeros(len(chosen), n_steps)
+    step_fired = torch.zeros(len(chosen), n_steps)
+    step_rows = torch.zeros(n_steps)
+    offset = 0
+    total = -(-len(store) // batch_size)
+    for x, labels in tqdm(
+        store.batches(hook_name, batch_size, shuffle=False, with_labels=True), total=total, disable=not progress
+    ):
+        acts = sae.encode(x)[:, index]  # [rows, feature]
+        row_ids = torch.arange(offset, offset + x.shape[0])
+        pool_values = torch.cat([best_values, acts.T], dim=1)
+        pool_rows = torch.cat([best_rows, row_ids.expand(len(chosen), -1)], dim=1)
+        top = pool_values.topk(k, dim=1)
+        best_values, best_rows = top.values, pool_rows.gather(1, top.indices)
+        one_hot = torch.nn.functional.one_hot(labels["step"], n_steps).float()  # [rows, step]
+        step_sum += acts.T @ one_hot
+        step_fired += (acts > 0).float().T @ one_hot
+        step_rows += one_hot.sum(0)
+        offset += x.shape[0]
+    best_rows = torch.where(best_values > 0, best_rows, torch.full_like(best_rows, -1))
+    safe = best_rows.clamp(min=0)
+    gathered = {f: v[safe] for f, v in labels_all.items()}
+    denominator = step_rows.clamp(min=1)
+    return FeatureExamples(
+        chosen, best_values.clamp(min=0), best_rows, gathered, step_sum / denominator, step_fired / denominator
+    )
