@@ -8,7 +8,6 @@ scripts/train_toy_sae.py is the full-size version whose numbers docs/features.md
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,9 +18,6 @@ from diffusionlens.features import ActivationStore, generate_with_sae, sae_metri
 from diffusionlens.toy import make_dataset
 
 HOOK = "decoder.blocks.3.hook_resid_post"
-# `python examples/sae_toy.py` puts examples/ first on sys.path, where examples/bottleneck.py would
-# shadow the `bottleneck` package that pandas (imported by SAELens, lazily) probes for.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Pass self-conditioning through a top-1 token bottleneck and measure what it carried.
 
-python examples/bottleneck.py
+python examples/token_bottleneck.py
 """
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise, TokenBottleneck
