@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Int
 
-from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import (
     TokenDecoder,
     canvas_trace,
@@ -23,7 +23,6 @@ from diffusionlens.viz._common import (
 
 Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
 
-_TOKEN_FIELDS = ("argmax", "sampled", "input_canvas", "next_canvas")
 _ACCEPTED_COLOUR = "#7fc97f"
 _REJECTED_COLOUR = "#eeeeee"
 
@@ -68,8 +67,8 @@ def plot_token_grid(
     range or slice of canvas positions) and `max_positions` crop the columns. Returns the Figure; its
     axes hold one text per cell, in row-major (step, position) order.
     """
-    if tokens not in _TOKEN_FIELDS:
-        raise ValueError(f"tokens must be one of {_TOKEN_FIELDS}, got {tokens!r}")
+    if tokens not in TOKEN_FIELDS:
+        raise ValueError(f"tokens must be one of {tuple(TOKEN_FIELDS)}, got {tokens!r}")
     trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle

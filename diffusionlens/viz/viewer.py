@@ -18,10 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder, canvas_trace, check_row, on_cpu, row_steps, token_texts
-
-_FIELDS = ("argmax", "sampled", "input_canvas", "next_canvas")
 
 
 def _round(value: float, digits: int) -> float | None:
@@ -43,7 +41,7 @@ def viewer_data(
     ct = on_cpu(canvas_trace(trace, canvas))
     check_row(ct, row)
     n_steps = row_steps(ct, row)
-    fields = {name: getattr(ct, name)[:n_steps, row].tolist() for name in _FIELDS}
+    fields = {name: getattr(ct, name)[:n_steps, row].tolist() for name in TOKEN_FIELDS}
     entropy = ct.entropy[:n_steps, row].float()
     finite = entropy[entropy.isfinite()]
     top_tokens = top_probs = None
@@ -118,12 +116,21 @@ def render_viewer(
         "@TITLE@": html.escape(data["title"], quote=True),
         "@MAX_STEP@": str(data["n_steps"] - 1),
         "@STEP@": str(step),
+        "@VIEW_OPTIONS@": _view_options(),
         "@STYLE@": _STYLE,
         "@DATA@": script_safe_json(data),
         "@SCRIPT@": _SCRIPT,
     }
     # one pass, so nothing substituted (a title, the data) is scanned for placeholders again
     return re.sub(r"@[A-Z_]+@", lambda match: replacements[match.group(0)], _TEMPLATE)
+
+
+def _view_options() -> str:
+    """One `<option>` per token field of the trace; the first (the draft answer) is shown first."""
+    return "\n".join(
+        f'<option value="{name}"{" selected" if i == 0 else ""}>{html.escape(label)}</option>'
+        for i, (name, label) in enumerate(TOKEN_FIELDS.items())
+    )
 
 
 def write_viewer(trace: DenoisingTrace | CanvasTrace, tokenizer: TokenDecoder, path: str | Path, **kw: Any) -> Path:
@@ -156,10 +163,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <span id="step-label"></span>
 <label for="view-select">show</label>
 <select id="view-select">
-<option value="argmax" selected>draft (argmax)</option>
-<option value="sampled">sampled</option>
-<option value="input_canvas">canvas read by the decoder</option>
-<option value="next_canvas">canvas after the step</option>
+@VIEW_OPTIONS@
 </select>
 </section>
 <div id="step-info"></div>
