@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
-from diffusionlens.viz._common import TokenDecoder, canvas_trace, check_row, on_cpu, row_steps, token_texts
+from diffusionlens.viz._common import RowView, TokenDecoder, token_texts
 
 
 def _round(value: float, digits: int) -> float | None:
@@ -38,11 +38,10 @@ def viewer_data(
     """The JSON-ready dict the viewer page reads: per-step token ids of every field, entropy, accepted
     flags, top-k (when recorded), commit steps, and the text of every token id that appears."""
     prompt_length = trace.prompt_length if isinstance(trace, DenoisingTrace) else None
-    ct = on_cpu(canvas_trace(trace, canvas))
-    check_row(ct, row)
-    n_steps = row_steps(ct, row)
-    fields = {name: getattr(ct, name)[:n_steps, row].tolist() for name in TOKEN_FIELDS}
-    entropy = ct.entropy[:n_steps, row].float()
+    view = RowView.select(trace, canvas, row)
+    ct, n_steps = view.trace, view.n_steps
+    fields = {name: view.per_step(name).tolist() for name in TOKEN_FIELDS}
+    entropy = view.per_step("entropy").float()
     finite = entropy[entropy.isfinite()]
     top_tokens = top_probs = None
     if ct.top_k_tokens is not None and ct.top_k_probs is not None:
@@ -65,13 +64,13 @@ def viewer_data(
         "fields": fields,
         "entropy": [[_round(e, 4) for e in step] for step in entropy.tolist()],
         "max_entropy": _round(finite.max(), 4) if finite.numel() else 0.0,
-        "accepted": ct.accepted[:n_steps, row].int().tolist(),
+        "accepted": view.per_step("accepted").int().tolist(),
         "finished": ct.finished[:n_steps, row].tolist(),
         "temperature": [_round(v, 4) for v in ct.temperature[:n_steps].tolist()],
         "t": ct.t[:n_steps].tolist(),
         "top_k_tokens": top_tokens,
         "top_k_probs": top_probs,
-        "commit": ct.commit_step()[row].tolist(),
+        "commit": view.commit_steps().tolist(),
         "final": ct.argmax[n_steps - 1, row].tolist(),
     }
 
