@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusionlens.components.block import NORM_NAMES
+from diffusionlens.components.block import NORMS
 from diffusionlens.components.sampler_hooks import SAMPLER_HOOKS
 from diffusionlens.config import DiffusionGemmaConfig
 
@@ -70,7 +70,7 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
                 kept = min(prompt_len, cfg.sliding_window - 1) if cfg.is_sliding(layer) else prompt_len
                 keys = kept + length
             add(f"{p}.hook_resid_pre", (batch, pos, d), fires)
-            for norm in NORM_NAMES:
+            for norm in NORMS:
                 add(f"{p}.{norm}.hook_normalized", (batch, pos, d), fires)
             add(f"{p}.attn.hook_q", (batch, pos, heads, hd), fires)
             add(f"{p}.attn.q_norm.hook_normalized", (batch, pos, heads, hd), fires)

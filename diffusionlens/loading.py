@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusionlens.components.block import NORM_NAMES
 from diffusionlens.config import DiffusionGemmaConfig
 
 if TYPE_CHECKING:
@@ -39,7 +38,15 @@ _TOP_LEVEL = {
     "decoder.blocks.": "model.decoder.layers.",
     "encoder.blocks.": "model.encoder.language_model.layers.",
 }
-_BLOCK_PREFIXES = {
+# Within a block, our name (or name prefix) → the checkpoint's; norms in the order the block applies them.
+_BLOCK_NAMES = {
+    "ln1.weight": "input_layernorm.weight",
+    "ln1_post.weight": "post_attention_layernorm.weight",
+    "ln2.weight": "pre_feedforward_layernorm.weight",
+    "ln2_post_mlp.weight": "post_feedforward_layernorm_1.weight",
+    "ln2_moe.weight": "pre_feedforward_layernorm_2.weight",
+    "ln2_post_moe.weight": "post_feedforward_layernorm_2.weight",
+    "ln2_post.weight": "post_feedforward_layernorm.weight",
     "attn.": "self_attn.",
     "mlp.": "mlp.",
     "moe.router_proj.": "router.proj.",
@@ -62,14 +69,13 @@ def checkpoint_name(ours: str) -> str:
             if not prefix.endswith("blocks."):
                 return hf_prefix + rest
             layer, _, suffix = rest.partition(".")
-            return f"{hf_prefix}{layer}.{_block_suffix(suffix)}"
+            return f"{hf_prefix}{layer}.{block_checkpoint_name(suffix)}"
     raise KeyError(f"{ours} has no checkpoint name")
 
 
-def _block_suffix(suffix: str) -> str:
-    if suffix.endswith(".weight") and suffix[: -len(".weight")] in NORM_NAMES:
-        return NORM_NAMES[suffix[: -len(".weight")]] + ".weight"
-    for prefix, hf_prefix in _BLOCK_PREFIXES.items():
+def block_checkpoint_name(suffix: str) -> str:
+    """The checkpoint name, within one layer, of a block tensor (`"ln1.weight"` → `"input_layernorm.weight"`)."""
+    for prefix, hf_prefix in _BLOCK_NAMES.items():
         if suffix.startswith(prefix):
             return hf_prefix + suffix[len(prefix) :]
     raise KeyError(f"block tensor {suffix} has no checkpoint name")

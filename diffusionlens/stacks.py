@@ -14,12 +14,6 @@ from diffusionlens.hook_points import HookPoint
 from diffusionlens.prompt_state import PromptState
 
 
-def additive_mask(allowed: Bool[torch.Tensor, "batch 1 q k"], dtype: torch.dtype) -> torch.Tensor:
-    """0 where attention is allowed, the dtype's most negative value elsewhere (finite, so a fully
-    masked padding row stays finite instead of turning into NaN)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 class Stack(nn.Module):
     """Shared parts of the encoder and decoder stacks.
 

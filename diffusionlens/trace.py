@@ -12,8 +12,28 @@ from safetensors.torch import load_file, save_file
 
 TRACE_FORMAT_VERSION = 1
 
-_STEP_FIELDS = ("input_canvas", "sampled", "argmax", "entropy", "accepted", "next_canvas", "finished")
-_OPTIONAL_STEP_FIELDS = ("top_k_tokens", "top_k_probs")
+#: The canvases of token ids a CanvasTrace holds per step (`[step, batch, canvas]`), each with the
+#: words figures and the viewer label it by. `next_canvas` is what `sampler.hook_canvas_next` saw: the
+#: trace keeps the spelling its saved files have always used, and `SAMPLER_HOOK_OF_FIELD` ties each
+#: field to the hook that carries the same tensor.
+TOKEN_FIELDS = {
+    "argmax": "draft (argmax)",
+    "sampled": "sampled",
+    "input_canvas": "canvas read by the decoder",
+    "next_canvas": "canvas after the step",
+}
+#: Every `[step, batch, …]` field, in the order `tensors()` and saved files list them.
+STEP_FIELDS = ("input_canvas", "sampled", "argmax", "entropy", "accepted", "next_canvas", "finished")
+#: Recorded only with `record_top_k`.
+OPTIONAL_STEP_FIELDS = ("top_k_tokens", "top_k_probs")
+#: The sampler hook whose value at step s is a field's row s (input_canvas and finished have no hook).
+SAMPLER_HOOK_OF_FIELD = {
+    "sampled": "sampler.hook_sampled",
+    "argmax": "sampler.hook_argmax",
+    "entropy": "sampler.hook_entropy",
+    "accepted": "sampler.hook_accepted",
+    "next_canvas": "sampler.hook_canvas_next",
+}
 
 
 @dataclass
@@ -61,8 +81,8 @@ class CanvasTrace:
         return torch.where(changed, steps, torch.zeros_like(steps)).amax(0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {name: getattr(self, name) for name in (*_STEP_FIELDS, "temperature", "t")}
-        out.update({n: getattr(self, n) for n in _OPTIONAL_STEP_FIELDS if getattr(self, n) is not None})
+        out = {name: getattr(self, name) for name in (*STEP_FIELDS, "temperature", "t")}
+        out.update({n: getattr(self, n) for n in OPTIONAL_STEP_FIELDS if getattr(self, n) is not None})
         return out
 
 

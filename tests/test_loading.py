@@ -274,3 +274,20 @@ def test_loading_builds_a_single_model(monkeypatch):
     assert built == [torch.device("meta")]
     assert not any(t.is_meta for t in model.state_dict().values())
     assert model.decoder.rotary.full_attention_inv_freq.device.type == "cpu"
+
+
+def test_block_norms_map_through_the_one_checkpoint_table():
+    from diffusionlens.components import RMSNorm
+    from diffusionlens.components.block import NORMS, Block
+    from diffusionlens.loading import block_checkpoint_name
+
+    cfg = DiffusionGemmaConfig.from_hf(build_reference("mixed").config)
+    block = Block(cfg, 0)
+    norms = [name for name, module in block.named_children() if isinstance(module, RMSNorm)]
+    assert norms == list(NORMS)
+    names = {norm: block_checkpoint_name(f"{norm}.weight") for norm in NORMS}
+    assert names["ln1"] == "input_layernorm.weight" and names["ln2_post_mlp"] == "post_feedforward_layernorm_1.weight"
+    assert len(set(names.values())) == len(NORMS)
+    with pytest.warns(DeprecationWarning, match="NORM_NAMES"):
+        from diffusionlens.components.block import NORM_NAMES
+    assert NORM_NAMES == {norm: name.removesuffix(".weight") for norm, name in names.items()}

@@ -44,7 +44,11 @@ def answer_mask(
     return (seen == 0) | (include_eos & is_eos & (seen == 1))
 
 
-def _check_mask(mask: torch.Tensor | None, shape: torch.Size) -> Bool[torch.Tensor, "batch canvas"]:
+def resolve_mask(
+    mask: Bool[torch.Tensor, "batch canvas"] | None, shape: torch.Size
+) -> Bool[torch.Tensor, "batch canvas"]:
+    """The positions an analysis counts, on the CPU: `mask` (from `answer_mask`) checked against the
+    trace's `[batch, canvas]` shape, or every position when it is None."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool)
     if mask.shape != shape:
@@ -117,7 +121,7 @@ def commit_steps(
     """`trace.commit_step()` (the step after which each position's argmax never changes), with -1 where
     `mask` is False."""
     steps = trace.commit_step().cpu()
-    return torch.where(_check_mask(mask, steps.shape), steps, torch.full_like(steps, -1))
+    return torch.where(resolve_mask(mask, steps.shape), steps, torch.full_like(steps, -1))
 
 
 def commit_order(trace: CanvasTrace, mask: Bool[torch.Tensor, "batch canvas"] | None = None) -> list[CommitOrder]:
@@ -127,7 +131,7 @@ def commit_order(trace: CanvasTrace, mask: Bool[torch.Tensor, "batch canvas"] | 
     keeps the answer only.
     """
     steps = trace.commit_step().cpu()
-    mask = _check_mask(mask, steps.shape)
+    mask = resolve_mask(mask, steps.shape)
     rows = []
     for row in range(steps.shape[0]):
         positions = torch.nonzero(mask[row]).flatten()

@@ -23,7 +23,7 @@ import torch
 from einops import einsum
 from jaxtyping import Bool, Float, Int
 
-from diffusionlens.analysis.commit_order import _check_mask
+from diffusionlens.analysis.commit_order import resolve_mask
 from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.trace import CanvasTrace
 
@@ -56,7 +56,7 @@ def intermediate_mask(
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     final = trace.final.cpu()
-    mask = _check_mask(mask, final.shape)
+    mask = resolve_mask(mask, final.shape)
     if source == "argmax":
         differs = trace.argmax.cpu() != final[None]
     else:

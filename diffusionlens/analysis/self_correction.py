@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Int
 
-from diffusionlens.analysis.commit_order import _check_mask, answer_mask
+from diffusionlens.analysis.commit_order import answer_mask, resolve_mask
 from diffusionlens.analysis.seeds import SeededBatch, generate_over_seeds
 from diffusionlens.trace import CanvasTrace
 
@@ -84,7 +84,7 @@ def find_corrections(
     if min_stable < 1:
         raise ValueError(f"min_stable must be >= 1, got {min_stable}")
     argmax, sampled, accepted = trace.argmax.cpu(), trace.sampled.cpu(), trace.accepted.cpu()
-    mask = _check_mask(mask, argmax.shape[1:])
+    mask = resolve_mask(mask, argmax.shape[1:])
     stop = trace.stop_step().cpu()
     final = argmax[-1]
     held = torch.full_like(argmax[0], -1)

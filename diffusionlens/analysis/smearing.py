@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 
-from diffusionlens.analysis.commit_order import _check_mask
+from diffusionlens.analysis.commit_order import resolve_mask
 from diffusionlens.trace import CanvasTrace
 
 
@@ -64,7 +64,7 @@ def token_smearing_mass(
         raise ValueError(f"window must be >= 1, got {window}")
     tokens, probs = trace.top_k_tokens.cpu(), trace.top_k_probs.cpu().float()
     final = trace.final.cpu()
-    homes = _check_mask(mask, final.shape)
+    homes = resolve_mask(mask, final.shape)
     if token_id is not None:
         homes = homes & (final == token_id)
     home_token = torch.where(homes, final, torch.full_like(final, -1))  # -1 matches no token
@@ -125,7 +125,7 @@ def sequence_smearing(
         raise ValueError(f"source must be 'argmax' or 'sampled', got {source!r}")
     drafts = getattr(trace, source).cpu()
     final = trace.final.cpu()
-    span = _check_mask(mask, final.shape)
+    span = resolve_mask(mask, final.shape)
     shifts = [0] + [d for m in range(1, max_shift + 1) for d in (-m, m)]
     matches = []
     for d in shifts:

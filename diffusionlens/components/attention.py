@@ -2,7 +2,8 @@
 
 The encoder and the decoder run the same module: the encoder's keys are the prompt seen so far
 (causal, windowed on sliding layers); the decoder's keys are the cached prompt followed by the
-canvas, all visible. Which keys are visible arrives as an additive mask built by the caller.
+canvas, all visible. Which keys are visible arrives as a boolean mask built by the caller (True = may
+attend), or None where SDPA's `is_causal` (or nothing at all) says it all.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d_head, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d_head, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.d_head, cfg.rms_norm_eps, with_scale=False)
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head] after q_norm, before RoPE
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head] after k_norm, before RoPE
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head] after v_norm
+        self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query, key] masked, before the softmax
+        self.hook_pattern = HookPoint()  # [batch, head, query, key]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head] per-head output, before o_proj
 
     def forward(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from jaxtyping import Float
 from torch import nn
@@ -13,16 +15,23 @@ from diffusionlens.components.norms import RMSNorm
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookPoint
 
-# Our norm names → transformers' names, in the order the block applies them.
-NORM_NAMES = {
-    "ln1": "input_layernorm",
-    "ln1_post": "post_attention_layernorm",
-    "ln2": "pre_feedforward_layernorm",
-    "ln2_post_mlp": "post_feedforward_layernorm_1",
-    "ln2_moe": "pre_feedforward_layernorm_2",
-    "ln2_post_moe": "post_feedforward_layernorm_2",
-    "ln2_post": "post_feedforward_layernorm",
-}
+#: The block's RMSNorms, in the order it applies them (their checkpoint names: `loading.py`).
+NORMS = ("ln1", "ln1_post", "ln2", "ln2_post_mlp", "ln2_moe", "ln2_post_moe", "ln2_post")
+
+
+def __getattr__(name: str):
+    # NORM_NAMES (our norm → transformers' name) moved into loading.py's one checkpoint-name table.
+    if name == "NORM_NAMES":
+        warnings.warn(
+            "diffusionlens.components.block.NORM_NAMES is deprecated: the checkpoint names live in "
+            "diffusionlens.loading (block_checkpoint_name); iterate NORMS for the block's norms",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from diffusionlens.loading import block_checkpoint_name
+
+        return {norm: block_checkpoint_name(f"{norm}.weight").removesuffix(".weight") for norm in NORMS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Block(nn.Module):
@@ -30,15 +39,27 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.sliding = cfg.is_sliding(layer)
-        for name in NORM_NAMES:
-            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        d_model, eps = cfg.hidden_size, cfg.rms_norm_eps
+        # Declared in the order the block applies them (NORMS), which is also the state_dict order.
+        self.ln1 = RMSNorm(d_model, eps)  # attention input
+        self.ln1_post = RMSNorm(d_model, eps)  # attention output, before it joins the residual
+        self.ln2 = RMSNorm(d_model, eps)  # dense MLP input
+        self.ln2_post_mlp = RMSNorm(d_model, eps)  # dense MLP output
+        self.ln2_moe = RMSNorm(d_model, eps)  # expert input (the router reads the raw residual)
+        self.ln2_post_moe = RMSNorm(d_model, eps)  # MoE output
+        self.ln2_post = RMSNorm(d_model, eps)  # sum of both branches, before it joins the residual
         self.attn = Attention(cfg, layer)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
         self.moe = MoE(cfg)
         # The only per-stack weight: encoder and decoder blocks share everything else.
         self.register_buffer("layer_scalar", torch.ones(1))
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "moe_out", "ffn_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model] block input
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model] after ln1_post
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model] resid_pre + attn_out
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model] after ln2_post_mlp
+        self.hook_moe_out = HookPoint()  # [batch, pos, d_model] after ln2_post_moe
+        self.hook_ffn_out = HookPoint()  # [batch, pos, d_model] ln2_post(mlp_out + moe_out)
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model] (resid_mid + ffn_out) * layer_scalar
 
     def forward(
         self,

@@ -17,7 +17,13 @@ SAMPLER_HOOKS = {
 
 
 class SamplerHooks(nn.Module):
+    """One hook per entry of SAMPLER_HOOKS (same order), declared so that tools can see them."""
+
     def __init__(self) -> None:
         super().__init__()
-        for name in SAMPLER_HOOKS:
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_logits = HookPoint()  # [batch, canvas, vocab] float32
+        self.hook_sampled = HookPoint()  # [batch, canvas] int64
+        self.hook_argmax = HookPoint()  # [batch, canvas] int64
+        self.hook_entropy = HookPoint()  # [batch, canvas] float32
+        self.hook_accepted = HookPoint()  # [batch, canvas] bool
+        self.hook_canvas_next = HookPoint()  # [batch, canvas] int64

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffusionlens.patching.runs import SELF_COND, PatchedRun, _encode_through
+from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.sweep import SweepResult
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def attribution_patch(
     out = torch.zeros(len(layers), len(steps), model.cfg.canvas_length)
     ctx = model.hook_ctx
     with torch.no_grad():
-        state = _encode_through(model, corrupted, canvas)
+        state = encode_through(model, corrupted, canvas)
     leaves: dict[str, torch.Tensor] = {}
     root = "decoder.hook_embed"
 

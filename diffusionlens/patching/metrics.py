@@ -9,8 +9,19 @@ import torch
 from diffusionlens.patching.runs import PatchedRun
 
 
+class _OneStepLogitsMetric:
+    """Calling the metric on a run applies its `on_logits` (differentiable, so attribution patching can
+    use it too) to the logits of the run's `step` in `canvas`."""
+
+    step: int
+    canvas: int
+
+    def __call__(self, run: PatchedRun) -> float:
+        return float(self.on_logits(run.logits_at(self.step, self.canvas)))
+
+
 @dataclass(frozen=True)
-class LogitDiff:
+class LogitDiff(_OneStepLogitsMetric):
     """logit[good] - logit[bad] at canvas `position` of `step` (negative: from the base run's end)."""
 
     position: int
@@ -19,9 +30,6 @@ class LogitDiff:
     step: int = -1
     canvas: int = 0
 
-    def __call__(self, run: PatchedRun) -> float:
-        return float(self.on_logits(run.logits_at(self.step, self.canvas)))
-
     def on_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric on one step's logits `[batch, canvas, vocab]`, differentiably."""
         at = logits[:, self.position]
@@ -29,16 +37,13 @@ class LogitDiff:
 
 
 @dataclass(frozen=True)
-class TargetProb:
+class TargetProb(_OneStepLogitsMetric):
     """Probability of `token` at canvas `position` of `step`."""
 
     position: int
     token: int
     step: int = -1
     canvas: int = 0
-
-    def __call__(self, run: PatchedRun) -> float:
-        return float(self.on_logits(run.logits_at(self.step, self.canvas)))
 
     def on_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric on one step's logits `[batch, canvas, vocab]`, differentiably."""

@@ -23,6 +23,7 @@ from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
+    from diffusionlens.prompt_state import PromptState
 
 LOGITS = "decoder.hook_logits"
 SELF_COND = "decoder.self_cond.hook_logits_in"
@@ -129,7 +130,7 @@ def run_patched(
     logits = {}
     try:
         with torch.inference_mode(), model.hooks(fwd_hooks=patch_hooks(model, patches, max_steps)):
-            state = _encode_through(model, base, canvas)
+            state = encode_through(model, base, canvas)
             for step in run_steps:
                 ctx.canvas, ctx.step, ctx.t = canvas, step, int(base.trace[canvas].t[step])
                 self_cond = base.cache.get(SELF_COND, canvas=canvas, step=step) if step > 0 else None
@@ -141,7 +142,7 @@ def run_patched(
     )
 
 
-def _encode_through(model: HookedDiffusionGemma, base: PatchedRun, canvas: int):
+def encode_through(model: HookedDiffusionGemma, base: PatchedRun, canvas: int) -> PromptState:
     """The prompt state the decoder read in `canvas`, encoded canvas by canvas as generation does
     (encoder hooks, and so prompt-channel patches, fire with ctx.canvas set)."""
     ctx = model.hook_ctx

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Int
 
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
@@ -104,6 +106,49 @@ def select_positions(
     if not chosen:
         raise ValueError("no positions selected")
     return chosen
+
+
+Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
+
+
+@dataclass(frozen=True)
+class RowView:
+    """What every trajectory figure and the viewer draw from: one batch row of one canvas (on the CPU),
+    its steps up to the one after which it stopped, and the canvas positions shown."""
+
+    trace: CanvasTrace
+    row: int
+    positions: list[int]
+    n_steps: int
+
+    @classmethod
+    def select(
+        cls,
+        trace: DenoisingTrace | CanvasTrace,
+        canvas: int = 0,
+        row: int = 0,
+        positions: Positions = None,
+        max_positions: int | None = None,
+    ) -> RowView:
+        """Check `canvas`, `row` and `positions` against the trace and pick them out."""
+        chosen = on_cpu(canvas_trace(trace, canvas))
+        check_row(chosen, row)
+        shown = select_positions(chosen.input_canvas.shape[-1], positions, max_positions)
+        return cls(chosen, row, shown, row_steps(chosen, row))
+
+    @property
+    def index(self) -> Int[torch.Tensor, " pos"]:
+        return torch.tensor(self.positions)
+
+    def per_step(self, field: str) -> torch.Tensor:
+        """A `[step, batch, canvas]` field of the trace as `[step, pos]` for this row and these positions."""
+        return getattr(self.trace, field)[: self.n_steps, self.row][:, self.index]
+
+    def commit_steps(self) -> Int[torch.Tensor, " pos"]:
+        return self.trace.commit_step()[self.row][self.index]
+
+    def final(self) -> Int[torch.Tensor, " pos"]:
+        return self.trace.final[self.row][self.index]
 
 
 def new_axes(ax, figsize: tuple[float, float]):

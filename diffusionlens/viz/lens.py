@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Int
 
-from diffusionlens.viz._common import TokenDecoder, new_axes, no_math, select_positions, token_texts, visible
+from diffusionlens.viz._common import (
+    Positions,
+    TokenDecoder,
+    new_axes,
+    no_math,
+    select_positions,
+    token_texts,
+    visible,
+)
 
 if TYPE_CHECKING:
     from diffusionlens.denoising_cache import DenoisingCache
-
-Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
 
 
 def plot_logit_lens(

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from jaxtyping import Int
 
-from diffusionlens.trace import CanvasTrace, DenoisingTrace
-from diffusionlens.viz._common import (
-    TokenDecoder,
-    canvas_trace,
-    check_row,
-    new_axes,
-    no_math,
-    on_cpu,
-    row_steps,
-    select_positions,
-    token_texts,
-    visible,
-)
+from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
+from diffusionlens.viz._common import Positions, RowView, TokenDecoder, new_axes, no_math, token_texts, visible
 
-Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
-
-_TOKEN_FIELDS = ("argmax", "sampled", "input_canvas", "next_canvas")
 _ACCEPTED_COLOUR = "#7fc97f"
 _REJECTED_COLOUR = "#eeeeee"
-
-
-def _prepare(trace: DenoisingTrace | CanvasTrace, canvas: int, row: int, positions: Positions, max_positions):
-    trace = canvas_trace(trace, canvas)
-    trace = on_cpu(trace)
-    check_row(trace, row)
-    chosen = select_positions(trace.input_canvas.shape[-1], positions, max_positions)
-    return trace, chosen, row_steps(trace, row)
 
 
 def _position_ticks(ax, chosen: list[int], labels: list[str] | None, axis: str = "x") -> None:
@@ -68,16 +43,16 @@ def plot_token_grid(
     range or slice of canvas positions) and `max_positions` crop the columns. Returns the Figure; its
     axes hold one text per cell, in row-major (step, position) order.
     """
-    if tokens not in _TOKEN_FIELDS:
-        raise ValueError(f"tokens must be one of {_TOKEN_FIELDS}, got {tokens!r}")
-    trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
+    if tokens not in TOKEN_FIELDS:
+        raise ValueError(f"tokens must be one of {tuple(TOKEN_FIELDS)}, got {tokens!r}")
+    view = RowView.select(trace, canvas, row, positions, max_positions)
+    chosen, n_steps = view.positions, view.n_steps
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
 
-    index = torch.tensor(chosen)
-    ids = getattr(trace, tokens)[:n_steps, row][:, index]
-    accepted = trace.accepted[:n_steps, row][:, index]
-    commits = trace.commit_step()[row][index]
+    ids = view.per_step(tokens)
+    accepted = view.per_step("accepted")
+    commits = view.commit_steps()
     fig, ax = new_axes(ax, (max(4.0, 0.32 * len(chosen) + 1.5), max(2.5, 0.32 * n_steps + 1.6)))
     ax.imshow(
         accepted.int().numpy(),
@@ -134,15 +109,15 @@ def plot_entropy(
     x tick labels carry the final token of each position. `positions`/`max_positions` crop the columns.
     Returns the Figure (the heatmap's axes and its colorbar's).
     """
-    trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
-    index = torch.tensor(chosen)
-    values = trace.entropy[:n_steps, row][:, index].float()
+    view = RowView.select(trace, canvas, row, positions, max_positions)
+    chosen, n_steps = view.positions, view.n_steps
+    values = view.per_step("entropy").float()
     fig, ax = new_axes(ax, (max(4.0, 0.25 * len(chosen) + 2.5), max(2.5, 0.25 * n_steps + 1.8)))
     image = ax.imshow(values.numpy(), cmap="magma", aspect="auto", interpolation="nearest", vmin=0)
     if mark_accepted:
-        steps, cols = torch.nonzero(trace.accepted[:n_steps, row][:, index], as_tuple=True)
+        steps, cols = torch.nonzero(view.per_step("accepted"), as_tuple=True)
         ax.scatter(cols.numpy(), steps.numpy(), s=6, c="white", marker="o", linewidths=0, label="accepted")
-    final = token_texts(tokenizer, trace.final[row][index].tolist()) if tokenizer is not None else None
+    final = token_texts(tokenizer, view.final().tolist()) if tokenizer is not None else None
     _position_ticks(ax, chosen, final)
     stride = max(1, n_steps // 24)
     ax.set_yticks(range(0, n_steps, stride), [str(s) for s in range(0, n_steps, stride)], fontsize=7)
@@ -171,10 +146,10 @@ def plot_commit_order(
     `positions`/`max_positions` crop the positions shown. Returns the Figure; its axes hold one text
     (the final token) per position shown.
     """
-    trace, chosen, n_steps = _prepare(trace, canvas, row, positions, max_positions)
-    index = torch.tensor(chosen)
-    commits = trace.commit_step()[row][index]
-    final = token_texts(tokenizer, trace.final[row][index].tolist())
+    view = RowView.select(trace, canvas, row, positions, max_positions)
+    chosen, n_steps = view.positions, view.n_steps
+    commits = view.commit_steps()
+    final = token_texts(tokenizer, view.final().tolist())
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = new_axes(ax, (max(4.0, 0.28 * len(chosen) + 1.5), 3.2))

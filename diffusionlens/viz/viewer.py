@@ -18,10 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from diffusionlens.trace import CanvasTrace, DenoisingTrace
-from diffusionlens.viz._common import TokenDecoder, canvas_trace, check_row, on_cpu, row_steps, token_texts
-
-_FIELDS = ("argmax", "sampled", "input_canvas", "next_canvas")
+from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
+from diffusionlens.viz._common import RowView, TokenDecoder, token_texts
 
 
 def _round(value: float, digits: int) -> float | None:
@@ -40,11 +38,10 @@ def viewer_data(
     """The JSON-ready dict the viewer page reads: per-step token ids of every field, entropy, accepted
     flags, top-k (when recorded), commit steps, and the text of every token id that appears."""
     prompt_length = trace.prompt_length if isinstance(trace, DenoisingTrace) else None
-    ct = on_cpu(canvas_trace(trace, canvas))
-    check_row(ct, row)
-    n_steps = row_steps(ct, row)
-    fields = {name: getattr(ct, name)[:n_steps, row].tolist() for name in _FIELDS}
-    entropy = ct.entropy[:n_steps, row].float()
+    view = RowView.select(trace, canvas, row)
+    ct, n_steps = view.trace, view.n_steps
+    fields = {name: view.per_step(name).tolist() for name in TOKEN_FIELDS}
+    entropy = view.per_step("entropy").float()
     finite = entropy[entropy.isfinite()]
     top_tokens = top_probs = None
     if ct.top_k_tokens is not None and ct.top_k_probs is not None:
@@ -67,13 +64,13 @@ def viewer_data(
         "fields": fields,
         "entropy": [[_round(e, 4) for e in step] for step in entropy.tolist()],
         "max_entropy": _round(finite.max(), 4) if finite.numel() else 0.0,
-        "accepted": ct.accepted[:n_steps, row].int().tolist(),
+        "accepted": view.per_step("accepted").int().tolist(),
         "finished": ct.finished[:n_steps, row].tolist(),
         "temperature": [_round(v, 4) for v in ct.temperature[:n_steps].tolist()],
         "t": ct.t[:n_steps].tolist(),
         "top_k_tokens": top_tokens,
         "top_k_probs": top_probs,
-        "commit": ct.commit_step()[row].tolist(),
+        "commit": view.commit_steps().tolist(),
         "final": ct.argmax[n_steps - 1, row].tolist(),
     }
 
@@ -118,12 +115,21 @@ def render_viewer(
         "@TITLE@": html.escape(data["title"], quote=True),
         "@MAX_STEP@": str(data["n_steps"] - 1),
         "@STEP@": str(step),
+        "@VIEW_OPTIONS@": _view_options(),
         "@STYLE@": _STYLE,
         "@DATA@": script_safe_json(data),
         "@SCRIPT@": _SCRIPT,
     }
     # one pass, so nothing substituted (a title, the data) is scanned for placeholders again
     return re.sub(r"@[A-Z_]+@", lambda match: replacements[match.group(0)], _TEMPLATE)
+
+
+def _view_options() -> str:
+    """One `<option>` per token field of the trace; the first (the draft answer) is shown first."""
+    return "\n".join(
+        f'<option value="{name}"{" selected" if i == 0 else ""}>{html.escape(label)}</option>'
+        for i, (name, label) in enumerate(TOKEN_FIELDS.items())
+    )
 
 
 def write_viewer(trace: DenoisingTrace | CanvasTrace, tokenizer: TokenDecoder, path: str | Path, **kw: Any) -> Path:
@@ -156,10 +162,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <span id="step-label"></span>
 <label for="view-select">show</label>
 <select id="view-select">
-<option value="argmax" selected>draft (argmax)</option>
-<option value="sampled">sampled</option>
-<option value="input_canvas">canvas read by the decoder</option>
-<option value="next_canvas">canvas after the step</option>
+@VIEW_OPTIONS@
 </select>
 </section>
 <div id="step-info"></div>
