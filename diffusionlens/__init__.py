@@ -3,12 +3,12 @@
 from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.cache import ActivationCache
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache
+from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache, RecordSpec
 from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, HookPoint
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
-from diffusionlens.sampling import GenerationResult, ReplayNoise, RowReplayNoise, TorchRNGNoise
+from diffusionlens.sampling import GenerationResult, GenerationSettings, ReplayNoise, RowReplayNoise, TorchRNGNoise
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
 __version__ = "0.1.0"
@@ -20,6 +20,8 @@ __all__ = [
     "DenoisingCache",
     "DenoisingTrace",
     "GenerationResult",
+    "GenerationSettings",
+    "RecordSpec",
     "ReplayNoise",
     "RowReplayNoise",
     "TokenBottleneck",
