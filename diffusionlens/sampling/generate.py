@@ -91,19 +91,7 @@ def generate(
     self-conditioning logits between steps. `cache` (see `generate_with_cache`) records hook values
     with the step axis.
     """
-    settings = merge_settings(
-        settings,
-        max_new_tokens=max_new_tokens,
-        max_denoising_steps=max_denoising_steps,
-        entropy_bound=entropy_bound,
-        t_min=t_min,
-        t_max=t_max,
-        stability_threshold=stability_threshold,
-        confidence_threshold=confidence_threshold,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        record_top_k=record_top_k,
-    )
+    settings = merge_settings(settings, **_settings_keywords(locals()))
     noise = noise if noise is not None else TorchRNGNoise()
     if bottleneck is not None and self_cond_transform is not None:
         raise ValueError("pass either bottleneck or self_cond_transform, not both")
@@ -124,6 +112,11 @@ def generate(
         model.hook_ctx.reset()
         if cache is not None:
             cache.finish()
+
+
+def _settings_keywords(scope: dict[str, Any]) -> dict[str, Any]:
+    """The settings keywords of `generate`'s (or `generate_with_cache`'s) signature, read from its locals."""
+    return {f.name: scope[f.name] for f in fields(GenerationSettings)}
 
 
 @dataclass(frozen=True)
@@ -336,19 +329,7 @@ def generate_with_cache(
         path=path,
         max_bytes=max_bytes,
     )
-    settings = merge_settings(
-        settings,
-        max_new_tokens=max_new_tokens,
-        max_denoising_steps=max_denoising_steps,
-        entropy_bound=entropy_bound,
-        t_min=t_min,
-        t_max=t_max,
-        stability_threshold=stability_threshold,
-        confidence_threshold=confidence_threshold,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        record_top_k=record_top_k,
-    )
+    settings = merge_settings(settings, **_settings_keywords(locals()))
     input_ids = model.check_tokens(input_ids, "input_ids")
     cache = build_cache(
         model,
