@@ -7,7 +7,7 @@ with the request, never with the model. What to record is a `RecordSpec`; where 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,7 @@ def select_indices(selector: Selector, size: int, what: str) -> set[int] | None:
 def _check_selector(selector: Selector, what: str) -> None:
     if selector is None or isinstance(selector, (int, slice, torch.Tensor)) or selector == "all":
         return
-    if isinstance(selector, str) or not isinstance(selector, Sequence):
+    if isinstance(selector, str) or not isinstance(selector, Iterable):
         raise TypeError(f"{what} must be an int, slice, list of ints, bool mask or 'all', got {selector!r}")
 
 
