@@ -3,13 +3,13 @@
 from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.cache import ActivationCache
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache
+from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache, RecordSpec
 from diffusionlens.factored_matrix import FactoredMatrix
 from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, HookPoint
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
-from diffusionlens.sampling import GenerationResult, ReplayNoise, RowReplayNoise, TorchRNGNoise
+from diffusionlens.sampling import GenerationResult, GenerationSettings, ReplayNoise, RowReplayNoise, TorchRNGNoise
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 from diffusionlens.weights import BlockWeights, ModelWeights, block_weights, model_weights
 
@@ -27,6 +27,8 @@ __all__ = [
     "block_weights",
     "model_weights",
     "GenerationResult",
+    "GenerationSettings",
+    "RecordSpec",
     "ReplayNoise",
     "RowReplayNoise",
     "TokenBottleneck",

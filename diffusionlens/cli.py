@@ -18,6 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+from diffusionlens.sampling.settings import GenerationSettings
+
+DEFAULTS = GenerationSettings()
+
 
 def _canvas_text(tokenizer, ids: list[int]) -> str:
     """One character per position; eos as '|', pad as '.', so columns line up with positions."""
@@ -41,10 +45,12 @@ def _add_generation_args(parser: argparse.ArgumentParser, prompt_required: bool 
         help="replay: ReplayNoise(seed), reproducible per step; torch: the global RNG as transformers uses it",
     )
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: one canvas")
-    parser.add_argument("--max-steps", type=int, default=48, help="denoising steps per canvas at most")
-    parser.add_argument("--entropy-bound", type=float, default=0.1)
-    parser.add_argument("--t-min", type=float, default=0.4)
-    parser.add_argument("--t-max", type=float, default=0.8)
+    parser.add_argument(
+        "--max-steps", type=int, default=DEFAULTS.max_denoising_steps, help="denoising steps per canvas at most"
+    )
+    parser.add_argument("--entropy-bound", type=float, default=DEFAULTS.entropy_bound)
+    parser.add_argument("--t-min", type=float, default=DEFAULTS.t_min)
+    parser.add_argument("--t-max", type=float, default=DEFAULTS.t_max)
     parser.add_argument("--bottleneck-top-k", type=int, default=None, help="pass self-conditioning through top-k")
     parser.add_argument("--bottleneck-top-p", type=float, default=None, help="... and/or a top-p nucleus")
     parser.add_argument("--record-top-k", type=int, default=5, help="top-k tokens per position kept in the trace")
@@ -52,23 +58,29 @@ def _add_generation_args(parser: argparse.ArgumentParser, prompt_required: bool 
 
 
 def _generation_inputs(model, args) -> tuple:
-    """(input_ids, generate kwargs) from the shared generation flags."""
+    """(input_ids, generate kwargs) from the shared generation flags; bad settings exit naming the flag's field."""
     import torch
 
     from diffusionlens import ReplayNoise, TokenBottleneck, TorchRNGNoise
 
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=args.max_new_tokens or model.cfg.canvas_length,
+            max_denoising_steps=args.max_steps,
+            entropy_bound=args.entropy_bound,
+            t_min=args.t_min,
+            t_max=args.t_max,
+            record_top_k=args.record_top_k,
+        )
+    except ValueError as error:
+        raise SystemExit(f"diffusionlens: {error}") from None
     input_ids, attention_mask = model.to_tokens_and_mask(args.prompt)
     if args.noise == "torch":
         torch.manual_seed(args.seed)
     kwargs = dict(
+        settings=settings,
         attention_mask=attention_mask,
-        max_new_tokens=args.max_new_tokens or model.cfg.canvas_length,
-        max_denoising_steps=args.max_steps,
-        entropy_bound=args.entropy_bound,
-        t_min=args.t_min,
-        t_max=args.t_max,
         noise=ReplayNoise(args.seed) if args.noise == "replay" else TorchRNGNoise(),
-        record_top_k=args.record_top_k,
         progress=not args.no_progress,
     )
     if args.bottleneck_top_k is not None or args.bottleneck_top_p is not None:
@@ -83,7 +95,7 @@ def _load(model: str, progress: bool):
 
 
 def _answers(model, result) -> list[str]:
-    tokenizer = model._need_tokenizer()
+    tokenizer = model.need_tokenizer()
     return [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in result.new_tokens()]
 
 
@@ -160,6 +172,10 @@ def _trace(argv: list[str]) -> None:
     if args.cache:
         steps = [int(s) for s in args.cache_steps.split(",")] if args.cache_steps else None
         max_bytes = int(args.max_cache_gb * 2**30) if args.max_cache_gb else None
+        try:
+            model.resolve_hook_names(args.cache)  # a typo exits here, before the output directory fills
+        except KeyError as error:
+            raise SystemExit(f"diffusionlens trace --cache: {error.args[0]}") from None
         result, cache = model.generate_with_cache(
             input_ids,
             names_filter=args.cache,
@@ -253,7 +269,10 @@ def _patch(argv: list[str]) -> None:
         raise SystemExit(f"diffusionlens patch: {error}") from None
     if args.model:
         spec.model = args.model
-    result = run_sweep_spec(spec, progress=not args.no_progress)
+    try:
+        result = run_sweep_spec(spec, progress=not args.no_progress)
+    except KeyError as error:  # the spec's hook matches no hook point: say which, and the nearest
+        raise SystemExit(f"diffusionlens patch: {error.args[0]}") from None
     result.save(args.out)
     print(result.table())
     print(f"largest value at {dict(zip(result.axes, result.argmax(), strict=True))}; saved to {args.out}")
@@ -280,7 +299,12 @@ def _depth(argv: list[str]) -> None:
     parser.add_argument(
         "--config", default="real", help="'real' (the shipped DiffusionGemma 26B-A4B config) or a config.json path"
     )
-    parser.add_argument("--steps", type=int, default=48, help="denoising steps per canvas (largest row shown)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULTS.max_denoising_steps,
+        help="denoising steps per canvas (largest row shown)",
+    )
     parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens in the encoder's KV cache")
     parser.add_argument(
         "--toy-mean-steps", type=float, default=None, help="mean denoising steps measured on the toy model"

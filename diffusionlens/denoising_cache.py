@@ -1,38 +1,46 @@
 """DenoisingCache: hook values of a whole generation, with a step axis.
 
 Recording is filtered by name, step, canvas position and canvas at record time, so memory grows
-with the request, never with the model. Storage is the device the value was produced on
-("memory"), host memory ("cpu", pinned when CUDA is present), or a directory of safetensors
-shards, one per (canvas, step), written as the run goes and read lazily ("disk").
+with the request, never with the model. What to record is a `RecordSpec`; where the values go is a
+`CacheStorage` (diffusionlens.cache_storage: memory, cpu or a directory of safetensors shards).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from diffusionlens.cache import ActivationCache
+from diffusionlens.cache_storage import (
+    CACHE_FORMAT_VERSION,
+    ENCODER,
+    STORAGE_KINDS,
+    CacheStorage,
+    DiskStorage,
+    decode_dtype,
+    encode_dtype,
+    make_storage,
+)
+from diffusionlens.hook_points import NameFilter
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
+from diffusionlens.sampling.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
 
-CACHE_FORMAT_VERSION = 1
-ENCODER = -1  # the step key under which encoder values (once per canvas) are stored
+__all__ = ["CACHE_FORMAT_VERSION", "ENCODER", "CacheBudgetError", "DenoisingCache", "RecordSpec", "select_indices"]
+
 Selector = int | slice | Sequence[int] | torch.Tensor | str | None
 
 
-def _select_set(selector: Selector, size: int, what: str) -> set[int] | None:
-    """Indices picked by an int, slice, list, bool mask, 'all' or None (None = everything)."""
+def select_indices(selector: Selector, size: int, what: str) -> set[int] | None:
+    """Indices picked by an int, slice, list, bool mask, 'all' or None (None = everything) out of
+    `size`; negative ints count from the end. `what` names the argument in the error."""
     if selector is None or (isinstance(selector, str) and selector == "all"):
         return None
     if isinstance(selector, str):
@@ -46,8 +54,65 @@ def _select_set(selector: Selector, size: int, what: str) -> set[int] | None:
     return {int(i) % size if int(i) < 0 else int(i) for i in selector}
 
 
+def _check_selector(selector: Selector, what: str) -> None:
+    if selector is None or isinstance(selector, (int, slice, torch.Tensor)) or selector == "all":
+        return
+    if isinstance(selector, str) or not isinstance(selector, Iterable):
+        raise TypeError(f"{what} must be an int, slice, list of ints, bool mask or 'all', got {selector!r}")
+
+
 class CacheBudgetError(MemoryError):
     """The requested recording would exceed `max_bytes`."""
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """What `generate_with_cache` records, and where: validated on construction.
+
+    names_filter: hook names, globs or regexes (or a list of them) or a predicate; None = every hook.
+    steps / positions / canvases: an int, slice, list, bool mask or "all" (None = all).
+    dtype: cast floating values (None keeps the model's). storage: "memory", "cpu" or "disk";
+    path: the directory for "disk". max_bytes: refuse before the run if the estimate is larger.
+    """
+
+    names_filter: NameFilter = None
+    steps: Selector = None
+    positions: Selector = None
+    canvases: Selector = None
+    dtype: torch.dtype | None = None
+    storage: str = "memory"
+    path: str | Path | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("steps", "positions", "canvases"):
+            _check_selector(getattr(self, what), what)
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {self.dtype!r}")
+        if self.storage not in STORAGE_KINDS:
+            raise ValueError(f"storage must be 'memory', 'cpu' or 'disk', got {self.storage!r}")
+        if self.storage == "disk" and self.path is None:
+            raise ValueError("storage='disk' needs path=<directory to write the shards into>")
+        if self.storage != "disk" and self.path is not None:
+            raise ValueError(
+                f"path= is where storage='disk' writes; drop it or pass storage='disk' (got {self.storage!r})"
+            )
+        if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
+            raise ValueError(f"max_bytes must be a positive int (bytes), got {self.max_bytes!r}")
+
+    @classmethod
+    def merged(cls, spec: RecordSpec | None, **overrides: Any) -> RecordSpec:
+        """`spec` (default `RecordSpec()`) with every override that is not None applied."""
+        if spec is not None and not isinstance(spec, RecordSpec):
+            raise TypeError(f"record must be a RecordSpec, got {type(spec).__name__}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"RecordSpec has no field(s) {sorted(unknown)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        spec = spec or cls()
+        if "storage" in given and given["storage"] != "disk" and "path" not in given:
+            given["path"] = None  # a storage override that is not disk drops the spec's directory
+        return replace(spec, **given)
 
 
 class DenoisingCache:
@@ -56,7 +121,8 @@ class DenoisingCache:
     `cache[name]` is `[step, batch, pos, …]` for a single-canvas run (encoder hooks: `[batch, pos, …]`);
     `cache.get(name, canvas=c, step=s)` in general; `cache.steps(c)` lists recorded steps;
     `cache.step_cache(s, canvas=c)` is an `ActivationCache` of one step, so every single-pass helper
-    (accumulated_resid, logit_lens, …) works at any step.
+    (accumulated_resid, logit_lens, …) works at any step. `storage` is a kind ("memory", "cpu",
+    "disk" with `path`) or a `CacheStorage`; `cache.backend` is the storage in use.
     """
 
     def __init__(
@@ -67,34 +133,44 @@ class DenoisingCache:
         positions: Selector = None,
         canvases: Selector = None,
         dtype: torch.dtype | None = None,
-        storage: str = "memory",
+        storage: str | CacheStorage = "memory",
         path: str | Path | None = None,
-        max_steps: int = 48,
+        max_steps: int = GenerationSettings.max_denoising_steps,
         max_canvases: int = 1,
         canvas_length: int = 256,
         pos_axes: dict[str, int | None] | None = None,
     ) -> None:
-        if storage not in ("memory", "cpu", "disk"):
-            raise ValueError(f"storage must be 'memory', 'cpu' or 'disk', got {storage!r}")
-        if storage == "disk" and path is None:
-            raise ValueError("storage='disk' needs path=<directory to write the shards into>")
+        self.backend = make_storage(storage, path) if isinstance(storage, str) else storage
+        self.storage = self.backend.kind
+        self.path = getattr(self.backend, "path", None)
         self.names = list(names)
-        self.storage = storage
         self.dtype = dtype
-        self.path = Path(path) if path is not None else None
-        self._steps = _select_set(steps, max_steps, "steps")
-        self._canvases = _select_set(canvases, max_canvases, "canvases")
-        self._positions = _select_set(positions, canvas_length, "positions")
+        self._steps = select_indices(steps, max_steps, "steps")
+        self._canvases = select_indices(canvases, max_canvases, "canvases")
+        self._positions = select_indices(positions, canvas_length, "positions")
         self.positions = None if self._positions is None else sorted(self._positions)
+        self._sizes = {"max_steps": max_steps, "max_canvases": max_canvases, "canvas_length": canvas_length}
         self._pos_index: torch.Tensor | None = None
         self._pos_axes = pos_axes or {}
         self._pending: dict[str, torch.Tensor] = {}
-        self._data: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self._files: dict[tuple[int, int], str] = {}
         self.model: HookedDiffusionGemma | None = None
-        if self.path is not None:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._write_meta()
+        self.backend.begin(self.record())
+
+    def record(self) -> dict[str, Any]:
+        """The resolved record spec as JSON-able data: what a disk cache saves and reopens with."""
+
+        def listed(chosen: set[int] | None) -> list[int] | None:
+            return None if chosen is None else sorted(chosen)
+
+        return {
+            "names": self.names,
+            "steps": listed(self._steps),
+            "positions": self.positions,
+            "canvases": listed(self._canvases),
+            "dtype": encode_dtype(self.dtype),
+            "pos_axes": self._pos_axes,
+            **self._sizes,
+        }
 
     # ------------------------------------------------------------------ recording
     def wants(self, canvas: int, step: int | None) -> bool:
@@ -118,11 +194,7 @@ class DenoisingCache:
             value = value.index_select(axis, self._pos_index)
         if self.dtype is not None and value.is_floating_point():
             value = value.to(self.dtype)
-        if self.storage == "cpu" or self.storage == "disk":
-            value = _to_host(value)
-        elif value.data_ptr() == tensor.data_ptr():
-            value = value.clone()  # own the storage: a view would pin the whole activation
-        self._pending[hook.name] = value
+        self._pending[hook.name] = self.backend.prepare(value, tensor)
 
     def end_encoder(self, canvas: int) -> None:
         self._flush(canvas, ENCODER)
@@ -134,62 +206,37 @@ class DenoisingCache:
         if not self._pending:
             return
         values, self._pending = self._pending, {}
-        if self.storage == "disk":
-            fname = f"canvas{canvas:04d}_{'encoder' if step == ENCODER else f'step{step:04d}'}.safetensors"
-            tmp = self.path / (fname + ".tmp")
-            save_file({k: v.contiguous() for k, v in values.items()}, str(tmp))
-            os.replace(tmp, self.path / fname)  # a shard is either complete or absent
-            self._files[(canvas, step)] = fname
-            self._write_meta()
-        else:
-            self._data[(canvas, step)] = values
+        self.backend.put(canvas, step, values)
 
     def finish(self) -> None:
         self._pending = {}
-        if self.path is not None:
-            self._write_meta()
-
-    def _write_meta(self) -> None:
-        meta = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "names": self.names,
-            "positions": self.positions,
-            "shards": [[c, s, f] for (c, s), f in sorted(self._files.items())],
-        }
-        tmp = self.path / "cache.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.path / "cache.json")
+        self.backend.finish()
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path) -> DenoisingCache:
-        """Reopen a disk cache; tensors are read lazily. Completed steps of an interrupted run load."""
-        path = Path(path)
-        meta_path = path / "cache.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{path} holds no cache.json; is it a DenoisingCache directory?")
-        meta = json.loads(meta_path.read_text())
-        version = meta.get("format_version", 0)
-        if version > CACHE_FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer diffusionlens (cache format {version} > {CACHE_FORMAT_VERSION}); "
-                "upgrade diffusionlens to read it"
-            )
-        cache = cls.__new__(cls)
-        cache.names, cache.storage, cache.dtype, cache.path = meta["names"], "disk", None, path
-        cache.positions = meta.get("positions")
-        cache._data, cache._pending, cache.model = {}, {}, None
-        cache._files = {}
-        for canvas, step, fname in meta["shards"]:
-            if not re.fullmatch(r"canvas\d{4}_(encoder|step\d{4})\.safetensors", fname):
-                raise ValueError(f"{meta_path} names an unexpected shard file {fname!r}; refusing to open it")
-            if (path / fname).exists():
-                cache._files[(canvas, step)] = fname
+    def load(cls, path: str | Path, model: HookedDiffusionGemma | None = None) -> DenoisingCache:
+        """Reopen a disk cache (read-only; tensors are read lazily) with the filters it was recorded
+        with, built through the same constructor. Completed steps of an interrupted run load. Pass
+        `model` for helpers that need it (`step_cache(...).logit_lens`)."""
+        storage, record = DiskStorage.open(path)
+        cache = cls(
+            record["names"],
+            steps=record["steps"],
+            positions=record["positions"],
+            canvases=record["canvases"],
+            dtype=decode_dtype(record["dtype"]),
+            storage=storage,
+            max_steps=record["max_steps"],
+            max_canvases=record["max_canvases"],
+            canvas_length=record["canvas_length"],
+            pos_axes=record["pos_axes"],
+        )
+        cache.model = model
         return cache
 
     # ------------------------------------------------------------------ reading
     def _keys(self) -> list[tuple[int, int]]:
-        return sorted(set(self._data) | set(self._files))
+        return sorted(self.backend.keys())
 
     def canvases(self) -> list[int]:
         return sorted({c for c, _ in self._keys()})
@@ -199,19 +246,13 @@ class DenoisingCache:
         return [s for c, s in self._keys() if c == canvas and s != ENCODER]
 
     def _load(self, canvas: int, step: int, name: str) -> torch.Tensor:
-        if (canvas, step) in self._data:
-            values = self._data[(canvas, step)]
-            if name not in values:
-                raise KeyError(self._missing(name))
-            return values[name]
-        fname = self._files.get((canvas, step))
-        if fname is None:
+        if (canvas, step) not in self.backend.keys():
             where = "encoder" if step == ENCODER else f"step {step}"
             raise KeyError(f"nothing recorded for canvas {canvas}, {where}; recorded steps: {self.steps(canvas)}")
-        with safe_open(str(self.path / fname), framework="pt") as handle:
-            if name not in handle.keys():
-                raise KeyError(self._missing(name))
-            return handle.get_tensor(name)
+        value = self.backend.read(canvas, step, name)
+        if value is None:
+            raise KeyError(self._missing(name))
+        return value
 
     def _missing(self, name: str) -> str:
         import difflib
@@ -246,9 +287,10 @@ class DenoisingCache:
     def step_cache(self, step: int, canvas: int = 0) -> ActivationCache:
         """An ActivationCache of one step: decoder/sampler values at `step` plus the canvas's encoder values."""
         store = {}
+        stored = self.backend.keys()
         for name in self.names:
             key = (canvas, ENCODER if self._is_encoder(name) else step)
-            if key in self._data or key in self._files:
+            if key in stored:
                 try:
                     store[name] = self._load(*key, name)
                 except KeyError:
@@ -261,14 +303,7 @@ class DenoisingCache:
 
     def nbytes(self) -> int:
         """Bytes held in memory by recorded tensors (disk caches hold none)."""
-        seen, total = set(), 0
-        for values in self._data.values():
-            for t in values.values():
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-        return total
+        return self.backend.nbytes()
 
     def __repr__(self) -> str:
         return (
@@ -277,68 +312,63 @@ class DenoisingCache:
         )
 
 
-def _to_host(value: torch.Tensor) -> torch.Tensor:
-    if value.device.type == "cpu":
-        return value.clone()
-    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=torch.cuda.is_available())
-    return host.copy_(value, non_blocking=False)
-
-
 def build_cache(
     model: HookedDiffusionGemma,
+    record: RecordSpec | None = None,
     *,
-    names_filter: Any = None,
-    steps: Selector = None,
-    positions: Selector = None,
-    canvases: Selector = None,
-    dtype: torch.dtype | None = None,
-    storage: str = "memory",
-    path: str | Path | None = None,
-    max_bytes: int | None = None,
     batch: int = 1,
     prompt_len: int = 1,
-    max_steps: int = 48,
+    max_steps: int = GenerationSettings.max_denoising_steps,
     n_canvases: int = 1,
 ) -> DenoisingCache:
-    """Resolve the filters against the model and, with `max_bytes`, refuse up front if the
-    request would not fit (the estimate counts every allowed step)."""
-    if names_filter is None:
-        names = list(model.hook_dict)
-    elif callable(names_filter) or isinstance(names_filter, (str, Iterable)):
-        names = model.resolve_hook_names(names_filter)
-    else:
-        raise TypeError(f"names_filter must be a name, glob, list or predicate, got {type(names_filter)}")
+    """The cache `record` asks for, its names filter resolved against the model (a filter that
+    matches nothing raises a KeyError naming the nearest hooks). With `record.max_bytes`, refuse up
+    front if the request would not fit (the estimate counts every allowed step)."""
+    record = record or RecordSpec()
+    names = model.resolve_hook_names(record.names_filter)
     specs = hook_specs(model.cfg, batch, prompt_len)
     cache = DenoisingCache(
         names,
-        steps=steps,
-        positions=positions,
-        canvases=canvases,
-        dtype=dtype,
-        storage=storage,
-        path=path,
+        steps=record.steps,
+        positions=record.positions,
+        canvases=record.canvases,
+        dtype=record.dtype,
+        storage=record.storage,
+        path=record.path,
         max_steps=max_steps,
         max_canvases=n_canvases,
         canvas_length=model.cfg.canvas_length,
         pos_axes={n: specs[n].pos_axis for n in names},
     )
-    if max_bytes is not None:
-        n_steps = max_steps if cache._steps is None else len(cache._steps)
-        n_can = n_canvases if cache._canvases is None else len(cache._canvases & set(range(n_canvases)))
-        estimate = estimate_cache_bytes(
-            model.cfg,
-            names,
-            batch=batch,
-            prompt_len=prompt_len,
-            steps=n_steps,
-            canvases=n_can,
-            positions=None if cache.positions is None else len(cache.positions),
-            dtype=dtype or model.dtype,
-        )
-        if estimate > max_bytes:
-            raise CacheBudgetError(
-                f"recording {len(names)} hooks over {n_steps} steps × {n_can} canvases needs about "
-                f"{estimate / 2**20:.1f} MiB > max_bytes={max_bytes / 2**20:.1f} MiB; narrow names_filter, steps "
-                "or positions, or pick a smaller dtype"
-            )
+    if record.max_bytes is not None:
+        _check_budget(model, cache, record, batch=batch, prompt_len=prompt_len, n_canvases=n_canvases)
     return cache
+
+
+def _check_budget(
+    model: HookedDiffusionGemma,
+    cache: DenoisingCache,
+    record: RecordSpec,
+    *,
+    batch: int,
+    prompt_len: int,
+    n_canvases: int,
+) -> None:
+    n_steps = cache._sizes["max_steps"] if cache._steps is None else len(cache._steps)
+    n_can = n_canvases if cache._canvases is None else len(cache._canvases & set(range(n_canvases)))
+    estimate = estimate_cache_bytes(
+        model.cfg,
+        cache.names,
+        batch=batch,
+        prompt_len=prompt_len,
+        steps=n_steps,
+        canvases=n_can,
+        positions=None if cache.positions is None else len(cache.positions),
+        dtype=record.dtype or model.dtype,
+    )
+    if estimate > record.max_bytes:
+        raise CacheBudgetError(
+            f"recording {len(cache.names)} hooks over {n_steps} steps × {n_can} canvases needs about "
+            f"{estimate / 2**20:.1f} MiB > max_bytes={record.max_bytes / 2**20:.1f} MiB; narrow names_filter, steps "
+            "or positions, or pick a smaller dtype"
+        )

@@ -101,19 +101,62 @@ class HookPoint(nn.Module):
         return f"name={self.name!r}"
 
 
-def _compile_filter(names: NameFilter) -> Callable[[str], bool]:
-    if names is None:
-        return lambda _: True
-    if callable(names):
-        return names
-    if isinstance(names, str):
-        names = [names]
-    patterns = list(names)
+def resolve_hook_names(names_filter: NameFilter, available: Iterable[str]) -> list[str]:
+    """The names in `available` that `names_filter` picks, in `available`'s order for a glob or
+    predicate: None (every name), an exact name, a glob (`decoder.blocks.*.hook_resid_post`), a
+    regex (`decoder\\.blocks\\.(0|1)\\..*`), a list of those, or a predicate `fn(name) -> bool`.
 
-    def match(name: str) -> bool:
-        return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+    The one resolver behind every names filter (hooks, caches, patches, the CLI): a name or pattern
+    that matches nothing, or a predicate that matches nothing, raises a KeyError naming the nearest
+    hook names, because a typo that silently matches nothing would record or patch nothing.
+    """
+    available = list(available)
+    if names_filter is None:
+        return available
+    if callable(names_filter):
+        matched = [n for n in available if names_filter(n)]
+        if not matched:
+            raise KeyError(
+                f"the names_filter predicate {getattr(names_filter, '__name__', names_filter)!r} matched no hook "
+                "point; list them with sorted(model.hook_dict)"
+            )
+        return matched
+    if isinstance(names_filter, str):
+        patterns = [names_filter]
+    elif isinstance(names_filter, Iterable):
+        patterns = list(names_filter)
+    else:
+        raise TypeError(
+            f"names_filter must be a hook name, glob, regex, list of those or a predicate, got {names_filter!r}"
+        )
+    out: list[str] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"names_filter entries must be strings (names, globs or regexes), got {pattern!r}")
+        matched = _matches(pattern, available)
+        if not matched:
+            raise KeyError(unknown_hook_message(pattern, available))
+        out.extend(m for m in matched if m not in out)
+    return out
 
-    return match
+
+def _matches(pattern: str, available: list[str]) -> list[str]:
+    if pattern in available:
+        return [pattern]
+    matched = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
+    if not matched and re.search(r"[\^$+()|\\]", pattern):
+        regex = re.compile(pattern)
+        matched = [n for n in available if regex.fullmatch(n)]
+    return matched
+
+
+def unknown_hook_message(name: str, available: Iterable[str]) -> str:
+    nearest = difflib.get_close_matches(name, list(available), n=5, cutoff=0.5)
+    hint = f" Nearest names: {', '.join(nearest)}." if nearest else ""
+    return (
+        f"Unknown hook point '{name}'.{hint} "
+        "List them all with sorted(model.hook_dict) or use a glob such as 'decoder.blocks.*.hook_resid_post'."
+    )
 
 
 class HookedRootModule(nn.Module):
@@ -132,35 +175,13 @@ class HookedRootModule(nn.Module):
                 self.hook_dict[name] = module
 
     # ------------------------------------------------------------------ name resolution
-    def resolve_hook_names(self, names: str | Callable[[str], bool] | Iterable[str]) -> list[str]:
-        """Hook names matched by an exact name, a glob pattern, a list of those, or a predicate.
-
-        A name or pattern that matches nothing raises a KeyError listing the nearest names.
-        """
-        if callable(names):
-            return [n for n in self.hook_dict if names(n)]
-        patterns = [names] if isinstance(names, str) else list(names)
-        out: list[str] = []
-        for pattern in patterns:
-            if pattern in self.hook_dict:
-                matched = [pattern]
-            else:
-                matched = [n for n in self.hook_dict if fnmatch.fnmatchcase(n, pattern)]
-                if not matched and re.search(r"[\^$+()|\\]", pattern):
-                    regex = re.compile(pattern)
-                    matched = [n for n in self.hook_dict if regex.fullmatch(n)]
-            if not matched:
-                raise KeyError(self.unknown_hook_message(pattern))
-            out.extend(m for m in matched if m not in out)
-        return out
+    def resolve_hook_names(self, names: NameFilter) -> list[str]:
+        """Hook names matched by `names`: see `diffusionlens.hook_points.resolve_hook_names` (None = all;
+        exact, glob, regex, list, predicate; matching nothing raises a KeyError naming the nearest)."""
+        return resolve_hook_names(names, self.hook_dict)
 
     def unknown_hook_message(self, name: str) -> str:
-        nearest = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
-        hint = f" Nearest names: {', '.join(nearest)}." if nearest else ""
-        return (
-            f"Unknown hook point '{name}'.{hint} "
-            "List them all with sorted(model.hook_dict) or use a glob such as 'decoder.blocks.*.hook_resid_post'."
-        )
+        return unknown_hook_message(name, self.hook_dict)
 
     # ------------------------------------------------------------------ adding / removing
     def add_hook(self, name: str | Callable[[str], bool], fn: HookFn, dir: str = "fwd") -> list[HookPoint]:
@@ -222,11 +243,10 @@ class HookedRootModule(nn.Module):
         device: torch.device | str | None = None,
         detach: bool = True,
     ) -> list[tuple[str, HookFn]]:
-        """Forward hooks that copy each matching value into `store[name]`."""
-        keep = _compile_filter(names_filter)
+        """Forward hooks that copy each value `names_filter` picks (see `resolve_hook_names`) into `store[name]`."""
 
         def save(tensor: torch.Tensor, hook: HookPoint) -> None:
             value = tensor.detach() if detach else tensor
             store[hook.name] = value.to(device) if device is not None else value
 
-        return [(name, save) for name in self.hook_dict if keep(name)]
+        return [(name, save) for name in self.resolve_hook_names(names_filter)]

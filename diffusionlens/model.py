@@ -6,6 +6,7 @@ Read top to bottom: construction and weight tying, the three passes (`encode`, `
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
 from diffusionlens.prompt_state import PromptState
+from diffusionlens.sampling.generate import generate as _generate
+from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
 from diffusionlens.stacks import DecoderStack, EncoderStack
 
 if TYPE_CHECKING:
@@ -113,7 +116,7 @@ class HookedDiffusionGemma(HookedRootModule):
         prompt_state: PromptState | None = None,
     ) -> PromptState:
         """Run the encoder over `input_ids`, appending to `prompt_state` if given (a later canvas)."""
-        input_ids = self._check_tokens(input_ids, "input_ids")
+        input_ids = self.check_tokens(input_ids, "input_ids")
         if input_ids.shape[1] == 0 and prompt_state is None:
             raise ValueError("input_ids is empty: the encoder needs at least one prompt token (e.g. bos)")
         if attention_mask is None:
@@ -139,7 +142,7 @@ class HookedDiffusionGemma(HookedRootModule):
         self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None = None,
     ) -> Float[torch.Tensor, "batch canvas vocab"]:
         """One decoder pass: fp32 soft-capped logits for every canvas position."""
-        canvas_ids = self._check_tokens(canvas_ids, "canvas_ids")
+        canvas_ids = self.check_tokens(canvas_ids, "canvas_ids")
         batch, length = canvas_ids.shape
         if length != self.cfg.canvas_length:
             raise ValueError(
@@ -165,7 +168,12 @@ class HookedDiffusionGemma(HookedRootModule):
         """Encode the prompt, then one decoder pass over the canvas (as transformers' forward)."""
         return self.denoise(canvas_ids, self.encode(input_ids, attention_mask), self_cond_logits)
 
-    def _check_tokens(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+    def check_tokens(self, ids: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"], name: str) -> torch.Tensor:
+        """`ids` as a `[batch, pos]` long tensor on the model's device; a 1-D tensor gains a batch axis.
+
+        Raises a TypeError for non-integer input and a ValueError naming `name` for a wrong rank or
+        ids outside the vocabulary, so every entry point refuses bad tokens the same way.
+        """
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16):
             raise TypeError(f"{name} must be an integer tensor of token ids, got {getattr(ids, 'dtype', type(ids))}")
         if ids.ndim == 1:
@@ -197,7 +205,8 @@ class HookedDiffusionGemma(HookedRootModule):
         return out, ActivationCache(store, self)
 
     # ------------------------------------------------------------------ tokens
-    def _need_tokenizer(self) -> Any:
+    def need_tokenizer(self) -> Any:
+        """The tokenizer, or a ValueError saying how to attach one."""
         if self.tokenizer is None:
             raise ValueError(
                 "This model has no tokenizer; set model.tokenizer = AutoTokenizer.from_pretrained(...) "
@@ -214,7 +223,7 @@ class HookedDiffusionGemma(HookedRootModule):
     ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
         """`to_tokens` plus the attention mask `generate` needs for a batch of prompts of different
         lengths (1 on prompt tokens, 0 on left padding)."""
-        tok = self._need_tokenizer()
+        tok = self.need_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
         rows = [list(tok(t)["input_ids"]) for t in texts]
         width = max(len(r) for r in rows)
@@ -224,28 +233,38 @@ class HookedDiffusionGemma(HookedRootModule):
         return ids, mask
 
     def to_string(self, tokens: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str | list[str]:
-        tok = self._need_tokenizer()
+        tok = self.need_tokenizer()
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
             return [tok.decode(row.tolist(), skip_special_tokens=skip_special_tokens) for row in tokens]
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         return tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def to_str_tokens(self, tokens: str | torch.Tensor | list[int]) -> list[str]:
-        tok = self._need_tokenizer()
+        tok = self.need_tokenizer()
         if isinstance(tokens, str):
             tokens = tok(tokens)["input_ids"]
         ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         return [tok.decode([i]) for i in ids]
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """Block-diffusion generation with per-step hooks; see `diffusionlens.sampling.generate`."""
-        from diffusionlens.sampling.generate import generate
+    # The sampling functions themselves, bound as methods: one explicit, documented signature (see
+    # `diffusionlens.sampling.generate` / `generate_with_cache`), written once.
+    generate = _generate
+    generate_with_cache = _generate_with_cache
 
-        return generate(self, input_ids, **kwargs)
+    # ------------------------------------------------------------------ deprecated names
+    def _check_tokens(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        _deprecated("_check_tokens", "check_tokens")
+        return self.check_tokens(ids, name)
 
-    def generate_with_cache(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        """`generate` that also records a step-indexed `DenoisingCache`; see `diffusionlens.sampling`."""
-        from diffusionlens.sampling.generate import generate_with_cache
+    def _need_tokenizer(self) -> Any:
+        _deprecated("_need_tokenizer", "need_tokenizer")
+        return self.need_tokenizer()
 
-        return generate_with_cache(self, input_ids, **kwargs)
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"HookedDiffusionGemma.{old} is now {new}; the old name goes away in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )

@@ -45,8 +45,8 @@ def test_attention_mass_by_hand():
     cache = DenoisingCache([PATTERN])
     # two prompt keys, then the three canvas keys; one head
     step1 = torch.tensor([[0.1, 0.1, 0.2, 0.5, 0.1], [0.2, 0.2, 0.1, 0.3, 0.2], [0.0, 0.0, 0.3, 0.3, 0.4]])
-    cache._data[(0, 0)] = {PATTERN: torch.full((1, 1, 3, 5), 0.2)}
-    cache._data[(0, 1)] = {PATTERN: step1[None, None]}
+    cache.backend.put(0, 0, {PATTERN: torch.full((1, 1, 3, 5), 0.2)})
+    cache.backend.put(0, 1, {PATTERN: step1[None, None]})
     result = attention_to_intermediate(cache, trace)
     assert result.steps == [0, 1] and result.layers == [0]
     assert result.n_positions[:, 0].tolist() == [0, 1]  # step 1 sees position 1 (intermediate at step 0)

@@ -79,7 +79,7 @@ def record_run(
     """Generate (free-running, with `ReplayNoise(0)` unless `noise` is given), recording the decoder
     logits and self-conditioning inputs every step (what frozen re-runs and metrics need) plus the
     hooks in `names_filter` (what a patch will copy from this run)."""
-    input_ids = model._check_tokens(input_ids, "input_ids")
+    input_ids = model.check_tokens(input_ids, "input_ids")
     names = [names_filter] if isinstance(names_filter, str) else list(names_filter or ())
     kwargs = {"noise": noise if noise is not None else ReplayNoise(0), "progress": False, **generate_kwargs}
     max_steps = kwargs.get("max_denoising_steps", 48)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffusionlens.denoising_cache import DenoisingCache, Selector, _select_set
+from diffusionlens.denoising_cache import DenoisingCache, Selector, select_indices
 from diffusionlens.hook_reference import position_axis
+from diffusionlens.sampling.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
@@ -59,10 +60,12 @@ class Patch:
     heads: Selector = "all"
     _stash: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def hooks(self, model: HookedDiffusionGemma, max_steps: int = 48) -> list[tuple[str, Callable]]:
+    def hooks(
+        self, model: HookedDiffusionGemma, max_steps: int = GenerationSettings.max_denoising_steps
+    ) -> list[tuple[str, Callable]]:
         names = model.resolve_hook_names(self.hook)
-        steps = _select_set(self.steps, max_steps, "steps")
-        canvases = _select_set(self.canvases, 1 << 16, "canvases") if self.canvases != "all" else None
+        steps = select_indices(self.steps, max_steps, "steps")
+        canvases = select_indices(self.canvases, 1 << 16, "canvases") if self.canvases != "all" else None
         if isinstance(self.source, CrossStep) and steps is not None and any(s <= self.source.step for s in steps):
             raise ValueError(
                 f"cross-step patch from step {self.source.step} into steps {sorted(steps)}: the source step must come "
@@ -133,7 +136,7 @@ def _write(value: torch.Tensor, donor: torch.Tensor, axes: dict[int, tuple[Selec
         )
     mask = torch.ones((), dtype=torch.bool, device=value.device)
     for axis, (selector, what) in axes.items():
-        chosen = _select_set(selector, value.shape[axis], what)
+        chosen = select_indices(selector, value.shape[axis], what)
         if chosen is None:
             continue
         along = torch.zeros(value.shape[axis], dtype=torch.bool, device=value.device)
@@ -143,7 +146,9 @@ def _write(value: torch.Tensor, donor: torch.Tensor, axes: dict[int, tuple[Selec
 
 
 def patch_hooks(
-    model: HookedDiffusionGemma, patches: Patch | Sequence[Patch], max_steps: int = 48
+    model: HookedDiffusionGemma,
+    patches: Patch | Sequence[Patch],
+    max_steps: int = GenerationSettings.max_denoising_steps,
 ) -> list[tuple[str, Callable]]:
     """Hook pairs applying every patch (for `generate(fwd_hooks=...)` or `model.hooks(...)`)."""
     patches = [patches] if isinstance(patches, Patch) else list(patches)

@@ -15,24 +15,25 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.sampler import (
-    SamplerSettings,
     StableAndConfident,
     entropy,
     entropy_bound_acceptance,
     temperature,
 )
+from diffusionlens.sampling.settings import NOT_GIVEN, GenerationSettings, merge_settings
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
-    from diffusionlens.model import HookedDiffusionGemma
+    from pathlib import Path
 
-_UNSET: Any = object()
+    from diffusionlens.denoising_cache import DenoisingCache, RecordSpec, Selector
+    from diffusionlens.hook_points import NameFilter
+    from diffusionlens.model import HookedDiffusionGemma
 
 
 @dataclass
@@ -56,49 +57,46 @@ def generate(
     model: HookedDiffusionGemma,
     input_ids: Int[torch.Tensor, "batch pos"],
     *,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 256,
-    max_denoising_steps: int = 48,
-    entropy_bound: float = 0.1,
-    t_min: float = 0.4,
-    t_max: float = 0.8,
-    stability_threshold: int = 1,
-    confidence_threshold: float = 0.005,
+    settings: GenerationSettings | None = None,
+    max_new_tokens: int | None = None,
+    max_denoising_steps: int | None = None,
+    entropy_bound: float | None = None,
+    t_min: float | None = None,
+    t_max: float | None = None,
+    stability_threshold: int | None = None,
+    confidence_threshold: float | None = None,
+    eos_token_id: int | Iterable[int] | None = NOT_GIVEN,
+    pad_token_id: int | None = NOT_GIVEN,
+    record_top_k: int | None = None,
+    attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
     noise: NoiseSource | None = None,
     fwd_hooks: Iterable[tuple[Any, Callable]] = (),
     bwd_hooks: Iterable[tuple[Any, Callable]] = (),
     progress: bool = True,
-    eos_token_id: int | Iterable[int] | None = _UNSET,
-    pad_token_id: int | None = _UNSET,
-    record_top_k: int = 0,
     self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bottleneck: Callable[[torch.Tensor], torch.Tensor] | None = None,
     cache: DenoisingCache | None = None,
 ) -> GenerationResult:
     """Generate with DiffusionGemma's block-diffusion sampler; hooks fire at every step.
 
+    Sampler settings come from `settings` (a `GenerationSettings`; default `GenerationSettings()`:
+    max_new_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+    stability_threshold=1, confidence_threshold=0.005, record_top_k=0, eos/pad from the model
+    config). Each settings keyword given here overrides that field of `settings`; a keyword left at
+    its default (None, or NOT_GIVEN for eos/pad, where None means "disable") keeps it.
+
     With the default `noise=TorchRNGNoise()`, `torch.manual_seed(s)` followed by this call gives the
     same `.sequences` as `torch.manual_seed(s)` followed by transformers' `generate` with the same
-    settings. eos/pad default to the model config's ids (pass None to disable eos stopping).
-    `bottleneck` (e.g. `TokenBottleneck(top_k=4)`) or any `self_cond_transform` rewrites the
-    self-conditioning logits between steps.
-    `cache` (see `generate_with_cache`) records hook values with the step axis.
+    settings. `bottleneck` (e.g. `TokenBottleneck(top_k=4)`) or any `self_cond_transform` rewrites the
+    self-conditioning logits between steps. `cache` (see `generate_with_cache`) records hook values
+    with the step axis.
     """
-    settings = SamplerSettings(
-        max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold
-    )
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if record_top_k < 0:
-        raise ValueError(f"record_top_k must be >= 0, got {record_top_k}")
-    cfg = model.cfg
-    eos_ids = cfg.eos_token_ids if eos_token_id is _UNSET else _as_tuple(eos_token_id)
-    pad_id = cfg.pad_token_id if pad_token_id is _UNSET else pad_token_id
+    settings = merge_settings(settings, **_settings_keywords(locals()))
     noise = noise if noise is not None else TorchRNGNoise()
     if bottleneck is not None and self_cond_transform is not None:
         raise ValueError("pass either bottleneck or self_cond_transform, not both")
     self_cond_transform = bottleneck or self_cond_transform
-    input_ids = model._check_tokens(input_ids, "input_ids")
+    input_ids = model.check_tokens(input_ids, "input_ids")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. bos)")
     hooks = list(fwd_hooks)
@@ -108,47 +106,38 @@ def generate(
         with model.hooks(fwd_hooks=hooks, bwd_hooks=bwd_hooks):
             context = torch.enable_grad() if _grad_needed(model) else torch.inference_mode()
             with context:
-                return _generate(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    max_new_tokens,
-                    settings,
-                    noise,
-                    progress,
-                    eos_ids,
-                    pad_id,
-                    record_top_k,
-                    self_cond_transform,
-                    cache,
-                )
+                run = _Run(settings, noise, progress, self_cond_transform, cache)
+                return _generate(model, input_ids, attention_mask, run)
     finally:
         model.hook_ctx.reset()
         if cache is not None:
             cache.finish()
 
 
-def _as_tuple(ids: int | Iterable[int] | None) -> tuple[int, ...]:
-    if ids is None:
-        return ()
-    return (ids,) if isinstance(ids, int) else tuple(ids)
+def _settings_keywords(scope: dict[str, Any]) -> dict[str, Any]:
+    """The settings keywords of `generate`'s (or `generate_with_cache`'s) signature, read from its locals."""
+    return {f.name: scope[f.name] for f in fields(GenerationSettings)}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one generation runs with, besides the model and its inputs."""
+
+    settings: GenerationSettings
+    noise: NoiseSource
+    progress: bool
+    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None
+    cache: DenoisingCache | None
 
 
 def _generate(
-    model: HookedDiffusionGemma,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    settings: SamplerSettings,
-    noise: NoiseSource,
-    progress: bool,
-    eos_ids: tuple[int, ...],
-    pad_id: int | None,
-    record_top_k: int,
-    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None,
-    cache: DenoisingCache | None,
+    model: HookedDiffusionGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, run: _Run
 ) -> GenerationResult:
     cfg, ctx, hooks = model.cfg, model.hook_ctx, model.sampler
+    settings, noise, cache = run.settings, run.noise, run.cache
+    self_cond_transform, record_top_k = run.self_cond_transform, settings.record_top_k
+    eos_ids, pad_id = settings.eos_ids(cfg), settings.pad_id(cfg)
+    max_new_tokens = settings.max_new_tokens
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     length, vocab = cfg.canvas_length, cfg.vocab_size
@@ -164,7 +153,7 @@ def _generate(
     traces: list[CanvasTrace] = []
     state = None
     new_tokens, new_mask = input_ids, attention_mask
-    bar = tqdm(total=n_canvases * settings.max_denoising_steps, desc="denoising", disable=not progress, leave=False)
+    bar = tqdm(total=n_canvases * settings.max_denoising_steps, desc="denoising", disable=not run.progress, leave=False)
     try:
         for canvas_index in range(n_canvases):
             ctx.canvas, ctx.step, ctx.t = canvas_index, None, None
@@ -277,37 +266,60 @@ def _finalize_canvas(
     return sequences, finished_rows
 
 
-def _settings_dict(settings: SamplerSettings, noise: NoiseSource, eos_ids: tuple[int, ...], pad_id: int | None) -> dict:
-    return {**settings.__dict__, "noise": repr(noise), "eos_token_id": list(eos_ids), "pad_token_id": pad_id}
+def _settings_dict(
+    settings: GenerationSettings, noise: NoiseSource, eos_ids: tuple[int, ...], pad_id: int | None
+) -> dict:
+    return {**settings.sampler_dict(), "noise": repr(noise), "eos_token_id": list(eos_ids), "pad_token_id": pad_id}
 
 
 def generate_with_cache(
     model: HookedDiffusionGemma,
     input_ids: Int[torch.Tensor, "batch pos"],
     *,
-    names_filter: Any = None,
-    steps: Any = None,
-    positions: Any = None,
-    canvases: Any = None,
+    record: RecordSpec | None = None,
+    names_filter: NameFilter = None,
+    steps: Selector = None,
+    positions: Selector = None,
+    canvases: Selector = None,
     dtype: torch.dtype | None = None,
-    storage: str = "memory",
-    path: Any = None,
+    storage: str | None = None,
+    path: str | Path | None = None,
     max_bytes: int | None = None,
-    **generate_kwargs: Any,
+    settings: GenerationSettings | None = None,
+    max_new_tokens: int | None = None,
+    max_denoising_steps: int | None = None,
+    entropy_bound: float | None = None,
+    t_min: float | None = None,
+    t_max: float | None = None,
+    stability_threshold: int | None = None,
+    confidence_threshold: float | None = None,
+    eos_token_id: int | Iterable[int] | None = NOT_GIVEN,
+    pad_token_id: int | None = NOT_GIVEN,
+    record_top_k: int | None = None,
+    attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
+    noise: NoiseSource | None = None,
+    fwd_hooks: Iterable[tuple[Any, Callable]] = (),
+    bwd_hooks: Iterable[tuple[Any, Callable]] = (),
+    progress: bool = True,
+    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bottleneck: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[GenerationResult, DenoisingCache]:
     """`generate`, recording the hooks matched by `names_filter` into a step-indexed DenoisingCache.
 
-    Filters apply at record time: `steps` (denoising steps within each canvas), `positions` (canvas
-    positions of decoder and sampler hooks), `canvases`; `dtype` converts floating values. `storage`:
-    "memory" (where computed), "cpu", or "disk" (safetensors shards under `path`, written as the
-    run goes). `max_bytes` refuses before the run, with the estimate, if the request would not fit.
+    What is recorded comes from `record` (a `RecordSpec`; default `RecordSpec()`: every hook, every
+    step, position and canvas, in memory), each record keyword given here overriding its field, as the
+    settings keywords override `settings` (see `generate`, which takes the other arguments).
+    Filters apply at record time: `names_filter` (names, globs, regexes or a predicate; one that
+    matches nothing raises a KeyError naming the nearest hooks), `steps` (denoising steps within each
+    canvas), `positions` (canvas positions of decoder and sampler hooks), `canvases`; `dtype`
+    converts floating values. `storage`: "memory" (where computed), "cpu", or "disk" (safetensors
+    shards under `path`, written as the run goes). `max_bytes` refuses before the run, with the
+    estimate, if the request would not fit.
     """
-    from diffusionlens.denoising_cache import build_cache
+    from diffusionlens.denoising_cache import RecordSpec, build_cache
 
-    input_ids = model._check_tokens(input_ids, "input_ids")
-    max_new = generate_kwargs.get("max_new_tokens", 256)
-    cache = build_cache(
-        model,
+    record = RecordSpec.merged(
+        record,
         names_filter=names_filter,
         steps=steps,
         positions=positions,
@@ -316,10 +328,28 @@ def generate_with_cache(
         storage=storage,
         path=path,
         max_bytes=max_bytes,
+    )
+    settings = merge_settings(settings, **_settings_keywords(locals()))
+    input_ids = model.check_tokens(input_ids, "input_ids")
+    cache = build_cache(
+        model,
+        record,
         batch=input_ids.shape[0],
         prompt_len=input_ids.shape[1],
-        max_steps=generate_kwargs.get("max_denoising_steps", 48),
-        n_canvases=math.ceil(max_new / model.cfg.canvas_length),
+        max_steps=settings.max_denoising_steps,
+        n_canvases=math.ceil(settings.max_new_tokens / model.cfg.canvas_length),
     )
-    result = generate(model, input_ids, cache=cache, **generate_kwargs)
+    result = generate(
+        model,
+        input_ids,
+        settings=settings,
+        attention_mask=attention_mask,
+        noise=noise,
+        fwd_hooks=fwd_hooks,
+        bwd_hooks=bwd_hooks,
+        progress=progress,
+        self_cond_transform=self_cond_transform,
+        bottleneck=bottleneck,
+        cache=cache,
+    )
     return result, cache

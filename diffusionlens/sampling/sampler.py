@@ -4,40 +4,27 @@ acceptance and the stable-and-confident stopping rule. Each computes exactly wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 
 import torch
 from jaxtyping import Bool, Float, Int
 
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
-            problems.append(f"max_denoising_steps must be a positive int (got {self.max_denoising_steps!r})")
-        if self.entropy_bound < 0:
-            problems.append(f"entropy_bound must be >= 0 (got {self.entropy_bound})")
-        if self.t_min < 0 or self.t_max < 0:
-            problems.append(f"temperatures must be >= 0 (got t_min={self.t_min}, t_max={self.t_max})")
-        if self.t_min > self.t_max:
-            problems.append(f"t_min={self.t_min} > t_max={self.t_max}; the schedule runs from t_max down to t_min")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            problems.append(f"stability_threshold must be an int >= 0 (got {self.stability_threshold!r})")
-        if self.confidence_threshold <= 0:
-            problems.append(f"confidence_threshold must be > 0 (got {self.confidence_threshold})")
-        if problems:
-            raise ValueError("Invalid sampler settings: " + "; ".join(problems))
+from diffusionlens.sampling.settings import GenerationSettings
 
 
-def temperature(t: int, settings: SamplerSettings, device: torch.device) -> torch.Tensor:
+def __getattr__(name: str) -> object:
+    if name == "SamplerSettings":
+        warnings.warn(
+            "SamplerSettings is now GenerationSettings (diffusionlens.sampling.settings); the old name "
+            "goes away in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return GenerationSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def temperature(t: int, settings: GenerationSettings, device: torch.device) -> torch.Tensor:
     """Linear schedule: t_max at the first step (t = N), t_min approached at the last (t = 1).
 
     Computed with the reference's int32 tensor arithmetic so the float32 result is identical.
