@@ -18,7 +18,9 @@ RESID = "decoder.blocks.0.hook_resid_post"
 def toy():
     model = HookedDiffusionGemma.from_pretrained("toy", progress=False)
     ids = model.to_tokens("squares 4 8:")
-    canvas = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=torch.Generator().manual_seed(0))
+    canvas = torch.randint(
+        0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=torch.Generator().manual_seed(0)
+    )
     return model, ids, canvas
 
 
@@ -137,6 +139,7 @@ def test_torch_module_hooks_on_a_hook_point_fire(toy):
     assert isinstance(point, HookPoint)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # the graph starts at this point
 def test_full_backward_hook_on_a_hook_point_fires(toy):
     model, ids, canvas = toy
     point = model.hook_dict[RESID]
