@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from diffusionlens.hook_context import HookPointContext
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Callable[[str], bool] | Sequence[str] | None
@@ -50,9 +53,11 @@ class HookPoint(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.name: str = ""
-        self.ctx: HookContext = HookContext()
+        self.ctx: HookPointContext = HookPointContext(HookContext())
         self.fwd_fns: list[HookFn] = []
         self.bwd_fns: list[HookFn] = []
+        # (direction, fn) of hooks added with add_perma_hook: reset_hooks() keeps them unless asked.
+        self.permanent_fns: list[tuple[str, HookFn]] = []
 
     @property
     def active(self) -> bool:
@@ -61,10 +66,21 @@ class HookPoint(nn.Module):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypass nn.Module.__call__: hot path
         if not self.fwd_fns and not self.bwd_fns:
             return x
+        return self._run_hooks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reached through nn.Module.__call__ only once a torch module hook is registered (see below).
+        return self._run_hooks(x)
+
+    def _run_hooks(self, x: torch.Tensor) -> torch.Tensor:
         for fn in self.fwd_fns:
             out = fn(x, self)
             if out is not None:
                 x = self._checked(out, x)
+        if self.bwd_fns and not x.requires_grad and x.is_floating_point() and torch.is_grad_enabled():
+            # A loaded model is frozen, so nothing upstream requires grad and the backward hook would
+            # never fire. Start the graph here, at the activation: parameters keep requires_grad=False.
+            x = x.detach().requires_grad_(True)
         if self.bwd_fns and x.requires_grad:
             # Bind the hooks now: the backward of this forward runs them even if it happens after they
             # were removed (run_with_hooks removes its hooks as soon as the forward returns).
@@ -72,8 +88,44 @@ class HookPoint(nn.Module):
             x.register_hook(lambda grad: self._run_backward(grad, fns))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x)
+    # torch's own module hooks: HookPoint.__call__ skips nn.Module.__call__ (the hot path), so the first
+    # registration switches this instance to a subclass that goes through it and so runs them.
+    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._use_torch_call()
+        return super().register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._use_torch_call()
+        return super().register_forward_pre_hook(*args, **kwargs)
+
+    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._use_torch_call()
+        return super().register_full_backward_hook(*args, **kwargs)
+
+    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._use_torch_call()
+        return super().register_full_backward_pre_hook(*args, **kwargs)
+
+    def register_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
+        self._use_torch_call()
+        return super().register_backward_hook(*args, **kwargs)
+
+    def _use_torch_call(self) -> None:
+        if type(self) is HookPoint:
+            self.__class__ = TorchHookedHookPoint
+
+    def clear_context(self) -> None:
+        """Empty this point's `ctx` dict (TransformerLens' name); step/canvas/t are unaffected."""
+        self.ctx.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.fwd_fns or self.bwd_fns:
+            raise pickle.PicklingError(
+                f"hook point '{self.name}' has hooks attached, and hook functions (often lambdas or closures) "
+                "are not part of a saved model. Call model.reset_hooks(including_permanent=True) before "
+                "pickling, or save the weights with model.save_pretrained(directory)."
+            )
+        return super().__getstate__()
 
     def _checked(self, out: Any, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -99,6 +151,13 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+class TorchHookedHookPoint(HookPoint):
+    """A HookPoint with torch module hooks registered on it: called through nn.Module.__call__ so
+    `register_forward_hook` and friends fire (around our own hook functions, which run in forward)."""
+
+    __call__ = nn.Module.__call__
 
 
 def resolve_hook_names(names_filter: NameFilter, available: Iterable[str]) -> list[str]:
@@ -171,7 +230,7 @@ class HookedRootModule(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
                 module.name = name
-                module.ctx = self.hook_ctx
+                module.ctx = HookPointContext(self.hook_ctx)
                 self.hook_dict[name] = module
 
     # ------------------------------------------------------------------ name resolution
@@ -184,20 +243,48 @@ class HookedRootModule(nn.Module):
         return unknown_hook_message(name, self.hook_dict)
 
     # ------------------------------------------------------------------ adding / removing
-    def add_hook(self, name: str | Callable[[str], bool], fn: HookFn, dir: str = "fwd") -> list[HookPoint]:
-        """Attach `fn(tensor, hook)` to every matching hook point; returns the points touched."""
-        if dir not in ("fwd", "bwd"):
-            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        fn: HookFn,
+        dir: str = "fwd",
+        *,
+        prepend: bool = False,
+        is_permanent: bool = False,
+    ) -> list[HookPoint]:
+        """Attach `fn(tensor, hook)` to every matching hook point; returns the points touched.
+
+        prepend: run before the hooks already there (TransformerLens' `prepend`). is_permanent: survive
+        `reset_hooks()` and the end of `hooks()`/`run_with_hooks` (as `add_perma_hook`).
+        """
+        _check_hook_args(fn, dir, prepend)
         points = [self.hook_dict[n] for n in self.resolve_hook_names(name)]
         for point in points:
-            (point.fwd_fns if dir == "fwd" else point.bwd_fns).append(fn)
+            fns = point.fwd_fns if dir == "fwd" else point.bwd_fns
+            fns.insert(0, fn) if prepend else fns.append(fn)
+            if is_permanent:
+                point.permanent_fns.append((dir, fn))
         return points
 
-    def reset_hooks(self) -> None:
-        """Remove every hook from every hook point."""
+    def add_perma_hook(self, name: str | Callable[[str], bool], fn: HookFn, dir: str = "fwd") -> list[HookPoint]:
+        """A hook that `reset_hooks()` keeps; only `reset_hooks(including_permanent=True)` removes it."""
+        return self.add_hook(name, fn, dir, is_permanent=True)
+
+    def reset_hooks(
+        self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False
+    ) -> None:
+        """Remove hooks from every hook point, as TransformerLens: permanent hooks stay unless
+        `including_permanent=True`; each point's `ctx` dict is emptied unless `clear_contexts=False`."""
+        if direction not in ("fwd", "bwd", "both"):
+            raise ValueError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
         for point in self.hook_dict.values():
-            point.fwd_fns.clear()
-            point.bwd_fns.clear()
+            for dir_name, fns in (("fwd", point.fwd_fns), ("bwd", point.bwd_fns)):
+                if direction in (dir_name, "both"):
+                    kept = [] if including_permanent else [fn for d, fn in point.permanent_fns if d == dir_name]
+                    fns[:] = [fn for fn in fns if _take(kept, fn)]
+                    point.permanent_fns[:] = [(d, fn) for d, fn in point.permanent_fns if d != dir_name or fn in fns]
+            if clear_contexts:
+                point.clear_context()
 
     @property
     def has_hooks(self) -> bool:
@@ -208,8 +295,18 @@ class HookedRootModule(nn.Module):
         self,
         fwd_hooks: Iterable[tuple[Any, HookFn]] = (),
         bwd_hooks: Iterable[tuple[Any, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
     ) -> Iterator[HookedRootModule]:
-        """Attach hooks for the duration of a `with` block; they are removed even if the block raises."""
+        """Attach hooks for the duration of a `with` block; they are removed even if the block raises.
+
+        As TransformerLens: `reset_hooks_end=False` leaves them attached afterwards (remove them with
+        `reset_hooks()`); `clear_contexts=True` empties every point's `ctx` dict at the end. Backward
+        hooks stay bound to the forward pass that ran inside the block, so a `.backward()` after it
+        still runs them.
+        """
+        _check_flag(reset_hooks_end, "reset_hooks_end")
+        _check_flag(clear_contexts, "clear_contexts")
         attached: list[tuple[HookPoint, HookFn, str]] = []
         try:
             for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
@@ -218,7 +315,10 @@ class HookedRootModule(nn.Module):
                         attached.append((point, fn, direction))
             yield self
         finally:
-            for point, fn, direction in reversed(attached):
+            if clear_contexts:
+                for point in self.hook_dict.values():
+                    point.clear_context()
+            for point, fn, direction in reversed(attached if reset_hooks_end else []):
                 fns = point.fwd_fns if direction == "fwd" else point.bwd_fns
                 for i in range(len(fns) - 1, -1, -1):
                     if fns[i] is fn:
@@ -230,10 +330,13 @@ class HookedRootModule(nn.Module):
         *args: Any,
         fwd_hooks: Iterable[tuple[Any, HookFn]] = (),
         bwd_hooks: Iterable[tuple[Any, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Run `self(*args, **kwargs)` with temporary hooks (removed afterwards, even on error)."""
-        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+        """Run `self(*args, **kwargs)` with temporary hooks (removed afterwards, even on error, unless
+        `reset_hooks_end=False`; see `hooks`)."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             return self(*args, **kwargs)
 
     def caching_hooks(
@@ -250,3 +353,26 @@ class HookedRootModule(nn.Module):
             store[hook.name] = value.to(device) if device is not None else value
 
         return [(name, save) for name in self.resolve_hook_names(names_filter)]
+
+
+def _check_hook_args(fn: Any, dir: str, prepend: Any) -> None:
+    if dir not in ("fwd", "bwd"):
+        raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+    if not callable(fn):
+        raise TypeError(f"a hook must be a function fn(tensor, hook) -> tensor | None, got {type(fn).__name__}")
+    _check_flag(prepend, "prepend")
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _take(pool: list[HookFn], fn: HookFn) -> bool:
+    """Whether `fn` is (still) in `pool`, consuming one occurrence: a function added once permanently
+    and once temporarily keeps exactly one copy through a reset."""
+    for i, candidate in enumerate(pool):
+        if candidate is fn:
+            del pool[i]
+            return True
+    return False

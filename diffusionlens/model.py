@@ -194,11 +194,25 @@ class HookedDiffusionGemma(HookedRootModule):
         names_filter: NameFilter = None,
         device: torch.device | str | None = None,
         fwd_hooks: Iterable[tuple[Any, Callable]] = (),
+        incl_bwd: bool = False,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
-        """Run `self(*args, **kwargs)` and return (output, ActivationCache of the matching hooks)."""
+        """Run `self(*args, **kwargs)` and return (output, ActivationCache of the matching hooks).
+
+        incl_bwd: as TransformerLens, also call `.backward()` and cache each matching hook's gradient
+        as `name + "_grad"`. The output must be a scalar, or pass `loss_fn(output) -> scalar` (e.g.
+        `lambda logits: logits[0, 3, token]`). Works on a frozen model: the graph starts at the hook
+        points, parameters get no `.grad`.
+        """
         from diffusionlens.cache import ActivationCache
 
+        if incl_bwd:
+            from diffusionlens.replay import run_with_gradient_cache
+
+            return run_with_gradient_cache(self, args, kwargs, names_filter, device, fwd_hooks, loss_fn)
+        if loss_fn is not None:
+            raise ValueError("loss_fn is only used with incl_bwd=True; pass incl_bwd=True to cache gradients")
         store: dict[str, torch.Tensor] = {}
         hooks = [*fwd_hooks, *self.caching_hooks(store, names_filter, device)]
         out = self.run_with_hooks(*args, fwd_hooks=hooks, **kwargs)
@@ -251,6 +265,32 @@ class HookedDiffusionGemma(HookedRootModule):
     # `diffusionlens.sampling.generate` / `generate_with_cache`), written once.
     generate = _generate
     generate_with_cache = _generate_with_cache
+
+    def replay_step(
+        self,
+        source: Any,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        *,
+        step: int,
+        canvas: int = 0,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Float[torch.Tensor, "batch canvas vocab"]:
+        """The decoder logits of one recorded denoising step, recomputed with an autograd graph.
+
+        Bit-identical to what `generate` computed; see `diffusionlens.replay.replay_step`.
+        """
+        from diffusionlens.replay import replay_step
+
+        return replay_step(
+            self,
+            source,
+            input_ids,
+            step=step,
+            canvas=canvas,
+            attention_mask=attention_mask,
+            self_cond_transform=self_cond_transform,
+        )
 
     # ------------------------------------------------------------------ deprecated names
     def _check_tokens(self, ids: torch.Tensor, name: str) -> torch.Tensor:

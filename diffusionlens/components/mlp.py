@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from jaxtyping import Float
 from torch import nn
@@ -11,7 +13,7 @@ from diffusionlens.hook_points import HookPoint
 
 def activation(name: str):
     if name in ("gelu_pytorch_tanh", "gelu_tanh"):
-        return lambda x: nn.functional.gelu(x, approximate="tanh")
+        return partial(nn.functional.gelu, approximate="tanh")  # a partial pickles; a lambda does not
     if name == "gelu":
         return nn.functional.gelu
     if name in ("silu", "swish"):

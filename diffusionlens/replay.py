@@ -1,0 +1,233 @@
+"""Gradients without ceremony: `run_with_cache(incl_bwd=True)` and a differentiable replay of one
+recorded denoising step.
+
+A loaded model is frozen (parameters have requires_grad=False) and `generate` runs under
+`inference_mode`, so neither leaves a graph to differentiate. Both entry points here build one from
+the activations instead: hook points with backward hooks start the graph at their value (see
+`HookPoint._run_hooks`), and `replay_step` makes the decoder's embedding and self-conditioning input
+leaves. Parameter gradients stay off unless the caller turned them on.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+
+from diffusionlens.trace import DenoisingTrace
+
+if TYPE_CHECKING:
+    from diffusionlens.cache import ActivationCache
+    from diffusionlens.hook_points import HookPoint, NameFilter
+    from diffusionlens.model import HookedDiffusionGemma
+    from diffusionlens.prompt_state import PromptState
+
+
+def run_with_gradient_cache(
+    model: HookedDiffusionGemma,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    names_filter: NameFilter,
+    device: torch.device | str | None,
+    fwd_hooks: Iterable[tuple[Any, Callable]],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[Any, ActivationCache]:
+    """`run_with_cache(..., incl_bwd=True)`: forward, `.backward()` on the (scalar) output or on
+    `loss_fn(output)`, and a cache holding each matching value and its gradient as `name + "_grad"`."""
+    from diffusionlens.cache import ActivationCache
+
+    _refuse_inference_mode("run_with_cache(incl_bwd=True)")
+    store: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    forward = [*fwd_hooks, *model.caching_hooks(store, names_filter, device)]
+    backward = model.caching_hooks(grads, names_filter, device)
+    # The caller asked for gradients, so a surrounding no_grad (common in analysis code) is overridden.
+    with torch.enable_grad():
+        out = model.run_with_hooks(*args, fwd_hooks=forward, bwd_hooks=backward, **kwargs)
+        _scalar_to_differentiate(out, loss_fn).backward()
+    store.update({f"{name}_grad": grad for name, grad in grads.items()})
+    return out, ActivationCache(store, model)
+
+
+def _scalar_to_differentiate(out: Any, loss_fn: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    if loss_fn is None:
+        if isinstance(out, torch.Tensor) and out.numel() == 1:
+            return out.reshape(())
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"incl_bwd=True calls .backward() on the output, which is {shape}, not a scalar; pass "
+            "loss_fn=lambda logits: logits[0, pos, token] (or any function returning a scalar)"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function output -> scalar tensor, got {type(loss_fn).__name__}")
+    value = loss_fn(out)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; reduce it, e.g. with .sum()")
+    if not value.requires_grad:
+        raise ValueError(
+            "loss_fn's result does not depend on any cached hook value, so there is nothing to differentiate; "
+            "widen names_filter to hook points upstream of the loss"
+        )
+    return value.reshape(())
+
+
+def _refuse_inference_mode(what: str) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} needs autograd, which torch.inference_mode() disables for good; call it outside "
+            "inference_mode (torch.no_grad() is fine: it is overridden)"
+        )
+
+
+# ------------------------------------------------------------------------------------------ replay
+def replay_step(
+    model: HookedDiffusionGemma,
+    source: Any,
+    input_ids: Int[torch.Tensor, "batch pos"],
+    *,
+    step: int,
+    canvas: int = 0,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Float[torch.Tensor, "batch canvas vocab"]:
+    """Recompute the decoder logits of denoising step `step` of canvas `canvas`, with a graph.
+
+    `source` is `generate(...)`'s result or its `.trace`; `input_ids` (and `attention_mask`) are the
+    prompt given to `generate`. The step's input canvas comes from the trace; the prompt state is
+    re-encoded from the prompt and the earlier canvases (from `result.sequences`, or rebuilt from the
+    trace's argmax and eos settings); the self-conditioning logits are recomputed by replaying steps
+    0..step-1 without grad, with the same arithmetic, so the result is bit-identical (float32) to the
+    `decoder.hook_logits` value generation saw. Pass the `self_cond_transform`/bottleneck used in
+    generation, and wrap the call in `model.hooks(...)` if generation had hooks that changed values.
+
+    Gradients reach every decoder hook point downstream of `decoder.hook_embed` and the
+    self-conditioning input (`decoder.self_cond.hook_logits_in`); the prompt's keys and values are
+    held constant. Hooks see `hook.ctx.step/.canvas/.t` as in generation. Grad is enabled here even
+    under `torch.no_grad()`.
+    """
+    from diffusionlens.sampling.generate import GenerationResult
+
+    if isinstance(source, GenerationResult):
+        trace, sequences = source.trace, source.sequences
+    elif isinstance(source, DenoisingTrace):
+        trace, sequences = source, None
+    else:
+        raise TypeError(
+            f"source must be a GenerationResult or a DenoisingTrace (generate(...) or generate(...).trace), "
+            f"got {type(source).__name__}"
+        )
+    if not isinstance(canvas, int) or not 0 <= canvas < len(trace):
+        raise ValueError(f"canvas must be an int in [0, {len(trace)}): this generation has {len(trace)} canvases")
+    record = trace[canvas]
+    if not isinstance(step, int) or not 0 <= step < record.n_steps:
+        raise ValueError(f"step must be an int in [0, {record.n_steps}): canvas {canvas} ran {record.n_steps} steps")
+    _refuse_inference_mode("replay_step")
+    input_ids = model._check_tokens(input_ids, "input_ids")
+    batch = record.input_canvas.shape[1]
+    if input_ids.shape != (batch, trace.prompt_length):
+        raise ValueError(
+            f"input_ids has shape {tuple(input_ids.shape)} but this generation started from a prompt of shape "
+            f"{(batch, trace.prompt_length)}; pass the prompt given to generate"
+        )
+    if sequences is not None and not torch.equal(sequences[:, : trace.prompt_length].to(input_ids.device), input_ids):
+        raise ValueError("input_ids differ from the prompt of this generation; pass the prompt given to generate")
+    if sequences is None:
+        sequences = _rebuild_sequences(model, trace, input_ids, canvas)
+    ctx = model.hook_ctx
+    try:
+        with torch.no_grad():
+            state = _prompt_state(model, sequences, input_ids, attention_mask, canvas, trace.prompt_length)
+            self_cond = _self_conditioning(model, record, state, step, self_cond_transform)
+        ctx.canvas, ctx.step, ctx.t = canvas, step, int(record.t[step])
+        with torch.enable_grad():
+            if self_cond is not None:
+                self_cond = self_cond.detach().requires_grad_(True)
+            model.add_hook("decoder.hook_embed", _start_graph, prepend=True)
+            try:
+                return model.denoise(record.input_canvas[step].to(model.device), state, self_cond)
+            finally:
+                _remove(model.hook_dict["decoder.hook_embed"].fwd_fns, _start_graph)
+    finally:
+        ctx.reset()
+
+
+def _start_graph(embedding: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+    """Make the canvas embedding an autograd leaf so the decoder pass builds a graph on a frozen model."""
+    return embedding.detach().requires_grad_(True)
+
+
+def _remove(fns: list, fn: Callable) -> None:
+    for i, candidate in enumerate(fns):
+        if candidate is fn:
+            del fns[i]
+            return
+
+
+def _prompt_state(
+    model: HookedDiffusionGemma,
+    sequences: Int[torch.Tensor, "batch length"],
+    input_ids: Int[torch.Tensor, "batch pos"],
+    attention_mask: torch.Tensor | None,
+    canvas: int,
+    prompt_length: int,
+) -> PromptState:
+    """Encode as generation did: the prompt at canvas 0, then each finished canvas as the next begins."""
+    ctx, length = model.hook_ctx, model.cfg.canvas_length
+    ctx.canvas, ctx.step, ctx.t = 0, None, None
+    state = model.encode(input_ids, attention_mask)
+    for index in range(1, canvas + 1):
+        ctx.canvas = index
+        start = prompt_length + (index - 1) * length
+        tokens = sequences[:, start : start + length].to(model.device)
+        state = model.encode(tokens, torch.ones_like(tokens, dtype=torch.bool), state)
+    return state
+
+
+def _self_conditioning(
+    model: HookedDiffusionGemma,
+    record: Any,
+    state: PromptState,
+    step: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Float[torch.Tensor, "batch canvas vocab"] | None:
+    """The self-conditioning input of `step`: generation's loop body for steps 0..step-1, minus sampling
+    (the trace already holds each step's input canvas and which rows had stopped)."""
+    ctx, device = model.hook_ctx, model.device
+    self_cond = None
+    finished = torch.zeros(record.input_canvas.shape[1], dtype=torch.bool, device=device)
+    for k in range(step):
+        ctx.step, ctx.t = k, int(record.t[k])
+        raw = model.denoise(record.input_canvas[k].to(device), state, self_cond)
+        logits = model.sampler.hook_logits(raw / record.temperature[k].to(device))
+        if finished.any():
+            # stopped rows keep feeding their last logits, as generation does
+            logits = torch.where(finished[:, None, None], self_cond, logits)
+        finished = record.finished[k].to(device)
+        self_cond = logits.to(model.dtype)
+        if transform is not None:
+            self_cond = transform(self_cond)
+    return self_cond
+
+
+def _rebuild_sequences(
+    model: HookedDiffusionGemma, trace: DenoisingTrace, input_ids: torch.Tensor, canvas: int
+) -> Int[torch.Tensor, "batch length"]:
+    """The tokens generation encoded before `canvas`: each canvas's final argmax, padded after eos."""
+    from diffusionlens.sampling.generate import _finalize_canvas
+
+    eos_ids = trace.settings.get("eos_token_id", list(model.cfg.eos_token_ids))
+    pad_id = trace.settings.get("pad_token_id", model.cfg.pad_token_id)
+    eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
+    sequences = input_ids
+    finished_rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for index in range(canvas):
+        sequences = torch.cat([sequences, trace[index].final.to(input_ids.device)], dim=-1)
+        # A canvas after this one exists, so generation had not reached max_new_tokens here: no length cap.
+        sequences, finished_rows = _finalize_canvas(
+            sequences, finished_rows, sys.maxsize, model.cfg.canvas_length, eos, pad_id
+        )
+    return sequences
