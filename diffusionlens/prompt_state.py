@@ -21,7 +21,8 @@ class PromptState:
     encoded_layers: None for a finished state. An int l marks a partial state from
     `encode(..., stop_at_layer=l)`: layers < l hold all `length` positions, layers >= l (if
     present) only the positions before that call; `encode(resid, prompt_state=..., start_at_layer=l)`
-    finishes it.
+    finishes it. pending_positions: in a partial state, how many positions that call adds (the
+    residual's length).
     """
 
     keys: list[Float[torch.Tensor, "batch kv_head kept d_head"]]
@@ -30,6 +31,7 @@ class PromptState:
     length: int
     last_hidden: Float[torch.Tensor, "batch pos d_model"] | None = field(default=None, repr=False)
     encoded_layers: int | None = None
+    pending_positions: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -47,6 +49,7 @@ class PromptState:
             self.length,
             None if self.last_hidden is None else self.last_hidden.to(device),
             self.encoded_layers,
+            self.pending_positions,
         )
 
     def select(self, rows: torch.Tensor | slice | list[int]) -> PromptState:
@@ -58,6 +61,7 @@ class PromptState:
             self.length,
             None if self.last_hidden is None else self.last_hidden[rows],
             self.encoded_layers,
+            self.pending_positions,
         )
 
     def nbytes(self) -> int:

@@ -42,13 +42,16 @@ class EncoderStack(Stack):
         tokens: Int[torch.Tensor, "batch pos"],
         attention_mask: Bool[torch.Tensor, "batch pos"],
         past: PromptState | None,
-    ) -> PromptState:
+        stop: int | None = None,
+    ) -> PromptState | tuple[Float[torch.Tensor, "batch pos d_model"], PromptState]:
+        """The finished PromptState; with `stop`, `(resid before block stop, partial state)`."""
         full_mask = attention_mask if past is None else torch.cat((past.attention_mask, attention_mask), dim=1)
         # A state in which no layer has seen the new tokens yet; run_blocks fills it in.
         length = (0 if past is None else past.length) + tokens.shape[1]
         keys, values = ([], []) if past is None else (list(past.keys), list(past.values))
-        state = PromptState(keys, values, full_mask, length, encoded_layers=0)
-        return self.run_blocks(self.hook_embed(self.embed(tokens)), state)[1]
+        state = PromptState(keys, values, full_mask, length, encoded_layers=0, pending_positions=tokens.shape[1])
+        resid, state = self.run_blocks(self.hook_embed(self.embed(tokens)), state, stop)
+        return state if stop is None else (resid, state)
 
     def run_blocks(
         self, resid: Float[torch.Tensor, "batch pos d_model"], state: PromptState, stop: int | None = None
@@ -56,9 +59,9 @@ class EncoderStack(Stack):
         """Run blocks `state.encoded_layers` .. `stop` over the newest `resid.shape[1]` positions.
 
         `state` is partial: layers below `encoded_layers` already hold every position, the others
-        only those before this call (their past). Returns the finished PromptState when the last
-        block ran (with the last block's output), else `(resid before block stop, partial state)`. Positions and masks are
-        rebuilt from the state, so a continuation computes exactly what one full pass does.
+        only those before this call (their past). Returns `(resid before block stop, partial
+        state)`, or after the last block `(its output, the finished PromptState)`. Positions and
+        masks are rebuilt from the state, so a continuation computes exactly what one full pass does.
         """
         cfg = self.cfg
         first = state.encoded_layers or 0
@@ -93,7 +96,8 @@ class EncoderStack(Stack):
                 keys_out.append(k)
                 values_out.append(v)
         if stop < cfg.num_hidden_layers:
-            return resid, PromptState(keys_out, values_out, full_mask, state.length, encoded_layers=stop)
+            partial = PromptState(keys_out, values_out, full_mask, state.length, None, stop, n_new)
+            return resid, partial
         return resid, PromptState(keys_out, values_out, full_mask, state.length, self.ln_final(resid))
 
     def _mask(
@@ -132,14 +136,20 @@ class DecoderStack(Stack):
         return self.head(self.run_blocks(self.embed_canvas(canvas, self_cond_logits), prompt))
 
     def embed_canvas(
-        self, canvas: Int[torch.Tensor, "batch canvas"], self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None
+        self,
+        canvas: Int[torch.Tensor, "batch canvas"],
+        self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None,
     ) -> Float[torch.Tensor, "batch canvas d_model"]:
         """Token embedding plus self-conditioning: the input of block 0."""
         token_embed = self.hook_embed(self.embed(canvas))
         return self.self_cond(token_embed, self_cond_logits, self.embed)
 
     def run_blocks(
-        self, resid: Float[torch.Tensor, "batch canvas d_model"], prompt: PromptState, start: int = 0, stop: int | None = None
+        self,
+        resid: Float[torch.Tensor, "batch canvas d_model"],
+        prompt: PromptState,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Float[torch.Tensor, "batch canvas d_model"]:
         """Blocks `start` .. `stop` (exclusive); positions and masks are rebuilt from `prompt`, so
         running [0, l) then [l, n) computes exactly what one full pass does."""
