@@ -21,12 +21,13 @@ from diffusionlens.losses import denoising_loss
 from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type, layer_index
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.stacks import DecoderStack, EncoderStack
+from diffusionlens.tokens import TokenHelpers
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
 
 
-class HookedDiffusionGemma(HookedRootModule):
+class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
     """Encoder (causal, writes the prompt's keys/values) + decoder (bidirectional over prompt and
     canvas, self-conditioned on the previous step's logits) + soft-capped tied LM head.
 
@@ -306,6 +307,7 @@ class HookedDiffusionGemma(HookedRootModule):
         return out, ActivationCache(store, self)
 
     # ------------------------------------------------------------------ tokens
+    # to_tokens, to_tokens_and_mask, to_str_tokens, to_single_token, get_token_position: TokenHelpers.
     def _need_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise ValueError(
@@ -314,37 +316,12 @@ class HookedDiffusionGemma(HookedRootModule):
             )
         return self.tokenizer
 
-    def to_tokens(self, text: str | list[str]) -> Int[torch.Tensor, "batch pos"]:
-        """Tokenise (left-padded for a list) exactly as the tokenizer does, bos included if it adds one."""
-        return self.to_tokens_and_mask(text)[0]
-
-    def to_tokens_and_mask(
-        self, text: str | list[str]
-    ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
-        """`to_tokens` plus the attention mask `generate` needs for a batch of prompts of different
-        lengths (1 on prompt tokens, 0 on left padding)."""
-        tok = self._need_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        rows = [list(tok(t)["input_ids"]) for t in texts]
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return ids, mask
-
     def to_string(self, tokens: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str | list[str]:
         tok = self._need_tokenizer()
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
             return [tok.decode(row.tolist(), skip_special_tokens=skip_special_tokens) for row in tokens]
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         return tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def to_str_tokens(self, tokens: str | torch.Tensor | list[int]) -> list[str]:
-        tok = self._need_tokenizer()
-        if isinstance(tokens, str):
-            tokens = tok(tokens)["input_ids"]
-        ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        return [tok.decode([i]) for i in ids]
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
