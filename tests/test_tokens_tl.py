@@ -111,3 +111,13 @@ def test_bad_token_inputs_name_the_fix(toy):
             toy.to_tokens_and_mask(chat=[{"role": "user", "content": "1+2="}])
     finally:
         toy.tokenizer.chat_template = template
+
+
+def test_docs_chat_template_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "forward_and_tokens.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", page, flags=re.S)[-1]
+    exec(compile(snippet, "forward_and_tokens.md", "exec"), {})
+    assert "'a', ':'] -> " in capsys.readouterr().out
