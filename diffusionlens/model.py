@@ -18,16 +18,19 @@ from torch import nn
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
+from diffusionlens.losses import denoising_loss
+from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type, layer_index
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
 from diffusionlens.stacks import DecoderStack, EncoderStack
+from diffusionlens.tokens import TokenHelpers
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
 
 
-class HookedDiffusionGemma(HookedRootModule):
+class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
     """Encoder (causal, writes the prompt's keys/values) + decoder (bidirectional over prompt and
     canvas, self-conditioned on the previous step's logits) + soft-capped tied LM head.
 
@@ -114,8 +117,22 @@ class HookedDiffusionGemma(HookedRootModule):
         input_ids: Int[torch.Tensor, "batch pos"],
         attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
         prompt_state: PromptState | None = None,
-    ) -> PromptState:
-        """Run the encoder over `input_ids`, appending to `prompt_state` if given (a later canvas)."""
+        *,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+    ) -> PromptState | tuple[Float[torch.Tensor, "batch pos d_model"], PromptState]:
+        """Run the encoder over `input_ids`, appending to `prompt_state` if given (a later canvas).
+
+        Partial passes: `stop_at_layer=l` returns `(resid, state)`, the residual before encoder block
+        l (its `hook_resid_pre`) and a partial PromptState whose blocks < l already hold these
+        tokens' keys/values. `encode(resid, prompt_state=state, start_at_layer=l)` runs the rest
+        and returns the finished PromptState, bit-identical to one full `encode`.
+        """
+        if start_at_layer is not None:
+            return self._continue_encode(input_ids, attention_mask, prompt_state, start_at_layer, stop_at_layer)
+        stop = layer_index(stop_at_layer, self.cfg.num_hidden_layers, "stop_at_layer")
+        if prompt_state is not None and prompt_state.encoded_layers is not None:
+            raise ValueError("prompt_state is partial (from stop_at_layer); finish it with start_at_layer first")
         input_ids = self.check_tokens(input_ids, "input_ids")
         if input_ids.shape[1] == 0 and prompt_state is None:
             raise ValueError("input_ids is empty: the encoder needs at least one prompt token (e.g. bos)")
@@ -133,15 +150,76 @@ class HookedDiffusionGemma(HookedRootModule):
                 f"max_position_embeddings={self.cfg.max_position_embeddings}; shorten the prompt"
             )
         self.hook_ctx.step = None
-        return self.encoder(input_ids, attention_mask.to(device=input_ids.device, dtype=torch.bool), prompt_state)
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if stop is None:
+            return self.encoder(input_ids, mask, prompt_state)
+        return self.encoder(input_ids, mask, prompt_state, stop)
+
+    def _continue_encode(
+        self,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        attention_mask: torch.Tensor | None,
+        prompt_state: PromptState | None,
+        start_at_layer: int,
+        stop_at_layer: int | None,
+    ) -> PromptState | tuple[Float[torch.Tensor, "batch pos d_model"], PromptState]:
+        n_layers = self.cfg.num_hidden_layers
+        start = layer_index(start_at_layer, n_layers, "start_at_layer")
+        stop = layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        check_layer_order(start, stop)
+        if prompt_state is None or prompt_state.encoded_layers is None:
+            raise ValueError(
+                "encode(..., start_at_layer=l) continues a partial pass: pass prompt_state=, the state that "
+                "encode(..., stop_at_layer=l) returned with the residual"
+            )
+        if prompt_state.encoded_layers != start:
+            raise ValueError(
+                f"prompt_state holds blocks < {prompt_state.encoded_layers} but start_at_layer={start_at_layer}; "
+                f"use start_at_layer={prompt_state.encoded_layers}"
+            )
+        if attention_mask is not None:
+            raise ValueError("the partial prompt_state already holds the attention mask; pass attention_mask=None")
+        expected = (prompt_state.batch_size, prompt_state.pending_positions, self.cfg.hidden_size)
+        check_residual(resid, expected, "input_ids")
+        self.hook_ctx.step = None
+        out_resid, state = self.encoder.run_blocks(resid, prompt_state, stop)
+        return state if stop is None else (out_resid, state)
 
     def denoise(
         self,
-        canvas_ids: Int[torch.Tensor, "batch canvas"],
+        canvas_ids: Int[torch.Tensor, "batch canvas"] | Float[torch.Tensor, "batch canvas d_model"],
         prompt_state: PromptState,
         self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None = None,
-    ) -> Float[torch.Tensor, "batch canvas vocab"]:
-        """One decoder pass: fp32 soft-capped logits for every canvas position."""
+        *,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+    ) -> Float[torch.Tensor, "batch canvas vocab"] | Float[torch.Tensor, "batch canvas d_model"]:
+        """One decoder pass: fp32 soft-capped logits for every canvas position.
+
+        `stop_at_layer=l` returns the residual before decoder block l (its `hook_resid_pre`;
+        l = n_layers: after the last block, before the final norm). `start_at_layer=l` takes that
+        residual in place of `canvas_ids` and runs blocks >= l, the final norm and the unembedding;
+        self-conditioning is already in the residual, so `self_cond_logits` must then be None.
+        """
+        n_layers = self.cfg.num_hidden_layers
+        start = layer_index(start_at_layer, n_layers, "start_at_layer")
+        stop = layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        check_layer_order(start, stop)
+        if not isinstance(prompt_state, PromptState) or prompt_state.encoded_layers is not None:
+            raise ValueError(
+                "prompt_state must be a finished PromptState from encode(); a partial one (from "
+                "encode(..., stop_at_layer=l)) needs encode(resid, prompt_state=state, start_at_layer=l) first"
+            )
+        if start is not None:
+            if self_cond_logits is not None:
+                raise ValueError(
+                    "self-conditioning enters at the embedding, before any block, so with start_at_layer it is "
+                    "already in the residual; pass self_cond_logits=None"
+                )
+            expected = (prompt_state.batch_size, self.cfg.canvas_length, self.cfg.hidden_size)
+            resid = check_residual(canvas_ids, expected, "canvas_ids")
+            resid = self.decoder.run_blocks(resid, prompt_state, start, stop)
+            return resid if stop is not None else self.decoder.head(resid)
         canvas_ids = self.check_tokens(canvas_ids, "canvas_ids")
         batch, length = canvas_ids.shape
         if length != self.cfg.canvas_length:
@@ -156,17 +234,49 @@ class HookedDiffusionGemma(HookedRootModule):
                 f"self_cond_logits has shape {tuple(self_cond_logits.shape)}; expected "
                 f"{(batch, length, self.cfg.vocab_size)} (the previous step's logits)"
             )
-        return self.decoder(canvas_ids, prompt_state, self_cond_logits)
+        if stop is None:
+            return self.decoder(canvas_ids, prompt_state, self_cond_logits)
+        return self.decoder.run_blocks(self.decoder.embed_canvas(canvas_ids, self_cond_logits), prompt_state, 0, stop)
 
     def forward(
         self,
-        input_ids: Int[torch.Tensor, "batch pos"],
-        canvas_ids: Int[torch.Tensor, "batch canvas"],
+        input_ids: Int[torch.Tensor, "batch pos"] | None,
+        canvas_ids: Int[torch.Tensor, "batch canvas"] | Float[torch.Tensor, "batch canvas d_model"],
         self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None = None,
         attention_mask: Bool[torch.Tensor, "batch pos"] | None = None,
-    ) -> Float[torch.Tensor, "batch canvas vocab"]:
-        """Encode the prompt, then one decoder pass over the canvas (as transformers' forward)."""
-        return self.denoise(canvas_ids, self.encode(input_ids, attention_mask), self_cond_logits)
+        *,
+        return_type: str | None = "logits",
+        targets: Int[torch.Tensor, "batch canvas"] | None = None,
+        loss_mask: Bool[torch.Tensor, "batch canvas"] | None = None,
+        loss_weights: Float[torch.Tensor, "batch canvas"] | None = None,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        prompt_state: PromptState | None = None,
+    ) -> Any:
+        """Encode the prompt, then one decoder pass over the canvas (as transformers' forward).
+
+        return_type: "logits" (default), "loss" (`denoising_loss` of the logits against the clean
+        canvas `targets`; pad targets don't count unless `loss_mask` says otherwise; optional
+        per-position `loss_weights`), "both" (logits, loss), or None. `stop_at_layer` /
+        `start_at_layer` act on the decoder pass as in `denoise`; pass `prompt_state=` (and
+        `input_ids=None`) to reuse an encoded prompt instead of encoding `input_ids`.
+        """
+        check_return_type(return_type, targets, stop_at_layer)
+        if prompt_state is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (the prompt) or prompt_state= (an already encoded prompt)")
+            prompt_state = self.encode(input_ids, attention_mask)
+        elif input_ids is not None or attention_mask is not None:
+            raise ValueError("pass either input_ids/attention_mask or prompt_state=, not both")
+        out = self.denoise(
+            canvas_ids, prompt_state, self_cond_logits, stop_at_layer=stop_at_layer, start_at_layer=start_at_layer
+        )
+        if stop_at_layer is not None or return_type == "logits":
+            return out
+        if return_type is None:
+            return None
+        loss = denoising_loss(out, targets, loss_mask, loss_weights, self.cfg.pad_token_id)
+        return loss if return_type == "loss" else (out, loss)
 
     def check_tokens(self, ids: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"], name: str) -> torch.Tensor:
         """`ids` as a `[batch, pos]` long tensor on the model's device; a 1-D tensor gains a batch axis.
@@ -219,6 +329,7 @@ class HookedDiffusionGemma(HookedRootModule):
         return out, ActivationCache(store, self)
 
     # ------------------------------------------------------------------ tokens
+    # to_tokens, to_tokens_and_mask, to_str_tokens, to_single_token, get_token_position: TokenHelpers.
     def need_tokenizer(self) -> Any:
         """The tokenizer, or a ValueError saying how to attach one."""
         if self.tokenizer is None:
@@ -228,37 +339,12 @@ class HookedDiffusionGemma(HookedRootModule):
             )
         return self.tokenizer
 
-    def to_tokens(self, text: str | list[str]) -> Int[torch.Tensor, "batch pos"]:
-        """Tokenise (left-padded for a list) exactly as the tokenizer does, bos included if it adds one."""
-        return self.to_tokens_and_mask(text)[0]
-
-    def to_tokens_and_mask(
-        self, text: str | list[str]
-    ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
-        """`to_tokens` plus the attention mask `generate` needs for a batch of prompts of different
-        lengths (1 on prompt tokens, 0 on left padding)."""
-        tok = self.need_tokenizer()
-        texts = [text] if isinstance(text, str) else list(text)
-        rows = [list(tok(t)["input_ids"]) for t in texts]
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return ids, mask
-
     def to_string(self, tokens: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str | list[str]:
         tok = self.need_tokenizer()
         if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
             return [tok.decode(row.tolist(), skip_special_tokens=skip_special_tokens) for row in tokens]
         ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         return tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def to_str_tokens(self, tokens: str | torch.Tensor | list[int]) -> list[str]:
-        tok = self.need_tokenizer()
-        if isinstance(tokens, str):
-            tokens = tok(tokens)["input_ids"]
-        ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        return [tok.decode([i]) for i in ids]
 
     # ------------------------------------------------------------------ generation
     # The sampling functions themselves, bound as methods: one explicit, documented signature (see

@@ -18,6 +18,11 @@ class PromptState:
     attention_mask: `[batch, length]`, True for real tokens, over every position encoded so far.
     length: number of positions encoded so far (the next position id).
     last_hidden: the encoder's final-norm output for the tokens of the latest `encode` call.
+    encoded_layers: None for a finished state. An int l marks a partial state from
+    `encode(..., stop_at_layer=l)`: layers < l hold all `length` positions, layers >= l (if
+    present) only the positions before that call; `encode(resid, prompt_state=..., start_at_layer=l)`
+    finishes it. pending_positions: in a partial state, how many positions that call adds (the
+    residual's length).
     """
 
     keys: list[Float[torch.Tensor, "batch kv_head kept d_head"]]
@@ -25,6 +30,8 @@ class PromptState:
     attention_mask: Bool[torch.Tensor, "batch length"]
     length: int
     last_hidden: Float[torch.Tensor, "batch pos d_model"] | None = field(default=None, repr=False)
+    encoded_layers: int | None = None
+    pending_positions: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -41,6 +48,8 @@ class PromptState:
             self.attention_mask.to(device),
             self.length,
             None if self.last_hidden is None else self.last_hidden.to(device),
+            self.encoded_layers,
+            self.pending_positions,
         )
 
     def select(self, rows: torch.Tensor | slice | list[int]) -> PromptState:
@@ -51,6 +60,8 @@ class PromptState:
             self.attention_mask[rows],
             self.length,
             None if self.last_hidden is None else self.last_hidden[rows],
+            self.encoded_layers,
+            self.pending_positions,
         )
 
     def nbytes(self) -> int:

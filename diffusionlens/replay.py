@@ -126,7 +126,7 @@ def replay_step(
     if not isinstance(step, int) or not 0 <= step < record.n_steps:
         raise ValueError(f"step must be an int in [0, {record.n_steps}): canvas {canvas} ran {record.n_steps} steps")
     _refuse_inference_mode("replay_step")
-    input_ids = model._check_tokens(input_ids, "input_ids")
+    input_ids = model.check_tokens(input_ids, "input_ids")
     batch = record.input_canvas.shape[1]
     if input_ids.shape != (batch, trace.prompt_length):
         raise ValueError(

@@ -48,22 +48,44 @@ class EncoderStack(Stack):
         tokens: Int[torch.Tensor, "batch pos"],
         attention_mask: Bool[torch.Tensor, "batch pos"],
         past: PromptState | None,
-    ) -> PromptState:
-        cfg = self.cfg
-        batch, n_new = tokens.shape
-        start = 0 if past is None else past.length
+        stop: int | None = None,
+    ) -> PromptState | tuple[Float[torch.Tensor, "batch pos d_model"], PromptState]:
+        """The finished PromptState; with `stop`, `(resid before block stop, partial state)`."""
         full_mask = attention_mask if past is None else torch.cat((past.attention_mask, attention_mask), dim=1)
-        device = tokens.device
-        q_pos = torch.arange(start, start + n_new, device=device)
-        resid = self.hook_embed(self.embed(tokens))
+        # A state in which no layer has seen the new tokens yet; run_blocks fills it in.
+        length = (0 if past is None else past.length) + tokens.shape[1]
+        keys, values = ([], []) if past is None else (list(past.keys), list(past.values))
+        state = PromptState(keys, values, full_mask, length, encoded_layers=0, pending_positions=tokens.shape[1])
+        resid, state = self.run_blocks(self.hook_embed(self.embed(tokens)), state, stop)
+        return state if stop is None else (resid, state)
+
+    def run_blocks(
+        self, resid: Float[torch.Tensor, "batch pos d_model"], state: PromptState, stop: int | None = None
+    ) -> tuple[Float[torch.Tensor, "batch pos d_model"], PromptState]:
+        """Run blocks `state.encoded_layers` .. `stop` over the newest `resid.shape[1]` positions.
+
+        `state` is partial: layers below `encoded_layers` already hold every position, the others
+        only those before this call (their past). Returns `(resid before block stop, partial
+        state)`, or after the last block `(its output, the finished PromptState)`. Positions and
+        masks are rebuilt from the state, so a continuation computes exactly what one full pass does.
+        """
+        cfg = self.cfg
+        first = state.encoded_layers or 0
+        stop = cfg.num_hidden_layers if stop is None else stop
+        full_mask = state.attention_mask
+        n_new = resid.shape[1]
+        start = state.length - n_new
+        q_pos = torch.arange(start, start + n_new, device=resid.device)
         tables = self.rotary_tables(q_pos[None], resid.dtype)
         window_keep = cfg.sliding_window - 1
         no_padding = not self.explicit_masks and bool(full_mask.all())
         masks: dict[tuple[bool, int], torch.Tensor | None] = {}
-        keys_out, values_out = [], []
-        for layer, block in enumerate(self.blocks):
-            past_k = None if past is None else past.keys[layer]
-            past_v = None if past is None else past.values[layer]
+        keys_out, values_out = list(state.keys), list(state.values)
+        for layer in range(first, stop):
+            block = self.blocks[layer]
+            # Layers not yet run this call hold their past (if any) at index `layer`.
+            past_k = keys_out[layer] if layer < len(keys_out) else None
+            past_v = values_out[layer] if layer < len(values_out) else None
             n_past = 0 if past_k is None else past_k.shape[2]
             key = (block.sliding, n_past)
             if key not in masks:
@@ -74,10 +96,15 @@ class EncoderStack(Stack):
             v = new_v if past_v is None else torch.cat((past_v, new_v), dim=2)
             if block.sliding:
                 k, v = k[:, :, -window_keep:], v[:, :, -window_keep:]
-            keys_out.append(k)
-            values_out.append(v)
-        hidden = self.ln_final(resid)
-        return PromptState(keys_out, values_out, full_mask, start + n_new, hidden)
+            if layer < len(keys_out):
+                keys_out[layer], values_out[layer] = k, v
+            else:
+                keys_out.append(k)
+                values_out.append(v)
+        if stop < cfg.num_hidden_layers:
+            partial = PromptState(keys_out, values_out, full_mask, state.length, None, stop, n_new)
+            return resid, partial
+        return resid, PromptState(keys_out, values_out, full_mask, state.length, self.ln_final(resid))
 
     def _mask(
         self, start: int, n_new: int, n_past: int, full_mask: torch.Tensor, sliding: bool, no_padding: bool
@@ -112,17 +139,37 @@ class DecoderStack(Stack):
         prompt: PromptState,
         self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None,
     ) -> Float[torch.Tensor, "batch canvas vocab"]:
-        cfg = self.cfg
-        batch, length = canvas.shape
+        return self.head(self.run_blocks(self.embed_canvas(canvas, self_cond_logits), prompt))
+
+    def embed_canvas(
+        self,
+        canvas: Int[torch.Tensor, "batch canvas"],
+        self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None,
+    ) -> Float[torch.Tensor, "batch canvas d_model"]:
+        """Token embedding plus self-conditioning: the input of block 0."""
         token_embed = self.hook_embed(self.embed(canvas))
-        resid = self.self_cond(token_embed, self_cond_logits, self.embed)
-        positions = torch.arange(prompt.length, prompt.length + length, device=canvas.device)
+        return self.self_cond(token_embed, self_cond_logits, self.embed)
+
+    def run_blocks(
+        self,
+        resid: Float[torch.Tensor, "batch canvas d_model"],
+        prompt: PromptState,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Float[torch.Tensor, "batch canvas d_model"]:
+        """Blocks `start` .. `stop` (exclusive); positions and masks are rebuilt from `prompt`, so
+        running [0, l) then [l, n) computes exactly what one full pass does."""
+        cfg = self.cfg
+        batch, length = resid.shape[:2]
+        stop = cfg.num_hidden_layers if stop is None else stop
+        positions = torch.arange(prompt.length, prompt.length + length, device=resid.device)
         tables = self.rotary_tables(positions[None], resid.dtype)
         # Everything is visible except padding in the prompt; without padding no mask is needed.
         masks: dict[int, torch.Tensor | None] = {}
         build_masks = self.explicit_masks or not bool(prompt.attention_mask.all())
-        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=canvas.device) if build_masks else None
-        for layer, block in enumerate(self.blocks):
+        canvas_visible = torch.ones(batch, length, dtype=torch.bool, device=resid.device) if build_masks else None
+        for layer in range(start, stop):
+            block = self.blocks[layer]
             n_kept = prompt.keys[layer].shape[2]
             if n_kept not in masks:
                 masks[n_kept] = None
@@ -131,5 +178,9 @@ class DecoderStack(Stack):
                     masks[n_kept] = visible[:, None, None, :].expand(batch, 1, length, -1)
             cos, sin = tables[cfg.layer_types[layer]]
             resid, _, _ = block(resid, cos, sin, prompt.keys[layer], prompt.values[layer], masks[n_kept], causal=False)
+        return resid
+
+    def head(self, resid: Float[torch.Tensor, "batch canvas d_model"]) -> Float[torch.Tensor, "batch canvas vocab"]:
+        """Final norm and the soft-capped tied unembedding (fp32 logits)."""
         resid = self.ln_final(resid)
-        return self.hook_logits(unembed(resid, self.embed.W_E, cfg.final_logit_softcapping))
+        return self.hook_logits(unembed(resid, self.embed.W_E, self.cfg.final_logit_softcapping))

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
+from diffusionlens.losses import denoising_loss
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, make_dataset
@@ -129,9 +130,8 @@ def training_loss(
             temperature = s.t_min + (s.t_max - s.t_min) * float(torch.rand((), generator=generator))
             self_cond = model.denoise(noisy, state) / temperature
     logits = model.denoise(noisy, state, self_cond)
-    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-    weight = torch.where(target.flatten() == PAD_ID, s.pad_weight, 1.0)
-    return (per_token * weight).sum() / weight.sum()
+    # Pads are down-weighted, not dropped, so no pad masking on top of the weights.
+    return denoising_loss(logits, target, weights=torch.where(target == PAD_ID, s.pad_weight, 1.0))
 
 
 def _batch(tokenizer, step: int, s: TrainSettings, task_weights: dict[str, float]) -> dict[str, torch.Tensor]:
