@@ -67,18 +67,24 @@ GENERATION = dict(
 )
 
 
-def build_random_full_width_reference(seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
-    """transformers' model with parameters created on the meta device, then materialised on CPU one
-    tensor at a time from a seeded generator (no default init pass over 2.3B parameters)."""
-    cfg = HFConfig(
-        text_config=dict(FULL_WIDTH_TWO_LAYERS), vision_config=dict(TINY_VISION), canvas_length=CANVAS_LENGTH
-    )
+def build_random_full_width_reference(
+    seed: int = 0,
+    text_config: dict | None = None,
+    canvas_length: int = CANVAS_LENGTH,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DiffusionGemmaForBlockDiffusion:
+    """transformers' model with parameters created on the meta device, then materialised on `device`
+    one tensor at a time from a seeded generator (no default init pass over billions of parameters).
+    Also used by benchmarks/gpu_checks.py for the full 30-layer config on a GPU."""
+    text_config = dict(text_config or FULL_WIDTH_TWO_LAYERS)
+    cfg = HFConfig(text_config=text_config, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
     with init_empty_weights(include_buffers=False):  # buffers stay real: RoPE tables are built normally
         model = DiffusionGemmaForBlockDiffusion(cfg)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def random_like(name: str, shape: torch.Size) -> torch.Tensor:
-        noise = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
         # Norm weights and scalars around 1 with spread, so a skipped or swapped norm shows; matrices
         # small enough that 2816-wide sums stay below the soft-cap.
         if "norm" in name or "layer_scalar" in name or name.endswith("scale"):
@@ -93,11 +99,12 @@ def build_random_full_width_reference(seed: int = 0) -> DiffusionGemmaForBlockDi
             owner = canonical_name(name) or "model.decoder.embed_tokens.weight"
             if owner not in filled:
                 filled[owner] = random_like(owner, param.shape)
-            set_module_tensor_to_device(model, name, "cpu", value=filled[owner])
+            set_module_tensor_to_device(model, name, device, value=filled[owner])
         del filled
         for name, buffer in list(model.named_buffers()):
             if buffer.is_floating_point() and not name.endswith(DERIVED_BUFFERS):
                 buffer.copy_(random_like(name, buffer.shape))
+    model.to(device)  # the (small) buffers that were built on CPU
     model.tie_weights()
     assert not any(p.is_meta for p in model.parameters())
     encoder_gate_up = model.model.encoder.language_model.layers[0].experts.gate_up_proj
