@@ -14,6 +14,7 @@ weights unplaced, or a `max_memory` too small for the weights is refused up fron
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ def placement_units(cfg: DiffusionGemmaConfig) -> list[str]:
     return [*MAIN_UNITS, *(f"decoder.blocks.{i}" for i in range(cfg.num_hidden_layers))]
 
 
+@functools.lru_cache(maxsize=2)  # a plan sizes the same meta model several times; never mutated
 def _empty_model(cfg: DiffusionGemmaConfig) -> HookedDiffusionGemma:
     from accelerate import init_empty_weights
 

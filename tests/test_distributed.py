@@ -4,6 +4,7 @@ when a worker is killed mid-sweep; unreachable addresses fail fast; the CLI flag
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -84,6 +85,12 @@ def test_cli_ray_flag_runs_the_sweep_on_the_running_cluster(spec, single_process
     main(["patch", str(spec_file), "--out", str(tmp_path / "sweep"), "--no-progress", "--ray", "--workers", "2"])
     saved = SweepResult.load(tmp_path / "sweep")
     assert torch.equal(saved.values, single_process.values)
+
+
+def test_without_ray_the_cli_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    with pytest.raises(SystemExit, match=r"diffusionlens\[distributed\]"):
+        main(["patch", "spec.json", "--out", "x", "--ray"])
 
 
 def test_unreachable_address_fails_fast_and_names_it():
