@@ -82,6 +82,7 @@ def test_progress_bar_spans_all_workers_and_can_be_silenced(spec, pool, capsys):
 def test_cli_ray_flag_runs_the_sweep_on_the_running_cluster(spec, single_process, pool, tmp_path):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
+    pool.shutdown()  # the CLI starts its own two workers; free the two CPUs this cluster has
     main(["patch", str(spec_file), "--out", str(tmp_path / "sweep"), "--no-progress", "--ray", "--workers", "2"])
     saved = SweepResult.load(tmp_path / "sweep")
     assert torch.equal(saved.values, single_process.values)
