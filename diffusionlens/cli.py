@@ -260,9 +260,19 @@ def _patch(argv: list[str]) -> None:
     parser.add_argument("--model", default=None, help="overrides the spec's model")
     parser.add_argument("--plot", default=None, help="also save a heatmap (PNG/SVG; needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ray", action="store_true", help="fan rows out over a local Ray (needs [distributed])")
+    parser.add_argument("--ray-address", default=None, help="join the Ray cluster at host:port instead")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers, one model (and GPU) each")
     args = parser.parse_args(argv)
     from diffusionlens.patching.sweep_spec import SweepSpec, run_sweep_spec
 
+    if args.ray or args.ray_address:
+        from diffusionlens.distributed.pool import connect
+
+        try:
+            connect(args.ray_address)
+        except (ImportError, ConnectionError) as error:
+            raise SystemExit(f"diffusionlens patch: {error}") from None
     try:
         spec = SweepSpec.load(args.spec)
     except (OSError, ValueError) as error:
@@ -270,7 +280,12 @@ def _patch(argv: list[str]) -> None:
     if args.model:
         spec.model = args.model
     try:
-        result = run_sweep_spec(spec, progress=not args.no_progress)
+        if args.ray or args.ray_address:
+            from diffusionlens.distributed import run_sweep_spec_distributed
+
+            result = run_sweep_spec_distributed(spec, num_workers=args.workers, progress=not args.no_progress)
+        else:
+            result = run_sweep_spec(spec, progress=not args.no_progress)
     except KeyError as error:  # the spec's hook matches no hook point: say which, and the nearest
         raise SystemExit(f"diffusionlens patch: {error.args[0]}") from None
     result.save(args.out)

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusionlens.config import DiffusionGemmaConfig
+from diffusionlens.device_map import device_for_tensor, dispatch, plan_device_map, planning_dtype
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -176,10 +177,16 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> HookedDiffusionGemma:
     """Load a checkpoint directory (single or sharded safetensors), a transformers model object, or a
-    hub id (resolved with huggingface_hub when the string is not a local path; needs network)."""
+    hub id (resolved with huggingface_hub when the string is not a local path; needs network).
+
+    `device_map` ("auto" or {module: device}) and/or `max_memory` spread the blocks over several
+    devices; see `diffusionlens.device_map` (planned and checked before any tensor is read)."""
     cfg, tensors, directory = _resolve_source(source)
+    placement = _plan_placement(cfg, source, directory, dtype, device, device_map, max_memory)
     if directory is not None:
         tensors = _iter_safetensors(_checkpoint_files(directory), progress)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -205,7 +212,8 @@ def load_pretrained(
         if tuple(tensor.shape) != tuple(targets[ours].shape):
             mismatched.append(f"{hf_name}: checkpoint {tuple(tensor.shape)} vs config {tuple(targets[ours].shape)}")
             continue
-        _assign(model, ours, tensor.to(device=device, dtype=dtype or tensor.dtype))
+        target = device if placement is None else device_for_tensor(placement, ours)
+        _assign(model, ours, tensor.to(device=target, dtype=dtype or tensor.dtype))
         loaded.add(ours)
     if skipped:
         logger.info("Skipped %d vision-tower tensors: diffusionlens is text-only.", skipped)
@@ -224,12 +232,26 @@ def load_pretrained(
         )
     model.tie_weights()
     _materialize_derived_buffers(model, device)
+    if placement is not None:
+        dispatch(model, placement)
     model.setup()
     if directory is not None and (directory / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
         model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return model.eval().requires_grad_(False)
+
+
+def _plan_placement(cfg, source, directory, dtype, device, device_map, max_memory) -> dict | None:
+    if device_map is None and max_memory is None:
+        return None
+    if device is not None:
+        raise ValueError("pass either device or device_map/max_memory, not both")
+    if isinstance(source, nn.Module):
+        checkpoint_config = {"dtype": str(next(source.parameters()).dtype).removeprefix("torch.")}
+    else:
+        checkpoint_config = json.loads((directory / "config.json").read_text())
+    return plan_device_map(cfg, device_map or "auto", max_memory, planning_dtype(dtype, checkpoint_config))
 
 
 def _abbrev(names: list[str], limit: int = 12) -> str:

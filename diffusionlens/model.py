@@ -88,14 +88,18 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
     ) -> HookedDiffusionGemma:
         """Load from a transformers checkpoint directory, an in-memory transformers model, or a hub id.
 
-        See `diffusionlens.loading.load_pretrained`.
+        `device_map="auto"` or `{module: device}` (with optional `max_memory={device: "24GB"}`) spreads
+        the blocks over several devices. See `diffusionlens.loading.load_pretrained`.
         """
         from diffusionlens.loading import load_pretrained
 
-        return load_pretrained(cls, source, dtype=dtype, device=device, progress=progress)
+        placement = dict(device_map=device_map, max_memory=max_memory)
+        return load_pretrained(cls, source, dtype=dtype, device=device, progress=progress, **placement)
 
     def save_pretrained(self, directory: str | Path, *, max_shard_size: int | str = "5GB") -> None:
         """Write transformers-format safetensors shards and config.json."""

@@ -1,0 +1,21 @@
+"""Fan sweeps, seed searches and activation harvests out over a Ray cluster (the `[distributed]` extra).
+
+`ModelPool` starts one Ray actor per worker, each loading the model once; work items are Ray tasks on
+those actors, retried on a restarted actor when one dies. Ray is imported only when a pool starts.
+"""
+
+from diffusionlens.distributed.pool import ModelPool, connect, require_ray
+from diffusionlens.distributed.sweeps import (
+    generate_over_seeds_distributed,
+    harvest_distributed,
+    run_sweep_spec_distributed,
+)
+
+__all__ = [
+    "ModelPool",
+    "connect",
+    "generate_over_seeds_distributed",
+    "harvest_distributed",
+    "require_ray",
+    "run_sweep_spec_distributed",
+]

@@ -1,0 +1,140 @@
+"""Sweeps, seed searches and activation harvests split into Ray tasks.
+
+Each task does exactly what the single-process code does for its share (a sweep row through
+`patch_sweep`, a batch of `generate_over_seeds`, one prompt's `generate_with_cache`), so results are
+identical to a single-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusionlens.distributed.pool import ModelPool
+from diffusionlens.patching.sweep import SweepResult, patch_sweep
+from diffusionlens.patching.sweep_spec import SweepSpec, build_metric
+
+
+# ---------------------------------------------------------------------- patch sweeps
+def _prepared(model: Any, memo: dict, spec: SweepSpec) -> tuple:
+    """The clean and corrupted runs and the metric, recorded once per worker (as `run_sweep_spec`)."""
+    from diffusionlens.patching.runs import record_run
+    from diffusionlens.sampling.noise import ReplayNoise
+
+    key = ("sweep", repr(spec))
+    if key not in memo:
+        layers = spec.layers if spec.layers is not None else range(model.cfg.num_hidden_layers)
+        names = sorted({spec.hook.format(layer=layer) for layer in layers})
+        settings = {"max_new_tokens": spec.max_new_tokens or model.cfg.canvas_length}
+        clean_ids, corrupted_ids = model.to_tokens(spec.clean), model.to_tokens(spec.corrupted)
+        clean = record_run(model, clean_ids, names_filter=names, noise=ReplayNoise(spec.seed), **settings)
+        corrupted = record_run(model, corrupted_ids, noise=ReplayNoise(spec.seed), **settings)
+        memo[key] = (clean, corrupted, build_metric(spec, model.tokenizer, clean))
+    return memo[key]
+
+
+def _sweep_labels(model: Any, memo: dict, spec: SweepSpec) -> dict[str, list]:
+    clean, corrupted, _ = _prepared(model, memo, spec)
+    n_steps = min(corrupted.trace.steps(0), clean.trace.steps(0))
+    return {
+        "layer": list(spec.layers if spec.layers is not None else range(model.cfg.num_hidden_layers)),
+        "step": list(spec.steps if spec.steps is not None else range(n_steps)),
+        "position": list(spec.positions if spec.positions is not None else range(model.cfg.canvas_length)),
+        "head": list(range(model.cfg.num_attention_heads)),
+    }
+
+
+def _sweep_row(model: Any, memo: dict, task: tuple[SweepSpec, Any]) -> SweepResult:
+    """One row of the sweep (one label of its first axis), through `patch_sweep` itself."""
+    spec, row = task
+    clean, corrupted, metric = _prepared(model, memo, spec)
+    first_axis = {"layer": "layers", "step": "steps"}[spec.over[0]]
+    ranges = {"layers": spec.layers, "steps": spec.steps, "positions": spec.positions, first_axis: [row]}
+    return patch_sweep(
+        model,
+        clean,
+        corrupted,
+        spec.hook,
+        spec.over,
+        metric,
+        mode=spec.mode,
+        metric_steps=spec.metric_steps,
+        progress=False,
+        **ranges,
+    )
+
+
+def run_sweep_spec_distributed(
+    spec: SweepSpec,
+    pool: ModelPool | None = None,
+    *,
+    address: str | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> SweepResult:
+    """`run_sweep_spec` with one Ray task per row of the sweep; equal to the single-process result.
+
+    Pass a `pool` (its workers must hold `spec.model`), or let one start on `address` (None: local Ray).
+    """
+    own_pool = pool is None
+    pool = pool or ModelPool(spec.model, num_workers=num_workers, address=address)
+    try:
+        labels = pool.ray.get(pool.workers[0].run.remote(_sweep_labels, spec))
+        rows = pool.map(_sweep_row, [(spec, row) for row in labels[spec.over[0]]], progress=progress, desc="sweep rows")
+    finally:
+        if own_pool:
+            pool.shutdown()
+    values = torch.cat([r.values for r in rows], dim=0)
+    result = SweepResult(values, spec.over, {axis: labels[axis] for axis in spec.over}, dict(rows[0].metadata))
+    result.metadata.update({"clean": spec.clean, "corrupted": spec.corrupted, "model": spec.model})
+    return result
+
+
+# ---------------------------------------------------------------------- seeds and harvests
+def _seed_batch(model: Any, memo: dict, task: tuple[list[tuple[str, int]], dict]) -> Any:
+    from diffusionlens.analysis.seeds import SeededBatch
+    from diffusionlens.sampling.noise import RowReplayNoise
+
+    chunk, generate_kwargs = task
+    ids, attention = model.to_tokens_and_mask([p for p, _ in chunk])
+    noise = RowReplayNoise([s for _, s in chunk])
+    result = model.generate(ids, attention_mask=attention, noise=noise, progress=False, **generate_kwargs)
+    return SeededBatch(chunk, result)
+
+
+def generate_over_seeds_distributed(
+    pool: ModelPool,
+    prompts: Sequence[str] | str,
+    seeds: Iterable[int],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[Any]:
+    """`analysis.seeds.generate_over_seeds` with one Ray task per batch: the same batches, in order."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    runs = [(p, int(s)) for s in seeds for p in prompts]
+    if not runs:
+        raise ValueError("give at least one prompt and one seed")
+    chunks = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+    return pool.map(_seed_batch, [(chunk, generate_kwargs) for chunk in chunks], progress=progress, desc="batches")
+
+
+def _harvest_one(model: Any, memo: dict, task: tuple[int, str, str, dict]) -> str:
+    index, prompt, out_dir, cache_kwargs = task
+    path = Path(out_dir) / f"run_{index:05d}"
+    model.generate_with_cache(model.to_tokens(prompt), storage="disk", path=path, progress=False, **cache_kwargs)
+    return str(path)
+
+
+def harvest_distributed(
+    pool: ModelPool, prompts: Sequence[str], out_dir: str | Path, *, progress: bool = True, **cache_kwargs: Any
+) -> list[Path]:
+    """`generate_with_cache(storage="disk")` for every prompt, one Ray task each; returns the cache
+    directories (`out_dir/run_00000`, …; reopen with `DenoisingCache.load`). `out_dir` must be on a
+    file system every worker writes to (local Ray, or a shared mount)."""
+    tasks = [(i, p, str(out_dir), cache_kwargs) for i, p in enumerate(prompts)]
+    return [Path(p) for p in pool.map(_harvest_one, tasks, progress=progress, desc="harvest")]
