@@ -239,6 +239,7 @@ class DiffusionGemmaConfig:
             "per_layer_config",
             "global_head_dim",
             "num_global_key_value_heads",
+            "canvas_length",  # read by from_hf, which looks for it at the top level first
             "model_type",
             "transformers_version",
             "architectures",

@@ -291,3 +291,10 @@ def test_block_norms_map_through_the_one_checkpoint_table():
     with pytest.warns(DeprecationWarning, match="NORM_NAMES"):
         from diffusionlens.components.block import NORM_NAMES
     assert NORM_NAMES == {norm: name.removesuffix(".weight") for norm, name in names.items()}
+
+
+def test_flat_config_dict_may_carry_canvas_length():
+    flat = {**CONFIGS["mixed"], "canvas_length": 5}
+    cfg = DiffusionGemmaConfig.from_hf(flat)
+    assert cfg.canvas_length == 5
+    assert HookedDiffusionGemma.from_config(flat).cfg.canvas_length == 5

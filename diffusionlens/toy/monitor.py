@@ -13,6 +13,7 @@ import torch
 from diffusionlens.analysis.transparency import auroc
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling.noise import ReplayNoise
+from diffusionlens.sampling.settings import GenerationSettings
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import TASKS, make_dataset, task_of
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas
@@ -57,4 +58,5 @@ def draft_monitor_auroc(
 
 
 def model_steps(generate_kwargs: dict) -> int:
-    return int(generate_kwargs.get("max_denoising_steps", 48))
+    """The step budget these generate keywords give (the default lives in GenerationSettings)."""
+    return int(generate_kwargs.get("max_denoising_steps", GenerationSettings.max_denoising_steps))
