@@ -100,11 +100,11 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
 
 
 def resolve_act_key(key: str | tuple, n_layers: int | None) -> str:
-    """A cache key as a full hook name: a string as given, or a TransformerLens tuple
-    `(name, layer[, layer_type][, stack])` through `get_act_name`. Negative layers count from the end
+    """A cache key as a full hook name: a full name as given; a short name, or a TransformerLens tuple
+    `(name, layer[, layer_type][, stack])`, through `get_act_name`. Negative layers count from the end
     of `n_layers` (None: the cache has no model, so they are refused)."""
     if isinstance(key, str):
-        return key
+        return key if "." in key else get_act_name(key)  # "embed", "logits": the decoder's own hooks
     if not isinstance(key, tuple) or not key or not isinstance(key[0], str):
         raise KeyError(f"a cache key is a hook name or a tuple (name, layer[, layer_type][, stack]), got {key!r}")
     name, *rest = key
