@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
 from diffusionlens.components.unembed import unembed
+from diffusionlens.hook_reference import position_axis
+from diffusionlens.utils import PosSlice, apply_pos_slice, check_pos_slice, resolve_act_key
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -25,9 +27,19 @@ class ActivationCache:
     def __init__(self, store: dict[str, torch.Tensor], model: HookedDiffusionGemma | None = None) -> None:
         self._store = store
         self.model = model
+        self.has_batch_dim = True
 
     # ------------------------------------------------------------------ mapping
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _resolve(self, key: str | tuple) -> str:
+        """A key as a stored name: a full hook name, a TransformerLens short name ("resid_post" needs
+        no layer only for stack-level hooks: "embed", "logits") or a tuple (name, layer[, layer_type][, stack])."""
+        if isinstance(key, str) and (key in self._store or "." in key):
+            return key
+        n_layers = None if self.model is None else self.model.cfg.num_hidden_layers
+        return resolve_act_key(key, n_layers)
+
+    def __getitem__(self, key: str | tuple) -> torch.Tensor:
+        name = self._resolve(key)
         try:
             return self._store[name]
         except KeyError:
@@ -35,8 +47,18 @@ class ActivationCache:
             hint = f" Nearest cached names: {', '.join(nearest)}." if nearest else ""
             raise KeyError(f"'{name}' is not in this cache.{hint} Record it by widening names_filter.") from None
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._store
+    def get(self, key: str | tuple, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`cache[key]`, or `default` when it was not cached (as dict.get)."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self._resolve(key) in self._store  # type: ignore[arg-type]
+        except (KeyError, ValueError, TypeError):
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._store)
@@ -44,17 +66,45 @@ class ActivationCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         return self._store.keys()
 
-    def items(self):
+    def items(self) -> ItemsView[str, torch.Tensor]:
         return self._store.items()
 
-    def values(self):
+    def values(self) -> ValuesView[torch.Tensor]:
         return self._store.values()
 
     def to(self, device: torch.device | str) -> ActivationCache:
-        return ActivationCache({k: v.to(device) for k, v in self._store.items()}, self.model)
+        """Move every value to `device` in place and return the cache (as TransformerLens)."""
+        self._store = {k: v.to(device) for k, v in self._store.items()}
+        return self
+
+    def remove_batch_dim(self) -> ActivationCache:
+        """Drop the leading batch axis of every value of a batch-1 cache, in place, and return the cache
+        (as TransformerLens). Positional helpers (accumulated_resid, …) keep working."""
+        if not self.has_batch_dim:
+            raise ValueError("the batch axis was already removed from this cache")
+        sizes = {v.shape[0] if v.ndim else None for v in self._store.values()}
+        if sizes - {1}:
+            raise ValueError(
+                f"remove_batch_dim needs batch size 1, but values have leading sizes {sorted(sizes - {1}, key=str)}; "
+                "run a single prompt or index one row (cache[name][i])"
+            )
+        self._store = {k: v[0] for k, v in self._store.items()}
+        self.has_batch_dim = False
+        return self
+
+    def apply_pos_slice(self, pos_slice: PosSlice) -> ActivationCache:
+        """Index every value's position axis (queries, for attention patterns) by `pos_slice`, in place."""
+        check_pos_slice(pos_slice)
+        if pos_slice is not None:
+            offset = 0 if self.has_batch_dim else -1
+            self._store = {
+                k: apply_pos_slice(v, pos_slice, position_axis(k.removesuffix("_grad")) + offset)
+                for k, v in self._store.items()
+            }
+        return self
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._store.values())
@@ -68,31 +118,100 @@ class ActivationCache:
             raise ValueError("This cache has no model attached; build it with model.run_with_cache")
         return self.model.cfg.num_hidden_layers
 
-    def accumulated_resid(
-        self, stack: str = "decoder", layer: int | None = None, apply_ln: bool = False
-    ) -> Float[torch.Tensor, "component batch pos d_model"]:
-        """Residual stream before each block and after the last: `[layers + 1, batch, pos, d_model]`.
+    def _resid_layer(self, layer: int | None, what: str) -> int:
+        """`layer` as a count of blocks before the residual (0 … n_layers). As TransformerLens, None
+        and -1 mean after the last block; other negatives count back from there (-2: input of the last)."""
+        n = self._n_layers()
+        if layer is None:
+            return n
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            hint = f"; pass stack={layer!r} by keyword" if layer in ("encoder", "decoder") else ""
+            raise TypeError(f"{what}: layer must be an int in [-{n + 1}, {n}] or None, got {layer!r}{hint}")
+        if not -(n + 1) <= layer <= n:
+            raise ValueError(f"{what}: layer must be in [-{n + 1}, {n}] for {n} layers (None: all), got {layer}")
+        return layer + n + 1 if layer < 0 else layer
 
-        Needs every `{stack}.blocks.*.hook_resid_pre` and the last `hook_resid_post` (or up to
-        `layer`). `apply_ln` applies the final norm, as the logit lens does.
+    @staticmethod
+    def _check_stack(stack: str) -> str:
+        if stack not in ("encoder", "decoder"):
+            raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+        return stack
+
+    def _final_norm(self, resid: Float[torch.Tensor, "... d_model"], stack: str) -> Float[torch.Tensor, "... d_model"]:
+        # A bf16/fp16 cache meets float32 weights here: compute in the model's dtype.
+        norm = self.model.get_submodule(f"{stack}.ln_final")
+        return norm(resid.to(self.model.dtype))
+
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        return_labels: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> (
+        Float[torch.Tensor, "component *batch_and_pos d_model"]
+        | tuple[Float[torch.Tensor, "component *batch_and_pos d_model"], list[str]]
+    ):
+        """The residual stream up to the input of block `layer`, as TransformerLens: `resid_pre` of
+        blocks 0 … layer (with `incl_mid`, each earlier block's `resid_mid` after its `resid_pre`);
+        `layer=None` (or -1): every block and the final `resid_post`, `[n_layers + 1, batch, pos, d_model]`;
+        `layer=0`: just block 0's input; other negatives count back (-2: up to the last block's input).
+
+        Unlike GPT-2, block 0's `resid_pre` in the decoder is the self-conditioned input (embedding
+        plus the self-conditioning MLP), not the bare embedding. `apply_ln` recomputes the stack's
+        final RMSNorm on every entry (what a logit lens reads; TL reuses a cached LayerNorm scale).
+        `pos_slice` indexes positions (an int drops the axis); `return_labels` adds labels
+        ("0_pre", "0_mid", …, "final_post"). `stack="encoder"` reads the encoder.
         """
-        n = self._n_layers() if layer is None else layer
-        parts = [self[f"{stack}.blocks.{i}.hook_resid_pre"] for i in range(min(n, self._n_layers()))]
-        if layer is None or layer >= self._n_layers():
-            parts.append(self[f"{stack}.blocks.{self._n_layers() - 1}.hook_resid_post"])
-        resid = torch.stack(parts)
+        stack = self._check_stack(stack)
+        check_pos_slice(pos_slice)
+        n, upto = self._n_layers(), self._resid_layer(layer, "accumulated_resid")
+        parts, labels = [], []
+        for i in range(upto + 1):
+            if i == n:
+                parts.append(self[f"{stack}.blocks.{n - 1}.hook_resid_post"])
+                labels.append("final_post")
+                continue
+            parts.append(self[f"{stack}.blocks.{i}.hook_resid_pre"])
+            labels.append(f"{i}_pre")
+            if incl_mid and i < upto:
+                parts.append(self[f"{stack}.blocks.{i}.hook_resid_mid"])
+                labels.append(f"{i}_mid")
+        resid = torch.stack([apply_pos_slice(p, pos_slice, -2) for p in parts])
         if apply_ln:
-            resid = self.model.decoder.ln_final(resid)
-        return resid
+            resid = self._final_norm(resid, stack)
+        return (resid, labels) if return_labels else resid
 
     def decompose_resid(
-        self, stack: str = "decoder", layer: int | None = None
-    ) -> tuple[Float[torch.Tensor, "component batch pos d_model"], list[str]]:
-        """The residual at `layer` split into its inputs: embedding path, then each block's attention and
-        FFN outputs. DiffusionGemma multiplies each block's output by `layer_scalar`, so earlier terms are
-        rescaled by the product of later scalars; the components sum to the residual exactly."""
-        n = self._n_layers() if layer is None else layer
-        scalars = [float(self.model.get_submodule(f"{stack}.blocks.{i}").layer_scalar) for i in range(n)]
+        self,
+        layer: int | None = None,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> (
+        Float[torch.Tensor, "component *batch_and_pos d_model"]
+        | tuple[Float[torch.Tensor, "component *batch_and_pos d_model"], list[str]]
+    ):
+        """The residual at the input of block `layer` (None or -1: after the last block) split into its
+        inputs, as TransformerLens: the embedding path ("embed": block 0's input, in the decoder the
+        self-conditioned embedding), then each earlier block's "{i}_attn_out" and "{i}_ffn_out"
+        (`mode` "attn" / "mlp" keeps one kind). DiffusionGemma multiplies each block's output by
+        `layer_scalar`, so earlier terms are rescaled by the product of later scalars; with every
+        component the parts sum to the residual exactly. `apply_ln` applies the final norm to each part
+        (a logit-lens view, not a linear split); `return_labels` adds the labels."""
+        stack = self._check_stack(stack)
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+        check_pos_slice(pos_slice)
+        upto = self._resid_layer(layer, "decompose_resid")
+        scalars = [float(self.model.get_submodule(f"{stack}.blocks.{i}").layer_scalar) for i in range(upto)]
 
         def later(i: int) -> float:
             out = 1.0
@@ -100,18 +219,27 @@ class ActivationCache:
                 out *= s
             return out
 
-        parts, labels = [self[f"{stack}.blocks.0.hook_resid_pre"] * later(0)], ["embed"]
-        for i in range(n):
-            parts.append(self[f"{stack}.blocks.{i}.hook_attn_out"] * later(i))
-            labels.append(f"{i}_attn_out")
-            parts.append(self[f"{stack}.blocks.{i}.hook_ffn_out"] * later(i))
-            labels.append(f"{i}_ffn_out")
-        return torch.stack(parts), labels
+        parts, labels = [], []
+        if incl_embeds:
+            parts.append(self[f"{stack}.blocks.0.hook_resid_pre"] * later(0))
+            labels.append("embed")
+        for i in range(upto):
+            for kind, hook in (("attn", "attn_out"), ("mlp", "ffn_out")):
+                if mode in ("all", kind):
+                    parts.append(self[f"{stack}.blocks.{i}.hook_{hook}"] * later(i))
+                    labels.append(f"{i}_{hook}")
+        if not parts:
+            raise ValueError("decompose_resid(layer=0, incl_embeds=False) has no components; pass incl_embeds=True")
+        resid = torch.stack([apply_pos_slice(p, pos_slice, -2) for p in parts])
+        if apply_ln:
+            resid = self._final_norm(resid, stack)
+        return (resid, labels) if return_labels else resid
 
     def logit_lens(
-        self, stack: str = "decoder", layer: int | None = None
-    ) -> Float[torch.Tensor, "component batch pos vocab"]:
-        """Logits read off the residual before every block (and after the last) through the final norm
-        and the soft-capped tied head: `[layers + 1, batch, pos, vocab]`."""
-        resid = self.accumulated_resid(stack, layer, apply_ln=True)
+        self, layer: int | None = None, pos_slice: PosSlice = None, *, stack: str = "decoder"
+    ) -> Float[torch.Tensor, "component *batch_and_pos vocab"]:
+        """Logits read off `accumulated_resid(layer, apply_ln=True, pos_slice=...)` through the
+        soft-capped tied head: `[layers + 1, batch, pos, vocab]` for layer None. Computed in the model's
+        dtype, so a bf16 cache works with float32 weights."""
+        resid = self.accumulated_resid(layer, apply_ln=True, pos_slice=pos_slice, stack=stack)
         return unembed(resid, self.model.decoder.embed.W_E, self.model.cfg.final_logit_softcapping)

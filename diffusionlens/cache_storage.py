@@ -49,6 +49,10 @@ class CacheStorage(Protocol):
         """One stored tensor; None when that step was stored without `name`."""
         ...
 
+    def names(self, canvas: int, step: int) -> set[str]:
+        """The hook names stored for (canvas, step)."""
+        ...
+
     def nbytes(self) -> int:
         """Bytes held in memory."""
         ...
@@ -83,6 +87,9 @@ class MemoryStorage:
 
     def read(self, canvas: int, step: int, name: str) -> torch.Tensor | None:
         return self._data[(canvas, step)].get(name)
+
+    def names(self, canvas: int, step: int) -> set[str]:
+        return set(self._data[(canvas, step)])
 
     def nbytes(self) -> int:
         seen, total = set(), 0
@@ -156,6 +163,10 @@ class DiskStorage:
     def read(self, canvas: int, step: int, name: str) -> torch.Tensor | None:
         with safe_open(str(self.path / self._files[(canvas, step)]), framework="pt") as handle:
             return handle.get_tensor(name) if name in handle.keys() else None
+
+    def names(self, canvas: int, step: int) -> set[str]:
+        with safe_open(str(self.path / self._files[(canvas, step)]), framework="pt") as handle:
+            return set(handle.keys())  # reads the shard's header only
 
     def nbytes(self) -> int:
         return 0

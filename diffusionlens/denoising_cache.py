@@ -7,7 +7,7 @@ with the request, never with the model. What to record is a `RecordSpec`; where 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from diffusionlens.cache_storage import (
     STORAGE_KINDS,
     CacheStorage,
     DiskStorage,
+    MemoryStorage,
     decode_dtype,
     encode_dtype,
     make_storage,
@@ -28,6 +29,7 @@ from diffusionlens.cache_storage import (
 from diffusionlens.hook_points import NameFilter
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
 from diffusionlens.sampling.settings import GenerationSettings
+from diffusionlens.utils import resolve_act_key
 
 if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
@@ -263,9 +265,18 @@ class DenoisingCache:
     def _is_encoder(self, name: str) -> bool:
         return name.startswith("encoder.")
 
-    def get(self, name: str, canvas: int = 0, step: int | None = None) -> torch.Tensor:
+    def _resolve(self, key: str | tuple) -> str:
+        """A full hook name for `key`: a name, a TransformerLens short name or a tuple
+        (name, layer[, layer_type][, stack]) as in `ActivationCache`."""
+        if isinstance(key, str) and (key in self.names or "." in key):
+            return key
+        n_layers = None if self.model is None else self.model.cfg.num_hidden_layers
+        return resolve_act_key(key, n_layers)
+
+    def get(self, name: str | tuple, canvas: int = 0, step: int | None = None) -> torch.Tensor:
         """One value: encoder hooks by canvas; decoder/sampler hooks by canvas and step (all steps
-        stacked on a new leading axis when `step` is None)."""
+        stacked on a new leading axis when `step` is None). Unlike dict.get, a missing value raises."""
+        name = self._resolve(name)
         if self._is_encoder(name):
             return self._load(canvas, ENCODER, name)
         if step is not None:
@@ -273,21 +284,98 @@ class DenoisingCache:
         steps = self.steps(canvas)
         if not steps:
             raise KeyError(f"no steps recorded for canvas {canvas}")
+        missing = [s for s in steps if name in self.names and name not in self.backend.names(canvas, s)]
+        if missing and len(missing) < len(steps):
+            raise KeyError(
+                f"'{name}' did not fire at recorded steps {missing} of canvas {canvas} (e.g. "
+                "decoder.self_cond.hook_logits_in at step 0), so there is no step axis to stack it on; "
+                f"read one step with cache.get('{name}', step=s)"
+            )
         return torch.stack([self._load(canvas, s, name) for s in steps])
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str | tuple) -> torch.Tensor:
         canvases = self.canvases()
         if len(canvases) > 1:
-            raise KeyError(f"this cache spans canvases {canvases}; use cache.get('{name}', canvas=c, step=s)")
+            raise KeyError(f"this cache spans canvases {canvases}; use cache.get({name!r}, canvas=c, step=s)")
         return self.get(name, canvas=canvases[0] if canvases else 0)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self._resolve(key) in self.keys()  # type: ignore[arg-type]
+        except (KeyError, ValueError, TypeError):
+            return False
+
+    # ------------------------------------------------------------------ mapping protocol
+    def keys(self) -> list[str]:
+        """Names `cache[name]` reads: recorded for every canvas, and (decoder/sampler hooks) at every
+        recorded step. A hook that fired at only some steps (decoder.self_cond.hook_logits_in does not
+        fire at step 0) is read per step with `get(name, step=s)`."""
+        stored = self._keys()
+        if not stored:
+            return []
+        present = [self.backend.names(c, s) for c, s in stored]
+        encoder = [names for (_, s), names in zip(stored, present, strict=True) if s == ENCODER]
+        steps = [names for (_, s), names in zip(stored, present, strict=True) if s != ENCODER]
+        keep = []
+        for name in self.names:
+            shards = encoder if self._is_encoder(name) else steps
+            if shards and all(name in names for names in shards):
+                keep.append(name)
+        return keep
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def values(self) -> Iterator[torch.Tensor]:
+        """`cache[name]` for every name in `keys()`, read lazily (a disk cache reads one at a time)."""
+        return (self[name] for name in self.keys())
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, `cache[name]`) for every name in `keys()`, read lazily."""
+        return ((name, self[name]) for name in self.keys())
+
+    def to(self, device: torch.device | str) -> DenoisingCache:
+        """Move every recorded value to `device` in place and return the cache (as TransformerLens).
+        A disk cache reads from its shards: load it with `step_cache(s).to(device)` instead."""
+        if not isinstance(self.backend, MemoryStorage):
+            raise ValueError(
+                f"a {self.storage!r} cache reads its shards on demand; move what you read: "
+                "cache.step_cache(s).to(device) or cache[name].to(device)"
+            )
+        self.backend._data = {
+            key: {k: v.to(device) for k, v in vals.items()} for key, vals in self.backend._data.items()
+        }
+        return self
+
+    def remove_batch_dim(self) -> DenoisingCache:
+        """Not on the step axis: take one step's ActivationCache, `cache.step_cache(s).remove_batch_dim()`."""
+        raise TypeError(
+            "DenoisingCache values lead with the step axis; use cache.step_cache(s).remove_batch_dim() "
+            "or cache[name][:, 0] for one batch row"
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # A disk cache pickles as a reference to its directory: unpickling reopens it read-only with
+        # DenoisingCache.load, so no tensors are copied into the pickle (and none are lost).
+        if isinstance(self.backend, DiskStorage):
+            return (DenoisingCache.load, (str(self.path), self.model))
+        return super().__reduce_ex__(protocol)
 
     def step_cache(self, step: int, canvas: int = 0) -> ActivationCache:
-        """An ActivationCache of one step: decoder/sampler values at `step` plus the canvas's encoder values."""
-        store = {}
+        """An ActivationCache of one step: decoder/sampler values at `step` plus the canvas's encoder values.
+        A step that was not recorded raises a KeyError listing the recorded steps."""
         stored = self.backend.keys()
+        if (canvas, step) not in stored:
+            if canvas not in self.canvases():
+                raise KeyError(f"canvas {canvas} was not recorded; recorded canvases: {self.canvases()}")
+            raise KeyError(
+                f"step {step} of canvas {canvas} was not recorded; recorded steps: {self.steps(canvas)} "
+                "(record more with steps=... in generate_with_cache)"
+            )
+        store = {}
         for name in self.names:
             key = (canvas, ENCODER if self._is_encoder(name) else step)
             if key in stored:
@@ -299,7 +387,7 @@ class DenoisingCache:
 
     def logit_lens(self, step: int, canvas: int = 0) -> torch.Tensor:
         """Logit lens of every decoder layer at one step: `[layers + 1, batch, pos, vocab]`."""
-        return self.step_cache(step, canvas).logit_lens("decoder")
+        return self.step_cache(step, canvas).logit_lens(stack="decoder")
 
     def nbytes(self) -> int:
         """Bytes held in memory by recorded tensors (disk caches hold none)."""

@@ -28,6 +28,7 @@ from diffusionlens.tokens import TokenHelpers
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
+    from diffusionlens.utils import PosSlice
 
 
 class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
@@ -310,6 +311,8 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         fwd_hooks: Iterable[tuple[Any, Callable]] = (),
         incl_bwd: bool = False,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        remove_batch_dim: bool = False,
+        pos_slice: PosSlice = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run `self(*args, **kwargs)` and return (output, ActivationCache of the matching hooks).
@@ -318,19 +321,30 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         as `name + "_grad"`. The output must be a scalar, or pass `loss_fn(output) -> scalar` (e.g.
         `lambda logits: logits[0, 3, token]`). Works on a frozen model: the graph starts at the hook
         points, parameters get no `.grad`.
+        remove_batch_dim: as TransformerLens, drop the batch axis of a batch-1 run's values.
+        pos_slice: as TransformerLens, keep these positions of every value (an int, slice,
+        (start, stop[, step]) tuple, list or tensor; queries for attention patterns). The output is
+        not sliced.
         """
         from diffusionlens.cache import ActivationCache
+        from diffusionlens.utils import check_pos_slice
 
+        check_pos_slice(pos_slice)  # refuse before the run, not after it
+        if not isinstance(remove_batch_dim, bool):
+            raise TypeError(f"remove_batch_dim must be True or False, got {remove_batch_dim!r}")
         if incl_bwd:
             from diffusionlens.replay import run_with_gradient_cache
 
-            return run_with_gradient_cache(self, args, kwargs, names_filter, device, fwd_hooks, loss_fn)
-        if loss_fn is not None:
-            raise ValueError("loss_fn is only used with incl_bwd=True; pass incl_bwd=True to cache gradients")
-        store: dict[str, torch.Tensor] = {}
-        hooks = [*fwd_hooks, *self.caching_hooks(store, names_filter, device)]
-        out = self.run_with_hooks(*args, fwd_hooks=hooks, **kwargs)
-        return out, ActivationCache(store, self)
+            out, cache = run_with_gradient_cache(self, args, kwargs, names_filter, device, fwd_hooks, loss_fn)
+        else:
+            if loss_fn is not None:
+                raise ValueError("loss_fn is only used with incl_bwd=True; pass incl_bwd=True to cache gradients")
+            store: dict[str, torch.Tensor] = {}
+            hooks = [*fwd_hooks, *self.caching_hooks(store, names_filter, device)]
+            out = self.run_with_hooks(*args, fwd_hooks=hooks, **kwargs)
+            cache = ActivationCache(store, self)
+        cache.apply_pos_slice(pos_slice)
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
     # ------------------------------------------------------------------ tokens
     # to_tokens, to_tokens_and_mask, to_str_tokens, to_single_token, get_token_position: TokenHelpers.

@@ -369,7 +369,7 @@ def test_activation_cache_residual_helpers(setup):
     assert torch.equal(resid[-1], cache[f"decoder.blocks.{n - 1}.hook_resid_post"])
     assert cache.accumulated_resid(stack="encoder").shape == (n + 1, BATCH, PROMPT, d)
 
-    parts, labels = cache.decompose_resid()
+    parts, labels = cache.decompose_resid(return_labels=True)
     assert parts.shape == (1 + 2 * n, BATCH, canvas, d)
     assert labels[0] == "embed" and len(labels) == len(parts)
     final = cache[f"decoder.blocks.{n - 1}.hook_resid_post"]

@@ -94,7 +94,7 @@ def logit_lens_by_step(
     for step in steps:
         view = cache.step_cache(step, canvas)
         view.model = model
-        resid = view.accumulated_resid("decoder", apply_ln=True)  # [layer, batch, pos, d_model]
+        resid = view.accumulated_resid(apply_ln=True, stack="decoder")  # [layer, batch, pos, d_model]
         logits = unembed(resid[:, :, index.to(resid.device)], W_E, softcap)
         p = torch.softmax(logits.float(), dim=-1).cpu()
         best = p.topk(min(top, p.shape[-1]), dim=-1)
