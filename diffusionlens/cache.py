@@ -10,12 +10,13 @@ import torch
 from jaxtyping import Float
 
 from diffusionlens.components.unembed import unembed
+from diffusionlens.decomposition import ResidDecompositionMixin
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
 
-class ActivationCache:
+class ActivationCache(ResidDecompositionMixin):
     """A mapping from hook name to tensor for one forward pass.
 
     `cache["decoder.blocks.3.hook_resid_post"]` → `[batch, pos, d_model]`. Unknown names raise a

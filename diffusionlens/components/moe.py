@@ -140,6 +140,9 @@ GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _grouped_mm_available(weight: torch.Tensor) -> bool:
     if not hasattr(torch.nn.functional, "grouped_mm") or weight.dtype not in GROUPED_MM_DTYPES:
         return False
+    # Its kernels also need every row stride (d_in, d_out) to be a multiple of 16 bytes.
+    if any(dim * weight.element_size() % 16 for dim in weight.shape[-2:]):
+        return False
     if weight.device.type == "cuda":
         return torch.cuda.get_device_capability(weight.device) >= (8, 0)
     return True
@@ -153,7 +156,7 @@ def _grouped_linear(
     """Rows of `x` sorted by expert, each multiplied by its expert's weight."""
     if _grouped_mm_available(weight):
         return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
-    # No grouped-matmul kernel (GPUs older than sm80, float64): one matmul per expert that has rows.
+    # No grouped-matmul kernel (GPUs older than sm80, float64, unaligned sizes): one matmul per expert.
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
     for expert, end in enumerate(offsets.tolist()):
