@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 
 from diffusionlens.components.unembed import unembed
+from diffusionlens.decomposition import ResidDecompositionMixin
 from diffusionlens.hook_reference import position_axis
 from diffusionlens.utils import PosSlice, apply_pos_slice, check_pos_slice, resolve_act_key
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
 
-class ActivationCache:
+class ActivationCache(ResidDecompositionMixin):
     """A mapping from hook name to tensor for one forward pass.
 
     `cache["decoder.blocks.3.hook_resid_post"]` → `[batch, pos, d_model]`. Unknown names raise a

@@ -1,0 +1,444 @@
+"""Attribution below the residual: exact decompositions of a cached residual into heads, neurons and experts.
+
+`ActivationCache` inherits these helpers (TransformerLens' names and arguments), so every
+`DenoisingCache.step_cache(s)` has them too. Pick the stack with `stack="decoder"` (default) or
+`stack="encoder"` (the prompt).
+
+Why the sums are exact. A DiffusionGemma block computes
+
+    resid_mid  = resid_pre + ln1_post(attn)                  attn = Σ_h result_h (+ b_O)
+    ffn_out    = ln2_post(ln2_post_mlp(mlp) + ln2_post_moe(moe))
+    resid_post = (resid_mid + ffn_out) · layer_scalar        mlp = Σ_n post_n W_out[n],  moe = Σ_k expert_out_k
+
+and every RMSNorm is `norm(x) = x · scale · gain` with `scale = 1/rms(x)` per position. With the scale
+read from the cache (`….hook_scale`) a norm is a linear map, so a sum pushed through it splits term by
+term. A component of block l therefore reaches the residual before block `layer` as
+
+    head h:     result_h · (scale·gain)_ln1_post · Π_{l ≤ j < layer} layer_scalar_j
+    neuron n:   post_n W_out[n] · (scale·gain)_ln2_post_mlp · (scale·gain)_ln2_post · Π …
+    expert e:   expert_out_e · (scale·gain)_ln2_post_moe · (scale·gain)_ln2_post · Π …
+
+and the decoder's block-0 input, `self_cond.post_norm(embed + self_cond)` (a gain-free norm), splits into
+`embed · scale` and `self_cond · scale`. The final norm and the tied unembedding are linear again given
+`ln_final.hook_scale`, so logits before the soft-cap split the same way (`apply_ln_to_stack`,
+`logit_attrs`). The products are computed in the norms' compute dtype (fp32, or the hooks' dtype if wider).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from einops import rearrange
+from jaxtyping import Float, Int
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
+
+#: Something that indexes one axis: a position, a slice, or a list / tensor of positions.
+AxisSlice = int | slice | Sequence[int] | torch.Tensor | None
+
+STACKS = ("encoder", "decoder")
+SWITCHES = {
+    "attn.hook_result": "model.set_use_attn_result(True)",
+    "moe.hook_expert_out": "model.set_use_expert_outputs(True)",
+}
+
+
+def _take(tensor: torch.Tensor, index: AxisSlice, dim: int) -> torch.Tensor:
+    """`tensor` indexed along `dim` (None keeps everything; an int drops the axis)."""
+    if index is None:
+        return tensor
+    if isinstance(index, int | slice):
+        return tensor[(slice(None),) * (dim % tensor.ndim) + (index,)]
+    return tensor.index_select(dim, torch.as_tensor(index, device=tensor.device, dtype=torch.long))
+
+
+class ResidDecompositionMixin:
+    """Residual-stream decompositions for a cache of one forward pass (mixed into `ActivationCache`)."""
+
+    model: HookedDiffusionGemma | None
+
+    # ------------------------------------------------------------------ lookups
+    def _model(self) -> HookedDiffusionGemma:
+        if self.model is None:
+            raise ValueError("This cache has no model attached; build it with model.run_with_cache")
+        return self.model
+
+    def _hook(self, name: str) -> torch.Tensor:
+        """A cached hook, or a KeyError naming what to record (and the switch that makes it fire)."""
+        if name in self:  # type: ignore[operator]
+            return self[name]  # type: ignore[index]
+        switch = next((s for suffix, s in SWITCHES.items() if name.endswith(suffix)), None)
+        how = f"switch it on with {switch} and record it" if switch else "record it"
+        raise KeyError(f"'{name}' is not in this cache: {how} (names_filter must match it).")
+
+    def _check_stack(self, stack: str) -> None:
+        if stack not in STACKS:
+            raise ValueError(f"stack must be one of {STACKS}, not {stack!r}")
+
+    def _resolve_layer(self, layer: int | None) -> int:
+        """The block whose input the decomposition explains: 0 .. n_layers (n_layers, -1 or None:
+        after the last block)."""
+        n = self._model().cfg.num_hidden_layers
+        if layer is None or layer == -1:
+            return n
+        if not isinstance(layer, int) or not 0 <= layer <= n:
+            raise ValueError(
+                f"layer must be in 0..{n} (or -1 / None for the residual after the last block), not {layer}"
+            )
+        return layer
+
+    def _module(self, stack: str, path: str) -> torch.nn.Module:
+        return self._model().get_submodule(f"{stack}.{path}")
+
+    def _scalar_product(self, stack: str, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+        """Π layer_scalar over blocks start .. stop-1: what multiplies block `start`'s output (and
+        everything already in its residual) on the way to block `stop`."""
+        product = torch.ones((), dtype=like.dtype, device=like.device)
+        for layer in range(start, stop):
+            product = product * self._module(stack, f"blocks.{layer}").layer_scalar.to(like.device, like.dtype)[0]
+        return product
+
+    def _norm_map(self, norm_path: str, like: torch.Tensor) -> Float[torch.Tensor, "batch pos d_model"]:
+        """scale · gain of a norm (its `hook_scale` from the cache), in the wider of fp32 and `like`'s dtype."""
+        scale = self._hook(f"{norm_path}.hook_scale")
+        dtype = torch.promote_types(scale.dtype, like.dtype)
+        stack, _, module_path = norm_path.partition(".")
+        gain = self._module(stack, module_path).weight
+        gain = None if gain is None else gain.detach()
+        out = scale.to(like.device, dtype)
+        return out if gain is None else out * gain.to(like.device, dtype)
+
+    def _resid_at(self, stack: str, layer: int) -> Float[torch.Tensor, "batch pos d_model"]:
+        n = self._model().cfg.num_hidden_layers
+        if layer < n:
+            return self._hook(f"{stack}.blocks.{layer}.hook_resid_pre")
+        return self._hook(f"{stack}.blocks.{n - 1}.hook_resid_post")
+
+    def _finish(
+        self,
+        parts: list[torch.Tensor],
+        labels: list[str],
+        *,
+        stack: str,
+        layer: int,
+        incl_remainder: bool,
+        apply_ln: bool,
+        pos_slice: AxisSlice,
+        return_labels: bool,
+    ):
+        components = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(stack, layer).shape)
+        if incl_remainder:
+            resid = self._resid_at(stack, layer)
+            remainder = resid.to(components.dtype) - components.sum(0)
+            components = torch.cat((components, remainder[None]))
+            labels = [*labels, "remainder"]
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, stack=stack)
+        components = _take(components, pos_slice, dim=2)
+        return (components, labels) if return_labels else components
+
+    # ------------------------------------------------------------------ per-layer components
+    def compute_head_results(self, stack: str | None = None) -> None:
+        """Add `attn.hook_result` (each head's output through its slice of o_proj, `[batch, pos, head,
+        d_model]`) for every layer whose `attn.hook_z` is cached, as TransformerLens does. Recording it
+        with `model.set_use_attn_result(True)` gives the same values (up to summation order)."""
+        for name in STACKS if stack is None else (stack,):
+            self._check_stack(name)
+            for layer in range(self._model().cfg.num_hidden_layers):
+                prefix = f"{name}.blocks.{layer}.attn"
+                if f"{prefix}.hook_z" in self and f"{prefix}.hook_result" not in self:  # type: ignore[operator]
+                    z = self[f"{prefix}.hook_z"]  # type: ignore[index]
+                    W_O = self._module(name, f"blocks.{layer}.attn").W_O.detach().to(z.device, z.dtype)
+                    self._store[f"{prefix}.hook_result"] = torch.einsum("bphd,hdm->bphm", z, W_O)  # type: ignore[attr-defined]
+
+    def _heads(self, stack: str, block: int, layer: int) -> tuple[list[torch.Tensor], list[str]]:
+        prefix = f"{stack}.blocks.{block}"
+        if f"{prefix}.attn.hook_result" not in self and f"{prefix}.attn.hook_z" in self:  # type: ignore[operator]
+            raise KeyError(
+                f"'{prefix}.attn.hook_result' is not in this cache: call cache.compute_head_results() "
+                "(from the cached hook_z), or record it after model.set_use_attn_result(True)."
+            )
+        result = self._hook(f"{prefix}.attn.hook_result")
+        factor = self._norm_map(f"{prefix}.ln1_post", result) * self._scalar_product(stack, block, layer, result)
+        heads = rearrange(result, "b p h d -> h b p d") * factor
+        labels = [f"L{block}H{h}" for h in range(heads.shape[0])]
+        bias = self._module(stack, f"blocks.{block}.attn").o_proj.bias
+        if bias is None:
+            return [heads], labels
+        return [heads, (bias.detach().to(factor.device, factor.dtype) * factor)[None]], [*labels, f"L{block}_attn_bias"]
+
+    def _ffn_map(self, stack: str, block: int, layer: int, branch_norm: str | None, like: torch.Tensor) -> torch.Tensor:
+        """What multiplies an FFN branch's raw output (or, with branch_norm None, its post-normed
+        output) on the way to the residual before block `layer`."""
+        prefix = f"{stack}.blocks.{block}"
+        factor = self._norm_map(f"{prefix}.ln2_post", like) * self._scalar_product(stack, block, layer, like)
+        return factor if branch_norm is None else factor * self._norm_map(f"{prefix}.{branch_norm}", like)
+
+    def _neurons(
+        self, stack: str, block: int, layer: int, neuron_slice: AxisSlice = None
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        post = self._hook(f"{stack}.blocks.{block}.mlp.hook_post")
+        W_out = self._module(stack, f"blocks.{block}.mlp").down_proj.weight.detach().T
+        ids = torch.arange(post.shape[-1])
+        post, W_out, ids = _take(post, neuron_slice, -1), _take(W_out, neuron_slice, 0), _take(ids, neuron_slice, 0)
+        if ids.ndim == 0:  # one neuron, chosen by an int
+            post, W_out, ids = post[..., None], W_out[None], ids[None]
+        factor = self._ffn_map(stack, block, layer, "ln2_post_mlp", post)
+        neurons = torch.einsum("bpn,nd->nbpd", post.to(factor.dtype), W_out.to(factor.device, factor.dtype))
+        return [neurons * factor], [f"L{block}N{int(n)}" for n in ids]
+
+    def _experts(
+        self, stack: str, block: int, layer: int, by: Literal["expert", "slot"]
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        prefix = f"{stack}.blocks.{block}.moe"
+        per_slot = self._hook(f"{prefix}.hook_expert_out")
+        factor = self._ffn_map(stack, block, layer, "ln2_post_moe", per_slot)
+        per_slot = rearrange(per_slot, "b p k d -> k b p d").to(factor.dtype)
+        if by == "slot":
+            return [per_slot * factor], [f"L{block}_slot{k}" for k in range(per_slot.shape[0])]
+        if by != "expert":
+            raise ValueError(f"by must be 'expert' or 'slot', not {by!r}")
+        # Each token's slot k holds expert indices[b, p, k]: scatter the slots onto expert rows (an
+        # expert a token did not choose contributes zero there).
+        indices = rearrange(self._hook(f"{prefix}.hook_expert_indices"), "b p k -> k b p").to(per_slot.device)
+        n_experts = self._model().cfg.num_experts
+        experts = per_slot.new_zeros(n_experts, *per_slot.shape[1:])
+        experts.scatter_add_(0, indices[..., None].expand_as(per_slot), per_slot)
+        return [experts * factor], [f"L{block}E{e}" for e in range(n_experts)]
+
+    def _embedding(self, stack: str, layer: int) -> tuple[list[torch.Tensor], list[str]]:
+        embed = self._hook(f"{stack}.hook_embed")
+        if stack == "encoder":
+            return [(embed * self._scalar_product(stack, 0, layer, embed))[None]], ["embed"]
+        # Block 0 reads self_cond.post_norm(embed + self_cond signal), a gain-free norm.
+        signal = self._hook("decoder.self_cond.hook_out")
+        factor = self._norm_map("decoder.self_cond.post_norm", embed) * self._scalar_product(stack, 0, layer, embed)
+        return [(embed * factor)[None], (signal * factor)[None]], ["embed", "self_cond"]
+
+    # ------------------------------------------------------------------ TransformerLens-named helpers
+    def stack_head_results(
+        self,
+        layer: int | None = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: AxisSlice = None,
+        apply_ln: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+        """Every head's contribution to the residual before block `layer` (default: after the last),
+        from blocks 0 .. layer-1: `[heads · layers (+ o_proj biases), batch, pos, d_model]`, labels `L{l}H{h}`.
+
+        Each head's `attn.hook_result` (record it with `model.set_use_attn_result(True)`, or call
+        `compute_head_results()` on a cache with `hook_z`) is multiplied by the cached `ln1_post`
+        scale and gain and the `layer_scalar`s of blocks l .. layer-1. `incl_remainder` appends the
+        rest of the residual; `apply_ln` applies the cached final norm (only for the final residual).
+        """
+        self._check_stack(stack)
+        layer = self._resolve_layer(layer)
+        parts, labels = [], []
+        for block in range(layer):
+            block_parts, block_labels = self._heads(stack, block, layer)
+            parts += block_parts
+            labels += block_labels
+        return self._finish(
+            parts,
+            labels,
+            stack=stack,
+            layer=layer,
+            incl_remainder=incl_remainder,
+            apply_ln=apply_ln,
+            pos_slice=pos_slice,
+            return_labels=return_labels,
+        )
+
+    def stack_neuron_results(
+        self,
+        layer: int | None = -1,
+        neuron_slice: AxisSlice = None,
+        pos_slice: AxisSlice = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+        """Every dense-MLP neuron's contribution to the residual before block `layer`, labels `L{l}N{n}`:
+        `mlp.hook_post[..., n] · W_out[n]` through the cached `ln2_post_mlp` and `ln2_post` maps and the
+        later `layer_scalar`s. Memory: `d_mlp · layers · batch · pos · d_model`; `neuron_slice` keeps fewer."""
+        self._check_stack(stack)
+        layer = self._resolve_layer(layer)
+        parts, labels = [], []
+        for block in range(layer):
+            block_parts, block_labels = self._neurons(stack, block, layer, neuron_slice)
+            parts += block_parts
+            labels += block_labels
+        return self._finish(
+            parts,
+            labels,
+            stack=stack,
+            layer=layer,
+            incl_remainder=incl_remainder,
+            apply_ln=apply_ln,
+            pos_slice=pos_slice,
+            return_labels=return_labels,
+        )
+
+    def stack_expert_results(
+        self,
+        layer: int | None = -1,
+        by: Literal["expert", "slot"] = "expert",
+        pos_slice: AxisSlice = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+        """Every expert's contribution to the residual before block `layer`: `moe.hook_expert_out`
+        (record it with `model.set_use_expert_outputs(True)`) through the cached `ln2_post_moe` and
+        `ln2_post` maps and the later `layer_scalar`s.
+
+        by="expert": one component per expert, `L{l}E{e}` (zero where a token did not route to e);
+        by="slot": one per routing slot, `L{l}_slot{k}`, as `hook_expert_indices` orders them.
+        """
+        self._check_stack(stack)
+        layer = self._resolve_layer(layer)
+        parts, labels = [], []
+        for block in range(layer):
+            block_parts, block_labels = self._experts(stack, block, layer, by)
+            parts += block_parts
+            labels += block_labels
+        return self._finish(
+            parts,
+            labels,
+            stack=stack,
+            layer=layer,
+            incl_remainder=incl_remainder,
+            apply_ln=apply_ln,
+            pos_slice=pos_slice,
+            return_labels=return_labels,
+        )
+
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        expand_neurons: bool = False,
+        expand_experts: bool = True,
+        apply_ln: bool = False,
+        pos_slice: AxisSlice = None,
+        return_labels: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+        """The residual before block `layer` (default: after the last) as an exact sum of components:
+        `embed` (and `self_cond` in the decoder), then per block every head `L{l}H{h}` (and
+        `L{l}_attn_bias` with attention biases), the dense MLP `L{l}_mlp` (or its neurons `L{l}N{n}`
+        with `expand_neurons`) and every expert `L{l}E{e}` (or the whole MoE `L{l}_moe` without
+        `expand_experts`), each carrying its norms' cached maps and the later `layer_scalar`s.
+        `apply_ln` applies the final norm, so the components then sum to what the unembedding reads.
+        """
+        self._check_stack(stack)
+        layer = self._resolve_layer(layer)
+        parts, labels = self._embedding(stack, layer)
+        for block in range(layer):
+            for block_parts, block_labels in (
+                self._heads(stack, block, layer),
+                self._neurons(stack, block, layer) if expand_neurons else self._branch(stack, block, layer, "mlp"),
+                self._experts(stack, block, layer, "expert")
+                if expand_experts
+                else self._branch(stack, block, layer, "moe"),
+            ):
+                parts += block_parts
+                labels += block_labels
+        return self._finish(
+            parts,
+            labels,
+            stack=stack,
+            layer=layer,
+            incl_remainder=False,
+            apply_ln=apply_ln,
+            pos_slice=pos_slice,
+            return_labels=return_labels,
+        )
+
+    def _branch(self, stack: str, block: int, layer: int, branch: str) -> tuple[list[torch.Tensor], list[str]]:
+        """A whole FFN branch (`hook_mlp_out` / `hook_moe_out`, already past its own post-norm)."""
+        out = self._hook(f"{stack}.blocks.{block}.hook_{branch}_out")
+        factor = self._ffn_map(stack, block, layer, None, out)
+        return [(out.to(factor.dtype) * factor)[None]], [f"L{block}_{branch}"]
+
+    def apply_ln_to_stack(
+        self,
+        residual_stack: Float[torch.Tensor, "... batch pos d_model"],
+        layer: int | None = None,
+        mlp_input: bool = False,
+        pos_slice: AxisSlice = None,
+        batch_slice: AxisSlice = None,
+        has_batch_dim: bool = True,
+        *,
+        stack: str = "decoder",
+    ) -> Float[torch.Tensor, "... batch pos d_model"]:
+        """Push each component of a residual stack through the final norm with the cached scale
+        (`ln_final.hook_scale`), which makes the norm linear: the results sum to `ln_final(resid)`.
+
+        `pos_slice` / `batch_slice` say how the stack was sliced from the full residual (the same
+        slices are taken of the cached scale); `has_batch_dim=False` for a stack of one batch item
+        (then `batch_slice` must pick it, default item 0). Only the final norm has a cached scale, so
+        `layer` must be the last (None, -1 or n_layers) and `mlp_input` False.
+        """
+        self._check_stack(stack)
+        if mlp_input or self._resolve_layer(layer) != self._model().cfg.num_hidden_layers:
+            raise ValueError(
+                "apply_ln_to_stack applies the final norm only (the one norm a residual stack meets "
+                "whose scale is cached): pass layer=None and mlp_input=False"
+            )
+        factor = self._norm_map(f"{stack}.ln_final", residual_stack)
+        if not has_batch_dim:
+            batch_slice = 0 if batch_slice is None else batch_slice
+            if not isinstance(batch_slice, int):
+                raise ValueError("has_batch_dim=False needs batch_slice to be one batch index (an int)")
+        factor = _take(_take(factor, batch_slice, 0), pos_slice, -2)
+        return residual_stack * factor
+
+    def logit_attrs(
+        self,
+        residual_stack: Float[torch.Tensor, "... batch pos d_model"],
+        tokens: str | int | Int[torch.Tensor, ""] | Int[torch.Tensor, " batch"] | Int[torch.Tensor, "batch pos"],
+        incorrect_tokens: str
+        | int
+        | Int[torch.Tensor, ""]
+        | Int[torch.Tensor, " batch"]
+        | Int[torch.Tensor, "batch pos"]
+        | None = None,
+        pos_slice: AxisSlice = None,
+        batch_slice: AxisSlice = None,
+        has_batch_dim: bool = True,
+        *,
+        stack: str = "decoder",
+    ) -> Float[torch.Tensor, "... batch pos"]:
+        """Each component's share of a token's logit before the soft-cap (or of the difference
+        `tokens − incorrect_tokens`): the final norm with its cached scale (`apply_ln_to_stack`), then
+        a dot product with the token's unembedding direction. Summed over an exact decomposition
+        (`get_full_resid_decomposition()`), it gives the pre-soft-cap logit (difference).
+
+        `tokens`: one id or string for every position, `[batch, pos]` per position, or `[batch]`
+        with a `pos_slice` that picks one position (as TransformerLens).
+        """
+        model = self._model()
+        directions = model.tokens_to_residual_directions(tokens)
+        if incorrect_tokens is not None:
+            incorrect = model.tokens_to_residual_directions(incorrect_tokens)
+            if incorrect.shape != directions.shape:
+                raise ValueError(
+                    f"tokens and incorrect_tokens must have the same shape, not {tuple(directions.shape[:-1])} "
+                    f"and {tuple(incorrect.shape[:-1])}"
+                )
+            directions = directions - incorrect
+        scaled = self.apply_ln_to_stack(
+            residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim, stack=stack
+        )
+        return (scaled * directions.to(scaled.device, scaled.dtype)).sum(-1)
