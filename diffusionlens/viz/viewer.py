@@ -82,6 +82,15 @@ def script_safe_json(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def page_csp(script: str) -> str:
+    """A Content-Security-Policy that allows no network access and runs only `script` (by its hash)."""
+    script_hash = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        f"script-src 'sha256-{script_hash}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
+    )
+
+
 def render_viewer(
     trace: DenoisingTrace | CanvasTrace,
     tokenizer: TokenDecoder = None,
@@ -105,11 +114,7 @@ def render_viewer(
     data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title)
     if not 0 <= step < data["n_steps"]:
         raise IndexError(f"step {step} out of range: row {row} of canvas {canvas} has {data['n_steps']} steps")
-    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
-    csp = (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-        f"script-src 'sha256-{script_hash}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
-    )
+    csp = page_csp(_SCRIPT)
     replacements = {
         "@CSP@": csp,  # no quotes or markup in it
         "@TITLE@": html.escape(data["title"], quote=True),
