@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusionlens.components.block import NORMS
+from diffusionlens.components.block import NORMS, SCALED_NORMS
 from diffusionlens.components.sampler_hooks import SAMPLER_HOOKS
 from diffusionlens.config import DiffusionGemmaConfig
 
@@ -23,6 +23,7 @@ class HookSpec:
     dtype: str  # "model", "float32", "int64" or "bool"
     fires: str  # "encoder" (once per canvas), "decoder" (every step), "sampler" (every step, in generate)
     pos_axis: int | None  # axis indexed by canvas positions (None: no canvas axis)
+    opt_in: str | None = None  # the model switch without which the hook never fires (None: always fires)
 
     def nbytes(self, model_dtype: torch.dtype) -> int:
         numel = 1
@@ -47,8 +48,9 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
     specs: dict[str, HookSpec] = {}
     length, d = cfg.canvas_length, cfg.hidden_size
 
-    def add(name: str, shape: tuple[int, ...], fires: str, dtype: str = "model") -> None:
-        specs[name] = HookSpec(name, shape, dtype, fires, position_axis(name) if fires != "encoder" else None)
+    def add(name: str, shape: tuple[int, ...], fires: str, dtype: str = "model", opt_in: str | None = None) -> None:
+        pos_axis = position_axis(name) if fires != "encoder" else None
+        specs[name] = HookSpec(name, shape, dtype, fires, pos_axis, opt_in)
 
     for stack, pos in (("encoder", prompt_len), ("decoder", length)):
         fires = stack
@@ -60,6 +62,7 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
             for part in ("pre", "pre_linear", "post"):
                 add(f"decoder.self_cond.mlp.hook_{part}", (batch, pos, cfg.intermediate_size), fires)
             add("decoder.self_cond.hook_out", (batch, pos, d), fires)
+            add("decoder.self_cond.post_norm.hook_scale", (batch, pos, 1), fires, "float32")
             add("decoder.self_cond.post_norm.hook_normalized", (batch, pos, d), fires)
         for layer in range(cfg.num_hidden_layers):
             p = f"{stack}.blocks.{layer}"
@@ -71,6 +74,8 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
                 keys = kept + length
             add(f"{p}.hook_resid_pre", (batch, pos, d), fires)
             for norm in NORMS:
+                if norm in SCALED_NORMS:
+                    add(f"{p}.{norm}.hook_scale", (batch, pos, 1), fires, "float32")
                 add(f"{p}.{norm}.hook_normalized", (batch, pos, d), fires)
             add(f"{p}.attn.hook_q", (batch, pos, heads, hd), fires)
             add(f"{p}.attn.q_norm.hook_normalized", (batch, pos, heads, hd), fires)
@@ -80,13 +85,18 @@ def hook_specs(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_len: int = 1) -
             add(f"{p}.attn.hook_attn_scores", (batch, heads, pos, keys), fires)
             add(f"{p}.attn.hook_pattern", (batch, heads, pos, keys), fires)
             add(f"{p}.attn.hook_z", (batch, pos, heads, hd), fires)
+            add(f"{p}.attn.hook_result", (batch, pos, heads, d), fires, opt_in="set_use_attn_result")
             for part in ("pre", "pre_linear", "post"):
                 add(f"{p}.mlp.hook_{part}", (batch, pos, cfg.intermediate_size), fires)
             add(f"{p}.moe.hook_router_logits", (batch, pos, cfg.num_experts), fires)
             add(f"{p}.moe.hook_expert_weights", (batch, pos, cfg.top_k_experts), fires, "float32")
             add(f"{p}.moe.hook_expert_indices", (batch, pos, cfg.top_k_experts), fires, "int64")
+            # Routed weights are fp32, so the weighted outputs are too (float64 in a float64 model).
+            expert_out = (batch, pos, cfg.top_k_experts, d)
+            add(f"{p}.moe.hook_expert_out", expert_out, fires, "float32", opt_in="set_use_expert_outputs")
             for name in ("attn_out", "resid_mid", "mlp_out", "moe_out", "ffn_out", "resid_post"):
                 add(f"{p}.hook_{name}", (batch, pos, d), fires)
+        add(f"{stack}.ln_final.hook_scale", (batch, pos, 1), fires, "float32")
         add(f"{stack}.ln_final.hook_normalized", (batch, pos, d), fires)
     add("decoder.hook_logits", (batch, length, cfg.vocab_size), "decoder", "float32")
     sampler_dtypes = {"logits": "float32", "entropy": "float32", "accepted": "bool"}
@@ -107,14 +117,15 @@ def estimate_cache_bytes(
     positions: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> int:
-    """Bytes a DenoisingCache would hold for `names` (default: all) over `steps` steps of
-    `canvases` canvases, keeping `positions` canvas positions (default: all).
+    """Bytes a DenoisingCache would hold for `names` (default: every hook that fires without an
+    opt-in switch) over `steps` steps of `canvases` canvases, keeping `positions` canvas positions
+    (default: all).
 
     Encoder hooks count once per canvas; decoder and sampler hooks once per step. The prompt grows by
     a canvas per canvas; this estimate uses the first canvas's shapes, a lower bound for encoder hooks.
     """
     specs = hook_specs(cfg, batch, prompt_len)
-    chosen = specs.values() if names is None else [specs[n] for n in names]
+    chosen = [s for s in specs.values() if s.opt_in is None] if names is None else [specs[n] for n in names]
     total = 0
     for spec in chosen:
         nbytes = spec.nbytes(dtype)
@@ -139,5 +150,6 @@ def hook_reference_markdown(cfg: DiffusionGemmaConfig, batch: int = 1, prompt_le
         "|---|---|---|---|",
     ]
     for spec in hook_specs(cfg, batch, prompt_len).values():
-        lines.append(f"| `{spec.name}` | {list(spec.shape)} | {spec.dtype} | {when[spec.fires]} |")
+        fires = when[spec.fires] + (f", only after `model.{spec.opt_in}(True)`" if spec.opt_in else "")
+        lines.append(f"| `{spec.name}` | {list(spec.shape)} | {spec.dtype} | {fires} |")
     return "\n".join(lines) + "\n"

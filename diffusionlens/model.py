@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import nn
 
+from diffusionlens.components.attention import Attention
+from diffusionlens.components.moe import MoE
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
@@ -28,6 +30,7 @@ from diffusionlens.tokens import TokenHelpers
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
+    from diffusionlens.weights import ModelWeights
 
 
 class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
@@ -331,6 +334,39 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         hooks = [*fwd_hooks, *self.caching_hooks(store, names_filter, device)]
         out = self.run_with_hooks(*args, fwd_hooks=hooks, **kwargs)
         return out, ActivationCache(store, self)
+
+    # ------------------------------------------------------------------ attribution
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Fire every `attn.hook_result` (each head's output through o_proj, `[batch, pos, head,
+        d_model]`), as TransformerLens's switch of the same name. Off by default: it costs memory."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.use_attn_result = use_attn_result
+
+    def set_use_expert_outputs(self, use_expert_outputs: bool) -> None:
+        """Fire every `moe.hook_expert_out` (each chosen expert's weighted output, `[batch, pos, top_k,
+        d_model]`). Off by default: it costs memory."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.use_expert_outputs = use_expert_outputs
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[torch.Tensor, "..."]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        """The residual direction whose dot product with the final-normed residual is a token's logit
+        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`. A string must be one token."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.decoder.embed.W_E.device)
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"tokens must be ids (int or an integer tensor), not {ids.dtype}")
+        return self.decoder.embed.W_E[ids]
+
+    def weights(self, stack: str = "decoder", fold_norm_gains: bool = False) -> ModelWeights:
+        """Every weight of `stack` in TransformerLens' shapes: `diffusionlens.weights.model_weights`."""
+        from diffusionlens.weights import model_weights
+
+        return model_weights(self, stack, fold_norm_gains=fold_norm_gains)
 
     # ------------------------------------------------------------------ tokens
     # to_tokens, to_tokens_and_mask, to_str_tokens, to_single_token, get_token_position: TokenHelpers.

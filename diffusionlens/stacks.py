@@ -32,7 +32,7 @@ class Stack(nn.Module):
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.num_hidden_layers))
-        self.ln_final = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ln_final = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, scale_hook=True)  # feeds the unembedding
         self.rotary = RotaryEmbedding(cfg)
         self.hook_embed = HookPoint()
 

@@ -46,8 +46,15 @@ def record_all(s, self_cond):
         order.append(hook.name)
         seen[hook.name] = (tuple(x.shape), x.dtype)
 
-    with torch.no_grad(), s.model.hooks(fwd_hooks=[(non_sampler, rec)]):
-        s.model(s.ids, s.canvas, self_cond)
+    # The opt-in hooks (per-head and per-expert outputs) fire only once switched on.
+    s.model.set_use_attn_result(True)
+    s.model.set_use_expert_outputs(True)
+    try:
+        with torch.no_grad(), s.model.hooks(fwd_hooks=[(non_sampler, rec)]):
+            s.model(s.ids, s.canvas, self_cond)
+    finally:
+        s.model.set_use_attn_result(False)
+        s.model.set_use_expert_outputs(False)
     return seen, order
 
 
@@ -57,6 +64,8 @@ def expected_shape(name: str, cfg, batch: int, prompt: int) -> tuple[int, ...]:
     stack = name.split(".")[0]
     pos = prompt if stack == "encoder" else canvas
     leaf = name.rsplit(".", 1)[1]
+    if leaf == "hook_scale":  # 1/rms of a norm, one per position
+        return (batch, pos, 1)
     m = re.match(r"^(encoder|decoder)\.blocks\.(\d+)\.(.*)$", name)
     if m is None:
         table = {
@@ -85,12 +94,16 @@ def expected_shape(name: str, cfg, batch: int, prompt: int) -> tuple[int, ...]:
             return (batch, pos, kv, hd)
         if attn in ("hook_attn_scores", "hook_pattern"):
             return (batch, heads, pos, keys)
+        if attn == "hook_result":
+            return (batch, pos, heads, d)
     if rest.startswith("mlp.hook_"):
         return (batch, pos, cfg.intermediate_size)
     if rest == "moe.hook_router_logits":
         return (batch, pos, cfg.num_experts)
     if rest in ("moe.hook_expert_weights", "moe.hook_expert_indices"):
         return (batch, pos, cfg.top_k_experts)
+    if rest == "moe.hook_expert_out":
+        return (batch, pos, cfg.top_k_experts, d)
     resid = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_moe_out")
     if rest in (*resid, "hook_ffn_out", "hook_resid_post") or rest.endswith(".hook_normalized"):
         return (batch, pos, d)
@@ -157,7 +170,14 @@ def test_identity_hooks_on_all_points_leave_logits_bit_identical(setup, mode):
         fired.append(hook.name)
         return None if mode == "return_none" else x
 
-    out = run(s, fwd_hooks=[(non_sampler, identity)])
+    # With the opt-in per-head and per-expert hooks on too: they must not move a bit either.
+    s.model.set_use_attn_result(True)
+    s.model.set_use_expert_outputs(True)
+    try:
+        out = run(s, fwd_hooks=[(non_sampler, identity)])
+    finally:
+        s.model.set_use_attn_result(False)
+        s.model.set_use_expert_outputs(False)
     assert len(fired) == sum(non_sampler(n) for n in s.model.hook_dict)
     assert torch.equal(out, s.base)
     assert not s.model.has_hooks
@@ -313,7 +333,10 @@ def test_run_with_cache_names_filter(setup):
     _, cache = s.model.run_with_cache(s.ids, s.canvas, s.sc, names_filter=lambda n: n.endswith("hook_z"))
     assert set(cache) == {n for n in s.model.hook_dict if n.endswith("hook_z")}
     _, cache = s.model.run_with_cache(s.ids, s.canvas, s.sc)
-    assert set(cache) == {n for n in s.model.hook_dict if non_sampler(n)}
+    # Every hook but the opt-in ones (per-head and per-expert outputs), which fire only when switched on.
+    opt_in = {name for name, spec in hook_specs(s.cfg).items() if spec.opt_in}
+    assert opt_in and all(n.endswith(("attn.hook_result", "moe.hook_expert_out")) for n in opt_in)
+    assert set(cache) == {n for n in s.model.hook_dict if non_sampler(n)} - opt_in
     with pytest.raises(KeyError, match="decoder.blocks.0.hook_resid_post"):
         cache["decoder.blocks.0.hook_resid_psot"]
     assert not s.model.has_hooks

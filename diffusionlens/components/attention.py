@@ -22,7 +22,15 @@ from diffusionlens.hook_points import HookPoint
 
 class Attention(nn.Module):
     """Hooks: q/k/v after their norms and before RoPE `[batch, pos, head, d_head]`; rot_q/rot_k after
-    RoPE; attn_scores (masked, pre-softmax) and pattern `[batch, head, query, key]`; z per head."""
+    RoPE; attn_scores (masked, pre-softmax) and pattern `[batch, head, query, key]`; z per head.
+
+    hook_result `[batch, pos, head, d_model]`: each head's output through its slice of o_proj (without
+    the o_proj bias), before the post-attention norm. It costs `head × d_model` per position, so it
+    fires only while `use_attn_result` is True (`model.set_use_attn_result(True)`, as TransformerLens).
+    """
+
+    #: Compute and fire hook_result (per-head outputs). Off by default: it costs memory and a matmul.
+    use_attn_result: bool = False
 
     def __init__(self, cfg: DiffusionGemmaConfig, layer: int) -> None:
         super().__init__()
@@ -47,6 +55,7 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, query, key] masked, before the softmax
         self.hook_pattern = HookPoint()  # [batch, head, query, key]
         self.hook_z = HookPoint()  # [batch, pos, head, d_head] per-head output, before o_proj
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model] per head through o_proj (opt-in)
 
     def forward(
         self,
@@ -85,7 +94,27 @@ class Attention(nn.Module):
         if self.hook_attn_scores.active or self.hook_pattern.active:
             z = self._explicit(queries, keys, values, mask, causal, z)
         z = self.hook_z(rearrange(z, "b h p d -> b p h d"))
-        return self.o_proj(z.flatten(-2)), new_k, new_v
+        out = self.o_proj(z.flatten(-2))
+        if self.use_attn_result:
+            out = self._per_head_results(z, out)
+        return out, new_k, new_v
+
+    @property
+    def W_O(self) -> Float[torch.Tensor, "head d_head d_model"]:
+        """o_proj's weight split per head, in TransformerLens' layout."""
+        return rearrange(self.o_proj.weight, "m (h d) -> h d m", h=self.n_heads)
+
+    def _per_head_results(
+        self, z: Float[torch.Tensor, "batch pos head d_head"], fused: Float[torch.Tensor, "batch pos d_model"]
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """Fire hook_result. The fused o_proj output is kept unless a hook replaced the per-head
+        results: summing heads reorders the reduction, and read-only hooks must not move a bit."""
+        result = torch.einsum("bphd,hdm->bphm", z, self.W_O)
+        hooked = self.hook_result(result)
+        if hooked is result:
+            return fused
+        out = hooked.sum(dim=2)
+        return out if self.o_proj.bias is None else out + self.o_proj.bias
 
     def _repeat(self, kv: torch.Tensor) -> torch.Tensor:
         group = self.n_heads // self.n_kv_heads

@@ -17,6 +17,8 @@ from diffusionlens.hook_points import HookPoint
 
 #: The block's RMSNorms, in the order it applies them (their checkpoint names: `loading.py`).
 NORMS = ("ln1", "ln1_post", "ln2", "ln2_post_mlp", "ln2_moe", "ln2_post_moe", "ln2_post")
+#: The norms whose output joins the residual stream; each has a `hook_scale` (1/rms, `[batch, pos, 1]`).
+SCALED_NORMS = ("ln1_post", "ln2_post_mlp", "ln2_post_moe", "ln2_post")
 
 
 def __getattr__(name: str):
@@ -41,13 +43,15 @@ class Block(nn.Module):
         self.sliding = cfg.is_sliding(layer)
         d_model, eps = cfg.hidden_size, cfg.rms_norm_eps
         # Declared in the order the block applies them (NORMS), which is also the state_dict order.
+        # The four post-norms carry `hook_scale` (SCALED_NORMS): they sit between a sublayer and the
+        # residual, so their cached 1/rms makes every attribution through them exact.
         self.ln1 = RMSNorm(d_model, eps)  # attention input
-        self.ln1_post = RMSNorm(d_model, eps)  # attention output, before it joins the residual
+        self.ln1_post = RMSNorm(d_model, eps, scale_hook=True)  # attention output, before it joins the residual
         self.ln2 = RMSNorm(d_model, eps)  # dense MLP input
-        self.ln2_post_mlp = RMSNorm(d_model, eps)  # dense MLP output
+        self.ln2_post_mlp = RMSNorm(d_model, eps, scale_hook=True)  # dense MLP output
         self.ln2_moe = RMSNorm(d_model, eps)  # expert input (the router reads the raw residual)
-        self.ln2_post_moe = RMSNorm(d_model, eps)  # MoE output
-        self.ln2_post = RMSNorm(d_model, eps)  # sum of both branches, before it joins the residual
+        self.ln2_post_moe = RMSNorm(d_model, eps, scale_hook=True)  # MoE output
+        self.ln2_post = RMSNorm(d_model, eps, scale_hook=True)  # sum of both branches, before it joins the residual
         self.attn = Attention(cfg, layer)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
         self.moe = MoE(cfg)

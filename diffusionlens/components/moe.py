@@ -27,9 +27,16 @@ class MoE(nn.Module):
     data movement; the grouped path's sort and histogram would charge bookkeeping no token waits on).
     It materialises `[batch, pos, k, 2·d_moe, d_model]` weight slices, so keep it for tracing and
     small models.
+
+    hook_expert_out `[batch, pos, top_k, d_model]`: each chosen expert's output times its routing
+    weight, slot for slot as hook_expert_indices, before the MoE post-norm (their sum over slots,
+    cast to the model dtype, is the MoE output). It costs `top_k × d_model` per position, so it fires
+    only while `use_expert_outputs` is True (`model.set_use_expert_outputs(True)`).
     """
 
     gather_experts: bool = False
+    #: Fire hook_expert_out (per-expert outputs). Off by default: it costs memory.
+    use_expert_outputs: bool = False
 
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
@@ -45,6 +52,7 @@ class MoE(nn.Module):
         self.hook_router_logits = HookPoint()
         self.hook_expert_weights = HookPoint()
         self.hook_expert_indices = HookPoint()
+        self.hook_expert_out = HookPoint()  # [batch, pos, top_k, d_model] weighted, per slot (opt-in)
 
     def route(
         self, resid: Float[torch.Tensor, "batch pos d_model"]
@@ -64,16 +72,21 @@ class MoE(nn.Module):
         expert_input: Float[torch.Tensor, "batch pos d_model"],
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         weights, indices = self.route(resid)
-        if self.gather_experts:
-            return self.apply_experts_gathered(expert_input, weights, indices)
-        return self.apply_experts(expert_input, weights, indices)
+        run = self.apply_experts_gathered if self.gather_experts else self.apply_experts
+        if not self.use_expert_outputs:
+            return run(expert_input, weights, indices)
+        fused, per_slot = run(expert_input, weights, indices, per_slot=True)
+        hooked = self.hook_expert_out(per_slot)
+        # Unless a hook replaced them, the output is the fused sum: bit-identical to the default path.
+        return fused if hooked is per_slot else hooked.sum(dim=-2).to(expert_input.dtype)
 
     def apply_experts_gathered(
         self,
         x: Float[torch.Tensor, "batch pos d_model"],
         weights: Float[torch.Tensor, "batch pos k"],
         indices: Int[torch.Tensor, "batch pos k"],
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        per_slot: bool = False,
+    ) -> Float[torch.Tensor, "batch pos d_model"] | tuple[torch.Tensor, Float[torch.Tensor, "batch pos k d_model"]]:
         """Routed form: each token gathers its k experts' weights and applies them with a batched matmul.
 
         The same numbers as `apply_experts` (cast to the weights' dtype, fp32 mixing weights, sum over
@@ -86,16 +99,20 @@ class MoE(nn.Module):
         # [b, p, k, d, d_moe] @ [b, p, k, d_moe, 1]: contraction over d_moe.
         out = torch.matmul(self.down_proj[indices], (self.act(gate) * up)[..., None]).squeeze(-1)
         out = out * weights.unsqueeze(-1)
-        return out.sum(dim=-2).to(x.dtype)
+        fused = out.sum(dim=-2).to(x.dtype)
+        return (fused, out) if per_slot else fused
 
     def apply_experts(
         self,
         x: Float[torch.Tensor, "batch pos d_model"],
         weights: Float[torch.Tensor, "batch pos k"],
         indices: Int[torch.Tensor, "batch pos k"],
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        per_slot: bool = False,
+    ) -> Float[torch.Tensor, "batch pos d_model"] | tuple[torch.Tensor, Float[torch.Tensor, "batch pos k d_model"]]:
         """Run each (token, slot) through its expert with one grouped matmul, as transformers'
-        default `grouped_mm` experts path does (same sort, offsets and sum order)."""
+        default `grouped_mm` experts path does (same sort, offsets and sum order).
+
+        With `per_slot`, also the weighted output of every (token, slot) before the sum over slots."""
         flat_x = x.reshape(-1, x.shape[-1])
         n_tokens, top_k = flat_x.shape[0], indices.shape[-1]
         expert_ids, perm = torch.sort(indices.reshape(-1))
@@ -111,12 +128,17 @@ class MoE(nn.Module):
         out = out * grouped_w.unsqueeze(-1)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        out = out[inverse].view(n_tokens, top_k, -1).sum(dim=1)
-        return out.to(x.dtype).view_as(x)
+        slots = out[inverse].view(n_tokens, top_k, -1)
+        fused = slots.sum(dim=1).to(x.dtype).view_as(x)
+        return (fused, slots.view(*x.shape[:-1], top_k, -1)) if per_slot else fused
+
+
+#: Dtypes torch's grouped_mm has kernels for (it refuses float64, e.g. on CPU).
+GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _grouped_mm_available(weight: torch.Tensor) -> bool:
-    if not hasattr(torch.nn.functional, "grouped_mm"):
+    if not hasattr(torch.nn.functional, "grouped_mm") or weight.dtype not in GROUPED_MM_DTYPES:
         return False
     if weight.device.type == "cuda":
         return torch.cuda.get_device_capability(weight.device) >= (8, 0)
@@ -131,7 +153,7 @@ def _grouped_linear(
     """Rows of `x` sorted by expert, each multiplied by its expert's weight."""
     if _grouped_mm_available(weight):
         return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
-    # GPUs older than sm80 have no grouped-matmul kernel: one matmul per expert that has rows.
+    # No grouped-matmul kernel (GPUs older than sm80, float64): one matmul per expert that has rows.
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
     for expert, end in enumerate(offsets.tolist()):

@@ -9,24 +9,42 @@ from torch import nn
 from diffusionlens.hook_points import HookPoint
 
 
-def rms_normalize(x: Float[torch.Tensor, "... d"], eps: float) -> Float[torch.Tensor, "... d"]:
-    """Scale-free RMS normalisation in fp32 (the caller casts back)."""
+def rms_scale(x: Float[torch.Tensor, "... d"], eps: float) -> Float[torch.Tensor, "... 1"]:
+    """The per-row factor 1/rms(x) an RMS norm multiplies by, in fp32 (the norm's compute dtype)."""
     x = x.float()
     # pow(-0.5) instead of rsqrt: the reference chose it to match JAX, and we match the reference.
-    return x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+
+
+def rms_normalize(x: Float[torch.Tensor, "... d"], eps: float) -> Float[torch.Tensor, "... d"]:
+    """Scale-free RMS normalisation in fp32 (the caller casts back)."""
+    scale = rms_scale(x, eps)
+    return x.to(scale.dtype) * scale
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with an optional learned scale; `hook_normalized` sees the output."""
+    """RMSNorm with an optional learned scale; `hook_normalized` sees the output.
 
-    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
+    With `scale_hook=True` (the norms whose output joins the residual stream or the unembedding),
+    `hook_scale` `[..., 1]` sees the factor 1/rms(x), so that, in the compute dtype (fp32),
+    `norm(x) = (x * scale * gain).to(x.dtype)` exactly: with a cached scale the norm is a linear map,
+    and anything summed into x can be pushed through it term by term.
+    """
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True, scale_hook: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        self.hook_scale = HookPoint() if scale_hook else None
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
-        out = rms_normalize(x, self.eps)
+        # The same operations, in the same order, as rms_normalize: the output is bit-identical
+        # whether or not hook_scale is read.
+        scale = rms_scale(x, self.eps)
+        if self.hook_scale is not None:
+            scale = self.hook_scale(scale)
+        out = x.to(scale.dtype) * scale
         if self.weight is not None:
-            out = out * self.weight.float()
+            out = out * self.weight.to(scale.dtype)
         return self.hook_normalized(out.type_as(x))

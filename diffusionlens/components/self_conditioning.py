@@ -24,7 +24,9 @@ class SelfConditioning(nn.Module):
         super().__init__()
         self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        # Its output is block 0's input: hook_scale lets the embedding and the self-conditioning signal
+        # be told apart in the residual.
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False, scale_hook=True)
         self.hook_logits_in = HookPoint()
         self.hook_soft_embed = HookPoint()
         self.hook_out = HookPoint()
