@@ -42,7 +42,9 @@ def main() -> None:
         pattern = attention_pattern(cache, 1, layer)[:, 0]  # [head, key] for the count's query
         for head in range(pattern.shape[0]):
             best = pattern[head].topk(3)
-            reads = ", ".join(f"{keys.label(int(k))} {float(w):.2f}" for w, k in zip(best.values, best.indices, strict=True))
+            reads = ", ".join(
+                f"{keys.label(int(k))} {float(w):.2f}" for w, k in zip(best.values, best.indices, strict=True)
+            )
             prompt_share = float(pattern[head, : keys.n_prompt].sum())
             print(f"step 1, layer {layer} head {head}: prompt share {prompt_share:.2f}; top keys {reads}")
 
