@@ -1,12 +1,28 @@
-"""Test-run settings shared by every test file.
-
-jaxtyping's import hook wraps every function and dataclass in `diffusionlens` with a beartype check of
-its annotations, shapes included, so a wrong shape annotation fails a test instead of misleading a
-reader. It must be installed before anything imports `diffusionlens`, which is why it lives here.
-"""
+"""Fixtures shared by the browser tests (the trajectory viewer and the attention viewer)."""
 
 from __future__ import annotations
 
-from jaxtyping import install_import_hook
+import os
+from pathlib import Path
 
-install_import_hook("diffusionlens", "beartype.beartype")
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """Headless Chromium. Skips only when Chromium is missing and DIFFUSIONLENS_REQUIRE_BROWSER is unset."""
+    if not CHROMIUM.exists() and not os.environ.get("DIFFUSIONLENS_REQUIRE_BROWSER"):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    yield browser
+    browser.quit()

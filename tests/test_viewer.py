@@ -4,7 +4,6 @@ tokens at every step of the slider, and token text is displayed, never executed.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from diffusionlens.trace import CanvasTrace, DenoisingTrace
 from diffusionlens.viz import render_viewer, write_viewer
 from diffusionlens.viz.viewer import script_safe_json
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 STEPS = 5
 
 # Tokens that would run script if they reached the page as markup.
@@ -78,23 +75,6 @@ def hostile_trace() -> CanvasTrace:
 
 def hostile_decode(token: int) -> str:
     return HOSTILE[token]
-
-
-@pytest.fixture(scope="module")
-def driver():
-    """Headless Chromium. Skips only when Chromium is missing and DIFFUSIONLENS_REQUIRE_BROWSER is unset."""
-    if not CHROMIUM.exists() and not os.environ.get("DIFFUSIONLENS_REQUIRE_BROWSER"):
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
-        options.add_argument(arg)
-    browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    yield browser
-    browser.quit()
 
 
 def open_page(driver, path: Path) -> None:

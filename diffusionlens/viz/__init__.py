@@ -4,13 +4,23 @@ Every figure function returns a `matplotlib.figure.Figure` (save it with `fig.sa
 pyplot runs on the headless Agg backend unless you chose another backend first.
 """
 
+from diffusionlens.viz.attention import AttentionKeys, attention_circuitsvis, attention_labels, attention_pattern
+from diffusionlens.viz.attention_viewer import render_attention_viewer, write_attention_viewer
+from diffusionlens.viz.dla import plot_dla_by_step
 from diffusionlens.viz.heatmaps import plot_sweep
 from diffusionlens.viz.lens import plot_logit_lens
 from diffusionlens.viz.trajectory import plot_commit_order, plot_entropy, plot_token_grid
 from diffusionlens.viz.viewer import render_viewer, write_viewer
 
 __all__ = [
+    "AttentionKeys",
+    "attention_circuitsvis",
+    "attention_labels",
+    "attention_pattern",
+    "render_attention_viewer",
+    "write_attention_viewer",
     "plot_commit_order",
+    "plot_dla_by_step",
     "plot_entropy",
     "plot_logit_lens",
     "plot_sweep",

@@ -16,10 +16,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import RowView, TokenDecoder, token_texts
+from diffusionlens.viz.dla import dla_title
+
+if TYPE_CHECKING:
+    from diffusionlens.analysis.dla import DLAByStep
 
 
 def _round(value: float, digits: int) -> float | None:
@@ -34,6 +38,7 @@ def viewer_data(
     canvas: int = 0,
     row: int = 0,
     title: str | None = None,
+    dla: DLAByStep | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready dict the viewer page reads: per-step token ids of every field, entropy, accepted
     flags, top-k (when recorded), commit steps, and the text of every token id that appears."""
@@ -72,6 +77,22 @@ def viewer_data(
         "top_k_probs": top_probs,
         "commit": view.commit_steps().tolist(),
         "final": ct.argmax[n_steps - 1, row].tolist(),
+        "dla": None if dla is None else _dla_data(dla, tokenizer, canvas, row),
+    }
+
+
+def _dla_data(dla: DLAByStep, tokenizer: TokenDecoder, canvas: int, row: int) -> dict[str, Any]:
+    """The DLA panel's data: one row per step, one column per component."""
+    if (dla.canvas, dla.row) != (canvas, row):
+        raise ValueError(f"the DLA table is of canvas {dla.canvas}, row {dla.row}; the viewer shows {canvas}, {row}")
+    return {
+        "title": "direct logit attribution: " + dla_title(dla, tokenizer),
+        "position": dla.position,
+        "labels": dla.labels,
+        "steps": dla.steps,
+        "values": [[_round(v, 4) for v in step] for step in dla.attributions.tolist()],
+        "logit": [_round(v, 4) for v in dla.logit.tolist()],
+        "max_abs": _round(dla.attributions.abs().max(), 4),
     }
 
 
@@ -82,6 +103,15 @@ def script_safe_json(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def page_csp(script: str) -> str:
+    """A Content-Security-Policy that allows no network access and runs only `script` (by its hash)."""
+    script_hash = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        f"script-src 'sha256-{script_hash}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
+    )
+
+
 def render_viewer(
     trace: DenoisingTrace | CanvasTrace,
     tokenizer: TokenDecoder = None,
@@ -90,6 +120,7 @@ def render_viewer(
     row: int = 0,
     title: str | None = None,
     step: int = 0,
+    dla: DLAByStep | None = None,
 ) -> str:
     """The viewer for one canvas and batch row of `trace`, as a self-contained HTML page.
 
@@ -101,15 +132,15 @@ def render_viewer(
     trace was generated with `record_top_k`. `tokenizer` turns ids into text (an object with `decode`,
     a callable id -> str, or None for ids); `step` is the step shown first. Steps run to the one after
     which the row stopped.
+
+    With `dla` (a `dla_by_step` table of the same canvas and row) a panel (`#dla`) shows it as a step ×
+    component heatmap (`.dla-cell[data-step][data-component]`), the slider's step highlighted, and the
+    position it attributes outlined on the canvas.
     """
-    data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title)
+    data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title, dla=dla)
     if not 0 <= step < data["n_steps"]:
         raise IndexError(f"step {step} out of range: row {row} of canvas {canvas} has {data['n_steps']} steps")
-    script_hash = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
-    csp = (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-        f"script-src 'sha256-{script_hash}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
-    )
+    csp = page_csp(_SCRIPT)
     replacements = {
         "@CSP@": csp,  # no quotes or markup in it
         "@TITLE@": html.escape(data["title"], quote=True),
@@ -176,6 +207,10 @@ _TEMPLATE = """<!DOCTYPE html>
 <span class="legend-item"><span class="commit-example">c3</span>: commits at step 3</span>
 <span class="legend-item" id="topk-note"></span>
 </div>
+<section id="dla" hidden>
+<h2 id="dla-title"></h2>
+<table id="dla-table"></table>
+</section>
 <div id="tooltip" role="tooltip" hidden></div>
 <script type="application/json" id="trace-data">@DATA@</script>
 <script>@SCRIPT@</script>
@@ -215,6 +250,13 @@ h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
 #tooltip td { padding: 0 0.4em; font-family: ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre; }
 #tooltip .topk-token.blank { border-bottom: 1px dotted #999; min-width: 0.6em; display: inline-block; }
 #tooltip .bar { display: inline-block; height: 0.7em; background: #6baed6; }
+#dla h2 { font-size: 0.95em; margin: 1.2em 0 0.3em 0; white-space: pre; }
+#dla-table { border-collapse: collapse; font-size: 0.7em; font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
+#dla-table th { writing-mode: vertical-rl; font-weight: normal; padding: 2px 0; }
+#dla-table td { min-width: 1.6em; height: 1.3em; text-align: center; border: 1px solid #eee; }
+#dla-table tr.current td.dla-step { font-weight: 700; }
+#dla-table tr.current td { border-top: 2px solid #08519c; border-bottom: 2px solid #08519c; }
+.cell.dla-position { outline: 2px dashed #6a3d9a; }
 """
 
 _SCRIPT = """
@@ -324,8 +366,40 @@ _SCRIPT = """
   }
   function hide() { hovered = null; tooltip.hidden = true; }
 
+  var dlaRows = {};
+  if (data.dla !== null) {
+    var dla = data.dla, dlaTable = document.getElementById("dla-table");
+    document.getElementById("dla").hidden = false;
+    document.getElementById("dla-title").textContent = dla.title;
+    cells[dla.position].classList.add("dla-position");
+    var head = el("tr");
+    head.appendChild(el("th", "", "step (logit)"));
+    dla.labels.forEach(function (name) { head.appendChild(el("th", "dla-label", name)); });
+    dlaTable.appendChild(head);
+    dla.steps.forEach(function (s, i) {
+      var tr = el("tr");
+      tr.dataset.step = String(s);
+      tr.appendChild(el("td", "dla-step", s + " (" + fmt(dla.logit[i], 2) + ")"));
+      dla.values[i].forEach(function (v, c) {
+        var td = el("td", "dla-cell");
+        var x = dla.max_abs > 0 && v !== null ? Math.max(-1, Math.min(1, v / dla.max_abs)) : 0;
+        td.style.backgroundColor = x >= 0 ?
+          "rgb(255," + Math.round(255 - 200 * x) + "," + Math.round(255 - 200 * x) + ")" :
+          "rgb(" + Math.round(255 + 200 * x) + "," + Math.round(255 + 200 * x) + ",255)";
+        td.dataset.step = String(s);
+        td.dataset.component = dla.labels[c];
+        td.dataset.value = String(v);
+        td.title = dla.labels[c] + " at step " + s + ": " + fmt(v, 3);
+        tr.appendChild(td);
+      });
+      dlaTable.appendChild(tr);
+      dlaRows[s] = tr;
+    });
+  }
+
   function render() {
     var step = current();
+    Object.keys(dlaRows).forEach(function (s) { dlaRows[s].classList.toggle("current", Number(s) === step); });
     var ids = data.fields[view.value][step];
     var ent = data.entropy[step], acc = data.accepted[step];
     for (var p = 0; p < data.length; p++) {
