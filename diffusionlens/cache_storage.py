@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -28,6 +28,7 @@ _SHARD_PATTERN = re.compile(r"canvas\d{4}_(encoder|step\d{4})\.safetensors")
 STORAGE_KINDS = ("memory", "cpu", "disk")
 
 
+@runtime_checkable
 class CacheStorage(Protocol):
     """The storage a DenoisingCache writes to and reads from."""
 

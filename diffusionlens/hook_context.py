@@ -10,9 +10,10 @@ working and a hook can never desynchronise the step for the others by writing it
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
+@runtime_checkable
 class _SharedContext(Protocol):
     step: int | None
     canvas: int

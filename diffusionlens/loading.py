@@ -150,7 +150,10 @@ def _iter_module_state(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 SHIPPED_CHECKPOINTS = {"toy": Path(__file__).parent / "toy" / "checkpoint"}
 
 
-def _resolve_source(source: Any) -> tuple[DiffusionGemmaConfig, Iterator[tuple[str, torch.Tensor]], Path | None]:
+def _resolve_source(
+    source: Any,
+) -> tuple[DiffusionGemmaConfig, Iterator[tuple[str, torch.Tensor]] | None, Path | None]:
+    """The config and either an in-memory model's tensors (no path) or a checkpoint directory (no tensors)."""
     if isinstance(source, nn.Module):
         return DiffusionGemmaConfig.from_hf(source.config), _iter_module_state(source), None
     if isinstance(source, str) and source in SHIPPED_CHECKPOINTS:
@@ -167,7 +170,7 @@ def _resolve_source(source: Any) -> tuple[DiffusionGemmaConfig, Iterator[tuple[s
             raise FileNotFoundError(f"{source} is neither a local directory nor a hub id like 'org/name'")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
-    return DiffusionGemmaConfig.from_hf(path), None, path  # type: ignore[return-value]
+    return DiffusionGemmaConfig.from_hf(path), None, path
 
 
 def load_pretrained(

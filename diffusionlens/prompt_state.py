@@ -25,8 +25,8 @@ class PromptState:
     residual's length).
     """
 
-    keys: list[Float[torch.Tensor, "batch kv_head kept d_head"]]
-    values: list[Float[torch.Tensor, "batch kv_head kept d_head"]]
+    keys: list[Float[torch.Tensor, "batch _kv_head _kept _d_head"]]  # the sizes differ between layers
+    values: list[Float[torch.Tensor, "batch _kv_head _kept _d_head"]]
     attention_mask: Bool[torch.Tensor, "batch length"]
     length: int
     last_hidden: Float[torch.Tensor, "batch pos d_model"] | None = field(default=None, repr=False)

@@ -1,11 +1,21 @@
-"""Fixtures shared by the browser tests (the trajectory viewer and the attention viewer)."""
+"""Test-run settings: runtime shape checks, and the fixtures the browser tests share.
+
+jaxtyping's import hook wraps every function and dataclass in `diffusionlens` with a beartype check of
+its annotations, shapes included, so a wrong shape annotation fails a test instead of misleading a
+reader. It must be installed before anything imports `diffusionlens`, which is why it sits at the top
+of the first file pytest loads.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from jaxtyping import install_import_hook
 
-import pytest
+install_import_hook("diffusionlens", "beartype.beartype")
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

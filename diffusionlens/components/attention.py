@@ -60,8 +60,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[torch.Tensor, "batch pos d_model"],
-        cos: Float[torch.Tensor, "batch pos d_head"],
-        sin: Float[torch.Tensor, "batch pos d_head"],
+        cos: Float[torch.Tensor, "#batch pos d_head"],
+        sin: Float[torch.Tensor, "#batch pos d_head"],
         past_k: Float[torch.Tensor, "batch kv_head past d_head"] | None,
         past_v: Float[torch.Tensor, "batch kv_head past d_head"] | None,
         mask: Bool[torch.Tensor, "batch 1 pos key"] | None,

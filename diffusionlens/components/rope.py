@@ -39,8 +39,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(
     x: Float[torch.Tensor, "batch pos head d_head"],
-    cos: Float[torch.Tensor, "batch pos d_head"],
-    sin: Float[torch.Tensor, "batch pos d_head"],
+    cos: Float[torch.Tensor, "#batch pos d_head"],
+    sin: Float[torch.Tensor, "#batch pos d_head"],
 ) -> Float[torch.Tensor, "batch pos head d_head"]:
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin

@@ -8,7 +8,7 @@ from torch import nn
 
 
 def unembed(
-    resid: Float[torch.Tensor, "batch pos d_model"], W_E: Float[torch.Tensor, "vocab d_model"], softcap: float
-) -> Float[torch.Tensor, "batch pos vocab"]:
+    resid: Float[torch.Tensor, "*batch d_model"], W_E: Float[torch.Tensor, "vocab d_model"], softcap: float | None
+) -> Float[torch.Tensor, "*batch vocab"]:
     logits = nn.functional.linear(resid, W_E).float()
     return torch.tanh(logits / softcap) * softcap

@@ -31,7 +31,7 @@ class SweepResult:
     """values `[len(labels[axes[0]]), len(labels[axes[1]])]` with the label of every row and column."""
 
     values: torch.Tensor
-    axes: tuple[str, str]
+    axes: tuple[str, ...]  # two for a sweep; attribution patching adds a third
     labels: dict[str, list]
     metadata: dict[str, Any] = field(default_factory=dict)
 

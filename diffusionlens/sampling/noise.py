@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 
 
+@runtime_checkable
 class NoiseSource(Protocol):
     def initial_canvas(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int
     ) -> Int[torch.Tensor, "batch canvas"]: ...
 
     def sample(
@@ -31,14 +32,16 @@ class NoiseSource(Protocol):
     ) -> Int[torch.Tensor, "batch canvas"]: ...
 
     def renoise(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int, step: int
     ) -> Int[torch.Tensor, "batch canvas"]: ...
 
 
 class TorchRNGNoise:
     """torch's global RNG, consumed in the reference's order (uses `torch.multinomial`)."""
 
-    def initial_canvas(self, batch: int, length: int, vocab: int, device: torch.device, canvas: int) -> torch.Tensor:
+    def initial_canvas(
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int
+    ) -> torch.Tensor:
         return torch.randint(low=0, high=vocab, size=(batch, length), device=device)
 
     def sample(self, probs: torch.Tensor, canvas: int, step: int) -> torch.Tensor:
@@ -46,7 +49,7 @@ class TorchRNGNoise:
         return torch.multinomial(probs.view(-1, vocab), num_samples=1).squeeze(-1).view(batch, length)
 
     def renoise(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int, step: int
     ) -> torch.Tensor:
         return torch.randint(low=0, high=vocab, size=(batch, length), device=device)
 
@@ -70,7 +73,9 @@ class ReplayNoise:
         generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
         return generator
 
-    def initial_canvas(self, batch: int, length: int, vocab: int, device: torch.device, canvas: int) -> torch.Tensor:
+    def initial_canvas(
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int
+    ) -> torch.Tensor:
         gen = self.generator(canvas, -1, "init", torch.device(device))
         return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
 
@@ -82,7 +87,7 @@ class ReplayNoise:
         return tokens.clamp_(max=probs.shape[-1] - 1)
 
     def renoise(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int, step: int
     ) -> torch.Tensor:
         gen = self.generator(canvas, step, "renoise", torch.device(device))
         return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
@@ -102,7 +107,7 @@ class RowReplayNoise:
             raise ValueError(f"a batch of {batch} rows needs {batch} seeds, got {len(self.sources)}")
 
     def initial_canvas(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int
     ) -> Int[torch.Tensor, "batch canvas"]:
         self._check(batch)
         return torch.cat([s.initial_canvas(1, length, vocab, device, canvas) for s in self.sources])
@@ -114,7 +119,7 @@ class RowReplayNoise:
         return torch.cat([s.sample(probs[i : i + 1], canvas, step) for i, s in enumerate(self.sources)])
 
     def renoise(
-        self, batch: int, length: int, vocab: int, device: torch.device, canvas: int, step: int
+        self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int, step: int
     ) -> Int[torch.Tensor, "batch canvas"]:
         self._check(batch)
         return torch.cat([s.renoise(1, length, vocab, device, canvas, step) for s in self.sources])
