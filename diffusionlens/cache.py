@@ -82,7 +82,7 @@ class ActivationCache:
             parts.append(self[f"{stack}.blocks.{self._n_layers() - 1}.hook_resid_post"])
         resid = torch.stack(parts)
         if apply_ln:
-            resid = self.model.decoder.ln_final(resid)
+            resid = self.model.get_submodule(stack).ln_final(resid)
         return resid
 
     def decompose_resid(
@@ -114,4 +114,5 @@ class ActivationCache:
         """Logits read off the residual before every block (and after the last) through the final norm
         and the soft-capped tied head: `[layers + 1, batch, pos, vocab]`."""
         resid = self.accumulated_resid(stack, layer, apply_ln=True)
-        return unembed(resid, self.model.decoder.embed.W_E, self.model.cfg.final_logit_softcapping)
+        W_E = self.model.get_submodule(stack).embed.W_E
+        return unembed(resid, W_E, self.model.cfg.final_logit_softcapping)
