@@ -259,11 +259,15 @@ class HookedGemma4CausalLM(HookedRootModule):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
             )
         state = self.causal(input_ids, attention_mask.to(device=input_ids.device, dtype=torch.bool), past)
-        logits = nn.functional.linear(state.last_hidden, self.causal.embed.W_E)
+        return CausalStep(self.head(state.last_hidden), state)
+
+    def head(self, normalized: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos vocab"]:
+        """Tied LM head on the final-norm output, soft-capped as transformers does (divide, tanh, multiply)."""
+        logits = nn.functional.linear(normalized, self.causal.embed.W_E)
         softcap = self.cfg.final_logit_softcapping
-        if softcap is not None:  # transformers' order: divide, tanh, multiply
+        if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        return CausalStep(self.hook_logits(logits), state)
+        return self.hook_logits(logits)
 
     def forward(
         self,
