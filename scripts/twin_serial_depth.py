@@ -78,27 +78,37 @@ def main(argv: list[str] | None = None) -> None:
         "| task | diffusion exact | mean steps | diffusion opaque (naive sc) | diffusion opaque (token bottleneck) "
         "| diffusion total serial | twin exact | mean tokens | twin per-token pass | twin opaque | twin total serial |"
     )
-    lines = [header, "|---" * 11 + "|"]
+    lines, checks = [header, "|---" * 11 + "|"], []
     for task in TASKS:
         prompt_len = round(
             statistics.mean(
                 len(encode_prompt(tokenizer, p)) for p in make_dataset(task, args.n, args.seed, "eval").prompts
             )
         )
-        steps = max(1, round(diff_scores[task].mean_steps))
+        steps = diff_scores[task].mean_steps
         tokens = twin_scores[task].mean_new_tokens
-        depth = report(diffusion.cfg, prompt_len=prompt_len, steps=steps, readout_k=args.readout_k)
-        g = depth.generation
-        # every pass in series: encoder, first step, then each later decoder pass (+ logits processor)
+        depth = report(diffusion.cfg, prompt_len=prompt_len, steps=1, readout_k=args.readout_k)
+        # compose_depths' formulas, linear in the number of steps, so their mean over problems is the formula
+        # at the mean number of steps; the logits processor between steps (temperature) has depth 1.
+        naive = depth.step + (steps - 1) * (1 + depth.decoder_from_sc) + depth.readout
+        bottleneck = depth.step + depth.readout
+        # every pass in series: encoder and first step, then each later decoder pass
         diffusion_total = depth.step + (steps - 1) * (1 + depth.decoder) + depth.readout
         per_token = twin_pass_depth(twin.cfg, prompt_len + round(tokens))
+        # The same graph as the report's AR baseline (the diffusion model's encoder class): a consistency check.
+        same_context = twin_pass_depth(twin.cfg, prompt_len + diffusion.cfg.canvas_length)
+        checks.append(
+            f"{task}: twin pass over {prompt_len}+{diffusion.cfg.canvas_length} tokens {same_context}, "
+            f"report's CausalLMPass {depth.ar}"
+        )
         lines.append(
-            f"| {task} | {100 * diff_scores[task].exact_match:.1f}% | {diff_scores[task].mean_steps:.1f} | {g.naive} "
-            f"| {g.bottleneck} | {diffusion_total} | {100 * twin_scores[task].exact_match:.1f}% | {tokens:.1f} "
+            f"| {task} | {100 * diff_scores[task].exact_match:.1f}% | {steps:.2f} | {naive:.0f} "
+            f"| {bottleneck} | {diffusion_total:.0f} | {100 * twin_scores[task].exact_match:.1f}% | {tokens:.2f} "
             f"| {per_token} | {per_token + depth.readout} | {round(tokens * per_token)} |"
         )
     print(f"n={args.n} held-out problems per task, seed {args.seed}, top-{args.readout_k} readout; serial_depth units")
     print("\n".join(lines))
+    print("\n".join(checks))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,25 @@ def test_ar_batch_supervises_answer_and_eos_only():
     assert labels[0][supervised].tolist() == ids[0, 6:9].tolist()
     assert supervised.nonzero().flatten().tolist() == [5, 6, 7]
     assert (labels[0, 8:] == IGNORE).all() and (ids[0, 9:] == 0).all()
+
+
+def test_shipped_twin_loads_in_transformers_as_it_is(capsys):
+    from transformers import AutoTokenizer
+
+    from diffusionlens.toy.evaluate import main as evaluate_main
+
+    path = checkpoint_path("toy-ar")
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ours = HookedGemma4CausalLM.from_pretrained("toy-ar")
+    assert ours.cfg == causal_config_from_hf(hf.config)
+    ids = torch.tensor([tokenizer("reverse 7 2 4:")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), hf(ids).logits)
+    expected = hf.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours.generate(ids, 12), expected)
+    evaluate_main(["--model", "toy-ar", "--n", "2"])
+    table = capsys.readouterr().out
+    assert all(f"| {task} | 2 |" in table for task in ("addition", "squares", "sort", "reverse"))
