@@ -2,6 +2,7 @@
 
 from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.cache import ActivationCache
+from diffusionlens.causal_lm import HookedGemma4CausalLM
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache, RecordSpec
 from diffusionlens.factored_matrix import FactoredMatrix
@@ -40,6 +41,7 @@ __all__ = [
     "HookError",
     "HookPoint",
     "HookedDiffusionGemma",
+    "HookedGemma4CausalLM",
     "HookedRootModule",
     "PromptState",
 ]

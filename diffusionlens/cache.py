@@ -132,10 +132,10 @@ class ActivationCache(ResidDecompositionMixin):
             raise ValueError(f"{what}: layer must be in [-{n + 1}, {n}] for {n} layers (None: all), got {layer}")
         return layer + n + 1 if layer < 0 else layer
 
-    @staticmethod
-    def _check_stack(stack: str) -> str:
-        if stack not in ("encoder", "decoder"):
-            raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+    def _check_stack(self, stack: str) -> str:
+        stacks = [s for s in ("encoder", "decoder", "causal") if self.model is None or hasattr(self.model, s)]
+        if stack not in stacks:
+            raise ValueError(f"stack must be one of {stacks}, got {stack!r}")
         return stack
 
     def _final_norm(self, resid: Float[torch.Tensor, "... d_model"], stack: str) -> Float[torch.Tensor, "... d_model"]:
@@ -243,4 +243,5 @@ class ActivationCache(ResidDecompositionMixin):
         soft-capped tied head: `[layers + 1, batch, pos, vocab]` for layer None. Computed in the model's
         dtype, so a bf16 cache works with float32 weights."""
         resid = self.accumulated_resid(layer, apply_ln=True, pos_slice=pos_slice, stack=stack)
-        return unembed(resid, self.model.decoder.embed.W_E, self.model.cfg.final_logit_softcapping)
+        W_E = self.model.get_submodule(stack).embed.W_E  # tied head; a causal twin has its own stack
+        return unembed(resid, W_E, self.model.cfg.final_logit_softcapping)

@@ -207,6 +207,11 @@ class DiffusionGemmaConfig:
                 raise TypeError(f"from_hf expects a transformers config, a dict or a path, got {type(source)}")
             source = source.to_dict()
         top = dict(source)
+        if top.get("model_type") == "gemma4_text" or "Gemma4ForCausalLM" in (top.get("architectures") or ()):
+            raise ValueError(
+                "This is a Gemma 4 causal LM (Gemma4ForCausalLM) config, not a DiffusionGemma one; load it with "
+                "diffusionlens.HookedGemma4CausalLM.from_pretrained"
+            )
         text = dict(top.get("text_config") or top)
         canvas_length = top.get("canvas_length") or text.get("canvas_length") or 256
         cfg = cls._from_text_dict(text, canvas_length)

@@ -147,7 +147,11 @@ def _iter_module_state(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # Short names for checkpoints shipped inside the package.
-SHIPPED_CHECKPOINTS = {"toy": Path(__file__).parent / "toy" / "checkpoint"}
+SHIPPED_CHECKPOINTS = {
+    "toy": Path(__file__).parent / "toy" / "checkpoint",
+    # the toy's autoregressive twin, a Gemma4ForCausalLM: load it with HookedGemma4CausalLM
+    "toy-ar": Path(__file__).parent / "toy" / "checkpoint_ar",
+}
 
 
 def _resolve_source(

@@ -135,7 +135,11 @@ def bottleneck_table(model: HookedDiffusionGemma, *, n: int = 100, seed: int = 1
 
 def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") -> None:
     parser = argparse.ArgumentParser(prog=prog, description="Exact match of a toy model on held-out problems.")
-    parser.add_argument("--model", default="toy", help="'toy' (the shipped model) or a checkpoint directory")
+    parser.add_argument(
+        "--model",
+        default="toy",
+        help="'toy' (the shipped model), 'toy-ar' (its autoregressive twin, greedy) or a checkpoint directory",
+    )
     parser.add_argument("--n", type=int, default=200, help="problems per task")
     parser.add_argument(
         "--seed",
@@ -146,6 +150,13 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
     )
     parser.add_argument("--bottlenecks", action="store_true", help="also sweep the token bottleneck settings")
     args = parser.parse_args(argv)
+    if _is_causal_lm(args.model):
+        from diffusionlens.toy.twin import main as twin_main
+
+        if len(args.seed) > 1 or args.bottlenecks:
+            parser.error("an autoregressive model takes one --seed and no --bottlenecks")
+        twin_main(["--model", args.model, "--n", str(args.n), "--seed", str(args.seed[0])])
+        return
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     if len(args.seed) == 1:
         print(format_table(evaluate(model, n=args.n, seed=args.seed[0])))
@@ -153,6 +164,17 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
         print(format_seed_table({seed: evaluate(model, n=args.n, seed=seed) for seed in args.seed}))
     if args.bottlenecks:
         print(bottleneck_table(model, n=args.n, seed=args.seed[0]))
+
+
+def _is_causal_lm(model: str) -> bool:
+    """True for the shipped twin or a directory whose config.json is a Gemma 4 causal LM."""
+    import json
+    from pathlib import Path
+
+    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+
+    path = Path(SHIPPED_CHECKPOINTS.get(model, model)) / "config.json"
+    return path.exists() and json.loads(path.read_text()).get("model_type") == "gemma4_text"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,424 @@
+"""HookedGemma4CausalLM: transformers' `Gemma4ForCausalLM` (text, MoE) run through diffusionlens's own
+causal stack, so an autoregressive twin of a DiffusionGemma model is hooked exactly like it.
+
+The model is one `EncoderStack` (the class DiffusionGemma's prompt encoder uses: same `Block`, same
+attention, same MoE, same RoPE) plus the tied, soft-capped LM head. Hook names carry the prefix
+`causal.` where the diffusion model has `encoder.` / `decoder.`:
+
+    causal.hook_embed, causal.blocks.{l}.hook_resid_pre … hook_resid_post (every block hook of
+    DESIGN.md §2), causal.ln_final.hook_normalized, hook_logits `[batch, pos, vocab]`
+
+During `generate`, `hook.ctx.step` is the index of the token the forward pass is producing (0: the
+pass over the prompt, which yields the first new token; k: the pass over new token k-1, which yields
+token k); `ctx.canvas` stays 0. `ActivationCache` helpers take `stack="causal"`.
+
+Only Gemma 4 text configs with the DiffusionGemma block are supported: the MoE in parallel with the
+dense MLP (`enable_moe_block`), shared keys and values on full layers (`attention_k_eq_v`), no per-layer
+embeddings and no key-value sharing across layers. Others are refused with the flag to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusionlens.config import DiffusionGemmaConfig
+from diffusionlens.hook_points import HookedRootModule, HookPoint, NameFilter
+from diffusionlens.loading import CheckpointError, checkpoint_name
+from diffusionlens.prompt_state import PromptState
+from diffusionlens.stacks import EncoderStack
+
+if TYPE_CHECKING:
+    from diffusionlens.cache import ActivationCache
+
+CAUSAL_MODEL_TYPE = "gemma4_text"
+CAUSAL_ARCHITECTURE = "Gemma4ForCausalLM"
+# Gemma 4 text flags that select the DiffusionGemma block, and the value each must have here.
+REQUIRED_FLAGS: dict[str, Any] = {
+    "enable_moe_block": True,
+    "attention_k_eq_v": True,
+    "hidden_size_per_layer_input": 0,
+    "num_kv_shared_layers": 0,
+}
+_TIED_HEAD = "lm_head.weight"
+
+
+# ---------------------------------------------------------------------- config
+def causal_config_from_hf(source: Any) -> DiffusionGemmaConfig:
+    """Our config from a `Gemma4TextConfig`, its `config.json` dict, or a directory / path to one.
+
+    A DiffusionGemma config is refused with a pointer to `HookedDiffusionGemma`.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.exists():
+            raise FileNotFoundError(f"No config.json at {path}; pass the checkpoint directory or the file")
+        source = json.loads(path.read_text())
+    elif not isinstance(source, dict):
+        if not hasattr(source, "to_dict"):
+            raise TypeError(f"expected a transformers Gemma4TextConfig, a dict or a path, got {type(source)}")
+        source = source.to_dict()
+    text = dict(source)
+    model_type = text.get("model_type")
+    if model_type in ("diffusion_gemma", "diffusion_gemma_text"):
+        raise CheckpointError(
+            "This is a DiffusionGemma (block-diffusion) checkpoint; load it with "
+            "diffusionlens.HookedDiffusionGemma.from_pretrained, not HookedGemma4CausalLM"
+        )
+    if model_type != CAUSAL_MODEL_TYPE:
+        raise CheckpointError(
+            f"HookedGemma4CausalLM loads Gemma4ForCausalLM text checkpoints (model_type '{CAUSAL_MODEL_TYPE}'), "
+            f"got model_type {model_type!r}"
+        )
+    wrong = {k: text.get(k) for k, v in REQUIRED_FLAGS.items() if (text.get(k) or 0) != v}
+    if wrong:
+        raise CheckpointError(
+            f"Unsupported Gemma 4 text config {wrong}: HookedGemma4CausalLM runs DiffusionGemma's block, which "
+            f"needs {REQUIRED_FLAGS}"
+        )
+    if text.get("use_bidirectional_attention") is not None:
+        raise CheckpointError("use_bidirectional_attention must be None for a causal text model")
+    # canvas_length is a diffusion notion; the stack never reads it.
+    return DiffusionGemmaConfig._from_text_dict(text, canvas_length=1)
+
+
+def causal_config_to_hf(cfg: DiffusionGemmaConfig) -> dict[str, Any]:
+    """A `config.json` that `AutoConfig` reads as `Gemma4TextConfig` (and `AutoModelForCausalLM` as
+    `Gemma4ForCausalLM`)."""
+    text = cfg.to_hf_text_dict()
+    text.update(REQUIRED_FLAGS)
+    text.update(model_type=CAUSAL_MODEL_TYPE, architectures=[CAUSAL_ARCHITECTURE])
+    return text
+
+
+# ---------------------------------------------------------------------- weight names
+def hf_name(ours: str) -> str:
+    """The `Gemma4ForCausalLM` state-dict name of one of our tensors (`causal.…`).
+
+    Block tensors reuse DiffusionGemma's table (the blocks are the same), re-rooted at `model.layers`.
+    """
+    rest = ours.removeprefix("causal.")
+    if rest == "embed.W_E":
+        return "model.embed_tokens.weight"
+    if rest == "ln_final.weight":
+        return "model.norm.weight"
+    if rest.startswith("blocks."):
+        return checkpoint_name("decoder." + rest).replace("model.decoder.layers.", "model.layers.", 1)
+    raise KeyError(f"{ours} has no Gemma4ForCausalLM name")
+
+
+@dataclass
+class CausalStep:
+    """One forward pass: logits for every new position and the key/value state to continue from."""
+
+    logits: Float[torch.Tensor, "batch pos vocab"]
+    state: PromptState
+
+
+class HookedGemma4CausalLM(HookedRootModule):
+    """A causal Gemma 4 text LM (DiffusionGemma's block) with a hook point on every intermediate value."""
+
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.causal = EncoderStack(cfg)
+        self.hook_logits = HookPoint()
+        self.tokenizer: Any = None
+        self.setup()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: DiffusionGemmaConfig | dict | Any, seed: int = 0) -> HookedGemma4CausalLM:
+        """A randomly initialised model (normal(0, 0.02) weights, unit norms), reproducible from `seed`.
+
+        Accepts our config (e.g. `diffusionlens.toy.train.toy_config()`) or a Gemma 4 text config."""
+        cfg = config if isinstance(config, DiffusionGemmaConfig) else causal_config_from_hf(config)
+        model = cls(cfg)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if ".ln" in name or name.endswith("norm.weight") or "scale" in name:
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path | nn.Module,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> HookedGemma4CausalLM:
+        """Load a `Gemma4ForCausalLM`: a checkpoint directory (safetensors, single or sharded), an
+        in-memory transformers model, or "toy-ar" (the shipped twin of the toy)."""
+        if isinstance(source, nn.Module):
+            cfg = causal_config_from_hf(source.config)
+            tensors: Iterable[tuple[str, torch.Tensor]] = source.state_dict().items()
+            directory = None
+        else:
+            directory = _resolve_directory(source)
+            cfg = causal_config_from_hf(directory)
+            tensors = _iter_safetensors(directory, progress)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        with torch.device("meta"):
+            model = cls(cfg)
+        targets = {hf_name(n): n for n in model.owned_names()}
+        loaded: set[str] = set()
+        unexpected, mismatched = [], []
+        for name, tensor in tensors:
+            if name == _TIED_HEAD:
+                continue  # tied to the embedding, as in every Gemma 4 checkpoint
+            ours = targets.get(name)
+            if ours is None:
+                unexpected.append(name)
+                continue
+            expected_shape = tuple(model.get_parameter_or_buffer(ours).shape)
+            if tuple(tensor.shape) != expected_shape:
+                mismatched.append(f"{name}: {tuple(tensor.shape)} vs config {expected_shape}")
+                continue
+            _assign(model, ours, tensor.to(device=device, dtype=dtype or tensor.dtype))
+            loaded.add(ours)
+        missing = sorted(set(targets.values()) - loaded)
+        found = {"missing": [hf_name(m) for m in missing], "unexpected": unexpected, "shape mismatch": mismatched}
+        problems = [f"{what} ({len(items)}): {', '.join(items[:8])}" for what, items in found.items() if items]
+        if problems:
+            raise CheckpointError("Checkpoint and config do not match: " + "; ".join(problems))
+        for module in model.modules():  # config-derived buffers (RoPE frequencies, embed scale)
+            if hasattr(module, "derived_buffers"):
+                for buffer, value in module.derived_buffers().items():
+                    module._buffers[buffer] = value.to(device)
+        model.setup()
+        if directory is not None and (directory / "tokenizer.json").exists():
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return model.eval().requires_grad_(False)
+
+    def owned_names(self) -> list[str]:
+        """Our tensors a checkpoint stores: every parameter and every block's layer_scalar."""
+        names = [n for n, _ in self.named_parameters()]
+        return names + [f"causal.blocks.{i}.layer_scalar" for i in range(self.cfg.num_hidden_layers)]
+
+    def get_parameter_or_buffer(self, name: str) -> torch.Tensor:
+        owner, _, attr = name.rpartition(".")
+        return getattr(self.get_submodule(owner), attr)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json`, `generation_config.json` and `model.safetensors` that
+        `transformers.AutoModelForCausalLM.from_pretrained` loads as they are (plus the tokenizer)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {hf_name(n): self.get_parameter_or_buffer(n).detach().contiguous().cpu() for n in self.owned_names()}
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        config = causal_config_to_hf(self.cfg)
+        config["dtype"] = str(self.dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        special = {"bos_token_id": self.cfg.bos_token_id, "pad_token_id": self.cfg.pad_token_id}
+        eos = self.cfg.eos_token_ids
+        special["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+        (directory / "generation_config.json").write_text(json.dumps(special, indent=2, sort_keys=True))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.causal.embed.W_E.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.causal.embed.W_E.device
+
+    # ------------------------------------------------------------------ passes
+    def step(
+        self,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
+        past: PromptState | None = None,
+    ) -> CausalStep:
+        """Run the stack over `input_ids` (appending to `past` if given); logits for every new position."""
+        input_ids = self._check_tokens(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
+        state = self.causal(input_ids, attention_mask.to(device=input_ids.device, dtype=torch.bool), past)
+        return CausalStep(self.head(state.last_hidden), state)
+
+    def head(self, normalized: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos vocab"]:
+        """Tied LM head on the final-norm output, soft-capped as transformers does (divide, tanh, multiply)."""
+        logits = nn.functional.linear(normalized, self.causal.embed.W_E)
+        softcap = self.cfg.final_logit_softcapping
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return self.hook_logits(logits)
+
+    def forward(
+        self,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
+    ) -> Float[torch.Tensor, "batch pos vocab"]:
+        """Logits at every position, as `Gemma4ForCausalLM(input_ids, attention_mask).logits`."""
+        self.hook_ctx.step = None
+        return self.step(input_ids, attention_mask).logits
+
+    def _check_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16):
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {getattr(ids, 'dtype', type(ids))}")
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, pos], got shape {tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids contains ids outside the vocabulary [0, {self.cfg.vocab_size})")
+        return ids.to(device=self.device, dtype=torch.long)
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NameFilter = None,
+        device: torch.device | str | None = None,
+        fwd_hooks: Iterable[tuple[Any, Callable]] = (),
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Run `self(*args, **kwargs)` and return (logits, ActivationCache of the matching hooks)."""
+        from diffusionlens.cache import ActivationCache
+
+        store: dict[str, torch.Tensor] = {}
+        out = self.run_with_hooks(
+            *args, fwd_hooks=[*fwd_hooks, *self.caching_hooks(store, names_filter, device)], **kwargs
+        )
+        return out, ActivationCache(store, self)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Int[torch.Tensor, "batch prompt"],
+        max_new_tokens: int = 32,
+        *,
+        eos_token_id: int | Iterable[int] | None = None,
+        pad_token_id: int | None = None,
+        progress: bool = False,
+    ) -> Int[torch.Tensor, "batch total"]:
+        """Greedy decoding with a key/value cache: prompt + new tokens, as transformers'
+        `generate(do_sample=False)` returns them (finished rows continue with the pad token; the loop
+        stops when every row has produced eos). Hooks see `ctx.step` = index of the token produced.
+
+        Prompts must be of equal length (no padding): transformers shifts RoPE positions of left-padded
+        rows, this stack does not (as DiffusionGemma's encoder), so padded batches would differ."""
+        ids = self._check_tokens(input_ids)
+        eos = set(self.cfg.eos_token_ids if eos_token_id is None else _as_ids(eos_token_id))
+        pad = self.cfg.pad_token_id if pad_token_id is None else pad_token_id
+        eos_tensor = torch.tensor(sorted(eos), device=ids.device, dtype=torch.long)
+        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        new_tokens: list[torch.Tensor] = []
+        state = None
+        try:
+            for index in tqdm(range(max_new_tokens), desc="generate", disable=not progress):
+                self.hook_ctx.step = index
+                out = self.step(ids if state is None else new_tokens[-1][:, None], past=state)
+                state = out.state
+                token = out.logits[:, -1].argmax(dim=-1)
+                if pad is not None:
+                    token = torch.where(unfinished, token, torch.full_like(token, pad))
+                new_tokens.append(token)
+                unfinished &= ~torch.isin(token, eos_tensor)
+                if not bool(unfinished.any()):
+                    break
+        finally:
+            self.hook_ctx.reset()
+        return torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1) if new_tokens else ids
+
+    def generate_with_cache(
+        self,
+        input_ids: Int[torch.Tensor, "batch prompt"],
+        max_new_tokens: int = 32,
+        names_filter: NameFilter = None,
+        **kwargs: Any,
+    ) -> tuple[Int[torch.Tensor, "batch total"], list[ActivationCache]]:
+        """`generate` plus one `ActivationCache` per forward pass (index = token produced)."""
+        from diffusionlens.cache import ActivationCache
+
+        stores: list[dict[str, torch.Tensor]] = []
+        keep = self.caching_hooks({}, names_filter)
+
+        def record(tensor: torch.Tensor, hook: HookPoint) -> None:
+            while len(stores) <= hook.ctx.step:
+                stores.append({})
+            stores[hook.ctx.step][hook.name] = tensor.detach()
+
+        with self.hooks(fwd_hooks=[(name, record) for name, _ in keep]):
+            tokens = self.generate(input_ids, max_new_tokens, **kwargs)
+        return tokens, [ActivationCache(store, self) for store in stores]
+
+    # ------------------------------------------------------------------ tokens
+    def to_tokens(self, text: str) -> Int[torch.Tensor, "1 pos"]:
+        """Token ids of one prompt, bos included if the tokenizer adds one."""
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer; set model.tokenizer or load a directory with tokenizer.json")
+        return torch.tensor([self.tokenizer(text)["input_ids"]], device=self.device)
+
+    def to_string(self, tokens: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str:
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer; set model.tokenizer or load a directory with tokenizer.json")
+        ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _as_ids(value: int | Iterable[int]) -> list[int]:
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _resolve_directory(source: str | Path) -> Path:
+    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+
+    if isinstance(source, str) and source in SHIPPED_CHECKPOINTS:
+        source = SHIPPED_CHECKPOINTS[source]
+    path = Path(os.fspath(source))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (one holding config.json and model.safetensors)")
+    return path
+
+
+def _iter_safetensors(directory: Path, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (directory / "model.safetensors").exists():
+        files = [directory / "model.safetensors"]
+    else:
+        raise CheckpointError(
+            f"No model.safetensors in {directory}; diffusionlens reads safetensors only, never pickles"
+        )
+    for path in tqdm(files, desc="loading shards", disable=not progress or len(files) < 2):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"Cannot read {path}: {err}") from err
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor

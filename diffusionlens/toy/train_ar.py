@@ -1,0 +1,169 @@
+"""Train the autoregressive twin of the toy: the same architecture, tokenizer and tasks, teacher forcing.
+
+Each example is one sequence `[bos] prompt answer [eos]`, right-padded (a causal model never looks
+right, so padding at the end needs no attention mask). The loss is next-token cross-entropy on the
+answer tokens and the eos only: the prompt is given, as it is to the diffusion toy.
+
+    python -m diffusionlens.toy.train_ar --out runs/toy-ar --steps 4000
+
+Seeded; resumable from --out (weights, optimiser, step and RNG, in safetensors + JSON), with the
+diffusion trainer's checkpoint format and learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+
+from diffusionlens.causal_lm import HookedGemma4CausalLM
+from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, Example, make_dataset
+from diffusionlens.toy.tokenizer import PAD_ID, build_tokenizer, encode_answer, encode_prompt
+from diffusionlens.toy.train import TASK_WEIGHTS, learning_rate, load_checkpoint, parse_task_weights, save_checkpoint
+from diffusionlens.toy.train import toy_config as diffusion_toy_config
+
+IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions carry no loss
+
+
+@dataclass
+class ARTrainSettings:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 1e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_examples: int = 50
+    save_every: int = 250
+    seed: int = 0
+    task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
+    # A wall-clock budget (0: none): the cosine schedule then runs on whichever of steps or seconds is
+    # further along, so the learning rate has decayed when the budget ends; training stops there.
+    max_seconds: float = 0.0
+
+
+def toy_ar_config():
+    """The diffusion toy's architecture (width, depth, layer pattern, MoE shape, vocabulary)."""
+    return diffusion_toy_config()
+
+
+def make_ar_batch(tokenizer, examples: list[Example]) -> dict[str, Int[torch.Tensor, "batch seq"]]:
+    """`input_ids` `[bos] prompt answer eos`, right-padded; `labels` = the next token on answer and eos
+    positions (aligned with `input_ids`: labels[:, t] is predicted from position t), IGNORE elsewhere."""
+    rows, targets = [], []
+    for ex in examples:
+        prompt = encode_prompt(tokenizer, ex.prompt)
+        answer = [t for t in encode_answer(tokenizer, ex.answer, canvas_length=len(ex.answer) + 1)]
+        seq = prompt + answer
+        rows.append(seq)
+        # position t predicts seq[t + 1]; only answer tokens (and eos) are supervised
+        targets.append([IGNORE] * (len(prompt) - 1) + answer + [IGNORE])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (seq, target) in enumerate(zip(rows, targets, strict=True)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(target)] = torch.tensor(target)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def ar_loss(model: HookedGemma4CausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(batch["input_ids"])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+
+
+def _batch(tokenizer, step: int, s: ARTrainSettings, task_weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    # Each step's data is a pure function of (seed, step, task mix): resuming replays and skips nothing.
+    data = make_dataset(
+        list(task_weights),
+        s.batch_size,
+        seed=s.seed * 1_000_003 + step,
+        split="train",
+        weights=list(task_weights.values()),
+        exclude=EXAMPLE_PROMPTS.values(),
+    )
+    return make_ar_batch(tokenizer, data.examples)
+
+
+def train_ar(
+    out: str | Path, settings: ARTrainSettings | None = None, progress: bool = True, evaluate_fn=None
+) -> HookedGemma4CausalLM:
+    """Train (or resume) into `out`; `evaluate_fn(model, tokenizer, step)` runs every `eval_every` steps."""
+    s = settings or ARTrainSettings()
+    task_weights = parse_task_weights(s.task_weights)
+    out = Path(out)
+    torch.manual_seed(s.seed)
+    tokenizer = build_tokenizer()
+    resuming = (out / "training_state.json").exists()
+    if resuming:
+        model = HookedGemma4CausalLM.from_pretrained(out, progress=False)
+    else:
+        model = HookedGemma4CausalLM.from_config(toy_ar_config(), seed=s.seed)
+    model.tokenizer = tokenizer
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
+    generator = torch.Generator().manual_seed(s.seed)  # kept for the shared checkpoint format
+    start, log = load_checkpoint(out, model, optimizer, generator) if resuming else (0, [])
+    began = time.time() - (log[-1]["seconds"] if log else 0.0)
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train-toy-ar", disable=not progress)
+    for step in bar:
+        schedule_step = step
+        if s.max_seconds > 0:
+            schedule_step = max(step, int(s.steps * (time.time() - began) / s.max_seconds))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(schedule_step, s)
+        loss = ar_loss(model, _batch(tokenizer, step, s, task_weights))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        entry = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.time() - began,
+        }
+        if evaluate_fn is not None and (step + 1) % s.eval_every == 0:
+            model.eval()
+            entry["eval"] = evaluate_fn(model, tokenizer, step + 1)
+            model.train()
+            tqdm.write(f"step {step + 1}: {json.dumps(entry['eval'])}")
+        log.append(entry)
+        out_of_time = s.max_seconds > 0 and entry["seconds"] >= s.max_seconds
+        if (step + 1) % s.save_every == 0 or step + 1 == s.steps or out_of_time:
+            save_checkpoint(out, model, optimizer, step + 1, s, generator, log)
+        if out_of_time:
+            tqdm.write(f"stopping at step {step + 1}: --max-seconds {s.max_seconds:g} reached")
+            break
+    return model.eval().requires_grad_(False)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m diffusionlens.toy.train_ar") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Train the toy's autoregressive twin (resumes from --out).")
+    parser.add_argument("--out", default="runs/toy-ar")
+    for name, value in asdict(ARTrainSettings()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    settings = ARTrainSettings(**{k: getattr(args, k) for k in asdict(ARTrainSettings())})
+    from diffusionlens.toy.twin import quick_eval_ar
+
+    train_ar(
+        args.out,
+        settings,
+        progress=not args.no_progress,
+        evaluate_fn=lambda m, t, step: quick_eval_ar(m, n=settings.eval_examples, seed=step),
+    )
+
+
+if __name__ == "__main__":
+    main()
