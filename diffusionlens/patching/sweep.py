@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
-from diffusionlens.patching.runs import PatchedRun, run_patched
+from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
+from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -161,11 +162,25 @@ def patch_sweep(
             model, corrupted, fast_cells, batch_size=batch_size, max_bytes=max_bytes, progress=progress
         )
     else:
+        # Free cells fork the corrupted run at their first patched step (the steps before it are the
+        # corrupted run's own under replayed noise) and share its encoded prompt; encoder patches,
+        # which change the prompt state itself, and TorchRNGNoise runs regenerate from the start.
+        forkable = (
+            path == "fast"
+            and mode == "free"
+            and isinstance(corrupted.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise)
+            and not any(p.hook.startswith("encoder.") for p in patches)
+        )
+        prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
         values = torch.empty(len(cells))
         for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
             steps_run = run_steps[i] if mode == "frozen" else None
-            patched = run_patched(model, corrupted, patches[i], mode=mode, steps=steps_run)
+            fork_at = (patches[i].steps if patches[i].steps != "all" else 0) if forkable else None
+            patched = run_patched(
+                model, corrupted, patches[i], mode=mode, steps=steps_run, fork_at=fork_at, prompt_state=prompt_state
+            )
             values[i] = metrics[i](patched)
+        fast = forkable
     metadata = {
         "hook": hook,
         "mode": mode,
