@@ -43,9 +43,7 @@ def doc_blocks(page: Path) -> list[DocBlock]:
         elif directive.startswith("skip"):
             skip = directive.removeprefix("skip").strip() or "no reason given"
         elif directive:
-            raise ValueError(
-                f"{page.name}:{line}: unknown docs-test directive {directive.split()[0]!r}; use setup or skip"
-            )
+            raise ValueError(f"{page.name}:{line}: unknown docs-test directive {directive.split()[0]!r}; use setup or skip")
         blocks.append(DocBlock(page.relative_to(ROOT).as_posix(), line, match.group("code"), setup, skip))
     return blocks
 
