@@ -59,7 +59,7 @@ def sweeps(pair: Pair, timer: Timer, quick: bool) -> list[dict]:
         rows.append(row(f"7 frozen sweep, batch {b} / batch 1 (CPU)", t[b], t[1], None, "32 cells, layer 0"))
 
     # Peak extra memory: the corrupted run's block inputs for one step plus one chunk of cells.
-    meta = sweep(("layer", "position"), "fast", positions=positions)().metadata
+    meta = sweep(("layer", "position"), "fast", positions=positions)().stats
     extra = meta["block_input_bytes"] + meta["bytes_per_cell"] * min(meta["cells_per_chunk"], cells)
     rows.append(row("7 sweep peak extra bytes (block inputs + one chunk)", extra, None, None, f"{meta}", unit="B"))
     return rows

@@ -71,7 +71,7 @@ def test_frozen_fast_sweeps_match_the_reference(model, runs, hook, over, kwargs)
     assert torch.equal(reference.values, one_per_chunk.values)
     metric = LogitDiff(position=1, good=5, bad=7)
     batched = patch_sweep(model, clean, corrupted, hook, over, metric, batch_size=7, progress=False, **kwargs)
-    assert batched.metadata["cells_per_chunk"] == 7
+    assert batched.stats["cells_per_chunk"] == 7
     torch.testing.assert_close(batched.values, reference.values, rtol=0, atol=1e-5)
     assert reference.values.abs().max() > 0.1  # the comparison is not between zeros
 
@@ -117,7 +117,7 @@ def test_memory_budget_sets_the_chunk_and_refuses_below_one_cell(model, runs):
     sweep = patch_sweep(
         model, clean, corrupted, HOOKS[0], ("layer", "position"), metric, max_bytes=3 * one_cell, progress=False
     )
-    assert sweep.metadata["cells_per_chunk"] == 3 and sweep.metadata["block_input_bytes"] > 0
+    assert sweep.stats["cells_per_chunk"] == 3 and sweep.stats["block_input_bytes"] > 0
     with pytest.raises(ValueError, match="path must be"):
         patch_sweep(model, clean, corrupted, HOOKS[0], ("layer", "position"), metric, path="quick")
 

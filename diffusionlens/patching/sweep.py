@@ -30,12 +30,15 @@ AXES = {("layer", "position"), ("step", "position"), ("layer", "step"), ("layer"
 
 @dataclass
 class SweepResult:
-    """values `[len(labels[axes[0]]), len(labels[axes[1]])]` with the label of every row and column."""
+    """values `[len(labels[axes[0]]), len(labels[axes[1]])]` with the label of every row and column.
+    `stats`: how this run went (fast path: chunks run, bytes of block inputs held); not saved, and not
+    part of the result, since it depends on how the cells were split (e.g. over Ray workers)."""
 
     values: torch.Tensor
     axes: tuple[str, str]
     labels: dict[str, list]
     metadata: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def plot(self, ax=None, title: str | None = None):
         """A heatmap (matplotlib Figure); needs the `viz` extra."""
@@ -187,10 +190,13 @@ def patch_sweep(
         "metric": repr(metric),
         "metric_steps": "cell" if per_cell else read_steps,
         "path": "fast" if fast else "reference",
-        **held,
     }
     return SweepResult(
-        values.view(len(labels[over[0]]), len(labels[over[1]])), over, {a: labels[a] for a in over}, metadata
+        values.view(len(labels[over[0]]), len(labels[over[1]])),
+        over,
+        {a: labels[a] for a in over},
+        metadata,
+        stats=held,
     )
 
 
