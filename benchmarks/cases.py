@@ -201,7 +201,17 @@ def patching(pair: Pair, timer: Timer, quick: bool) -> list[dict]:
     self_cond = corrupted.cache.get("decoder.self_cond.hook_logits_in", canvas=0, step=last) if last > 0 else None
 
     def sweep():
-        patch_sweep(ours, clean, corrupted, hook, ("layer", "position"), metric, positions=positions, progress=False)
+        patch_sweep(
+            ours,
+            clean,
+            corrupted,
+            hook,
+            ("layer", "position"),
+            metric,
+            positions=positions,
+            path="reference",
+            progress=False,
+        )
 
     def plain_frozen():
         # What one frozen cell computes, with no patching machinery: encode, one decoder pass, the metric.

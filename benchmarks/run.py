@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks.*
 from benchmarks import cases  # noqa: E402
 from benchmarks.memory import sharded_load_rows  # noqa: E402
 from benchmarks.models import build_pair  # noqa: E402
+from benchmarks.sweeps import sweeps  # noqa: E402
 from benchmarks.timing import Timer, machine_description  # noqa: E402
 
-CASES = ("decoder", "hooks", "generate", "memory", "patching")
+CASES = ("decoder", "hooks", "generate", "memory", "patching", "sweeps")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 model_rows += sharded_load_rows(pair, dtype)
             if "patching" in chosen:
                 model_rows += cases.patching(pair, timer, args.quick)
+            if "sweeps" in chosen:
+                model_rows += sweeps(pair, timer, args.quick)
         finally:
             pair.close()
         for r in model_rows:

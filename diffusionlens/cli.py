@@ -251,7 +251,8 @@ def _patch(argv: list[str]) -> None:
 
     Metric kinds: logit_diff (position, good, bad), target_prob (position, token), kl_to_clean;
     each takes an optional step (default: the last). Axes: layer×position, step×position, layer×step,
-    layer×head. Optional: model, mode (frozen|free), layers, steps, positions, metric_steps, seed."""
+    layer×head. Optional: model, mode (frozen|free), layers, steps, positions, metric_steps, seed,
+    batch_size (cells run together on the fast path), path (fast|reference)."""
     parser = argparse.ArgumentParser(
         prog="diffusionlens patch", description=_patch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -260,6 +261,11 @@ def _patch(argv: list[str]) -> None:
     parser.add_argument("--model", default=None, help="overrides the spec's model")
     parser.add_argument("--plot", default=None, help="also save a heatmap (PNG/SVG; needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="run every cell as its own patched run (the slow path fast sweeps match)",
+    )
     parser.add_argument("--ray", action="store_true", help="fan rows out over a local Ray (needs [distributed])")
     parser.add_argument("--ray-address", default=None, help="join the Ray cluster at host:port instead")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers, one model (and GPU) each")
@@ -279,6 +285,8 @@ def _patch(argv: list[str]) -> None:
         raise SystemExit(f"diffusionlens patch: {error}") from None
     if args.model:
         spec.model = args.model
+    if args.reference:
+        spec.path = "reference"
     try:
         if args.ray or args.ray_address:
             from diffusionlens.distributed import run_sweep_spec_distributed

@@ -105,6 +105,17 @@ def test_patch_runs_the_sweep_the_spec_describes(toy, tmp_path, suffix, capsys):
     )
     assert saved.axes == ("layer", "position") and saved.labels == {"layer": [0, 2], "position": [0, 1, 2]}
     torch.testing.assert_close(saved.values, direct.values)
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["metadata"]["path"] == "fast"
+
+
+def test_patch_reference_flag_runs_the_per_cell_path_with_the_same_answer(toy, tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    main(["patch", str(spec_file), "--out", str(tmp_path / "fast"), "--no-progress"])
+    main(["patch", str(spec_file), "--out", str(tmp_path / "reference"), "--no-progress", "--reference"])
+    fast, reference = SweepResult.load(tmp_path / "fast"), SweepResult.load(tmp_path / "reference")
+    assert reference.metadata["path"] == "reference" and fast.metadata["path"] == "fast"
+    torch.testing.assert_close(fast.values, reference.values, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,8 @@ def _sweep_row(model: Any, memo: dict, task: tuple[SweepSpec, Any]) -> SweepResu
         mode=spec.mode,
         metric_steps=spec.metric_steps,
         progress=False,
+        path=spec.path,
+        batch_size=spec.batch_size,
         **ranges,
     )
 

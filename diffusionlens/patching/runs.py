@@ -18,7 +18,8 @@ from jaxtyping import Float, Int
 
 from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.patching.spec import Patch, patch_hooks
-from diffusionlens.sampling.noise import ReplayNoise
+from diffusionlens.sampling.generate import ForkState
+from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
 from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
@@ -104,13 +105,35 @@ def run_patched(
     steps: Sequence[int] | None = None,
     canvas: int = 0,
     names_filter: Any = (),
+    fork_at: int | None = None,
+    prompt_state: PromptState | None = None,
 ) -> PatchedRun:
     """Re-run `base` (usually the corrupted run) with `patches` applied.
 
     mode="free": generate again with the same settings and noise. mode="frozen": re-run the base
     trajectory's decoder passes of `canvas` at `steps` (default: every step it ran) with the base
     run's own canvases and self-conditioning inputs, so only the patch differs.
+
+    `fork_at=s` (free mode; the patches must not touch the first canvas before step s, nor the
+    encoder's first pass) resumes `base` at step s of its first canvas instead of regenerating steps
+    0 … s-1, which with replayed noise are the base run's own: see `fork_state`. The result's
+    logits for those steps are the base run's; its cache holds steps s onwards. `prompt_state`: the
+    base run's encoded prompt, when the caller has it already (else it is encoded once here).
     """
+    if mode == "free" and fork_at is not None:
+        resume = fork_state(model, base, fork_at, prompt_state)
+        kwargs = {**base.generate_kwargs, "resume": resume}
+        run = record_run(
+            model,
+            base.input_ids,
+            attention_mask=base.attention_mask,
+            names_filter=names_filter,
+            patches=patches,
+            **kwargs,
+        )
+        run.generate_kwargs = base.generate_kwargs
+        run.logits.update({(0, s): base.logits[(0, s)] for s in range(fork_at)})
+        return run
     if mode == "free":
         return record_run(
             model,
@@ -156,3 +179,45 @@ def encode_through(model: HookedDiffusionGemma, base: PatchedRun, canvas: int) -
         chunk = base.sequences[:, start : start + base.trace[c - 1].input_canvas.shape[-1]]
         state = model.encode(chunk, None, state)
     return state
+
+
+def fork_state(
+    model: HookedDiffusionGemma, base: PatchedRun, step: int, prompt_state: PromptState | None = None
+) -> ForkState:
+    """The state `base`'s generation was in at the start of `step` of its first canvas, read from its
+    trace (canvases, drafts, stopped rows) and cache (self-conditioning logits): what `generate(...,
+    resume=...)` needs to go on from there. Needs replayed noise (`ReplayNoise`), whose draws do not
+    depend on what ran before."""
+    if not isinstance(base.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise):
+        raise ValueError("forking a run needs ReplayNoise: torch's global RNG cannot be rewound to a step")
+    if base.cache is None or SELF_COND not in base.cache:
+        raise ValueError("forking needs a base run made by record_run (it records the self-conditioning inputs)")
+    trace = base.trace[0]
+    if not 0 <= step < trace.n_steps:
+        raise ValueError(f"cannot fork at step {step}: the base run's first canvas ran steps 0..{trace.n_steps - 1}")
+    if prompt_state is None:
+        ctx = model.hook_ctx
+        try:
+            with torch.inference_mode():
+                prompt_state = encode_through(model, base, 0)
+        finally:
+            ctx.reset()
+    batch = trace.input_canvas.shape[1]
+    threshold = base.trace.settings.get("stability_threshold", 1)
+    history = None
+    if step > 0 and threshold > 0:
+        blank = torch.full_like(trace.argmax[0], -1)
+        history = torch.stack([trace.argmax[j] if j >= 0 else blank for j in range(step - threshold, step)])
+    stopped_before = torch.cat([torch.zeros(1, batch, dtype=torch.bool), trace.finished[: max(step - 1, 0)]])[:step]
+    prefix = {name: list(value[:step].unbind(0)) for name, value in trace.tensors().items()}
+    return ForkState(
+        step=step,
+        canvas=trace.input_canvas[step],
+        self_cond=base.cache.get(SELF_COND, canvas=0, step=step) if step > 0 else None,
+        argmax_canvas=trace.argmax[step - 1] if step > 0 else trace.input_canvas[0],
+        finished=trace.finished[step - 1] if step > 0 else torch.zeros(batch, dtype=torch.bool),
+        stop_history=history,
+        forward_passes=(~stopped_before).sum(0).int(),
+        prompt_state=prompt_state,
+        trace_prefix=prefix,
+    )

@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusionlens.patching.runs import PatchedRun, run_patched
+from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
+from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
+from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -28,12 +30,15 @@ AXES = {("layer", "position"), ("step", "position"), ("layer", "step"), ("layer"
 
 @dataclass
 class SweepResult:
-    """values `[len(labels[axes[0]]), len(labels[axes[1]])]` with the label of every row and column."""
+    """values `[len(labels[axes[0]]), len(labels[axes[1]])]` with the label of every row and column.
+    `stats`: how this run went (fast path: chunks run, bytes of block inputs held); not saved, and not
+    part of the result, since it depends on how the cells were split (e.g. over Ray workers)."""
 
     values: torch.Tensor
     axes: tuple[str, ...]  # two for a sweep; attribution patching adds a third
     labels: dict[str, list]
     metadata: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def plot(self, ax=None, title: str | None = None):
         """A heatmap (matplotlib Figure); needs the `viz` extra."""
@@ -88,6 +93,9 @@ def patch_sweep(
     positions: Sequence[int] | None = None,
     metric_steps: Sequence[int] | str | None = None,
     progress: bool = True,
+    path: str = "fast",
+    batch_size: int | None = None,
+    max_bytes: int | None = None,
 ) -> SweepResult:
     """Patch `hook` (a name, with `{layer}` where the layer goes) from `clean` into `corrupted`, one
     cell at a time, and score each patched run with `metric`.
@@ -98,7 +106,17 @@ def patch_sweep(
     reads (`metric_steps`, default: the last step; a step-axis cell re-runs its own step too).
     `metric_steps="cell"` (frozen step sweeps) scores each cell at its own step: the metric must have a
     `step` field (LogitDiff, TargetProb, KLToClean), which is set to the cell's step.
+
+    `path="fast"` (default) recomputes only what a patch can change (see `docs/patching.md`): frozen
+    cells start at the patched decoder block from the corrupted run's cached block input and run
+    `batch_size` cells (default 16, or as many as `max_bytes` holds) along the batch axis; free cells
+    fork the corrupted run at their first patched step. `path="reference"` runs every cell as its own
+    `run_patched`; the fast path agrees with it (bit for bit with `batch_size=1`, to float32 rounding
+    otherwise). Hooks the fast path cannot start later (encoder, sampler) take the reference path;
+    `metadata["path"]` says which ran.
     """
+    if path not in ("fast", "reference"):
+        raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
     over = tuple(over)
     if over not in AXES:
         raise ValueError(f"over must be one of {sorted(AXES)}, got {over}")
@@ -122,20 +140,67 @@ def patch_sweep(
     if missing:
         raise ValueError(f"the clean run did not record {missing[:3]}…; pass them in record_run(names_filter=...)")
     cells = list(product(labels[over[0]], labels[over[1]]))
-    values = torch.empty(len(cells))
-    for i, cell in enumerate(tqdm(cells, desc="patch sweep", disable=not progress, leave=False)):
+    patches, run_steps = [], []
+    for cell in cells:
         coords = dict(zip(over, cell, strict=True))
-        patch = Patch(
-            name_of(coords.get("layer", 0)),
-            clean.cache,
-            steps=coords.get("step", "all"),
-            positions=coords.get("position", "all"),
-            heads=coords.get("head", "all"),
+        patches.append(
+            Patch(
+                name_of(coords.get("layer", 0)),
+                clean.cache,
+                steps=coords.get("step", "all"),
+                positions=coords.get("position", "all"),
+                heads=coords.get("head", "all"),
+            )
         )
-        run_steps = sorted({*read_steps, coords["step"]}) if "step" in coords else read_steps
-        patched = run_patched(model, corrupted, patch, mode=mode, steps=run_steps if mode == "frozen" else None)
-        values[i] = (replace(metric, step=coords["step"]) if per_cell else metric)(patched)
-    metadata = {"hook": hook, "mode": mode, "metric": repr(metric), "metric_steps": "cell" if per_cell else read_steps}
+        run_steps.append(sorted({*read_steps, coords["step"]}) if "step" in coords else read_steps)
+    metrics = [replace(metric, step=dict(zip(over, c, strict=True))["step"]) if per_cell else metric for c in cells]
+    fast = path == "fast" and mode == "frozen" and all(start_of(model, p.hook) is not None for p in patches)
+    held: dict[str, Any] = {}
+    if fast:
+        fast_cells = [
+            Cell(i, patch, cell_metric, _fire_steps(patch, steps_run), steps_run)
+            for i, (patch, cell_metric, steps_run) in enumerate(zip(patches, metrics, run_steps, strict=True))
+        ]
+        values, held = frozen_fast_sweep(
+            model, corrupted, fast_cells, batch_size=batch_size, max_bytes=max_bytes, progress=progress
+        )
+    else:
+        # Free cells fork the corrupted run at their first patched step (the steps before it are the
+        # corrupted run's own under replayed noise) and share its encoded prompt; encoder patches,
+        # which change the prompt state itself, and TorchRNGNoise runs regenerate from the start.
+        forkable = (
+            path == "fast"
+            and mode == "free"
+            and isinstance(corrupted.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise)
+            and not any(p.hook.startswith("encoder.") for p in patches)
+        )
+        prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
+        values = torch.empty(len(cells))
+        for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
+            steps_run = run_steps[i] if mode == "frozen" else None
+            fork_at = (patches[i].steps if patches[i].steps != "all" else 0) if forkable else None
+            patched = run_patched(
+                model, corrupted, patches[i], mode=mode, steps=steps_run, fork_at=fork_at, prompt_state=prompt_state
+            )
+            values[i] = metrics[i](patched)
+        fast = forkable
+    metadata = {
+        "hook": hook,
+        "mode": mode,
+        "metric": repr(metric),
+        "metric_steps": "cell" if per_cell else read_steps,
+        "path": "fast" if fast else "reference",
+    }
     return SweepResult(
-        values.view(len(labels[over[0]]), len(labels[over[1]])), over, {a: labels[a] for a in over}, metadata
+        values.view(len(labels[over[0]]), len(labels[over[1]])),
+        over,
+        {a: labels[a] for a in over},
+        metadata,
+        stats=held,
     )
+
+
+def _fire_steps(patch: Patch, run_steps: list[int]) -> list[int]:
+    """The re-run steps at which `patch` writes (at its other re-run steps the cell's logits are the
+    corrupted run's own)."""
+    return [s for s in run_steps if patch.steps == "all" or s == patch.steps]

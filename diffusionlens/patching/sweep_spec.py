@@ -48,6 +48,8 @@ class SweepSpec:
     metric_steps: Any = None
     seed: int = 0
     max_new_tokens: int | None = None
+    path: str = "fast"  # "reference": one run_patched per cell (see patch_sweep)
+    batch_size: int | None = None
     source: str = field(default="<dict>", repr=False)  # where the spec came from, for error messages
 
     @classmethod
@@ -65,7 +67,11 @@ class SweepSpec:
         if kind not in METRIC_KINDS:
             raise ValueError(f"{source}: metric kind {kind!r} is not one of {METRIC_KINDS}")
         ranges = {k: _as_list(raw.get(k), k, source) for k in ("layers", "steps", "positions")}
-        rest = {k: raw[k] for k in ("model", "mode", "metric_steps", "seed", "max_new_tokens") if k in raw}
+        rest = {
+            k: raw[k]
+            for k in ("model", "mode", "metric_steps", "seed", "max_new_tokens", "path", "batch_size")
+            if k in raw
+        }
         return cls(
             clean=raw["clean"],
             corrupted=raw["corrupted"],
@@ -157,6 +163,8 @@ def run_sweep_spec(spec: SweepSpec, model=None, progress: bool = True) -> SweepR
         positions=spec.positions,
         metric_steps=spec.metric_steps,
         progress=progress,
+        path=spec.path,
+        batch_size=spec.batch_size,
     )
     result.metadata.update({"clean": spec.clean, "corrupted": spec.corrupted, "model": spec.model})
     return result

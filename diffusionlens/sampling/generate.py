@@ -49,6 +49,31 @@ class GenerationResult:
         return self.sequences[:, self.trace.prompt_length :]
 
 
+@dataclass
+class ForkState:
+    """Where a generation resumes: the first canvas at the start of step `step`, as an earlier run
+    left it. With `ReplayNoise` every draw depends only on (canvas, step), so a run resumed here and
+    patched from `step` on is the run that was patched from `step` on, without re-running steps
+    0 … step-1 (see `diffusionlens.patching.runs.fork_state`, which builds one from a recorded run).
+
+    canvas: the canvas step `step` reads; self_cond: the self-conditioning logits it reads (None at
+    step 0); argmax_canvas: the last draft (the canvas itself at step 0); finished: rows already
+    stopped; stop_history: the stopping rule's last `stability_threshold` drafts (None at step 0);
+    forward_passes: decoder passes each row has had; prompt_state: the encoded prompt; trace_prefix:
+    the trace's rows for steps before `step` (each field a list of per-step tensors).
+    """
+
+    step: int
+    canvas: Int[torch.Tensor, "batch canvas"]
+    self_cond: Float[torch.Tensor, "batch canvas vocab"] | None
+    argmax_canvas: Int[torch.Tensor, "batch canvas"]
+    finished: Bool[torch.Tensor, " batch"]
+    stop_history: Int[torch.Tensor, "threshold batch canvas"] | None
+    forward_passes: Int[torch.Tensor, " batch"]
+    prompt_state: Any
+    trace_prefix: dict[str, list[torch.Tensor]]
+
+
 def _grad_needed(model: HookedDiffusionGemma) -> bool:
     return any(point.bwd_fns for point in model.hook_dict.values())
 
@@ -76,6 +101,7 @@ def generate(
     self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bottleneck: Callable[[torch.Tensor], torch.Tensor] | None = None,
     cache: DenoisingCache | None = None,
+    resume: ForkState | None = None,
 ) -> GenerationResult:
     """Generate with DiffusionGemma's block-diffusion sampler; hooks fire at every step.
 
@@ -89,7 +115,8 @@ def generate(
     same `.sequences` as `torch.manual_seed(s)` followed by transformers' `generate` with the same
     settings. `bottleneck` (e.g. `TokenBottleneck(top_k=4)`) or any `self_cond_transform` rewrites the
     self-conditioning logits between steps. `cache` (see `generate_with_cache`) records hook values
-    with the step axis.
+    with the step axis. `resume` (a `ForkState`) continues the first canvas from a recorded step
+    instead of encoding the prompt and running the steps before it.
     """
     settings = merge_settings(settings, **_settings_keywords(locals()))
     noise = noise if noise is not None else TorchRNGNoise()
@@ -106,7 +133,7 @@ def generate(
         with model.hooks(fwd_hooks=hooks, bwd_hooks=bwd_hooks):
             context = torch.enable_grad() if _grad_needed(model) else torch.inference_mode()
             with context:
-                run = _Run(settings, noise, progress, self_cond_transform, cache)
+                run = _Run(settings, noise, progress, self_cond_transform, cache, resume)
                 return _generate(model, input_ids, attention_mask, run)
     finally:
         model.hook_ctx.reset()
@@ -128,6 +155,7 @@ class _Run:
     progress: bool
     self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None
     cache: DenoisingCache | None
+    resume: ForkState | None = None
 
 
 def _generate(
@@ -157,16 +185,28 @@ def _generate(
     try:
         for canvas_index in range(n_canvases):
             ctx.canvas, ctx.step, ctx.t = canvas_index, None, None
-            state = model.encode(new_tokens, new_mask, state)
+            fork = run.resume if canvas_index == 0 else None
+            state = fork.prompt_state if fork is not None else model.encode(new_tokens, new_mask, state)
             if cache is not None:
                 cache.end_encoder(canvas_index)
-            canvas = noise.initial_canvas(batch, length, vocab, device, canvas_index)
-            argmax_canvas = canvas
-            self_cond = None
-            finished = torch.zeros(batch, dtype=torch.bool, device=device)
             stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
             record: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(CanvasTrace)}
+            first_step = 0
+            if fork is None:
+                canvas = noise.initial_canvas(batch, length, vocab, device, canvas_index)
+                argmax_canvas = canvas
+                self_cond = None
+                finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            else:
+                first_step, canvas, self_cond = fork.step, fork.canvas.to(device), fork.self_cond
+                argmax_canvas, finished = fork.argmax_canvas.to(device), fork.finished.to(device)
+                stopper.history = None if fork.stop_history is None else fork.stop_history.to(device).clone()
+                forward_passes += fork.forward_passes.to(device)
+                record.update({name: list(rows) for name, rows in fork.trace_prefix.items()})
+                bar.update(first_step)
             for step, t in enumerate(reversed(range(1, settings.max_denoising_steps + 1))):
+                if step < first_step:
+                    continue
                 ctx.step, ctx.t = step, t
                 forward_passes += ~(finished | finished_rows)
                 raw = model.denoise(canvas, state, self_cond)
@@ -303,6 +343,7 @@ def generate_with_cache(
     progress: bool = True,
     self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bottleneck: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    resume: ForkState | None = None,
 ) -> tuple[GenerationResult, DenoisingCache]:
     """`generate`, recording the hooks matched by `names_filter` into a step-indexed DenoisingCache.
 
@@ -351,5 +392,6 @@ def generate_with_cache(
         self_cond_transform=self_cond_transform,
         bottleneck=bottleneck,
         cache=cache,
+        resume=resume,
     )
     return result, cache
