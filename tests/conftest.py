@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from jaxtyping import install_import_hook
 
-install_import_hook("diffusionlens", "beartype.beartype")
+install_import_hook("diffusionlens", "typecheck.pep484_beartype")
 
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
