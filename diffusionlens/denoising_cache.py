@@ -308,6 +308,12 @@ class DenoisingCache:
         except (KeyError, ValueError, TypeError):
             return False
 
+    def recorded_anywhere(self, name: str) -> bool:
+        """Whether `name` was recorded at any canvas and step; unlike `name in cache` (the names
+        `cache[name]` reads at every step) this is true of `decoder.self_cond.hook_logits_in`, which
+        does not fire at step 0."""
+        return any(name in self.backend.names(c, s) for c, s in self._keys())
+
     # ------------------------------------------------------------------ mapping protocol
     def keys(self) -> list[str]:
         """Names `cache[name]` reads: recorded for every canvas, and (decoder/sampler hooks) at every

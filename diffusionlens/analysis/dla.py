@@ -99,7 +99,7 @@ def dla_by_step(
                 f"step {step} of canvas {canvas} lacks {missing[:3]}{' …' if len(missing) > 3 else ''}: "
                 "generate_with_cache(..., names_filter=diffusionlens.analysis.DLA_NAMES) records what DLA needs"
             )
-        components, labels = step_cache.decompose_resid("decoder")
+        components, labels = step_cache.decompose_resid(stack="decoder", return_labels=True)
         if not 0 <= position < components.shape[2]:
             raise IndexError(f"position {position} out of range for {components.shape[2]} recorded positions")
         scale = step_cache["decoder.ln_final.hook_scale"][row, position].float()

@@ -145,7 +145,7 @@ def run_patched(
         )
     if mode != "frozen":
         raise ValueError(f"mode must be 'free' or 'frozen', got {mode!r}")
-    if base.cache is None or SELF_COND not in base.cache:
+    if base.cache is None or not base.cache.recorded_anywhere(SELF_COND):
         raise ValueError("frozen re-runs need a base run made by record_run (it records the decoder inputs)")
     run_steps = list(range(base.trace.steps(canvas))) if steps is None else list(steps)
     max_steps = base.generate_kwargs.get("max_denoising_steps", 48)
@@ -190,7 +190,7 @@ def fork_state(
     depend on what ran before."""
     if not isinstance(base.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise):
         raise ValueError("forking a run needs ReplayNoise: torch's global RNG cannot be rewound to a step")
-    if base.cache is None or SELF_COND not in base.cache:
+    if base.cache is None or not base.cache.recorded_anywhere(SELF_COND):
         raise ValueError("forking needs a base run made by record_run (it records the self-conditioning inputs)")
     trace = base.trace[0]
     if not 0 <= step < trace.n_steps:
