@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_viewer import HOSTILE, open_page
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 from diffusionlens.viz import attention_circuitsvis, attention_labels, attention_pattern, write_attention_viewer
 from diffusionlens.viz.attention import labelled_pattern, square_attention
-from tests.test_viewer import HOSTILE, open_page
 
 SLIDING_LAYER, FULL_LAYER = 0, 2
 PATTERNS = lambda name: name.startswith("decoder.") and name.endswith("attn.hook_pattern")  # noqa: E731

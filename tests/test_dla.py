@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_viewer import open_page, set_step
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 from diffusionlens.analysis import DLA_NAMES, dla_by_step
 from diffusionlens.viz import plot_dla_by_step, write_viewer
-from tests.test_viewer import open_page, set_step
 
 
 @pytest.fixture(scope="module")
