@@ -101,7 +101,14 @@ def test_replay_runs_are_identical_and_identity_hooks_change_nothing(pair):
         seen.add(hook.name)
         return x
 
-    hooked = ours.generate(ids, fwd_hooks=[(lambda n: True, identity)], **kw)
+    # The opt-in per-head and per-expert hooks fire only when switched on; on, they change nothing either.
+    ours.set_use_attn_result(True)
+    ours.set_use_expert_outputs(True)
+    try:
+        hooked = ours.generate(ids, fwd_hooks=[(lambda n: True, identity)], **kw)
+    finally:
+        ours.set_use_attn_result(False)
+        ours.set_use_expert_outputs(False)
     assert torch.equal(first.sequences, hooked.sequences)
     assert seen == set(ours.hook_dict)
     assert not ours.has_hooks

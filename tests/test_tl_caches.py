@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from diffusionlens import ActivationCache, DenoisingCache, HookedDiffusionGemma, ReplayNoise
+from diffusionlens import ActivationCache, DenoisingCache, HookedDiffusionGemma, ReplayNoise, hook_specs
 from diffusionlens.utils import get_act_name
 
 GEN = dict(max_denoising_steps=4, noise=ReplayNoise(1), progress=False, eos_token_id=None)
@@ -111,6 +111,8 @@ def test_activation_cache_is_a_mapping_with_tl_keys(toy, one_pass):
         == len(cache.keys())
         == len(model.hook_dict)
         - len([k for k in model.hook_dict if k.startswith("sampler.") or k == "decoder.self_cond.hook_logits_in"])
+        # the per-head and per-expert outputs fire only after model.set_use_attn_result / set_use_expert_outputs
+        - len([name for name, spec in hook_specs(model.cfg).items() if spec.opt_in])
     )
     name, value = next(iter(cache.items()))
     assert torch.equal(cache[name], value)
