@@ -26,7 +26,7 @@ and the decoder's block-0 input, `self_cond.post_norm(embed + self_cond)` (a gai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -237,18 +237,10 @@ class ResidDecompositionMixin:
         scale and gain and the `layer_scalar`s of blocks l .. layer-1. `incl_remainder` appends the
         rest of the residual; `apply_ln` applies the cached final norm (only for the final residual).
         """
-        self._check_stack(stack)
-        layer = self._resolve_layer(layer)
-        parts, labels = [], []
-        for block in range(layer):
-            block_parts, block_labels = self._heads(stack, block, layer)
-            parts += block_parts
-            labels += block_labels
-        return self._finish(
-            parts,
-            labels,
+        return self._stack_blocks(
+            self._heads,
+            layer,
             stack=stack,
-            layer=layer,
             incl_remainder=incl_remainder,
             apply_ln=apply_ln,
             pos_slice=pos_slice,
@@ -269,18 +261,10 @@ class ResidDecompositionMixin:
         """Every dense-MLP neuron's contribution to the residual before block `layer`, labels `L{l}N{n}`:
         `mlp.hook_post[..., n] · W_out[n]` through the cached `ln2_post_mlp` and `ln2_post` maps and the
         later `layer_scalar`s. Memory: `d_mlp · layers · batch · pos · d_model`; `neuron_slice` keeps fewer."""
-        self._check_stack(stack)
-        layer = self._resolve_layer(layer)
-        parts, labels = [], []
-        for block in range(layer):
-            block_parts, block_labels = self._neurons(stack, block, layer, neuron_slice)
-            parts += block_parts
-            labels += block_labels
-        return self._finish(
-            parts,
-            labels,
+        return self._stack_blocks(
+            lambda stack, block, layer: self._neurons(stack, block, layer, neuron_slice),
+            layer,
             stack=stack,
-            layer=layer,
             incl_remainder=incl_remainder,
             apply_ln=apply_ln,
             pos_slice=pos_slice,
@@ -305,11 +289,34 @@ class ResidDecompositionMixin:
         by="expert": one component per expert, `L{l}E{e}` (zero where a token did not route to e);
         by="slot": one per routing slot, `L{l}_slot{k}`, as `hook_expert_indices` orders them.
         """
+        return self._stack_blocks(
+            lambda stack, block, layer: self._experts(stack, block, layer, by),
+            layer,
+            stack=stack,
+            incl_remainder=incl_remainder,
+            apply_ln=apply_ln,
+            pos_slice=pos_slice,
+            return_labels=return_labels,
+        )
+
+    def _stack_blocks(
+        self,
+        per_block: Callable[[str, int, int], tuple[list[torch.Tensor], list[str]]],
+        layer: int | None,
+        *,
+        stack: str,
+        incl_remainder: bool,
+        apply_ln: bool,
+        pos_slice: AxisSlice,
+        return_labels: bool,
+    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+        """The components `per_block(stack, block, layer)` gives for every block before `layer`,
+        stacked and finished as the `stack_*_results` helpers all are."""
         self._check_stack(stack)
         layer = self._resolve_layer(layer)
         parts, labels = [], []
         for block in range(layer):
-            block_parts, block_labels = self._experts(stack, block, layer, by)
+            block_parts, block_labels = per_block(stack, block, layer)
             parts += block_parts
             labels += block_labels
         return self._finish(
