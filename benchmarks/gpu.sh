@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# Issue #23's GPU checks in one short run on a CUDA machine (one GPU; the 30-layer bf16 model needs
-# ~51 GB for weights shared by ours and transformers', so an 80 GB H100 holds it):
-#   1. bf16 and float32 equivalence with transformers: tiny configs + the full-width 2-layer slice
-#   2. the full 30-layer random 26B-A4B config in bf16: build time, peak GPU memory / weight bytes,
-#      decoder pass and generate-step ratios vs transformers, generate_with_cache of every
-#      hook_resid_post for 48 steps to disk, a frozen patch sweep's per-cell cost
-#   3. the full-width pytest (float32 bit-identity, in-memory and from a sharded checkpoint)
-# Prints a markdown table; raw rows go to benchmarks/results/gpu.json.
-# Usage: bash benchmarks/gpu.sh   (from the repository root; PYTHON overrides the interpreter)
-set -euo pipefail
+# Issue #23's (and #21's GPU) checks in one short run on a CUDA machine with one GPU. The 30-layer bf16
+# model needs ~51 GB for the weights that ours and transformers' model share, so an 80 GB card holds it.
+#   1. benchmarks/gpu_checks.py: bf16 and float32 equivalence with transformers (tiny configs and the
+#      full-width 2-layer slice), then the full 30-layer random 26B-A4B config in bf16: build time, peak
+#      GPU memory / weight bytes, decoder pass and generate-step ratios vs transformers,
+#      generate_with_cache of every hook_resid_post for 48 steps to disk, frozen sweep cost per cell
+#   2. tests/test_device_map.py: blocks split across cuda:0 and cpu give the one-device tokens
+#   3. benchmarks/run.py --cases sweeps in bf16: fast sweeps vs the per-cell path, batch 8/32 vs 1
+#   4. benchmarks/run.py, the other cases in bf16 (quick): ratios vs transformers on the GPU
+# Each part has its own time limit, so one that overruns still leaves the others' rows.
+# Rows go to $RESULTS (default benchmarks/results): gpu.json, gpu_sweeps.json, gpu_cases.json.
+# Usage: bash benchmarks/gpu.sh   (from anywhere; PYTHON overrides the interpreter)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+RESULTS="${RESULTS:-benchmarks/results}"
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-"$PYTHON" benchmarks/gpu_checks.py --device cuda --steps 48 --json benchmarks/results/gpu.json
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_full_width.py tests/test_device_map.py
+part() {  # part SECONDS LABEL COMMAND...
+    local limit=$1 label=$2
+    shift 2
+    local start=$SECONDS
+    echo "=== $label (limit ${limit}s)"
+    timeout "$limit" "$@"
+    echo "=== $label: exit $? after $((SECONDS - start))s"
+}
+part 270 "gpu_checks" "$PYTHON" benchmarks/gpu_checks.py --device cuda --steps 48 --json "$RESULTS/gpu.json" --out /tmp
+part 60 "device map cuda+cpu" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device_map.py -k cuda
+part 90 "sweeps bf16" "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --models toy,55m,200m \
+    --cases sweeps --quick --out "$RESULTS/gpu_sweeps.json"
+part 90 "cases bf16" "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --models toy,200m \
+    --cases decoder,hooks,generate --quick --out "$RESULTS/gpu_cases.json"

@@ -31,33 +31,37 @@ from reference import CANVAS, CONFIGS, build_reference  # noqa: E402
 from test_full_width import FULL_WIDTH_TWO_LAYERS, build_random_full_width_reference  # noqa: E402
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig  # noqa: E402
 
+from benchmarks.timing import Timer, sync  # noqa: E402
 from diffusionlens import HookedDiffusionGemma, ReplayNoise  # noqa: E402
 from diffusionlens.patching import LogitDiff, patch_sweep, record_run  # noqa: E402
 
 REAL_CONFIG = ROOT / "diffusionlens/serial_depth/diffusiongemma_26b_a4b_text.json"
 ROWS: list[tuple[str, str, str]] = []
+JSON_PATH: list[Path] = []  # set by --json; rewritten after every row so a run cut short keeps its rows
 
 
 def row(check: str, value: str, note: str = "") -> None:
     ROWS.append((check, value, note))
     print(f"{check:<58} {value:>14}  {note}", flush=True)
+    for path in JSON_PATH:
+        path.write_text(json.dumps(ROWS, indent=1))
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def section(label: str, fn: Callable[[], None]) -> None:
+    """Run one group of checks; a failure becomes a row (with its message) and the next group runs."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - report and go on: one GPU run must return every row it can
+        row(f"{label}: FAILED", type(error).__name__, str(error).splitlines()[0][:160] if str(error) else "")
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def timed(fn: Callable[[], object], device: str, repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of `repeats` calls after one warm-up, CUDA synchronised (benchmarks/timing.py)."""
+    return Timer(device, warmup=1, repeats=repeats).measure({"fn": fn})["fn"]
 
 
 def sampler_settings(canvas: int, steps: int) -> dict:
@@ -75,7 +79,7 @@ def sampler_settings(canvas: int, steps: int) -> dict:
 def reference_generate(reference, ids, settings):
     kw = dict(settings)
     kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(kw.pop("entropy_bound")))
-    return reference.generate(ids, **kw).sequences
+    return reference.generate(ids, **kw)
 
 
 def compare(label: str, reference, ours, vocab: int, canvas: int, device: str) -> None:
@@ -87,10 +91,11 @@ def compare(label: str, reference, ours, vocab: int, canvas: int, device: str) -
         expected = reference(input_ids=prompt, decoder_input_ids=canvas_ids).logits
         logits = ours(prompt, canvas_ids)
     diff = float((logits - expected).abs().max())
-    row(f"{label}: logits", "identical" if diff == 0 else f"max|d| {diff:.2e}")
+    scale = float(expected.abs().max())
+    row(f"{label}: logits", "identical" if diff == 0 else f"max|d| {diff:.2e}", f"max|logit| {scale:.2f}")
     settings = sampler_settings(canvas, 4)
     torch.manual_seed(3)
-    expected_tokens = reference_generate(reference, prompt, settings)
+    expected_tokens = reference_generate(reference, prompt, settings).sequences
     torch.manual_seed(3)
     tokens = ours.generate(prompt, progress=False, **settings).sequences
     row(f"{label}: seeded tokens", "identical" if torch.equal(tokens, expected_tokens) else "DIFFER")
@@ -109,16 +114,46 @@ def equivalence(device: str, tiny: bool) -> None:
             except RuntimeError as error:  # e.g. grouped_mm needs 16-byte strides, which tiny bf16 experts lack
                 row(f"{name} {short}", "not run", str(error).splitlines()[0][:80])
         if not tiny:
-            reference = build_random_full_width_reference(device=device, dtype=dtype)
-            ours = HookedDiffusionGemma.from_pretrained(reference, progress=False)
-            compare(f"full-width 2 layers {short}", reference, ours, FULL_WIDTH_TWO_LAYERS["vocab_size"], 8, device)
-            del reference, ours
-            gc.collect()
-            torch.cuda.empty_cache() if device.startswith("cuda") else None
+            section(f"full-width 2 layers {short}", lambda dtype=dtype, short=short: full_width(device, dtype, short))
+
+
+def full_width(device: str, dtype: torch.dtype, short: str) -> None:
+    reference = build_random_full_width_reference(device=device, dtype=dtype)
+    ours = HookedDiffusionGemma.from_pretrained(reference, progress=False)
+    compare(f"full-width 2 layers {short}", reference, ours, FULL_WIDTH_TWO_LAYERS["vocab_size"], 8, device)
+    if dtype != torch.bfloat16:
+        return
+    # Load time from a sharded safetensors checkpoint (the 30-layer model's 51 GB would not fit the
+    # lease's disk and time): bytes per second here scale to the real checkpoint.
+    del reference
+    with tempfile.TemporaryDirectory() as directory:
+        ours.save_pretrained(directory, max_shard_size="2GB")
+        on_disk = sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+        del ours
+        gc.collect()
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        sync(device)
+        start = time.perf_counter()
+        loaded = HookedDiffusionGemma.from_pretrained(directory, dtype=dtype, device=device, progress=False)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    rate = on_disk / 1e9 / elapsed
+    row(
+        f"full-width 2 layers {short}: load sharded checkpoint to {device}",
+        f"{elapsed:.1f} s",
+        f"{on_disk / 1e9:.2f} GB, {rate:.2f} GB/s (the 26B's 50.5 GB at this rate: {50.5 / rate:.0f} s)",
+    )
+    del loaded
+
+
+def steps_taken(output, canvas: int) -> float:
+    """Denoising steps of a one-canvas generation, from `tokens_per_forward` (both models report it)."""
+    return canvas / float(output.tokens_per_forward.float().mean())
 
 
 def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    cuda = device.startswith("cuda")
     if tiny:
         text, canvas, label = dict(CONFIGS["mixed"]), CANVAS["mixed"], "tiny 'mixed'"
     else:
@@ -127,48 +162,79 @@ def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
         layer_types = raw["text_config"]["layer_types"]
         text = dict(FULL_WIDTH_TWO_LAYERS, num_hidden_layers=len(layer_types), layer_types=layer_types)
         canvas, label = raw["canvas_length"], "26B-A4B 30 layers"
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    # Random weights (no hub here): transformers' model on the meta device, filled tensor by tensor on
+    # `device`; ours is built from it and aliases the same tensors, so both fit once in memory.
     reference = build_random_full_width_reference(text_config=text, canvas_length=canvas, device=device, dtype=dtype)
-    ours = HookedDiffusionGemma.from_pretrained(reference, progress=False)  # aliases the same tensors
+    ours = HookedDiffusionGemma.from_pretrained(reference, progress=False)
     sync(device)
-    row(f"{label}: build random weights on {device}", f"{time.perf_counter() - start:.1f} s", str(dtype))
+    row(f"{label}: build random weights on {device}", f"{time.perf_counter() - start:.1f} s", f"{dtype}, no disk read")
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.decoder.parameters())
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
+    if cuda:
         row(
-            f"{label}: peak GPU memory / weight bytes",
-            f"{peak / weight_bytes:.3f}",
+            f"{label}: peak GPU memory while building / weight bytes",
+            f"{torch.cuda.max_memory_allocated() / weight_bytes:.3f}",
             f"weights {weight_bytes / 1e9:.2f} GB",
         )
     vocab = text["vocab_size"]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (1, 64), generator=g).to(device)
     canvas_ids = torch.randint(0, vocab, (1, canvas), generator=g).to(device)
+    settings = sampler_settings(canvas, steps)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         state = ours.encode(prompt)
+        prompt_kv = reference.model.encoder(input_ids=prompt).past_key_values  # read-only for the decoder
         t_ours = timed(lambda: ours.denoise(canvas_ids, state), device)
-        t_ref = timed(lambda: reference(input_ids=prompt, decoder_input_ids=canvas_ids), device)
+        t_ref = timed(lambda: reference(past_key_values=prompt_kv, decoder_input_ids=canvas_ids), device)
+        t_full = timed(lambda: ours(prompt, canvas_ids), device)
+        t_full_ref = timed(lambda: reference(input_ids=prompt, decoder_input_ids=canvas_ids), device)
     row(
         f"{label}: decoder pass ours / transformers",
         f"{t_ours / t_ref:.3f}",
-        f"{t_ours * 1e3:.1f} ms vs {t_ref * 1e3:.1f} ms (ref incl. encoder)",
+        f"{t_ours * 1e3:.1f} ms vs {t_ref * 1e3:.1f} ms; both read the encoded prompt's KV, canvas {canvas}",
     )
-    settings = sampler_settings(canvas, steps)
-    torch.manual_seed(0)
-    t_gen = timed(lambda: ours.generate(prompt, progress=False, **settings), device, repeats=1)
-    torch.manual_seed(0)
-    t_gen_ref = timed(lambda: reference_generate(reference, prompt, settings), device, repeats=1)
     row(
-        f"{label}: generate ({steps} steps) ours / transformers",
-        f"{t_gen / t_gen_ref:.3f}",
-        f"{t_gen / steps * 1e3:.1f} ms/step",
+        f"{label}: encoder + decoder pass ours / transformers",
+        f"{t_full / t_full_ref:.3f}",
+        f"{t_full * 1e3:.1f} ms vs {t_full_ref * 1e3:.1f} ms; prompt 64",
+    )
+    del state, prompt_kv
+    outputs = {}
+
+    def ours_generate():
+        torch.manual_seed(0)
+        outputs["ours"] = ours.generate(prompt, progress=False, **settings)
+
+    def reference_generate_once():
+        torch.manual_seed(0)
+        outputs["reference"] = reference_generate(reference, prompt, settings)
+
+    t_gen = timed(ours_generate, device, repeats=1)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        row(
+            f"{label}: peak GPU memory (decoder passes + generate) / weight bytes",
+            f"{peak / weight_bytes:.3f}",
+            f"peak {peak / 1e9:.2f} GB, weights {weight_bytes / 1e9:.2f} GB (shared with transformers' model)",
+        )
+    t_gen_ref = timed(reference_generate_once, device, repeats=1)
+    n_ours, n_ref = steps_taken(outputs["ours"], canvas), steps_taken(outputs["reference"], canvas)
+    same = torch.equal(outputs["ours"].sequences, outputs["reference"].sequences)
+    row(
+        f"{label}: generate step ours / transformers",
+        f"{(t_gen / n_ours) / (t_gen_ref / n_ref):.3f}",
+        f"{t_gen / n_ours * 1e3:.1f} vs {t_gen_ref / n_ref * 1e3:.1f} ms/step; {n_ours:.0f} and {n_ref:.0f} steps; "
+        f"tokens {'identical' if same else 'differ'}",
     )
     del reference
     gc.collect()
     names = [f"decoder.blocks.{layer}.hook_resid_post" for layer in range(ours.cfg.num_hidden_layers)]
     with tempfile.TemporaryDirectory(dir=out) as cache_dir:
+        torch.manual_seed(0)
         start = time.perf_counter()
         _, cache = ours.generate_with_cache(
             prompt,
@@ -182,34 +248,40 @@ def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
         sync(device)
         elapsed = time.perf_counter() - start
         on_disk = sum(f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file())
+        recorded = len(cache.steps(0))
+        del cache
     row(
-        f"{label}: generate_with_cache every resid_post, disk",
-        f"{elapsed / t_gen:.3f} x generate",
-        f"{on_disk / 1e9:.3f} GB written, {steps} steps",
+        f"{label}: generate_with_cache every resid_post to disk",
+        f"{elapsed / t_gen:.2f} x generate",
+        f"{elapsed:.1f} s, {on_disk / 1e9:.2f} GB written, {len(names)} hooks x {recorded} steps",
     )
     sweep_settings = dict(max_new_tokens=canvas, max_denoising_steps=steps)
-    clean = record_run(ours, prompt, names_filter=names[:2], noise=ReplayNoise(0), **sweep_settings)
+    clean = record_run(ours, prompt, names_filter=names, noise=ReplayNoise(0), **sweep_settings)
     corrupted = record_run(ours, prompt.roll(1, dims=1), noise=ReplayNoise(0), **sweep_settings)
     metric = LogitDiff(position=0, good=5, bad=6)
-    start = time.perf_counter()
-    result = patch_sweep(
-        ours,
-        clean,
-        corrupted,
-        "decoder.blocks.{layer}.hook_resid_post",
-        ("layer", "position"),
-        metric,
-        layers=[0, 1],
-        positions=[0, 1],
-        progress=False,
-    )
-    sync(device)
-    per_cell = (time.perf_counter() - start) / result.values.numel()
-    row(
-        f"{label}: frozen patch sweep, per cell",
-        f"{per_cell * 1e3:.1f} ms",
-        f"{per_cell / (t_gen / steps):.2f} x one generate step",
-    )
+    layers = list(range(0, ours.cfg.num_hidden_layers, 5))  # spread over the stack; a full 30-layer sweep
+    # on the reference path would take minutes of a short GPU lease
+    for path in ("reference", "fast"):
+        start = time.perf_counter()
+        result = patch_sweep(
+            ours,
+            clean,
+            corrupted,
+            "decoder.blocks.{layer}.hook_resid_post",
+            ("layer", "position"),
+            metric,
+            layers=layers,
+            positions=[0],
+            path=path,
+            progress=False,
+        )
+        sync(device)
+        per_cell = (time.perf_counter() - start) / result.values.numel()
+        row(
+            f"{label}: frozen layer sweep over layers {layers[0]}..{layers[-1]} ({path} path), per cell",
+            f"{per_cell * 1e3:.1f} ms",
+            f"{per_cell / (t_gen / n_ours):.2f} x one generate step, {result.values.numel()} cells",
+        )
 
 
 def main() -> None:
@@ -218,15 +290,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs only (a quick CPU check of this script)")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--out", default=tempfile.gettempdir(), help="where the disk cache is written (then removed)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here (after every row)")
+    parser.add_argument("--skip-equivalence", action="store_true", help="only the full-model checks")
     args = parser.parse_args()
-    equivalence(args.device, args.tiny)
-    full_model(args.device, args.tiny, args.steps, Path(args.out))
+    if args.json:
+        JSON_PATH.append(Path(args.json))
+        JSON_PATH[0].parent.mkdir(parents=True, exist_ok=True)
+    if not args.skip_equivalence:
+        section("equivalence", lambda: equivalence(args.device, args.tiny))
+    section("full model", lambda: full_model(args.device, args.tiny, args.steps, Path(args.out)))
     print("\n| check | value | note |\n|---|---|---|")
     for check, value, note in ROWS:
         print(f"| {check} | {value} | {note} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(ROWS, indent=1))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def sweeps(pair: Pair, timer: Timer, quick: bool) -> list[dict]:
     contenders = {b: sweep(("layer", "position"), "fast", batch_size=b, **shared) for b in (1, 8, 32)}
     t = timer.measure(contenders)
     for b in (8, 32):
-        rows.append(row(f"7 frozen sweep, batch {b} / batch 1 (CPU)", t[b], t[1], None, "32 cells, layer 0"))
+        rows.append(
+            row(f"7 frozen sweep, batch {b} / batch 1 ({ours.device.type})", t[b], t[1], None, "32 cells, layer 0")
+        )
 
     # Peak extra memory: the corrupted run's block inputs for one step plus one chunk of cells.
     meta = sweep(("layer", "position"), "fast", positions=positions)().stats

@@ -116,3 +116,45 @@ def test_placed_model_equals_the_plain_model(checkpoint, placement):
     zero = Patch("decoder.blocks.2.hook_resid_post", lambda value, hook: value * 0)
     patched = [_generate(m, ids, fwd_hooks=zero.hooks(m)).sequences for m in (placed, plain)]
     assert torch.equal(patched[0], patched[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh runs it on one)")
+@pytest.mark.parametrize(
+    "placement",
+    [
+        {"device_map": {"": "cpu", "decoder.blocks.1": "cuda:0", "decoder.blocks.2": 0}},
+        {"device_map": {"": 0, "decoder.blocks.3": "cpu"}},
+    ],
+    ids=["cpu-main", "cuda-main"],
+)
+def test_cuda_and_cpu_placement_gives_the_same_tokens_as_one_device(checkpoint, placement):
+    """Blocks split over cuda:0 and cpu: float32 logits agree with the all-CPU model to kernel rounding,
+    seeded tokens are the same, and hooks, caches and patches run on the GPU blocks."""
+    directory, _ = checkpoint
+    plain = HookedDiffusionGemma.from_pretrained(directory, progress=False)
+    placed = HookedDiffusionGemma.from_pretrained(directory, progress=False, **placement)
+    assert {p.device.type for p in placed.parameters()} == {"cpu", "cuda"}
+    vocab = CONFIGS[NAME]["vocab_size"]
+    ids = torch.randint(3, vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    canvas = torch.randint(0, vocab, (2, CANVAS[NAME]), generator=torch.Generator().manual_seed(1))
+    main = placed.decoder.embed.W_E.device
+    with torch.no_grad():
+        torch.testing.assert_close(
+            placed(ids.to(main), canvas.to(main)).cpu(), plain(ids, canvas), atol=1e-4, rtol=1e-4
+        )
+    tokens = _generate(placed, ids.to(main)).sequences.cpu()
+    assert torch.equal(tokens, _generate(plain, ids).sequences)
+    names = [f"decoder.blocks.{layer}.hook_resid_post" for layer in range(4)]
+    settings = dict(max_new_tokens=CANVAS[NAME] * 2, max_denoising_steps=6, progress=False, storage="cpu")
+    _, cache_placed = placed.generate_with_cache(ids.to(main), names_filter=names, noise=ReplayNoise(4), **settings)
+    _, cache_plain = plain.generate_with_cache(ids, names_filter=names, noise=ReplayNoise(4), **settings)
+    for name in names:
+        assert cache_placed.get(name, canvas=1).device.type == "cpu"
+        torch.testing.assert_close(
+            cache_placed.get(name, canvas=1), cache_plain.get(name, canvas=1), atol=1e-4, rtol=1e-4
+        )
+    zero = Patch("decoder.blocks.2.hook_resid_post", lambda value, hook: value * 0)
+    patched = [
+        _generate(m, i, fwd_hooks=zero.hooks(m)).sequences.cpu() for m, i in ((placed, ids.to(main)), (plain, ids))
+    ]
+    assert torch.equal(patched[0], patched[1])
