@@ -180,6 +180,9 @@ def _check_explicit(cfg: DiffusionGemmaConfig, device_map: dict[str, Device]) ->
         if own is None and (twins is None or unit == "decoder.self_cond"):
             unplaced.append(unit)
             continue
+        # The encoder follows its decoder twin unless a key names the encoder's side itself.
+        if twins is not None and not twins.startswith("encoder"):
+            twins = None
         if own is not None and twins is not None and str(device_map[own]) != str(device_map[twins]):
             raise DeviceMapError(
                 f"{unit} and {twin} share weights and must sit on one device; device_map puts {own!r} on "

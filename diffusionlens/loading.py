@@ -191,8 +191,13 @@ def load_pretrained(
     hub id (resolved with huggingface_hub when the string is not a local path; needs network).
 
     `device_map` ("auto" or {module: device}) and/or `max_memory` spread the blocks over several
-    devices; see `diffusionlens.device_map` (planned and checked before any tensor is read)."""
+    devices; see `diffusionlens.device_map` (planned and checked before any tensor is read).
+
+    A transformers model object is read where it sits: without `device`, ours is built on the device
+    of its parameters and aliases them (no copy) when `dtype` matches too."""
     cfg, tensors, directory = _resolve_source(source)
+    if device is None and device_map is None and isinstance(source, torch.nn.Module):
+        device = next(source.parameters()).device
     placement = _plan_placement(cfg, source, directory, dtype, device, device_map, max_memory)
     if directory is not None:
         tensors = _iter_safetensors(_checkpoint_files(directory), progress)

@@ -100,7 +100,7 @@ def build_random_full_width_reference(
             owner = canonical_name(name) or "model.decoder.embed_tokens.weight"
             if owner not in filled:
                 filled[owner] = random_like(owner, param.shape)
-            set_module_tensor_to_device(model, name, device, value=filled[owner])
+            set_module_tensor_to_device(model, name, device, value=filled[owner], dtype=dtype)
         del filled
         for name, buffer in list(model.named_buffers()):
             if buffer.is_floating_point() and not name.endswith(DERIVED_BUFFERS):
@@ -108,6 +108,7 @@ def build_random_full_width_reference(
     model.to(device)  # the (small) buffers that were built on CPU
     model.tie_weights()
     assert not any(p.is_meta for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {dtype}, "meta parameters are float32; values keep `dtype`"
     encoder_gate_up = model.model.encoder.language_model.layers[0].experts.gate_up_proj
     assert encoder_gate_up.data_ptr() == model.model.decoder.layers[0].experts.gate_up_proj.data_ptr()
     return model.eval()
