@@ -102,10 +102,14 @@ def build_random_full_width_reference(
                 filled[owner] = random_like(owner, param.shape)
             set_module_tensor_to_device(model, name, device, value=filled[owner], dtype=dtype)
         del filled
+    model.to(device)  # the (small) buffers that were built on CPU
+    with torch.no_grad():
+        # Stored buffers (`layer_scalar`) take `dtype` as they would loading a checkpoint in it; a float32
+        # scalar would turn a bf16 residual into float32 halfway through the stack.
         for name, buffer in list(model.named_buffers()):
             if buffer.is_floating_point() and not name.endswith(DERIVED_BUFFERS):
-                buffer.copy_(random_like(name, buffer.shape))
-    model.to(device)  # the (small) buffers that were built on CPU
+                module_name, _, attribute = name.rpartition(".")
+                model.get_submodule(module_name)._buffers[attribute] = random_like(name, buffer.shape)
     model.tie_weights()
     assert not any(p.is_meta for p in model.parameters())
     assert {p.dtype for p in model.parameters()} == {dtype}, "meta parameters are float32; values keep `dtype`"

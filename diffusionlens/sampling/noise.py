@@ -62,35 +62,39 @@ class ReplayNoise:
 
     Sampling uses one uniform number per position and the inverse CDF, which is also cheaper than
     `torch.multinomial` (the reference's sampler spends a large share of each step there).
+
+    Every draw is made on the CPU and then moved, so a run replays the same noise on any device, and a
+    model split across devices (or a GPU run checked against a CPU one) sees the same canvas.
     """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
 
-    def generator(self, canvas: int, step: int, purpose: str, device: torch.device) -> torch.Generator:
+    def generator(self, canvas: int, step: int, purpose: str) -> torch.Generator:
+        """The CPU generator of one draw."""
         digest = hashlib.blake2b(f"{self.seed}/{canvas}/{step}/{purpose}".encode(), digest_size=8).digest()
-        generator = torch.Generator(device=device)
+        generator = torch.Generator()
         generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
         return generator
 
     def initial_canvas(
         self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int
     ) -> torch.Tensor:
-        gen = self.generator(canvas, -1, "init", torch.device(device))
-        return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
+        gen = self.generator(canvas, -1, "init")
+        return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
 
     def sample(self, probs: torch.Tensor, canvas: int, step: int) -> torch.Tensor:
-        gen = self.generator(canvas, step, "sample", probs.device)
+        gen = self.generator(canvas, step, "sample")
         cdf = probs.cumsum(dim=-1)
-        uniform = torch.rand(probs.shape[:-1] + (1,), generator=gen, device=probs.device, dtype=cdf.dtype)
+        uniform = torch.rand(probs.shape[:-1] + (1,), generator=gen, dtype=cdf.dtype).to(probs.device)
         tokens = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True).squeeze(-1)
         return tokens.clamp_(max=probs.shape[-1] - 1)
 
     def renoise(
         self, batch: int, length: int, vocab: int, device: torch.device | str, canvas: int, step: int
     ) -> torch.Tensor:
-        gen = self.generator(canvas, step, "renoise", torch.device(device))
-        return torch.randint(0, vocab, (batch, length), generator=gen, device=device)
+        gen = self.generator(canvas, step, "renoise")
+        return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
 
     def __repr__(self) -> str:
         return f"ReplayNoise(seed={self.seed})"
