@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -269,7 +269,10 @@ class FeatureExamples:
 
     `values`, `rows` `[feature, k]` (row indices into the store, -1 where fewer than k rows fired);
     `labels[field]` `[feature, k]` gathered from the store's labels; `mean_by_step`, `fire_rate_by_step`
-    `[feature, step]` over every row of each step.
+    `[feature, step]` over every row of each step. `context["input_token"]` and `context["final_token"]`
+    `[feature, k, 2w + 1]` are the tokens read and finally written at positions `position - w …
+    position + w` of the same (prompt, seed, canvas, step), -1 where the store holds no row there
+    (outside the canvas, or a position the store's filter left out).
     """
 
     features: list[int]
@@ -278,6 +281,13 @@ class FeatureExamples:
     labels: dict[str, Int[torch.Tensor, "feature k"]]
     mean_by_step: Float[torch.Tensor, "feature step"]
     fire_rate_by_step: Float[torch.Tensor, "feature step"]
+    hook_name: str | None = None
+    context: dict[str, Int[torch.Tensor, "feature k window"]] = field(default_factory=dict)
+
+    @property
+    def context_width(self) -> int:
+        """w: the context holds w positions on each side of the example's position (0 without context)."""
+        return (next(iter(self.context.values())).shape[-1] - 1) // 2 if self.context else 0
 
     def describe(self, feature: int, prompts: list[str], to_str: Callable[[int], str] | None = None) -> str:
         """A few lines: the activation across steps, then each top example."""
@@ -306,13 +316,23 @@ def top_activations(
     *,
     k: int = 8,
     features: list[int] | None = None,
+    context: int = 3,
     batch_size: int = 4096,
     progress: bool = True,
 ) -> FeatureExamples:
-    """Stream the store once through the SAE, keeping each feature's top `k` rows and per-step statistics."""
+    """Stream the store once through the SAE, keeping each feature's top `k` rows and per-step statistics,
+    with the tokens `context` positions either side of each example (see `FeatureExamples`)."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0 positions either side, got {context}")
     labels_all = store.labels()
+    if not labels_all:
+        raise ValueError(f"{store.path} holds no rows yet; run harvest() first")
+    d_sae = sae.cfg.d_sae
+    bad = [f for f in features or () if not 0 <= int(f) < d_sae]
+    if bad:
+        raise IndexError(f"features {bad} out of range: the SAE has d_sae={d_sae} features")
     n_steps = int(labels_all["step"].max()) + 1
-    chosen = list(range(sae.cfg.d_sae)) if features is None else list(features)
+    chosen = list(range(d_sae)) if features is None else [int(f) for f in features]
     index = torch.tensor(chosen)
     best_values = torch.full((len(chosen), k), -float("inf"))
     best_rows = torch.full((len(chosen), k), -1, dtype=torch.long)
@@ -340,5 +360,31 @@ def top_activations(
     gathered = {f: v[safe] for f, v in labels_all.items()}
     denominator = step_rows.clamp(min=1)
     return FeatureExamples(
-        chosen, best_values.clamp(min=0), best_rows, gathered, step_sum / denominator, step_fired / denominator
+        chosen,
+        best_values.clamp(min=0),
+        best_rows,
+        gathered,
+        step_sum / denominator,
+        step_fired / denominator,
+        hook_name=hook_name,
+        context=_contexts(labels_all, best_rows, context),
     )
+
+
+def _contexts(
+    labels: dict[str, torch.Tensor], rows: Int[torch.Tensor, "feature k"], width: int
+) -> dict[str, Int[torch.Tensor, "feature k window"]]:
+    """The input and final tokens at positions `position - width … position + width` of each row's
+    (prompt, seed, canvas, step), looked up among the store's rows; -1 where there is none."""
+    keys = torch.stack([labels[f] for f in ("prompt_id", "seed", "canvas", "step")], dim=1)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    n_groups, length = int(group.max()) + 1, int(labels["position"].max()) + 1
+    safe = rows.clamp(min=0)
+    at = labels["position"][safe][..., None] + torch.arange(2 * width + 1)  # padded index of p - w … p + w
+    out = {}
+    for name in ("input_token", "final_token"):
+        table = torch.full((n_groups, length + 2 * width), -1, dtype=torch.long)
+        table[group, labels["position"] + width] = labels[name]
+        window = table[group[safe][..., None], at]
+        out[name] = torch.where(rows[..., None] >= 0, window, torch.full_like(window, -1))
+    return out

@@ -7,6 +7,7 @@ pyplot runs on the headless Agg backend unless you chose another backend first.
 from diffusionlens.viz.attention import AttentionKeys, attention_circuitsvis, attention_labels, attention_pattern
 from diffusionlens.viz.attention_viewer import render_attention_viewer, write_attention_viewer
 from diffusionlens.viz.dla import plot_dla_by_step
+from diffusionlens.viz.feature_panel import FeaturePanel
 from diffusionlens.viz.heatmaps import plot_sweep
 from diffusionlens.viz.lens import plot_logit_lens
 from diffusionlens.viz.trajectory import plot_commit_order, plot_entropy, plot_token_grid
@@ -14,6 +15,7 @@ from diffusionlens.viz.viewer import render_viewer, write_viewer
 
 __all__ = [
     "AttentionKeys",
+    "FeaturePanel",
     "attention_circuitsvis",
     "attention_labels",
     "attention_pattern",

@@ -21,6 +21,13 @@ from typing import TYPE_CHECKING, Any
 from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import RowView, TokenDecoder, token_texts
 from diffusionlens.viz.dla import dla_title
+from diffusionlens.viz.feature_panel import (
+    FEATURES_HTML,
+    FEATURES_SCRIPT,
+    FEATURES_STYLE,
+    FeaturePanel,
+    feature_panel_data,
+)
 
 if TYPE_CHECKING:
     from diffusionlens.analysis.dla import DLAByStep
@@ -39,9 +46,11 @@ def viewer_data(
     row: int = 0,
     title: str | None = None,
     dla: DLAByStep | None = None,
+    features: FeaturePanel | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready dict the viewer page reads: per-step token ids of every field, entropy, accepted
-    flags, top-k (when recorded), commit steps, and the text of every token id that appears."""
+    flags, top-k (when recorded), commit steps, the DLA and feature panels' data when given, and the
+    text of every token id that appears."""
     prompt_length = trace.prompt_length if isinstance(trace, DenoisingTrace) else None
     view = RowView.select(trace, canvas, row)
     ct, n_steps = view.trace, view.n_steps
@@ -55,6 +64,10 @@ def viewer_data(
     ids = {i for rows in fields.values() for step in rows for i in step}
     if top_tokens is not None:
         ids |= {i for step in top_tokens for ks in step for i in ks}
+    panel = None
+    if features is not None:
+        panel, panel_ids = feature_panel_data(features, ct, canvas=canvas, row=row, n_steps=n_steps)
+        ids |= panel_ids
     ordered = sorted(ids)
     texts = dict(zip((str(i) for i in ordered), token_texts(tokenizer, ordered), strict=True))
     return {
@@ -68,7 +81,7 @@ def viewer_data(
         "text": texts,
         "fields": fields,
         "entropy": [[_round(e, 4) for e in step] for step in entropy.tolist()],
-        "max_entropy": _round(finite.max(), 4) if finite.numel() else 0.0,
+        "max_entropy": _round(float(finite.max()), 4) if finite.numel() else 0.0,
         "accepted": view.per_step("accepted").int().tolist(),
         "finished": ct.finished[:n_steps, row].tolist(),
         "temperature": [_round(v, 4) for v in ct.temperature[:n_steps].tolist()],
@@ -78,6 +91,7 @@ def viewer_data(
         "commit": view.commit_steps().tolist(),
         "final": ct.argmax[n_steps - 1, row].tolist(),
         "dla": None if dla is None else _dla_data(dla, tokenizer, canvas, row),
+        "features": panel,
     }
 
 
@@ -92,7 +106,7 @@ def _dla_data(dla: DLAByStep, tokenizer: TokenDecoder, canvas: int, row: int) ->
         "steps": dla.steps,
         "values": [[_round(v, 4) for v in step] for step in dla.attributions.tolist()],
         "logit": [_round(v, 4) for v in dla.logit.tolist()],
-        "max_abs": _round(dla.attributions.abs().max(), 4),
+        "max_abs": _round(float(dla.attributions.abs().max()), 4),
     }
 
 
@@ -121,6 +135,7 @@ def render_viewer(
     title: str | None = None,
     step: int = 0,
     dla: DLAByStep | None = None,
+    features: FeaturePanel | None = None,
 ) -> str:
     """The viewer for one canvas and batch row of `trace`, as a self-contained HTML page.
 
@@ -136,8 +151,17 @@ def render_viewer(
     With `dla` (a `dla_by_step` table of the same canvas and row) a panel (`#dla`) shows it as a step ×
     component heatmap (`.dla-cell[data-step][data-component]`), the slider's step highlighted, and the
     position it attributes outlined on the canvas.
+
+    With `features` (a `FeaturePanel` of SAE feature activations recorded by `generate_with_sae` in the
+    same run, and/or `top_activations` examples from a store) a panel (`#features`) shows one feature at a
+    time (`#feature-select`): its activation across steps at the positions where it fires most (a chart
+    and `.feature-value[data-step][data-position]` cells), the run's strongest (step, position) examples
+    with the canvas read around them (`.run-example`, click to jump to that step), the store's top
+    examples with prompt, seed, step, position and token context (`.store-example`) and the store's mean
+    activation when it fires and its firing rate per step; a bar under each canvas position
+    (`.feature-act`) shows the activation at the slider's step.
     """
-    data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title, dla=dla)
+    data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title, dla=dla, features=features)
     if not 0 <= step < data["n_steps"]:
         raise IndexError(f"step {step} out of range: row {row} of canvas {canvas} has {data['n_steps']} steps")
     csp = page_csp(_SCRIPT)
@@ -147,6 +171,7 @@ def render_viewer(
         "@MAX_STEP@": str(data["n_steps"] - 1),
         "@STEP@": str(step),
         "@VIEW_OPTIONS@": _view_options(),
+        "@FEATURES@": FEATURES_HTML,
         "@STYLE@": _STYLE,
         "@DATA@": script_safe_json(data),
         "@SCRIPT@": _SCRIPT,
@@ -211,6 +236,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <h2 id="dla-title"></h2>
 <table id="dla-table"></table>
 </section>
+@FEATURES@
 <div id="tooltip" role="tooltip" hidden></div>
 <script type="application/json" id="trace-data">@DATA@</script>
 <script>@SCRIPT@</script>
@@ -218,7 +244,8 @@ _TEMPLATE = """<!DOCTYPE html>
 </html>
 """
 
-_STYLE = """
+_STYLE = (
+    """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.2em; color: #222; }
 h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
 #meta, #step-info { color: #555; font-size: 0.85em; margin: 0.2em 0; }
@@ -258,6 +285,8 @@ h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
 #dla-table tr.current td { border-top: 2px solid #08519c; border-bottom: 2px solid #08519c; }
 .cell.dla-position { outline: 2px dashed #6a3d9a; }
 """
+    + FEATURES_STYLE
+)
 
 _SCRIPT = """
 (function () {
@@ -396,6 +425,7 @@ _SCRIPT = """
       dlaRows[s] = tr;
     });
   }
+/*@FEATURES@*/
 
   function render() {
     var step = current();
@@ -419,6 +449,7 @@ _SCRIPT = """
     info.textContent = "t = " + data.t[step] + ", temperature " + fmt(data.temperature[step], 3) + ", " +
       accepted + " accepted" + (data.finished[step] ? ", stopped after this step" : "");
     board.dataset.step = String(step);
+    updateFeatures(step);
     if (hovered !== null) { show(hovered); }
   }
   function go(step) {
@@ -444,4 +475,4 @@ _SCRIPT = """
   render();
   document.body.dataset.ready = "1";
 })();
-"""
+""".replace("/*@FEATURES@*/", FEATURES_SCRIPT)
