@@ -140,7 +140,7 @@ def dla_by_step(
     steps: Sequence[int] | None = None,
     canvas: int = 0,
     row: int = 0,
-    granularity: Granularity = "block",
+    granularity: str = "block",
     expand_neurons: bool = False,
 ) -> DLAByStep:
     """Direct logit attribution of `target` (minus `other`, when given) at canvas `position`, at every
@@ -164,6 +164,7 @@ def dla_by_step(
     the final norm (`DLAByStep.logit`). Steps or hooks that were not recorded are refused, naming what
     is missing and how to record it.
     """
+    # `granularity` is annotated str, not Granularity, so that a runtime type checker lets this message through
     if granularity not in ("block", "component"):
         raise ValueError(f"granularity must be 'block' or 'component', not {granularity!r}")
     if granularity == "block" and expand_neurons:

@@ -68,7 +68,7 @@ def viewer_data(
         "text": texts,
         "fields": fields,
         "entropy": [[_round(e, 4) for e in step] for step in entropy.tolist()],
-        "max_entropy": _round(finite.max(), 4) if finite.numel() else 0.0,
+        "max_entropy": _round(float(finite.max()), 4) if finite.numel() else 0.0,
         "accepted": view.per_step("accepted").int().tolist(),
         "finished": ct.finished[:n_steps, row].tolist(),
         "temperature": [_round(v, 4) for v in ct.temperature[:n_steps].tolist()],
@@ -96,7 +96,7 @@ def _dla_data(dla: DLAByStep, tokenizer: TokenDecoder, canvas: int, row: int) ->
         "steps": dla.steps,
         "values": [[_round(v, 4) for v in step] for step in dla.attributions.tolist()],
         "logit": [_round(v, 4) for v in dla.logit.tolist()],
-        "max_abs": _round(dla.attributions.abs().max(), 4),
+        "max_abs": _round(float(dla.attributions.abs().max()), 4),
     }
 
 
