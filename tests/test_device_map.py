@@ -118,43 +118,40 @@ def test_placed_model_equals_the_plain_model(checkpoint, placement):
     assert torch.equal(patched[0], patched[1])
 
 
+TOY_PROMPTS = ["squares 400 800:", "347+589=", "squares 100 300:"]
+CUDA_MAPS = {
+    "cpu-main": {"": "cpu", "decoder.blocks.1": "cuda:0", "decoder.blocks.2": 0},
+    "cuda-main": {"": 0, "decoder.blocks.4": "cpu"},
+}
+
+
+def _toy_runs(model, prompt):
+    """Tokens, the residual cache and a patched run's tokens of one seeded toy generation."""
+    ids = model.to_tokens(prompt).to(model.decoder.embed.W_E.device)
+    names = [f"decoder.blocks.{layer}.hook_resid_post" for layer in range(model.cfg.num_hidden_layers)]
+    settings = dict(noise=ReplayNoise(0), progress=False)
+    out, cache = model.generate_with_cache(ids, names_filter=names, storage="cpu", **settings)
+    halve = Patch("decoder.blocks.2.hook_resid_post", lambda value, hook: value * 0.5)
+    patched = model.generate(ids, fwd_hooks=halve.hooks(model), **settings)
+    return out.sequences.cpu(), cache, patched.sequences.cpu()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh runs it on one)")
-@pytest.mark.parametrize(
-    "placement",
-    [
-        {"device_map": {"": "cpu", "decoder.blocks.1": "cuda:0", "decoder.blocks.2": 0}},
-        {"device_map": {"": 0, "decoder.blocks.3": "cpu"}},
-    ],
-    ids=["cpu-main", "cuda-main"],
-)
-def test_cuda_and_cpu_placement_gives_the_same_tokens_as_one_device(checkpoint, placement):
-    """Blocks split over cuda:0 and cpu: float32 logits agree with the all-CPU model to kernel rounding,
-    seeded tokens are the same, and hooks, caches and patches run on the GPU blocks."""
-    directory, _ = checkpoint
-    plain = HookedDiffusionGemma.from_pretrained(directory, progress=False)
-    placed = HookedDiffusionGemma.from_pretrained(directory, progress=False, **placement)
+@pytest.mark.parametrize("device_map", CUDA_MAPS.values(), ids=CUDA_MAPS.keys())
+def test_toy_split_over_cuda_and_cpu_gives_the_cpu_tokens(device_map):
+    """The trained toy split over cuda:0 and cpu writes the tokens the all-CPU model writes (plain and
+    patched), and its per-step residual cache matches to kernel rounding. A trained model is used
+    because a random one's near-uniform entropies make acceptance order hinge on 1e-7 differences
+    between CPU and CUDA kernels, which no split can promise to preserve."""
+    plain = HookedDiffusionGemma.from_pretrained("toy", progress=False)
+    placed = HookedDiffusionGemma.from_pretrained("toy", progress=False, device_map=device_map)
     assert {p.device.type for p in placed.parameters()} == {"cpu", "cuda"}
-    vocab = CONFIGS[NAME]["vocab_size"]
-    ids = torch.randint(3, vocab, (2, 5), generator=torch.Generator().manual_seed(0))
-    canvas = torch.randint(0, vocab, (2, CANVAS[NAME]), generator=torch.Generator().manual_seed(1))
-    main = placed.decoder.embed.W_E.device
-    with torch.no_grad():
-        torch.testing.assert_close(
-            placed(ids.to(main), canvas.to(main)).cpu(), plain(ids, canvas), atol=1e-4, rtol=1e-4
-        )
-    tokens = _generate(placed, ids.to(main)).sequences.cpu()
-    assert torch.equal(tokens, _generate(plain, ids).sequences)
-    names = [f"decoder.blocks.{layer}.hook_resid_post" for layer in range(4)]
-    settings = dict(max_new_tokens=CANVAS[NAME] * 2, max_denoising_steps=6, progress=False, storage="cpu")
-    _, cache_placed = placed.generate_with_cache(ids.to(main), names_filter=names, noise=ReplayNoise(4), **settings)
-    _, cache_plain = plain.generate_with_cache(ids, names_filter=names, noise=ReplayNoise(4), **settings)
-    for name in names:
-        assert cache_placed.get(name, canvas=1).device.type == "cpu"
-        torch.testing.assert_close(
-            cache_placed.get(name, canvas=1), cache_plain.get(name, canvas=1), atol=1e-4, rtol=1e-4
-        )
-    zero = Patch("decoder.blocks.2.hook_resid_post", lambda value, hook: value * 0)
-    patched = [
-        _generate(m, i, fwd_hooks=zero.hooks(m)).sequences.cpu() for m, i in ((placed, ids.to(main)), (plain, ids))
-    ]
-    assert torch.equal(patched[0], patched[1])
+    for prompt in TOY_PROMPTS:
+        tokens, cache, patched = _toy_runs(placed, prompt)
+        tokens_cpu, cache_cpu, patched_cpu = _toy_runs(plain, prompt)
+        assert torch.equal(tokens, tokens_cpu), prompt
+        assert torch.equal(patched, patched_cpu), prompt
+        assert cache.steps(0) == cache_cpu.steps(0)
+        for name in cache_cpu:
+            assert cache.get(name).device.type == "cpu"
+            torch.testing.assert_close(cache.get(name), cache_cpu.get(name), atol=1e-4, rtol=1e-4)

@@ -1,22 +1,38 @@
-"""Sweeps over Ray workers (2 local CPU workers on loopback): equal to the single-process run, even
-when a worker is killed mid-sweep; unreachable addresses fail fast; the CLI flags."""
+"""Sweeps, seed searches and harvests over Ray workers (2 local CPU workers on loopback): equal to the
+single-process run, even when a worker is killed mid-sweep or mid-harvest; unreachable addresses fail
+fast; the CLI flags. One Ray session serves the module (Ray starts slowly); the CLI test, which shuts
+the shared pool down to free its CPUs, comes last among the tests that use the pool."""
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
+from diffusionlens import DenoisingCache, HookedDiffusionGemma
+from diffusionlens.analysis.seeds import generate_over_seeds
 from diffusionlens.cli import main
 from diffusionlens.patching.sweep import SweepResult
 from diffusionlens.patching.sweep_spec import SweepSpec, run_sweep_spec
 
 ray = pytest.importorskip("ray")
 
-from diffusionlens.distributed import ModelPool, connect, run_sweep_spec_distributed  # noqa: E402
-from diffusionlens.distributed.sweeps import _sweep_labels, _sweep_row  # noqa: E402
+from diffusionlens.distributed import (  # noqa: E402
+    ModelPool,
+    connect,
+    generate_over_seeds_distributed,
+    harvest_distributed,
+    run_sweep_spec_distributed,
+)
+from diffusionlens.distributed.pool import CONNECT_TIMEOUT_S  # noqa: E402
+from diffusionlens.distributed.sweeps import _harvest_one, _sweep_labels, _sweep_row, harvest_run  # noqa: E402
 
 SPEC = dict(
     clean="squares 400 800:",
@@ -29,6 +45,28 @@ SPEC = dict(
 )
 
 
+# Prompts of different lengths (left padding in a batch) and tasks.
+PROMPTS = ["squares 400 800:", "sort 3 1 2:"]
+HARVEST = dict(names_filter=["decoder.blocks.*.hook_resid_post", "decoder.hook_logits"], max_new_tokens=12)
+
+
+@contextmanager
+def one_thread():
+    # Ray workers run torch with one thread (OMP_NUM_THREADS=1); CPU float sums depend on the thread
+    # count, so a single-process reference uses one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
+
+
 @pytest.fixture(scope="module")
 def spec():
     return SweepSpec.from_dict(dict(SPEC))
@@ -36,14 +74,8 @@ def spec():
 
 @pytest.fixture(scope="module")
 def single_process(spec):
-    # Ray workers run torch with one thread (OMP_NUM_THREADS=1); CPU float sums depend on the thread
-    # count, so the single-process reference uses one thread too.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return run_sweep_spec(spec, progress=False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +111,106 @@ def test_progress_bar_spans_all_workers_and_can_be_silenced(spec, pool, capsys):
     assert "probe" not in capsys.readouterr().err
 
 
+def assert_same_generation(got, expected) -> None:
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.equal(got.tokens_per_forward, expected.tokens_per_forward)
+    assert len(got.trace) == len(expected.trace)
+    for canvas in range(len(expected.trace)):
+        want = expected.trace[canvas].tensors()
+        have = got.trace[canvas].tensors()
+        assert have.keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(have[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_seed_search_equals_the_single_process_run(toy, pool):
+    seeds = [3, 40]
+    with one_thread():
+        expected = list(generate_over_seeds(toy, PROMPTS, seeds, batch_size=3, progress=False))
+    got = generate_over_seeds_distributed(pool, PROMPTS, seeds, batch_size=3, progress=False)
+    # seed-major rows, batches of 3 then 1: both workers get one
+    assert [b.runs for b in got] == [b.runs for b in expected]
+    assert [b.runs for b in got] == [[(PROMPTS[0], 3), (PROMPTS[1], 3), (PROMPTS[0], 40)], [(PROMPTS[1], 40)]]
+    for have, want in zip(got, expected, strict=True):
+        assert_same_generation(have.result, want.result)
+    # the default is one canvas, as in generate_over_seeds (not generate's 256 tokens)
+    assert got[0].result.new_tokens().shape[1] == toy.cfg.canvas_length
+    first_canvas = got[0].result.trace[0].input_canvas[0]  # [batch, canvas]: the noise each seed drew
+    assert not torch.equal(first_canvas[0], first_canvas[2]), "seeds 3 and 40 should start from different noise"
+    # generate keywords travel to the workers
+    short = generate_over_seeds_distributed(pool, PROMPTS[0], [3], max_new_tokens=12, progress=False)
+    with one_thread():
+        (reference,) = generate_over_seeds(toy, PROMPTS[0], [3], max_new_tokens=12, progress=False)
+    assert_same_generation(short[0].result, reference.result)
+
+
+def assert_same_cache(got: DenoisingCache, expected: DenoisingCache) -> None:
+    assert sorted(got.names) == sorted(expected.names)
+    assert got.canvases() == expected.canvases()
+    for canvas in expected.canvases():
+        assert got.steps(canvas) == expected.steps(canvas)
+        for step in expected.steps(canvas):
+            have, want = got.step_cache(step, canvas), expected.step_cache(step, canvas)
+            assert sorted(have.keys()) == sorted(want.keys())
+            for name in want.keys():
+                assert torch.equal(have[name], want[name]), (canvas, step, name)
+
+
+def test_harvest_equals_the_single_process_run(toy, pool, tmp_path):
+    prompts, seeds = [*PROMPTS, "reverse 5 6 7:"], [40, 3, 7]
+    dirs = harvest_distributed(pool, prompts, tmp_path / "ray", seeds=seeds, progress=False, **HARVEST)
+    assert dirs == [tmp_path / "ray" / f"run_{i:05d}" for i in range(3)]
+    with one_thread():
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+            expected = harvest_run(toy, prompt, tmp_path / "local" / f"run_{i:05d}", seed, **HARVEST)
+            assert expected.steps(0), "nothing was recorded: the comparison lost its power"
+            assert_same_cache(DenoisingCache.load(dirs[i], model=toy), expected)
+    # one int seeds every run alike; the same prompt twice then gives the same cache
+    twice = harvest_distributed(pool, [PROMPTS[0]] * 2, tmp_path / "same", seeds=40, progress=False, **HARVEST)
+    assert_same_cache(DenoisingCache.load(twice[1], model=toy), DenoisingCache.load(dirs[0], model=toy))
+
+
+def test_a_worker_killed_mid_harvest_loses_nothing(toy, pool, tmp_path):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
+    tasks = [(i, p, 40 + i, str(tmp_path / "ray"), HARVEST) for i, p in enumerate(prompts)]
+    refs = pool.submit(_harvest_one, tasks)
+    ray.wait([refs[0]], num_returns=1)  # worker 0 finished run 0; run 2 is queued on it
+    ray.kill(pool.workers[0], no_restart=False)  # Ray restarts the actor and retries its tasks
+    dirs = [Path(p) for p in pool.gather(refs, progress=False)]
+    with one_thread():
+        for i, prompt in enumerate(prompts):
+            expected = harvest_run(toy, prompt, tmp_path / "local" / f"run_{i:05d}", 40 + i, **HARVEST)
+            assert_same_cache(DenoisingCache.load(dirs[i], model=toy), expected)
+
+
+def test_seed_searches_and_harvests_refuse_bad_input_before_any_work(pool, tmp_path):
+    with pytest.raises(ValueError, match="noise is set per seed"):
+        generate_over_seeds_distributed(pool, PROMPTS, [1], noise=object(), progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_over_seeds_distributed(pool, PROMPTS, [1], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="at least one prompt and one seed"):
+        generate_over_seeds_distributed(pool, PROMPTS, [], progress=False)
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 prompts"):
+        harvest_distributed(pool, PROMPTS, tmp_path, seeds=[1], progress=False)
+    with pytest.raises(ValueError, match="a harvest sets noise, storage itself"):
+        harvest_distributed(pool, PROMPTS, tmp_path, noise=object(), storage="memory", progress=False)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        harvest_distributed(pool, [], tmp_path, progress=False)
+    assert not any(tmp_path.iterdir()), "a refused harvest wrote something"
+
+
+def test_the_address_check_passes_a_real_cluster(pool):
+    # the GCS of the running local cluster answers the HTTP/2 handshake the check asks for
+    address = ray.get_runtime_context().gcs_address
+    assert connect(address) is ray
+
+
 def test_cli_ray_flag_runs_the_sweep_on_the_running_cluster(spec, single_process, pool, tmp_path):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(SPEC))
     pool.shutdown()  # the CLI starts its own two workers; free the two CPUs this cluster has
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.map(_sweep_labels, [spec], progress=False)
     main(["patch", str(spec_file), "--out", str(tmp_path / "sweep"), "--no-progress", "--ray", "--workers", "2"])
     saved = SweepResult.load(tmp_path / "sweep")
     assert torch.equal(saved.values, single_process.values)
@@ -96,7 +224,55 @@ def test_without_ray_the_cli_names_the_extra(monkeypatch):
 
 def test_unreachable_address_fails_fast_and_names_it():
     # Port 9 (discard) has no listener on loopback: refused at once, not after Ray's minute of retries.
+    start = time.monotonic()
     with pytest.raises(ConnectionError, match="127.0.0.1:9"):
         connect("127.0.0.1:9")
     with pytest.raises(SystemExit, match="127.0.0.1:9"):
         main(["patch", "spec.json", "--out", "x", "--ray-address", "127.0.0.1:9"])
+    with pytest.raises(ConnectionError, match="no-such-host.invalid:6379"):  # a name that does not resolve
+        connect("no-such-host.invalid:6379")
+    with pytest.raises(ConnectionError, match="'localhost' is not host:port"):
+        connect("localhost")
+    assert time.monotonic() - start < CONNECT_TIMEOUT_S
+
+
+@contextmanager
+def listener(reply: bytes | None):
+    """A TCP server on loopback that is not Ray: it says `reply` and hangs up, or (None) says nothing."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            if reply is None:
+                held.append(conn)
+            else:
+                conn.recv(1024)
+                conn.sendall(reply)
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    "reply, message",
+    [(None, "no answer within"), (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not a Ray cluster.*dashboard")],
+    ids=["silent", "http1"],
+)
+def test_a_listener_that_is_not_ray_fails_fast_and_names_it(reply, message):
+    # ray.init alone retries for minutes against these; the check refuses them in seconds
+    with listener(reply) as address:
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match=f"{address}.*{message}"):
+            connect(address)
+        assert time.monotonic() - start < CONNECT_TIMEOUT_S + 2

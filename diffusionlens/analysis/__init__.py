@@ -10,7 +10,7 @@ from diffusionlens.analysis.commit_order import (
     kendall_tau_b,
     out_of_order_share,
 )
-from diffusionlens.analysis.dla import DLA_NAMES, DLAByStep, dla_by_step
+from diffusionlens.analysis.dla import DLA_COMPONENT_NAMES, DLA_NAMES, DLA_NEURON_NAMES, DLAByStep, dla_by_step
 from diffusionlens.analysis.intermediate_context import (
     IntermediateAttention,
     IntermediateToken,
@@ -32,7 +32,9 @@ from diffusionlens.analysis.smearing import SequenceSmearing, sequence_smearing,
 from diffusionlens.analysis.transparency import auroc, top1_matches_final, top_k_mass, transparency_summary
 
 __all__ = [
+    "DLA_COMPONENT_NAMES",
     "DLA_NAMES",
+    "DLA_NEURON_NAMES",
     "DLAByStep",
     "dla_by_step",
     "CommitOrder",

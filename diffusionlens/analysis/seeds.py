@@ -29,6 +29,34 @@ class SeededBatch:
     result: GenerationResult
 
 
+def seed_batches(
+    prompts: Sequence[str] | str, seeds: Iterable[int], batch_size: int, generate_kwargs: dict[str, Any]
+) -> list[list[tuple[str, int]]]:
+    """The (prompt, seed) rows of `generate_over_seeds`, every prompt with every seed (seed-major),
+    split into batches of `batch_size`; refuses what the search cannot run (shared with
+    `distributed.generate_over_seeds_distributed`, so both make the same batches)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [int(s) for s in seeds]
+    if not prompts or not seeds:
+        raise ValueError("give at least one prompt and one seed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if "noise" in generate_kwargs:
+        raise ValueError("the noise is set per seed here (ReplayNoise); drop noise=")
+    runs = [(p, s) for s in seeds for p in prompts]
+    return [runs[start : start + batch_size] for start in range(0, len(runs), batch_size)]
+
+
+def run_seed_batch(model: HookedDiffusionGemma, chunk: list[tuple[str, int]], **generate_kwargs: Any) -> SeededBatch:
+    """Generate one batch of (prompt, seed) rows, row i with `RowReplayNoise` seed i (default
+    `max_new_tokens`: one canvas)."""
+    generate_kwargs = {"max_new_tokens": model.cfg.canvas_length, **generate_kwargs}
+    ids, attention = model.to_tokens_and_mask([p for p, _ in chunk])
+    noise = RowReplayNoise([s for _, s in chunk])
+    result = model.generate(ids, attention_mask=attention, noise=noise, progress=False, **generate_kwargs)
+    return SeededBatch(chunk, result)
+
+
 def generate_over_seeds(
     model: HookedDiffusionGemma,
     prompts: Sequence[str] | str,
@@ -44,24 +72,11 @@ def generate_over_seeds(
     Row (prompt, seed) uses `RowReplayNoise`, so it is reproducible alone. `generate_kwargs` go to
     `generate` (default `max_new_tokens`: one canvas). `progress` shows a tqdm bar over runs.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    seeds = [int(s) for s in seeds]
-    if not prompts or not seeds:
-        raise ValueError("give at least one prompt and one seed")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if "noise" in generate_kwargs:
-        raise ValueError("the noise is set per seed here (ReplayNoise); drop noise=")
-    generate_kwargs.setdefault("max_new_tokens", model.cfg.canvas_length)
-    runs = [(p, s) for s in seeds for p in prompts]
-    bar = tqdm(total=len(runs), desc=desc, disable=not progress)
+    batches = seed_batches(prompts, seeds, batch_size, generate_kwargs)
+    bar = tqdm(total=sum(len(chunk) for chunk in batches), desc=desc, disable=not progress)
     try:
-        for start in range(0, len(runs), batch_size):
-            chunk = runs[start : start + batch_size]
-            ids, attention = model.to_tokens_and_mask([p for p, _ in chunk])
-            noise = RowReplayNoise([s for _, s in chunk])
-            result = model.generate(ids, attention_mask=attention, noise=noise, progress=False, **generate_kwargs)
-            yield SeededBatch(chunk, result)
+        for chunk in batches:
+            yield run_seed_batch(model, chunk, **generate_kwargs)
             bar.update(len(chunk))
     finally:
         bar.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -22,15 +24,50 @@ def require_ray() -> Any:
     return ray
 
 
+# A Ray cluster's GCS (host:port) and its Ray Client server (ray://host:port) both speak gRPC, i.e.
+# HTTP/2: sent a client preface, an HTTP/2 server answers with a SETTINGS frame (RFC 9113 §3.4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+_SETTINGS_FRAME = 4
+
+
 def _check_reachable(address: str) -> None:
-    """Fail in seconds, naming the address, instead of letting ray.init retry for a minute."""
+    """Fail in seconds, naming the address, instead of letting ray.init retry for a minute or more.
+
+    A TCP connection is not enough: ray.init keeps retrying for minutes against a listener that is not a
+    Ray cluster (a silent one, or the dashboard's HTTP port). So the check also asks for an HTTP/2
+    handshake, which the cluster's gRPC servers answer at once; with `RAY_USE_TLS` set it stops at TCP."""
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if parsed.hostname is None or parsed.port is None:
-        raise ConnectionError(f"Ray address {address!r} is not host:port (or ray://host:port)")
     try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=CONNECT_TIMEOUT_S).close()
+        port = parsed.port
+    except ValueError:
+        port = None
+    if parsed.hostname is None or port is None:
+        raise ConnectionError(f"Ray address {address!r} is not host:port (or ray://host:port)")
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            sock.sendall(_HTTP2_PREFACE)
+            header = b""
+            while len(header) < 9:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = sock.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except TimeoutError:
+        raise ConnectionError(
+            f"cannot reach a Ray cluster at {address}: no answer within {CONNECT_TIMEOUT_S:g} s"
+        ) from None
     except OSError as error:
         raise ConnectionError(f"cannot reach a Ray cluster at {address}: {error}") from None
+    if len(header) < 9 or header[3] != _SETTINGS_FRAME:
+        raise ConnectionError(
+            f"something listens at {address}, but not a Ray cluster: it does not answer as gRPC (HTTP/2) does. "
+            "Give the head node's GCS address (host:6379 by default) or ray://host:10001 for Ray Client, "
+            "not the dashboard's port"
+        )
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> Any:
@@ -95,6 +132,8 @@ class ModelPool:
 
     def submit(self, fn: Callable[[Any, dict, Any], Any], items: Sequence[Any]) -> list[Any]:
         """Queue `fn(model, memo, item)` for every item, round-robin over workers; returns ObjectRefs."""
+        if not self.workers:
+            raise RuntimeError("this ModelPool was shut down; start a new one")
         return [self.workers[i % len(self.workers)].run.remote(fn, item) for i, item in enumerate(items)]
 
     def gather(self, refs: list[Any], *, progress: bool = True, desc: str = "cells") -> list[Any]:

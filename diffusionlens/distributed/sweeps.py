@@ -1,21 +1,26 @@
 """Sweeps, seed searches and activation harvests split into Ray tasks.
 
 Each task does exactly what the single-process code does for its share (a sweep row through
-`patch_sweep`, a batch of `generate_over_seeds`, one prompt's `generate_with_cache`), so results are
-identical to a single-process run.
+`patch_sweep`, a batch of `generate_over_seeds`, one prompt's `generate_with_cache` with its own
+`ReplayNoise`), so results are identical to a single-process run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from diffusionlens.analysis.seeds import SeededBatch, seed_batches
 from diffusionlens.distributed.pool import ModelPool
 from diffusionlens.patching.sweep import SweepResult, patch_sweep
 from diffusionlens.patching.sweep_spec import SweepSpec, build_metric
+
+if TYPE_CHECKING:
+    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.model import HookedDiffusionGemma
 
 
 # ---------------------------------------------------------------------- patch sweeps
@@ -97,14 +102,10 @@ def run_sweep_spec_distributed(
 
 # ---------------------------------------------------------------------- seeds and harvests
 def _seed_batch(model: Any, memo: dict, task: tuple[list[tuple[str, int]], dict]) -> Any:
-    from diffusionlens.analysis.seeds import SeededBatch
-    from diffusionlens.sampling.noise import RowReplayNoise
+    from diffusionlens.analysis.seeds import run_seed_batch
 
     chunk, generate_kwargs = task
-    ids, attention = model.to_tokens_and_mask([p for p, _ in chunk])
-    noise = RowReplayNoise([s for _, s in chunk])
-    result = model.generate(ids, attention_mask=attention, noise=noise, progress=False, **generate_kwargs)
-    return SeededBatch(chunk, result)
+    return run_seed_batch(model, chunk, **generate_kwargs)
 
 
 def generate_over_seeds_distributed(
@@ -115,28 +116,72 @@ def generate_over_seeds_distributed(
     batch_size: int = 64,
     progress: bool = True,
     **generate_kwargs: Any,
-) -> list[Any]:
-    """`analysis.seeds.generate_over_seeds` with one Ray task per batch: the same batches, in order."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    runs = [(p, int(s)) for s in seeds for p in prompts]
-    if not runs:
-        raise ValueError("give at least one prompt and one seed")
-    chunks = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
-    return pool.map(_seed_batch, [(chunk, generate_kwargs) for chunk in chunks], progress=progress, desc="batches")
+) -> list[SeededBatch]:
+    """`analysis.seeds.generate_over_seeds` with one Ray task per batch: the same batches (the same
+    `seed_batches` split and checks, the same `run_seed_batch` on each), returned in order."""
+    batches = seed_batches(prompts, seeds, batch_size, generate_kwargs)
+    return pool.map(_seed_batch, [(chunk, generate_kwargs) for chunk in batches], progress=progress, desc="batches")
 
 
-def _harvest_one(model: Any, memo: dict, task: tuple[int, str, str, dict]) -> str:
-    index, prompt, out_dir, cache_kwargs = task
+def harvest_run(
+    model: HookedDiffusionGemma, prompt: str, path: str | Path, seed: int, **cache_kwargs: Any
+) -> DenoisingCache:
+    """One run of a harvest: `prompt` generated with `ReplayNoise(seed)` into a disk cache at `path`
+    (what each task of `harvest_distributed` runs, and the single-process equivalent)."""
+    from diffusionlens.sampling.noise import ReplayNoise
+
+    _check_harvest_kwargs(cache_kwargs)
+    _, cache = model.generate_with_cache(
+        model.to_tokens(prompt),
+        noise=ReplayNoise(seed),
+        storage="disk",
+        path=Path(path),
+        progress=False,
+        **cache_kwargs,
+    )
+    return cache
+
+
+def _check_harvest_kwargs(cache_kwargs: dict[str, Any]) -> None:
+    taken = sorted(set(cache_kwargs) & {"noise", "storage", "path"})
+    if taken:
+        raise ValueError(
+            f"a harvest sets {', '.join(taken)} itself (ReplayNoise(seed) per run, a disk cache in out_dir/run_NNNNN): "
+            "drop it; pass seeds= for the noise"
+        )
+
+
+def _harvest_one(model: Any, memo: dict, task: tuple[int, str, int, str, dict]) -> str:
+    index, prompt, seed, out_dir, cache_kwargs = task
     path = Path(out_dir) / f"run_{index:05d}"
-    model.generate_with_cache(model.to_tokens(prompt), storage="disk", path=path, progress=False, **cache_kwargs)
+    harvest_run(model, prompt, path, seed, **cache_kwargs)
     return str(path)
 
 
 def harvest_distributed(
-    pool: ModelPool, prompts: Sequence[str], out_dir: str | Path, *, progress: bool = True, **cache_kwargs: Any
+    pool: ModelPool,
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    *,
+    seeds: int | Sequence[int] = 0,
+    progress: bool = True,
+    **cache_kwargs: Any,
 ) -> list[Path]:
     """`generate_with_cache(storage="disk")` for every prompt, one Ray task each; returns the cache
     directories (`out_dir/run_00000`, …; reopen with `DenoisingCache.load`). `out_dir` must be on a
-    file system every worker writes to (local Ray, or a shared mount)."""
-    tasks = [(i, p, str(out_dir), cache_kwargs) for i, p in enumerate(prompts)]
+    file system every worker writes to (local Ray, or a shared mount).
+
+    Run i uses `ReplayNoise(seeds[i])` (one int: the same seed for every prompt), so it does not depend
+    on which worker ran it or what ran there before, and a retried run (after a worker died) rewrites
+    the same shards: the caches equal `harvest_run(model, prompt, path, seed, **cache_kwargs)` in one
+    process. `cache_kwargs` go to `generate_with_cache` (names_filter, steps, max_new_tokens, …).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    per_prompt = [int(seeds)] * len(prompts) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"seeds has {len(per_prompt)} entries for {len(prompts)} prompts; give one each, or one int")
+    _check_harvest_kwargs(cache_kwargs)
+    tasks = [(i, p, s, str(out_dir), cache_kwargs) for i, (p, s) in enumerate(zip(prompts, per_prompt, strict=True))]
     return [Path(p) for p in pool.map(_harvest_one, tasks, progress=progress, desc="harvest")]

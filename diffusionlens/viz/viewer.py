@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import RowView, TokenDecoder, token_texts
-from diffusionlens.viz.dla import dla_title
+from diffusionlens.viz.dla import MAX_COMPONENTS, dla_title, shown_components
 from diffusionlens.viz.feature_panel import (
     FEATURES_HTML,
     FEATURES_SCRIPT,
@@ -96,13 +96,17 @@ def viewer_data(
 
 
 def _dla_data(dla: DLAByStep, tokenizer: TokenDecoder, canvas: int, row: int) -> dict[str, Any]:
-    """The DLA panel's data: one row per step, one column per component."""
+    """The DLA panel's data: one row per step, one column per component (at most `MAX_COMPONENTS` and
+    `rest`), and which columns start a new block."""
     if (dla.canvas, dla.row) != (canvas, row):
         raise ValueError(f"the DLA table is of canvas {dla.canvas}, row {dla.row}; the viewer shows {canvas}, {row}")
+    dla, note = shown_components(dla, MAX_COMPONENTS)
+    layers = dla.layers
     return {
-        "title": "direct logit attribution: " + dla_title(dla, tokenizer),
+        "title": "direct logit attribution: " + dla_title(dla, tokenizer) + note,
         "position": dla.position,
         "labels": dla.labels,
+        "block_start": [layer is not None and (i == 0 or layer != layers[i - 1]) for i, layer in enumerate(layers)],
         "steps": dla.steps,
         "values": [[_round(v, 4) for v in step] for step in dla.attributions.tolist()],
         "logit": [_round(v, 4) for v in dla.logit.tolist()],
@@ -150,7 +154,9 @@ def render_viewer(
 
     With `dla` (a `dla_by_step` table of the same canvas and row) a panel (`#dla`) shows it as a step ×
     component heatmap (`.dla-cell[data-step][data-component]`), the slider's step highlighted, and the
-    position it attributes outlined on the canvas.
+    position it attributes outlined on the canvas. Either granularity of `dla_by_step` shows (blocks are
+    separated by a rule); a table of more than `viz.dla.MAX_COMPONENTS` components shows the largest
+    and a `rest` column (`DLAByStep.keep_top`), as the title says.
 
     With `features` (a `FeaturePanel` of SAE feature activations recorded by `generate_with_sae` in the
     same run, and/or `top_activations` examples from a store) a panel (`#features`) shows one feature at a
@@ -282,6 +288,7 @@ h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
 #dla-table th { writing-mode: vertical-rl; font-weight: normal; padding: 2px 0; }
 #dla-table td { min-width: 1.6em; height: 1.3em; text-align: center; border: 1px solid #eee; }
 #dla-table tr.current td.dla-step { font-weight: 700; }
+#dla-table .dla-block-start { border-left: 2px solid #888; }
 #dla-table tr.current td { border-top: 2px solid #08519c; border-bottom: 2px solid #08519c; }
 .cell.dla-position { outline: 2px dashed #6a3d9a; }
 """
@@ -403,14 +410,16 @@ _SCRIPT = """
     cells[dla.position].classList.add("dla-position");
     var head = el("tr");
     head.appendChild(el("th", "", "step (logit)"));
-    dla.labels.forEach(function (name) { head.appendChild(el("th", "dla-label", name)); });
+    dla.labels.forEach(function (name, c) {
+      head.appendChild(el("th", dla.block_start[c] ? "dla-label dla-block-start" : "dla-label", name));
+    });
     dlaTable.appendChild(head);
     dla.steps.forEach(function (s, i) {
       var tr = el("tr");
       tr.dataset.step = String(s);
       tr.appendChild(el("td", "dla-step", s + " (" + fmt(dla.logit[i], 2) + ")"));
       dla.values[i].forEach(function (v, c) {
-        var td = el("td", "dla-cell");
+        var td = el("td", dla.block_start[c] ? "dla-cell dla-block-start" : "dla-cell");
         var x = dla.max_abs > 0 && v !== null ? Math.max(-1, Math.min(1, v / dla.max_abs)) : 0;
         td.style.backgroundColor = x >= 0 ?
           "rgb(255," + Math.round(255 - 200 * x) + "," + Math.round(255 - 200 * x) + ")" :
