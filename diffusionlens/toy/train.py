@@ -170,7 +170,12 @@ def load_checkpoint(out: Path, model, optimizer, generator) -> tuple[int, list]:
     for i, group in enumerate(optimizer.param_groups):
         group.update(meta["param_groups"][i])
         for j, param in enumerate(group["params"]):
-            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.{j}.")}
+            # Moments follow their parameter's device; AdamW keeps its scalar step count on the CPU.
+            state = {
+                k.split(".", 2)[2]: v.to(param.device) if v.ndim else v
+                for k, v in tensors.items()
+                if k.startswith(f"{i}.{j}.")
+            }
             if state:
                 optimizer.state[param] = state
     torch.set_rng_state(tensors["rng.torch"])

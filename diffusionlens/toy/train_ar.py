@@ -48,6 +48,7 @@ class ARTrainSettings:
     # A wall-clock budget (0: none): the cosine schedule then runs on whichever of steps or seconds is
     # further along, so the learning rate has decayed when the budget ends; training stops there.
     max_seconds: float = 0.0
+    device: str = "cpu"  # "cuda" trains on a GPU (float32; the data stream is the same)
 
 
 def toy_ar_config():
@@ -108,7 +109,7 @@ def train_ar(
     else:
         model = HookedGemma4CausalLM.from_config(toy_ar_config(), seed=s.seed)
     model.tokenizer = tokenizer
-    model.train().requires_grad_(True)
+    model.to(s.device).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
     generator = torch.Generator().manual_seed(s.seed)  # kept for the shared checkpoint format
     start, log = load_checkpoint(out, model, optimizer, generator) if resuming else (0, [])
@@ -120,7 +121,8 @@ def train_ar(
             schedule_step = max(step, int(s.steps * (time.time() - began) / s.max_seconds))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule_step, s)
-        loss = ar_loss(model, _batch(tokenizer, step, s, task_weights))
+        batch = {k: v.to(s.device) for k, v in _batch(tokenizer, step, s, task_weights).items()}
+        loss = ar_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)

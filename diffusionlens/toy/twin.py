@@ -49,7 +49,7 @@ def evaluate_ar(
             by_length[len(ids)].append(i)
         correct, new_tokens = 0, 0
         for rows in by_length.values():
-            ids = torch.tensor([prompts[i] for i in rows])
+            ids = torch.tensor([prompts[i] for i in rows], device=next(model.parameters()).device)
             with torch.inference_mode():
                 out = model.generate(ids, max_new_tokens)
             for row, i in enumerate(rows):
