@@ -49,6 +49,10 @@ class ARTrainSettings:
     # further along, so the learning rate has decayed when the budget ends; training stops there.
     max_seconds: float = 0.0
     device: str = "cpu"  # "cuda" trains on a GPU (float32; the data stream is the same)
+    # Start a new run (fresh optimizer and schedule) from the weights of this checkpoint directory; the
+    # data stream goes on from `init_step`, so a later stage does not replay the batches an earlier one saw.
+    init_from: str = ""
+    init_step: int = 0
 
 
 def toy_ar_config():
@@ -106,6 +110,8 @@ def train_ar(
     resuming = (out / "training_state.json").exists()
     if resuming:
         model = HookedGemma4CausalLM.from_pretrained(out, progress=False)
+    elif s.init_from:
+        model = HookedGemma4CausalLM.from_pretrained(s.init_from, progress=False)
     else:
         model = HookedGemma4CausalLM.from_config(toy_ar_config(), seed=s.seed)
     model.tokenizer = tokenizer
@@ -121,7 +127,7 @@ def train_ar(
             schedule_step = max(step, int(s.steps * (time.time() - began) / s.max_seconds))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule_step, s)
-        batch = {k: v.to(s.device) for k, v in _batch(tokenizer, step, s, task_weights).items()}
+        batch = {k: v.to(s.device) for k, v in _batch(tokenizer, s.init_step + step, s, task_weights).items()}
         loss = ar_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
