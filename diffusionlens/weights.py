@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 
-from diffusionlens.components.block import NORM_NAMES
+from diffusionlens.components.block import NORMS
 from diffusionlens.factored_matrix import FactoredMatrix
 
 STACKS = ("encoder", "decoder")
@@ -187,7 +187,7 @@ def block_weights(model, layer: int, stack: str = "decoder", *, fold_norm_gains:
     layer = _check_layer(layer, model.cfg.num_hidden_layers)
     block = getattr(model, stack).blocks[layer]
     attn, mlp, moe = block.attn, block.mlp, block.moe
-    gains = {name: getattr(block, name).weight.detach() for name in NORM_NAMES}
+    gains = {name: getattr(block, name).weight.detach() for name in NORMS}
     n_heads, n_kv = attn.n_heads, attn.n_kv_heads
 
     W_Q = _per_head(attn.q_proj.weight, n_heads)

@@ -84,7 +84,13 @@ def build_reference(name: str, seed: int = 0, dtype: torch.dtype = torch.float32
                 tensor.copy_(1.0 + 0.3 * noise)
             else:
                 tensor.copy_(0.2 * noise)
-    return model.to(dtype)
+    frequencies = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model.to(dtype)
+    # As from_pretrained(dtype=bf16) leaves them: RoPE frequencies stay float32 in a 16-bit model.
+    for name_, value in frequencies.items():
+        module_name, _, attribute = name_.rpartition(".")
+        model.get_submodule(module_name)._buffers[attribute] = value
+    return model
 
 
 def build_pair(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):

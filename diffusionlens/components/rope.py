@@ -22,6 +22,16 @@ class RotaryEmbedding(nn.Module):
         """Buffers computed from the config, never stored in checkpoints."""
         return {f"{kind}_inv_freq": self._cfg.rotary_inv_freq(kind) for kind in (SLIDING, FULL)}
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # Frequencies stay float32 when the model is cast to 16 bits (`model.to(torch.bfloat16)`,
+        # `from_config(dtype=)`), as transformers' bf16 checkpoints keep them: bf16 frequencies move every
+        # angle and with it every logit. Moves between devices, and float64, still apply.
+        super()._apply(fn, recurse)
+        for name in list(self._buffers):
+            if self._buffers[name].dtype in (torch.bfloat16, torch.float16):
+                self._buffers[name] = self.derived_buffers()[name].to(self._buffers[name].device)
+        return self
+
     @torch.no_grad()
     def forward(
         self, positions: Int[torch.Tensor, "batch pos"], layer_type: str, dtype: torch.dtype
