@@ -26,7 +26,8 @@ and the decoder's block-0 input, `self_cond.post_norm(embed + self_cond)` (a gai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 #: Something that indexes one axis: a position, a slice, or a list / tensor of positions.
 AxisSlice = int | slice | Sequence[int] | torch.Tensor | None
+
+#: What the decomposition helpers return: `[component, batch, pos, d_model]`, with the labels if asked.
+ResidComponents = Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]
 
 STACKS = ("encoder", "decoder")
 SWITCHES = {
@@ -53,6 +57,18 @@ def _take(tensor: torch.Tensor, index: AxisSlice, dim: int) -> torch.Tensor:
     if isinstance(index, int | slice):
         return tensor[(slice(None),) * (dim % tensor.ndim) + (index,)]
     return tensor.index_select(dim, torch.as_tensor(index, device=tensor.device, dtype=torch.long))
+
+
+def _joined(
+    components: Iterable[tuple[list[torch.Tensor], list[str]]],
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Several (parts, labels) lists as one, in order."""
+    parts: list[torch.Tensor] = []
+    labels: list[str] = []
+    for more_parts, more_labels in components:
+        parts += more_parts
+        labels += more_labels
+    return parts, labels
 
 
 class ResidDecompositionMixin:
@@ -116,29 +132,6 @@ class ResidDecompositionMixin:
         if layer < n:
             return self._hook(f"{stack}.blocks.{layer}.hook_resid_pre")
         return self._hook(f"{stack}.blocks.{n - 1}.hook_resid_post")
-
-    def _finish(
-        self,
-        parts: list[torch.Tensor],
-        labels: list[str],
-        *,
-        stack: str,
-        layer: int,
-        incl_remainder: bool,
-        apply_ln: bool,
-        pos_slice: AxisSlice,
-        return_labels: bool,
-    ):
-        components = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(stack, layer).shape)
-        if incl_remainder:
-            resid = self._resid_at(stack, layer)
-            remainder = resid.to(components.dtype) - components.sum(0)
-            components = torch.cat((components, remainder[None]))
-            labels = [*labels, "remainder"]
-        if apply_ln:
-            components = self.apply_ln_to_stack(components, layer, stack=stack)
-        components = _take(components, pos_slice, dim=2)
-        return (components, labels) if return_labels else components
 
     # ------------------------------------------------------------------ per-layer components
     def compute_head_results(self, stack: str | None = None) -> None:
@@ -228,7 +221,7 @@ class ResidDecompositionMixin:
         apply_ln: bool = False,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+    ) -> ResidComponents:
         """Every head's contribution to the residual before block `layer` (default: after the last),
         from blocks 0 .. layer-1: `[heads · layers (+ o_proj biases), batch, pos, d_model]`, labels `L{l}H{h}`.
 
@@ -237,15 +230,7 @@ class ResidDecompositionMixin:
         scale and gain and the `layer_scalar`s of blocks l .. layer-1. `incl_remainder` appends the
         rest of the residual; `apply_ln` applies the cached final norm (only for the final residual).
         """
-        return self._stack_blocks(
-            self._heads,
-            layer,
-            stack=stack,
-            incl_remainder=incl_remainder,
-            apply_ln=apply_ln,
-            pos_slice=pos_slice,
-            return_labels=return_labels,
-        )
+        return self._stack_blocks(self._heads, layer, stack, incl_remainder, apply_ln, pos_slice, return_labels)
 
     def stack_neuron_results(
         self,
@@ -257,19 +242,12 @@ class ResidDecompositionMixin:
         apply_ln: bool = False,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+    ) -> ResidComponents:
         """Every dense-MLP neuron's contribution to the residual before block `layer`, labels `L{l}N{n}`:
         `mlp.hook_post[..., n] · W_out[n]` through the cached `ln2_post_mlp` and `ln2_post` maps and the
         later `layer_scalar`s. Memory: `d_mlp · layers · batch · pos · d_model`; `neuron_slice` keeps fewer."""
-        return self._stack_blocks(
-            lambda stack, block, layer: self._neurons(stack, block, layer, neuron_slice),
-            layer,
-            stack=stack,
-            incl_remainder=incl_remainder,
-            apply_ln=apply_ln,
-            pos_slice=pos_slice,
-            return_labels=return_labels,
-        )
+        neurons = partial(self._neurons, neuron_slice=neuron_slice)
+        return self._stack_blocks(neurons, layer, stack, incl_remainder, apply_ln, pos_slice, return_labels)
 
     def stack_expert_results(
         self,
@@ -281,7 +259,7 @@ class ResidDecompositionMixin:
         apply_ln: bool = False,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+    ) -> ResidComponents:
         """Every expert's contribution to the residual before block `layer`: `moe.hook_expert_out`
         (record it with `model.set_use_expert_outputs(True)`) through the cached `ln2_post_moe` and
         `ln2_post` maps and the later `layer_scalar`s.
@@ -289,46 +267,37 @@ class ResidDecompositionMixin:
         by="expert": one component per expert, `L{l}E{e}` (zero where a token did not route to e);
         by="slot": one per routing slot, `L{l}_slot{k}`, as `hook_expert_indices` orders them.
         """
-        return self._stack_blocks(
-            lambda stack, block, layer: self._experts(stack, block, layer, by),
-            layer,
-            stack=stack,
-            incl_remainder=incl_remainder,
-            apply_ln=apply_ln,
-            pos_slice=pos_slice,
-            return_labels=return_labels,
-        )
+        experts = partial(self._experts, by=by)
+        return self._stack_blocks(experts, layer, stack, incl_remainder, apply_ln, pos_slice, return_labels)
 
     def _stack_blocks(
         self,
         per_block: Callable[[str, int, int], tuple[list[torch.Tensor], list[str]]],
         layer: int | None,
-        *,
         stack: str,
         incl_remainder: bool,
         apply_ln: bool,
         pos_slice: AxisSlice,
         return_labels: bool,
-    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
-        """The components `per_block(stack, block, layer)` gives for every block before `layer`,
-        stacked and finished as the `stack_*_results` helpers all are."""
+        with_embedding: bool = False,
+    ) -> ResidComponents:
+        """The components `per_block(stack, block, layer)` gives for every block before `layer` (after
+        the embedding's with `with_embedding`), stacked and finished as every public helper returns them:
+        the remainder appended, the final norm applied, positions sliced, labels returned if asked."""
         self._check_stack(stack)
         layer = self._resolve_layer(layer)
-        parts, labels = [], []
-        for block in range(layer):
-            block_parts, block_labels = per_block(stack, block, layer)
-            parts += block_parts
-            labels += block_labels
-        return self._finish(
-            parts,
-            labels,
-            stack=stack,
-            layer=layer,
-            incl_remainder=incl_remainder,
-            apply_ln=apply_ln,
-            pos_slice=pos_slice,
-            return_labels=return_labels,
-        )
+        embedding = [self._embedding(stack, layer)] if with_embedding else []
+        parts, labels = _joined([*embedding, *(per_block(stack, block, layer) for block in range(layer))])
+        components = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(stack, layer).shape)
+        if incl_remainder:
+            resid = self._resid_at(stack, layer)
+            remainder = resid.to(components.dtype) - components.sum(0)
+            components = torch.cat((components, remainder[None]))
+            labels = [*labels, "remainder"]
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, stack=stack)
+        components = _take(components, pos_slice, dim=2)
+        return (components, labels) if return_labels else components
 
     def get_full_resid_decomposition(
         self,
@@ -340,7 +309,7 @@ class ResidDecompositionMixin:
         return_labels: bool = False,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]:
+    ) -> ResidComponents:
         """The residual before block `layer` (default: after the last) as an exact sum of components:
         `embed` (and `self_cond` in the decoder), then per block every head `L{l}H{h}` (and
         `L{l}_attn_bias` with attention biases), the dense MLP `L{l}_mlp` (or its neurons `L{l}N{n}`
@@ -348,28 +317,15 @@ class ResidDecompositionMixin:
         `expand_experts`), each carrying its norms' cached maps and the later `layer_scalar`s.
         `apply_ln` applies the final norm, so the components then sum to what the unembedding reads.
         """
-        self._check_stack(stack)
-        layer = self._resolve_layer(layer)
-        parts, labels = self._embedding(stack, layer)
-        for block in range(layer):
-            for block_parts, block_labels in (
-                self._heads(stack, block, layer),
-                self._neurons(stack, block, layer) if expand_neurons else self._branch(stack, block, layer, "mlp"),
-                self._experts(stack, block, layer, "expert")
-                if expand_experts
-                else self._branch(stack, block, layer, "moe"),
-            ):
-                parts += block_parts
-                labels += block_labels
-        return self._finish(
-            parts,
-            labels,
-            stack=stack,
-            layer=layer,
-            incl_remainder=False,
-            apply_ln=apply_ln,
-            pos_slice=pos_slice,
-            return_labels=return_labels,
+
+        mlp = self._neurons if expand_neurons else partial(self._branch, branch="mlp")
+        moe = partial(self._experts, by="expert") if expand_experts else partial(self._branch, branch="moe")
+
+        def block_components(stack: str, block: int, layer: int) -> tuple[list[torch.Tensor], list[str]]:
+            return _joined(branch(stack, block, layer) for branch in (self._heads, mlp, moe))
+
+        return self._stack_blocks(
+            block_components, layer, stack, False, apply_ln, pos_slice, return_labels, with_embedding=True
         )
 
     def _branch(self, stack: str, block: int, layer: int, branch: str) -> tuple[list[torch.Tensor], list[str]]:
