@@ -158,6 +158,13 @@ def new_axes(ax, figsize: tuple[float, float]):
     return ax.figure, ax
 
 
+def finish_figure(fig, ax, title: str):
+    """Title `ax` (the figures' small title size), tighten `fig`'s layout and return `fig`."""
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def no_math(texts: Iterable[Any]) -> None:
     """Draw matplotlib Text objects literally (a `$` in a token must not start mathtext)."""
     for text in texts:

@@ -4,8 +4,6 @@ token text travels as script-safe JSON and reaches the page only through `textCo
 
 from __future__ import annotations
 
-import html
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +14,7 @@ from jaxtyping import Bool, Int
 from diffusionlens.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder
 from diffusionlens.viz.attention import labelled_pattern, pattern_hook
-from diffusionlens.viz.viewer import page_csp, script_safe_json
+from diffusionlens.viz.html_page import page_header, page_script, render_page, write_page
 
 if TYPE_CHECKING:
     from diffusionlens.denoising_cache import DenoisingCache
@@ -70,9 +68,7 @@ def attention_viewer_data(
                 canvas_texts.append(keys.texts[n_prompt:])
         patterns[str(layer)] = per_step
     return {
-        "title": title if title is not None else f"attention, canvas {canvas}, row {row}",
-        "canvas": canvas,
-        "row": row,
+        **page_header(title, f"attention, canvas {canvas}, row {row}", canvas, row),
         "layers": layers,
         "steps": steps,
         "heads": {str(layer): len(patterns[str(layer)][0]) for layer in layers},
@@ -110,42 +106,20 @@ def render_attention_viewer(
         model, cache, trace, tokens=tokens, attention_mask=attention_mask, layers=layers, steps=steps,
         canvas=canvas, row=row, tokenizer=tokenizer, title=title,
     )  # fmt: skip
-    replacements = {
-        "@CSP@": page_csp(_SCRIPT),
-        "@TITLE@": html.escape(data["title"], quote=True),
-        "@MAX_STEP@": str(len(data["steps"]) - 1),
-        "@STYLE@": _STYLE,
-        "@DATA@": script_safe_json(data),
-        "@SCRIPT@": _SCRIPT,
-    }
-    return re.sub(r"@[A-Z_]+@", lambda match: replacements[match.group(0)], _TEMPLATE)
+    fields = {"@MAX_STEP@": str(len(data["steps"]) - 1)}
+    return render_page(
+        _BODY, title=data["title"], style=_STYLE, script=_SCRIPT, data=data, data_id="attention-data", fields=fields
+    )
 
 
 def write_attention_viewer(
     model: HookedDiffusionGemma, cache: DenoisingCache, trace: DenoisingTrace, path: str | Path, **kw: Any
 ) -> Path:
     """Write `render_attention_viewer(model, cache, trace, **kw)` to `path` (UTF-8) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_attention_viewer(model, cache, trace, **kw), encoding="utf-8")
-    return path
+    return write_page(path, render_attention_viewer(model, cache, trace, **kw))
 
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="@CSP@">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>@TITLE@</title>
-<style>@STYLE@</style>
-</head>
-<body>
-<header>
-<h1 id="title">@TITLE@</h1>
-<div id="meta"></div>
-</header>
-<section id="controls">
+_BODY = """<section id="controls">
 <label for="layer-select">layer</label> <select id="layer-select"></select>
 <label for="head-select">head</label> <select id="head-select"></select>
 <label for="step-slider">step</label>
@@ -154,11 +128,6 @@ _TEMPLATE = """<!DOCTYPE html>
 </section>
 <div id="layer-info"></div>
 <div id="pattern-wrap"><table id="pattern"></table></div>
-<div id="tooltip" role="tooltip" hidden></div>
-<script type="application/json" id="attention-data">@DATA@</script>
-<script>@SCRIPT@</script>
-</body>
-</html>
 """
 
 _STYLE = """
@@ -180,24 +149,14 @@ h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
   font-size: 0.8em; box-shadow: 0 2px 6px rgba(0,0,0,0.2); z-index: 10; pointer-events: none; white-space: pre; }
 """
 
-_SCRIPT = """
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("attention-data").textContent);
-  var layerSelect = document.getElementById("layer-select");
+_SCRIPT = page_script(
+    "attention-data",
+    """  var layerSelect = document.getElementById("layer-select");
   var headSelect = document.getElementById("head-select");
   var slider = document.getElementById("step-slider");
   var table = document.getElementById("pattern");
-  var tooltip = document.getElementById("tooltip");
   var cells = [];
 
-  function el(tag, cls, content) {
-    var node = document.createElement(tag);
-    if (cls) { node.className = cls; }
-    if (content !== undefined) { node.textContent = content; }
-    return node;
-  }
-  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
   function layer() { return layerSelect.value; }
   function stepIndex() { return Number(slider.value); }
   function keyOf(k) {
@@ -297,10 +256,7 @@ _SCRIPT = """
     }
     clear(tooltip);
     lines.forEach(function (line) { tooltip.appendChild(el("div", "tip-line", line)); });
-    var r = target.getBoundingClientRect();
-    tooltip.style.left = Math.max(0, r.left + window.scrollX) + "px";
-    tooltip.style.top = (r.bottom + window.scrollY + 4) + "px";
-    tooltip.hidden = false;
+    showTooltipBelow(target);
   }
   function hide() { tooltip.hidden = true; }
 
@@ -309,6 +265,5 @@ _SCRIPT = """
   slider.addEventListener("input", render);
   slider.addEventListener("change", render);
   build();
-  document.body.dataset.ready = "1";
-})();
-"""
+""",
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from diffusionlens.viz._common import new_axes
+from diffusionlens.viz._common import finish_figure, new_axes
 
 if TYPE_CHECKING:
     from diffusionlens.features.probes import ProbeResult
@@ -39,6 +39,4 @@ def plot_probe_accuracy(result: ProbeResult, *, names: Sequence[str] | None = No
     ax.set_xticks(range(len(result.steps)), labels, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     fig.colorbar(image, ax=ax, label="held-out accuracy" if result.kind == "logistic" else "held-out R²")
-    ax.set_title(title or "probe by layer and denoising step", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, ax, title or "probe by layer and denoising step")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffusionlens.viz._common import pyplot
+from diffusionlens.viz._common import finish_figure, pyplot
 
 if TYPE_CHECKING:
     from diffusionlens.patching.sweep import SweepResult
@@ -28,7 +28,5 @@ def plot_sweep(result: SweepResult, ax=None, title: str | None = None):
     ax.set_yticks(range(len(result.labels[rows])), [str(v) for v in result.labels[rows]])
     step = max(1, len(result.labels[cols]) // 24)
     ax.set_xticks(range(0, len(result.labels[cols]), step), [str(v) for v in result.labels[cols]][::step])
-    ax.set_title(title or f"{result.metadata.get('hook', '')} ({result.metadata.get('mode', '')})", fontsize=9)
     fig.colorbar(image, ax=ax, label="metric")
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, ax, title or f"{result.metadata.get('hook', '')} ({result.metadata.get('mode', '')})")

@@ -9,6 +9,7 @@ import torch
 from diffusionlens.viz._common import (
     Positions,
     TokenDecoder,
+    finish_figure,
     new_axes,
     no_math,
     select_positions,
@@ -82,6 +83,4 @@ def plot_logit_lens(
     ax.set_xlabel("canvas position")
     ax.set_ylabel("residual stream")
     fig.colorbar(image, ax=ax, label="top-token probability")
-    ax.set_title(title or f"logit lens at step {step} (canvas {canvas}, row {row})", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, ax, title or f"logit lens at step {step} (canvas {canvas}, row {row})")

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 
 from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
-from diffusionlens.viz._common import Positions, RowView, TokenDecoder, new_axes, no_math, token_texts, visible
+from diffusionlens.viz._common import (
+    Positions,
+    RowView,
+    TokenDecoder,
+    finish_figure,
+    new_axes,
+    no_math,
+    token_texts,
+    visible,
+)
 
 _ACCEPTED_COLOUR = "#7fc97f"
 _REJECTED_COLOUR = "#eeeeee"
@@ -86,9 +95,7 @@ def plot_token_grid(
         fontsize=7,
         frameon=False,
     )
-    ax.set_title(title or f"{tokens} per step (row {row})", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, ax, title or f"{tokens} per step (row {row})")
 
 
 def plot_entropy(
@@ -124,9 +131,7 @@ def plot_entropy(
     ax.set_xlabel("canvas position" + (" / final token" if final else ""))
     ax.set_ylabel("step")
     fig.colorbar(image, ax=ax, label="entropy (nats)")
-    ax.set_title(title or f"entropy per step and position (row {row})", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, ax, title or f"entropy per step and position (row {row})")
 
 
 def plot_commit_order(
@@ -163,6 +168,4 @@ def plot_commit_order(
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("canvas position")
     ax.set_ylabel("commit step")
-    ax.set_title(title or f"commit step per position, labelled with the final token (row {row})", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, ax, title or f"commit step per position, labelled with the final token (row {row})")

@@ -1,20 +1,15 @@
 """The HTML trajectory viewer: one self-contained file (inline CSS, JS and JSON; no network) with a step
 slider over one canvas of a DenoisingTrace.
 
-Token text never reaches the page as markup: the data travel as JSON inside a
-`<script type="application/json">` whose `<`, `>` and `&` are written as `\\u003c`, `\\u003e`, `\\u0026`
-(so no token can close the script element), and the page builds every element with `textContent`. A
-Content-Security-Policy allows no network access and only the viewer's own script (by hash).
+Token text never reaches the page as markup: `viz.html_page` (the frame every page shares) carries the
+data as script-safe JSON, builds every element with `textContent` and sets a Content-Security-Policy
+that allows no network access and only the viewer's own script (by hash).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
-import json
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +23,9 @@ from diffusionlens.viz.feature_panel import (
     FeaturePanel,
     feature_panel_data,
 )
+from diffusionlens.viz.html_page import page_csp as page_csp  # moved to html_page; importable here as before
+from diffusionlens.viz.html_page import page_header, page_script, render_page, write_page
+from diffusionlens.viz.html_page import script_safe_json as script_safe_json  # likewise
 
 if TYPE_CHECKING:
     from diffusionlens.analysis.dla import DLAByStep
@@ -71,9 +69,7 @@ def viewer_data(
     ordered = sorted(ids)
     texts = dict(zip((str(i) for i in ordered), token_texts(tokenizer, ordered), strict=True))
     return {
-        "title": title if title is not None else f"canvas {canvas}, row {row}",
-        "canvas": canvas,
-        "row": row,
+        **page_header(title, f"canvas {canvas}, row {row}", canvas, row),
         "prompt_length": prompt_length,
         "n_steps": n_steps,
         "length": ct.input_canvas.shape[-1],
@@ -112,22 +108,6 @@ def _dla_data(dla: DLAByStep, tokenizer: TokenDecoder, canvas: int, row: int) ->
         "logit": [_round(v, 4) for v in dla.logit.tolist()],
         "max_abs": _round(float(dla.attributions.abs().max()), 4),
     }
-
-
-def script_safe_json(data: Any) -> str:
-    """JSON that is safe inside a `<script>` element: `<`, `>`, `&` (and every non-ASCII character,
-    U+2028/2029 included) are `\\u` escapes, so the text can never close the element or open a comment."""
-    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def page_csp(script: str) -> str:
-    """A Content-Security-Policy that allows no network access and runs only `script` (by its hash)."""
-    script_hash = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    return (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-        f"script-src 'sha256-{script_hash}'; connect-src 'none'; form-action 'none'; base-uri 'none'"
-    )
 
 
 def render_viewer(
@@ -170,20 +150,11 @@ def render_viewer(
     data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title, dla=dla, features=features)
     if not 0 <= step < data["n_steps"]:
         raise IndexError(f"step {step} out of range: row {row} of canvas {canvas} has {data['n_steps']} steps")
-    csp = page_csp(_SCRIPT)
-    replacements = {
-        "@CSP@": csp,  # no quotes or markup in it
-        "@TITLE@": html.escape(data["title"], quote=True),
-        "@MAX_STEP@": str(data["n_steps"] - 1),
-        "@STEP@": str(step),
-        "@VIEW_OPTIONS@": _view_options(),
-        "@FEATURES@": FEATURES_HTML,
-        "@STYLE@": _STYLE,
-        "@DATA@": script_safe_json(data),
-        "@SCRIPT@": _SCRIPT,
-    }
-    # one pass, so nothing substituted (a title, the data) is scanned for placeholders again
-    return re.sub(r"@[A-Z_]+@", lambda match: replacements[match.group(0)], _TEMPLATE)
+    fields = {"@MAX_STEP@": str(data["n_steps"] - 1), "@STEP@": str(step), "@VIEW_OPTIONS@": _view_options()}
+    fields["@FEATURES@"] = FEATURES_HTML
+    return render_page(
+        _BODY, title=data["title"], style=_STYLE, script=_SCRIPT, data=data, data_id="trace-data", fields=fields
+    )
 
 
 def _view_options() -> str:
@@ -196,27 +167,10 @@ def _view_options() -> str:
 
 def write_viewer(trace: DenoisingTrace | CanvasTrace, tokenizer: TokenDecoder, path: str | Path, **kw: Any) -> Path:
     """Write `render_viewer(trace, tokenizer, **kw)` to `path` (UTF-8) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_viewer(trace, tokenizer, **kw), encoding="utf-8")
-    return path
+    return write_page(path, render_viewer(trace, tokenizer, **kw))
 
 
-_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="@CSP@">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>@TITLE@</title>
-<style>@STYLE@</style>
-</head>
-<body>
-<header>
-<h1 id="title">@TITLE@</h1>
-<div id="meta"></div>
-</header>
-<section id="controls">
+_BODY = """<section id="controls">
 <button type="button" id="prev-step" title="previous step">&#9664;</button>
 <input type="range" id="step-slider" min="0" max="@MAX_STEP@" value="@STEP@" step="1" aria-label="denoising step">
 <button type="button" id="next-step" title="next step">&#9654;</button>
@@ -243,11 +197,6 @@ _TEMPLATE = """<!DOCTYPE html>
 <table id="dla-table"></table>
 </section>
 @FEATURES@
-<div id="tooltip" role="tooltip" hidden></div>
-<script type="application/json" id="trace-data">@DATA@</script>
-<script>@SCRIPT@</script>
-</body>
-</html>
 """
 
 _STYLE = (
@@ -295,16 +244,13 @@ h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
     + FEATURES_STYLE
 )
 
-_SCRIPT = """
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("trace-data").textContent);
-  var slider = document.getElementById("step-slider");
+_SCRIPT = page_script(
+    "trace-data",
+    """  var slider = document.getElementById("step-slider");
   var label = document.getElementById("step-label");
   var info = document.getElementById("step-info");
   var view = document.getElementById("view-select");
   var board = document.getElementById("canvas");
-  var tooltip = document.getElementById("tooltip");
   var bars = document.getElementById("step-bars");
   var cells = [], tokens = [], stepBars = [];
   var hovered = null, timer = null;
@@ -318,12 +264,6 @@ _SCRIPT = """
     if (e === null) { return "rgb(255,255,255)"; }
     var x = data.max_entropy > 0 ? Math.min(1, Math.max(0, e / data.max_entropy)) : 0;
     return "rgb(255," + Math.round(255 - 150 * x) + "," + Math.round(255 - 220 * x) + ")";
-  }
-  function el(tag, cls, content) {
-    var node = document.createElement(tag);
-    if (cls) { node.className = cls; }
-    if (content !== undefined) { node.textContent = content; }
-    return node;
   }
   function current() { return Number(slider.value); }
 
@@ -371,7 +311,7 @@ _SCRIPT = """
     hovered = p;
     var step = current();
     var ids = data.fields[view.value][step];
-    while (tooltip.firstChild) { tooltip.removeChild(tooltip.firstChild); }
+    clear(tooltip);
     tooltip.appendChild(el("div", "tip-head", "position " + p + ": " + JSON.stringify(text(ids[p]))));
     tooltip.appendChild(el("div", "tip-line", "entropy " + fmt(data.entropy[step][p], 3) + " nats" +
       (data.accepted[step][p] ? ", accepted at step " + step : ", not accepted at step " + step)));
@@ -395,10 +335,7 @@ _SCRIPT = """
       }
       tooltip.appendChild(table);
     }
-    var r = cells[p].getBoundingClientRect();
-    tooltip.style.left = Math.max(0, r.left + window.scrollX) + "px";
-    tooltip.style.top = (r.bottom + window.scrollY + 4) + "px";
-    tooltip.hidden = false;
+    showTooltipBelow(cells[p]);
   }
   function hide() { hovered = null; tooltip.hidden = true; }
 
@@ -482,6 +419,5 @@ _SCRIPT = """
     }, 600);
   });
   render();
-  document.body.dataset.ready = "1";
-})();
-""".replace("/*@FEATURES@*/", FEATURES_SCRIPT)
+""".replace("/*@FEATURES@*/", FEATURES_SCRIPT),
+)
