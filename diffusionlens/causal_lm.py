@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusionlens.config import DiffusionGemmaConfig
+from diffusionlens.config import DiffusionGemmaConfig, config_dict
 from diffusionlens.hook_points import HookedRootModule, HookPoint, NameFilter
 from diffusionlens.loading import CheckpointError, checkpoint_name
 from diffusionlens.prompt_state import PromptState
@@ -60,17 +60,7 @@ def causal_config_from_hf(source: Any) -> DiffusionGemmaConfig:
 
     A DiffusionGemma config is refused with a pointer to `HookedDiffusionGemma`.
     """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.exists():
-            raise FileNotFoundError(f"No config.json at {path}; pass the checkpoint directory or the file")
-        source = json.loads(path.read_text())
-    elif not isinstance(source, dict):
-        if not hasattr(source, "to_dict"):
-            raise TypeError(f"expected a transformers Gemma4TextConfig, a dict or a path, got {type(source)}")
-        source = source.to_dict()
-    text = dict(source)
+    text = config_dict(source, "expected a transformers Gemma4TextConfig")
     model_type = text.get("model_type")
     if model_type in ("diffusion_gemma", "diffusion_gemma_text"):
         raise CheckpointError(

@@ -37,6 +37,23 @@ def _default_layer_types(num_layers: int) -> tuple[str, ...]:
 
 # Validated in __post_init__ with messages that name the fix; no_type_check keeps a runtime type
 # checker (the tests run one) from pre-empting them with a bare type error.
+def config_dict(source: Any, expected: str) -> dict[str, Any]:
+    """A transformers config as a plain dict: from the config object, a `config.json` dict (copied), or
+    a checkpoint directory / path to its config.json. `expected` starts the TypeError for anything else."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"No config.json at {path}; pass the checkpoint directory or the file")
+        return json.loads(path.read_text())
+    if isinstance(source, dict):
+        return dict(source)
+    if not hasattr(source, "to_dict"):
+        raise TypeError(f"{expected}, a dict or a path, got {type(source)}")
+    return source.to_dict()
+
+
 @no_type_check
 @dataclass(frozen=True)
 class DiffusionGemmaConfig:
@@ -195,18 +212,7 @@ class DiffusionGemmaConfig:
     @classmethod
     def from_hf(cls, source: Any) -> DiffusionGemmaConfig:
         """Build from a transformers config object, a `config.json` dict, or a path to one."""
-        if isinstance(source, (str, Path)):
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.exists():
-                raise FileNotFoundError(f"No config.json at {path}; pass the checkpoint directory or the file")
-            source = json.loads(path.read_text())
-        elif not isinstance(source, dict):
-            if not hasattr(source, "to_dict"):
-                raise TypeError(f"from_hf expects a transformers config, a dict or a path, got {type(source)}")
-            source = source.to_dict()
-        top = dict(source)
+        top = config_dict(source, "from_hf expects a transformers config")
         if top.get("model_type") == "gemma4_text" or "Gemma4ForCausalLM" in (top.get("architectures") or ()):
             raise ValueError(
                 "This is a Gemma 4 causal LM (Gemma4ForCausalLM) config, not a DiffusionGemma one; load it with "
