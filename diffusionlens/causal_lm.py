@@ -38,6 +38,7 @@ from diffusionlens.hook_points import HookedRootModule, HookPoint, NameFilter
 from diffusionlens.loading import CheckpointError, checkpoint_name
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.stacks import EncoderStack
+from diffusionlens.tokens import check_token_ids, checked_attention_mask
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
@@ -241,14 +242,8 @@ class HookedGemma4CausalLM(HookedRootModule):
         past: PromptState | None = None,
     ) -> CausalStep:
         """Run the stack over `input_ids` (appending to `past` if given); logits for every new position."""
-        input_ids = self._check_tokens(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
-            )
-        state = self.causal(input_ids, attention_mask.to(device=input_ids.device, dtype=torch.bool), past)
+        input_ids = self.check_tokens(input_ids)
+        state = self.causal(input_ids, checked_attention_mask(attention_mask, input_ids), past)
         return CausalStep(self.head(state.last_hidden), state)
 
     def head(self, normalized: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos vocab"]:
@@ -268,15 +263,15 @@ class HookedGemma4CausalLM(HookedRootModule):
         self.hook_ctx.step = None
         return self.step(input_ids, attention_mask).logits
 
-    def _check_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16):
-            raise TypeError(f"input_ids must be an integer tensor of token ids, got {getattr(ids, 'dtype', type(ids))}")
-        ids = ids[None] if ids.ndim == 1 else ids
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, pos], got shape {tuple(ids.shape)}")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"input_ids contains ids outside the vocabulary [0, {self.cfg.vocab_size})")
-        return ids.to(device=self.device, dtype=torch.long)
+    def check_tokens(
+        self, ids: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"], name: str = "input_ids"
+    ) -> Int[torch.Tensor, "batch pos"]:
+        """As `HookedDiffusionGemma.check_tokens` (`tokens.check_token_ids`), and not empty: every pass of
+        the causal stack produces a token from at least one position."""
+        ids = check_token_ids(ids, name, self.cfg.vocab_size, self.device)
+        if ids.shape[1] == 0:
+            raise ValueError(f"{name} is empty: pass at least one token (e.g. bos)")
+        return ids
 
     def run_with_cache(
         self,
@@ -312,7 +307,7 @@ class HookedGemma4CausalLM(HookedRootModule):
 
         Prompts must be of equal length (no padding): transformers shifts RoPE positions of left-padded
         rows, this stack does not (as DiffusionGemma's encoder), so padded batches would differ."""
-        ids = self._check_tokens(input_ids)
+        ids = self.check_tokens(input_ids)
         eos = set(self.cfg.eos_token_ids if eos_token_id is None else _as_ids(eos_token_id))
         pad = self.cfg.pad_token_id if pad_token_id is None else pad_token_id
         eos_tensor = torch.tensor(sorted(eos), device=ids.device, dtype=torch.long)

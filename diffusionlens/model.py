@@ -26,7 +26,7 @@ from diffusionlens.prompt_state import PromptState
 from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
 from diffusionlens.stacks import DecoderStack, EncoderStack
-from diffusionlens.tokens import TokenHelpers
+from diffusionlens.tokens import TokenHelpers, check_token_ids, checked_attention_mask
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
@@ -144,13 +144,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         input_ids = self.check_tokens(input_ids, "input_ids")
         if input_ids.shape[1] == 0 and prompt_state is None:
             raise ValueError("input_ids is empty: the encoder needs at least one prompt token (e.g. bos)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                f"{tuple(input_ids.shape)}; pass one mask entry per token"
-            )
+        mask = checked_attention_mask(attention_mask, input_ids)
         start = 0 if prompt_state is None else prompt_state.length
         if start + input_ids.shape[1] + self.cfg.canvas_length > self.cfg.max_position_embeddings:
             raise ValueError(
@@ -158,7 +152,6 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
                 f"max_position_embeddings={self.cfg.max_position_embeddings}; shorten the prompt"
             )
         self.hook_ctx.step = None
-        mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
         if stop is None:
             return self.encoder(input_ids, mask, prompt_state)
         return self.encoder(input_ids, mask, prompt_state, stop)
@@ -292,18 +285,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         Raises a TypeError for non-integer input and a ValueError naming `name` for a wrong rank or
         ids outside the vocabulary, so every entry point refuses bad tokens the same way.
         """
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16):
-            raise TypeError(f"{name} must be an integer tensor of token ids, got {getattr(ids, 'dtype', type(ids))}")
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2:
-            raise ValueError(f"{name} must be [batch, pos], got shape {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(
-                f"{name} contains ids outside the vocabulary [0, {self.cfg.vocab_size}): "
-                f"min {int(ids.min())}, max {int(ids.max())}; check the tokenizer matches the model"
-            )
-        return ids.to(device=self.device, dtype=torch.long)
+        return check_token_ids(ids, name, self.cfg.vocab_size, self.device)
 
     # ------------------------------------------------------------------ caching
     def run_with_cache(

@@ -14,12 +14,50 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 
 PaddingSide = Literal["left", "right"]
 # What a tokenizer's __call__ / apply_chat_template can hand back: a BatchEncoding or dict with
 # input_ids (+ attention_mask), a tensor of ids, or plain lists of ids.
 TokenizedInput = Mapping[str, Any] | torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+def check_token_ids(
+    ids: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"], name: str, vocab_size: int, device: torch.device
+) -> Int[torch.Tensor, "batch pos"]:
+    """`ids` as a `[batch, pos]` long tensor on `device`; a 1-D tensor gains a batch axis.
+
+    Raises a TypeError for non-integer input and a ValueError naming `name` for a wrong rank or ids
+    outside `[0, vocab_size)`, so every model and entry point refuses bad tokens the same way.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {getattr(ids, 'dtype', type(ids))}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must be [batch, pos], got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} contains ids outside the vocabulary [0, {vocab_size}): "
+            f"min {int(ids.min())}, max {int(ids.max())}; check the tokenizer matches the model"
+        )
+    return ids.to(device=device, dtype=torch.long)
+
+
+def checked_attention_mask(
+    attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None,
+    input_ids: Int[torch.Tensor, "batch pos"],
+) -> Bool[torch.Tensor, "batch pos"]:
+    """The boolean mask of `input_ids` on their device: all True when None; a mask of another shape
+    is refused (one entry per token)."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}; pass one mask entry per token"
+        )
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
 
 
 class TokenHelpers:
