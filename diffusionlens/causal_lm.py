@@ -21,21 +21,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffusionlens.config import DiffusionGemmaConfig, config_dict
 from diffusionlens.hook_points import HookedRootModule, HookPoint, NameFilter
-from diffusionlens.loading import CheckpointError, checkpoint_name
+from diffusionlens.loading import (
+    CheckpointError,
+    assign_checkpoint,
+    attach_tokenizer,
+    checkpoint_files,
+    checkpoint_name,
+    init_random_weights,
+    iter_safetensors,
+    materialize_derived_buffers,
+    write_generation_config,
+)
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.stacks import EncoderStack
 from diffusionlens.tokens import check_token_ids, checked_attention_mask
@@ -52,7 +61,6 @@ REQUIRED_FLAGS: dict[str, Any] = {
     "hidden_size_per_layer_input": 0,
     "num_kv_shared_layers": 0,
 }
-_TIED_HEAD = "lm_head.weight"
 
 
 # ---------------------------------------------------------------------- config
@@ -137,13 +145,7 @@ class HookedGemma4CausalLM(HookedRootModule):
         Accepts our config (e.g. `diffusionlens.toy.train.toy_config()`) or a Gemma 4 text config."""
         cfg = config if isinstance(config, DiffusionGemmaConfig) else causal_config_from_hf(config)
         model = cls(cfg)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if ".ln" in name or name.endswith("norm.weight") or "scale" in name:
-                    param.fill_(1.0)
-                else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        init_random_weights(model, seed)
         return model
 
     @classmethod
@@ -164,40 +166,16 @@ class HookedGemma4CausalLM(HookedRootModule):
         else:
             directory = _resolve_directory(source)
             cfg = causal_config_from_hf(directory)
-            tensors = _iter_safetensors(directory, progress)
+            tensors = iter_safetensors(checkpoint_files(directory, CAUSAL_ARCHITECTURE), progress)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(cfg)
-        targets = {hf_name(n): n for n in model.owned_names()}
-        loaded: set[str] = set()
-        unexpected, mismatched = [], []
-        for name, tensor in tensors:
-            if name == _TIED_HEAD:
-                continue  # tied to the embedding, as in every Gemma 4 checkpoint
-            ours = targets.get(name)
-            if ours is None:
-                unexpected.append(name)
-                continue
-            expected_shape = tuple(model.get_parameter_or_buffer(ours).shape)
-            if tuple(tensor.shape) != expected_shape:
-                mismatched.append(f"{name}: {tuple(tensor.shape)} vs config {expected_shape}")
-                continue
-            _assign(model, ours, tensor.to(device=device, dtype=dtype or tensor.dtype))
-            loaded.add(ours)
-        missing = sorted(set(targets.values()) - loaded)
-        found = {"missing": [hf_name(m) for m in missing], "unexpected": unexpected, "shape mismatch": mismatched}
-        problems = [f"{what} ({len(items)}): {', '.join(items[:8])}" for what, items in found.items() if items]
-        if problems:
-            raise CheckpointError("Checkpoint and config do not match: " + "; ".join(problems))
-        for module in model.modules():  # config-derived buffers (RoPE frequencies, embed scale)
-            if hasattr(module, "derived_buffers"):
-                for buffer, value in module.derived_buffers().items():
-                    module._buffers[buffer] = value.to(device)
+        # lm_head.weight is skipped there: tied to the embedding, as in every Gemma 4 checkpoint
+        by_checkpoint_name = {hf_name(n): n for n in model.owned_names()}
+        assign_checkpoint(model, tensors, by_checkpoint_name, dtype=dtype, device_for=lambda _: device)
+        materialize_derived_buffers(model, device)  # RoPE frequencies, embed scale
         model.setup()
-        if directory is not None and (directory / "tokenizer.json").exists():
-            from transformers import AutoTokenizer
-
-            model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        attach_tokenizer(model, directory)
         return model.eval().requires_grad_(False)
 
     def owned_names(self) -> list[str]:
@@ -219,10 +197,7 @@ class HookedGemma4CausalLM(HookedRootModule):
         config = causal_config_to_hf(self.cfg)
         config["dtype"] = str(self.dtype).removeprefix("torch.")
         (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        special = {"bos_token_id": self.cfg.bos_token_id, "pad_token_id": self.cfg.pad_token_id}
-        eos = self.cfg.eos_token_ids
-        special["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
-        (directory / "generation_config.json").write_text(json.dumps(special, indent=2, sort_keys=True))
+        write_generation_config(self.cfg, directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
 
@@ -379,31 +354,3 @@ def _resolve_directory(source: str | Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (one holding config.json and model.safetensors)")
     return path
-
-
-def _iter_safetensors(directory: Path, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (directory / "model.safetensors").exists():
-        files = [directory / "model.safetensors"]
-    else:
-        raise CheckpointError(
-            f"No model.safetensors in {directory}; diffusionlens reads safetensors only, never pickles"
-        )
-    for path in tqdm(files, desc="loading shards", disable=not progress or len(files) < 2):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    yield key, handle.get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"Cannot read {path}: {err}") from err
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_path, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_path)
-    if attr in owner._parameters:
-        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[attr] = tensor

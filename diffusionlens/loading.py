@@ -1,4 +1,6 @@
-"""Loading and saving transformers-format DiffusionGemma checkpoints.
+"""Loading and saving transformers-format DiffusionGemma checkpoints, and the weight plumbing that
+`HookedGemma4CausalLM` (the autoregressive twin) shares: random init, reading safetensors shards,
+assigning checkpoint tensors, config-derived buffers, the tokenizer, `generation_config.json`.
 
 The one table below maps checkpoint names to ours. Weights are assigned shard by shard into a
 model built on the meta device, so loading never holds a second full copy of the weights.
@@ -11,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,8 +107,23 @@ class CheckpointError(ValueError):
     """A checkpoint does not match the config or cannot be read."""
 
 
+# ---------------------------------------------------------------------- random weights
+def init_random_weights(model: nn.Module, seed: int) -> None:
+    """Fill every parameter of `model` in place, reproducibly from `seed`: norms and scales 1, every other
+    weight normal(0, 0.02), drawn in `named_parameters` order on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".ln" in name or name.endswith("norm.weight") or "scale" in name:
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
 # ---------------------------------------------------------------------- reading
-def _checkpoint_files(directory: Path) -> list[Path]:
+def checkpoint_files(directory: Path, transformers_class: str = "DiffusionGemmaForBlockDiffusion") -> list[Path]:
+    """The safetensors files of a checkpoint directory (its shards, or the one file); pickled weights are
+    refused with the `transformers_class` call that converts them."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -126,12 +143,13 @@ def _checkpoint_files(directory: Path) -> list[Path]:
         raise CheckpointError(
             f"{directory} holds only pickled weights ({', '.join(pickles)}). diffusionlens never unpickles "
             "checkpoints; convert them once with transformers: "
-            "DiffusionGemmaForBlockDiffusion.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
+            f"{transformers_class}.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
         )
     raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {directory}")
 
 
-def _iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in `files`, one file open at a time (a bar from two files on)."""
     for path in tqdm(files, desc="loading shards", disable=not progress or len(files) < 2):
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -179,7 +197,7 @@ def _resolve_source(
 
 def load_pretrained(
     cls: type[HookedDiffusionGemma],
-    source: Any,
+    source: str | Path | nn.Module,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -200,11 +218,40 @@ def load_pretrained(
         device = next(source.parameters()).device
     placement = _plan_placement(cfg, source, directory, dtype, device, device_map, max_memory)
     if directory is not None:
-        tensors = _iter_safetensors(_checkpoint_files(directory), progress)
+        tensors = iter_safetensors(checkpoint_files(directory), progress)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = cls(cfg)
-    by_checkpoint_name = checkpoint_names(model)
+    assign_checkpoint(
+        model,
+        tensors,
+        checkpoint_names(model),
+        dtype=dtype,
+        device_for=lambda ours: device if placement is None else device_for_tensor(placement, ours),
+    )
+    model.tie_weights()
+    materialize_derived_buffers(model, device)
+    if placement is not None:
+        dispatch(model, placement)
+    model.setup()
+    attach_tokenizer(model, directory)
+    return model.eval().requires_grad_(False)
+
+
+def assign_checkpoint(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    by_checkpoint_name: dict[str, str],
+    *,
+    dtype: torch.dtype | None,
+    device_for: Callable[[str], torch.device],
+) -> None:
+    """Assign each checkpoint tensor to the meta-built `model` where `by_checkpoint_name` (checkpoint
+    name → ours) puts it, as `dtype` (None: as stored) on `device_for(our name)`.
+
+    The tied LM head and vision-tower tensors are skipped, and so is an encoder copy of a weight the
+    decoder already supplied. Every missing, unexpected or mis-shaped tensor is named in one
+    CheckpointError, before the model is used."""
     targets = {n: t for n, t in _named_tensors(model) if n in set(by_checkpoint_name.values())}
     loaded: set[str] = set()
     unexpected, mismatched, skipped = [], [], 0
@@ -224,15 +271,15 @@ def load_pretrained(
         if tuple(tensor.shape) != tuple(targets[ours].shape):
             mismatched.append(f"{hf_name}: checkpoint {tuple(tensor.shape)} vs config {tuple(targets[ours].shape)}")
             continue
-        target = device if placement is None else device_for_tensor(placement, ours)
-        _assign(model, ours, tensor.to(device=target, dtype=dtype or tensor.dtype))
+        assign_tensor(model, ours, tensor.to(device=device_for(ours), dtype=dtype or tensor.dtype))
         loaded.add(ours)
     if skipped:
         logger.info("Skipped %d vision-tower tensors: diffusionlens is text-only.", skipped)
-    missing = sorted(set(targets) - loaded)
+    checkpoint_name_of = {ours: hf for hf, ours in by_checkpoint_name.items()}
+    missing = [checkpoint_name_of[m] for m in sorted(set(targets) - loaded)]
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_abbrev([checkpoint_name(m) for m in missing])}")
+        problems.append(f"missing tensors ({len(missing)}): {_abbrev(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {_abbrev(unexpected)}")
     if mismatched:
@@ -242,16 +289,14 @@ def load_pretrained(
             "Checkpoint and config do not match: " + "; ".join(problems) + ". Check that config.json belongs to "
             "these weights."
         )
-    model.tie_weights()
-    _materialize_derived_buffers(model, device)
-    if placement is not None:
-        dispatch(model, placement)
-    model.setup()
+
+
+def attach_tokenizer(model: nn.Module, directory: Path | None) -> None:
+    """Give `model` the tokenizer saved in `directory` (if it holds a tokenizer.json)."""
     if directory is not None and (directory / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
         model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    return model.eval().requires_grad_(False)
 
 
 def _plan_placement(cfg, source, directory, dtype, device, device_map, max_memory) -> dict | None:
@@ -276,7 +321,8 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of `model`'s parameter (frozen) or buffer `name`, without copying it."""
     owner_path, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_path)
     if attr in owner._parameters:
@@ -285,7 +331,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[attr] = tensor
 
 
-def _materialize_derived_buffers(model: HookedDiffusionGemma, device: torch.device) -> None:
+def materialize_derived_buffers(model: nn.Module, device: torch.device) -> None:
     """Recompute config-derived buffers (RoPE frequencies, embedding scale) that meta init left empty."""
     for module in model.modules():
         if hasattr(module, "derived_buffers"):
@@ -323,12 +369,7 @@ def save_pretrained(model: HookedDiffusionGemma, directory: str | Path, *, max_s
     config = model.cfg.to_hf()
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    # transformers' generate reads eos/pad from here (its model config alone leaves them unset).
-    special = {"bos_token_id": model.cfg.bos_token_id, "pad_token_id": model.cfg.pad_token_id}
-    special["eos_token_id"] = (
-        list(model.cfg.eos_token_ids) if len(model.cfg.eos_token_ids) != 1 else model.cfg.eos_token_ids[0]
-    )
-    (directory / "generation_config.json").write_text(json.dumps(special, indent=2, sort_keys=True))
+    write_generation_config(model.cfg, directory)
     if len(shards) == 1:
         save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
     else:
@@ -343,3 +384,12 @@ def save_pretrained(model: HookedDiffusionGemma, directory: str | Path, *, max_s
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(directory))
+
+
+def write_generation_config(cfg: DiffusionGemmaConfig, directory: Path) -> None:
+    """`generation_config.json` with the special tokens: transformers' generate reads eos/pad from here
+    (its model config alone leaves them unset)."""
+    special = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id}
+    eos = cfg.eos_token_ids
+    special["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+    (directory / "generation_config.json").write_text(json.dumps(special, indent=2, sort_keys=True))

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import nn
 
 from diffusionlens.components.attention import Attention
 from diffusionlens.components.moe import MoE
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
+from diffusionlens.loading import init_random_weights, load_pretrained
+from diffusionlens.loading import save_pretrained as _save_pretrained
 from diffusionlens.losses import denoising_loss
 from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type, layer_index
 from diffusionlens.prompt_state import PromptState
+from diffusionlens.replay import replay_step as _replay_step
 from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
 from diffusionlens.stacks import DecoderStack, EncoderStack
@@ -75,41 +76,14 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         """A randomly initialised model (normal(0, 0.02) weights, unit norms), reproducible from `seed`."""
         cfg = config if isinstance(config, DiffusionGemmaConfig) else DiffusionGemmaConfig.from_hf(config)
         model = cls(cfg)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if ".ln" in name or name.endswith("norm.weight") or "scale" in name:
-                    param.fill_(1.0)
-                else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        init_random_weights(model, seed)
         return model.to(dtype=dtype, device=device)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str | Path | nn.Module,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = True,
-        device_map: str | dict | None = None,
-        max_memory: dict | None = None,
-    ) -> HookedDiffusionGemma:
-        """Load from a transformers checkpoint directory, an in-memory transformers model, or a hub id.
-
-        `device_map="auto"` or `{module: device}` (with optional `max_memory={device: "24GB"}`) spreads
-        the blocks over several devices. See `diffusionlens.loading.load_pretrained`.
-        """
-        from diffusionlens.loading import load_pretrained
-
-        placement = dict(device_map=device_map, max_memory=max_memory)
-        return load_pretrained(cls, source, dtype=dtype, device=device, progress=progress, **placement)
-
-    def save_pretrained(self, directory: str | Path, *, max_shard_size: int | str = "5GB") -> None:
-        """Write transformers-format safetensors shards and config.json."""
-        from diffusionlens.loading import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
+    # Loading and saving are `diffusionlens.loading`'s functions bound as methods: one explicit,
+    # documented signature each (transformers checkpoint directories, in-memory models, hub ids,
+    # device_map / max_memory placement; sharded safetensors out).
+    from_pretrained = classmethod(load_pretrained)
+    save_pretrained = _save_pretrained
 
     @property
     def dtype(self) -> torch.dtype:
@@ -388,31 +362,9 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
     generate = _generate
     generate_with_cache = _generate_with_cache
 
-    def replay_step(
-        self,
-        source: Any,
-        input_ids: Int[torch.Tensor, "batch pos"],
-        *,
-        step: int,
-        canvas: int = 0,
-        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-        self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> Float[torch.Tensor, "batch canvas vocab"]:
-        """The decoder logits of one recorded denoising step, recomputed with an autograd graph.
-
-        Bit-identical to what `generate` computed; see `diffusionlens.replay.replay_step`.
-        """
-        from diffusionlens.replay import replay_step
-
-        return replay_step(
-            self,
-            source,
-            input_ids,
-            step=step,
-            canvas=canvas,
-            attention_mask=attention_mask,
-            self_cond_transform=self_cond_transform,
-        )
+    # The decoder logits of one recorded step recomputed with an autograd graph, bit-identical to what
+    # `generate` computed: `diffusionlens.replay.replay_step`, bound as a method.
+    replay_step = _replay_step
 
     # ------------------------------------------------------------------ deprecated names
     def _check_tokens(self, ids: torch.Tensor, name: str) -> torch.Tensor:
