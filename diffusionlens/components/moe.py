@@ -11,6 +11,12 @@ from diffusionlens.components.norms import rms_normalize
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookPoint
 
+# The shapes of the experts' interface, which route() and both ways of running the experts share.
+Hidden = Float[torch.Tensor, "batch pos d_model"]
+SlotWeights = Float[torch.Tensor, "batch pos k"]  # each token's k routing weights
+SlotExperts = Int[torch.Tensor, "batch pos k"]  # the expert in each of a token's k slots
+SlotOutputs = Float[torch.Tensor, "batch pos k d_model"]  # each slot's weighted expert output
+
 
 class MoE(nn.Module):
     """Router on the un-normalised residual, experts on the pre-normalised one (as the reference).
@@ -54,9 +60,7 @@ class MoE(nn.Module):
         self.hook_expert_indices = HookPoint()
         self.hook_expert_out = HookPoint()  # [batch, pos, top_k, d_model] weighted, per slot (opt-in)
 
-    def route(
-        self, resid: Float[torch.Tensor, "batch pos d_model"]
-    ) -> tuple[Float[torch.Tensor, "batch pos k"], Int[torch.Tensor, "batch pos k"]]:
+    def route(self, resid: Hidden) -> tuple[SlotWeights, SlotExperts]:
         x = rms_normalize(resid, self.eps).type_as(resid)
         x = x * self.router_scale * resid.shape[-1] ** -0.5
         logits = self.hook_router_logits(self.router_proj(x))
@@ -66,11 +70,7 @@ class MoE(nn.Module):
         weights = weights * self.per_expert_scale[indices]
         return self.hook_expert_weights(weights), self.hook_expert_indices(indices)
 
-    def forward(
-        self,
-        resid: Float[torch.Tensor, "batch pos d_model"],
-        expert_input: Float[torch.Tensor, "batch pos d_model"],
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(self, resid: Hidden, expert_input: Hidden) -> Hidden:
         weights, indices = self.route(resid)
         run = self.apply_experts_gathered if self.gather_experts else self.apply_experts
         if not self.use_expert_outputs:
@@ -81,12 +81,8 @@ class MoE(nn.Module):
         return fused if hooked is per_slot else hooked.sum(dim=-2).to(expert_input.dtype)
 
     def apply_experts_gathered(
-        self,
-        x: Float[torch.Tensor, "batch pos d_model"],
-        weights: Float[torch.Tensor, "batch pos k"],
-        indices: Int[torch.Tensor, "batch pos k"],
-        per_slot: bool = False,
-    ) -> Float[torch.Tensor, "batch pos d_model"] | tuple[torch.Tensor, Float[torch.Tensor, "batch pos k d_model"]]:
+        self, x: Hidden, weights: SlotWeights, indices: SlotExperts, per_slot: bool = False
+    ) -> Hidden | tuple[Hidden, SlotOutputs]:
         """Routed form: each token gathers its k experts' weights and applies them with a batched matmul.
 
         The same numbers as `apply_experts` (cast to the weights' dtype, fp32 mixing weights, sum over
@@ -103,12 +99,8 @@ class MoE(nn.Module):
         return (fused, out) if per_slot else fused
 
     def apply_experts(
-        self,
-        x: Float[torch.Tensor, "batch pos d_model"],
-        weights: Float[torch.Tensor, "batch pos k"],
-        indices: Int[torch.Tensor, "batch pos k"],
-        per_slot: bool = False,
-    ) -> Float[torch.Tensor, "batch pos d_model"] | tuple[torch.Tensor, Float[torch.Tensor, "batch pos k d_model"]]:
+        self, x: Hidden, weights: SlotWeights, indices: SlotExperts, per_slot: bool = False
+    ) -> Hidden | tuple[Hidden, SlotOutputs]:
         """Run each (token, slot) through its expert with one grouped matmul, as transformers'
         default `grouped_mm` experts path does (same sort, offsets and sum order).
 
