@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,6 +46,18 @@ class HookContext:
 
 class HookError(RuntimeError):
     """A hook function misbehaved (wrong shape or dtype, or it raised)."""
+
+
+def _switching_to_torch_call(register: Callable[..., Any]) -> Callable[..., Any]:
+    """nn.Module's `register` (one of its hook registrations) for a HookPoint: the point first switches
+    to `nn.Module.__call__` (`HookPoint._use_torch_call`), or the hook would never run."""
+
+    @functools.wraps(register)
+    def register_and_switch(self: HookPoint, *args: Any, **kwargs: Any) -> Any:
+        self._use_torch_call()
+        return register(self, *args, **kwargs)
+
+    return register_and_switch
 
 
 class HookPoint(nn.Module):
@@ -90,25 +103,11 @@ class HookPoint(nn.Module):
 
     # torch's own module hooks: HookPoint.__call__ skips nn.Module.__call__ (the hot path), so the first
     # registration switches this instance to a subclass that goes through it and so runs them.
-    def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
-        self._use_torch_call()
-        return super().register_forward_hook(*args, **kwargs)
-
-    def register_forward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
-        self._use_torch_call()
-        return super().register_forward_pre_hook(*args, **kwargs)
-
-    def register_full_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
-        self._use_torch_call()
-        return super().register_full_backward_hook(*args, **kwargs)
-
-    def register_full_backward_pre_hook(self, *args: Any, **kwargs: Any) -> Any:
-        self._use_torch_call()
-        return super().register_full_backward_pre_hook(*args, **kwargs)
-
-    def register_backward_hook(self, *args: Any, **kwargs: Any) -> Any:
-        self._use_torch_call()
-        return super().register_backward_hook(*args, **kwargs)
+    register_forward_hook = _switching_to_torch_call(nn.Module.register_forward_hook)
+    register_forward_pre_hook = _switching_to_torch_call(nn.Module.register_forward_pre_hook)
+    register_full_backward_hook = _switching_to_torch_call(nn.Module.register_full_backward_hook)
+    register_full_backward_pre_hook = _switching_to_torch_call(nn.Module.register_full_backward_pre_hook)
+    register_backward_hook = _switching_to_torch_call(nn.Module.register_backward_hook)
 
     def _use_torch_call(self) -> None:
         if type(self) is HookPoint:
