@@ -127,6 +127,11 @@ def _matmul(lhs: int, extra: int = 0) -> Callable[[Node], int]:
     return lambda node: clog2(_contraction_k(node, lhs)) + 1 + extra
 
 
+def _two_reductions(extra: int) -> Callable[[Node], int]:
+    # Two reductions over the same N elements (max then sum; mean then sum of squares) and ``extra`` more steps.
+    return lambda node: 2 * clog2(_reduced(node)) + extra
+
+
 def _softmax_cost(n: int) -> int:
     # jax.nn.softmax: reduce_max, sub, exp, reduce_sum, div.
     return 2 * clog2(n) + 3
@@ -225,12 +230,18 @@ RULES.update({f"aten.{op}": Rule("data", _const(0), "data movement") for op in _
 RULES.update({f"aten.{op}": Rule("elementwise", _const(1), "elementwise") for op in _ELEMENTWISE_OPS})
 RULES.update({f"aten.{op}": Rule("constant", _const(0), "no data dependency") for op in _CONSTANT_OPS})
 RULES["getitem"] = Rule("data", _const(0), "tuple projection")
+
+
+def _ops(rule: Rule, *ops: str) -> dict[str, Rule]:
+    """One rule for several ATen ops (table keys ``aten.<op>``) that cost the same."""
+    return {f"aten.{op}": rule for op in ops}
+
+
 RULES.update(
     {
         "aten._to_copy": Rule("data", _to_copy, "dtype/device cast: re-encoding, 0 (JAX reference: 1)"),
         # Functionalised in-place copy: the result is ``src``; ``dst``'s old value is overwritten.
-        "aten.copy": Rule("data", _const(0), "copy(dst, src) -> src", inputs=lambda n: [n.args[1]]),
-        "aten.copy_": Rule("data", _const(0), "copy_(dst, src) -> src", inputs=lambda n: [n.args[1]]),
+        **_ops(Rule("data", _const(0), "copy(dst, src) -> src", inputs=lambda n: [n.args[1]]), "copy", "copy_"),
         "aten.where": Rule("select", _where, "select_n over 2 choices: ceil(log2 2) = 1"),
         "aten.clamp": Rule("elementwise", _clamp, "max then min: 1 per bound"),
         "aten.hardtanh": Rule("elementwise", _const(2), "max then min"),
@@ -244,71 +255,80 @@ RULES.update(
         "aten.addcmul": Rule("composite", _const(3), "self + value * t1 * t2"),
         "aten.addcdiv": Rule("composite", _const(3), "self + value * t1 / t2"),
         # contractions: ceil(log2 K) + 1 where K is the contracted size.
-        "aten.mm": Rule("contraction", _matmul(0), "ceil(log2 K) + 1"),
-        "aten.bmm": Rule("contraction", _matmul(0), "ceil(log2 K) + 1"),
-        "aten.matmul": Rule("contraction", _matmul(0), "ceil(log2 K) + 1"),
-        "aten.mv": Rule("contraction", _matmul(0), "ceil(log2 K) + 1"),
-        "aten.dot": Rule("contraction", _matmul(0), "ceil(log2 K) + 1"),
-        "aten.vdot": Rule("contraction", _matmul(0), "ceil(log2 K) + 1"),
+        **_ops(Rule("contraction", _matmul(0), "ceil(log2 K) + 1"), "mm", "bmm", "matmul", "mv", "dot", "vdot"),
         "aten.linear": Rule(
             "contraction", lambda n: _matmul(0)(n) + int(_arg(n, 2, "bias") is not None), "dot, bias add"
         ),
-        "aten.addmm": Rule("contraction", _matmul(1, extra=1), "dot (ceil(log2 K) + 1), then bias add"),
-        "aten.addmv": Rule("contraction", _matmul(1, extra=1), "dot (ceil(log2 K) + 1), then bias add"),
+        **_ops(Rule("contraction", _matmul(1, extra=1), "dot (ceil(log2 K) + 1), then bias add"), "addmm", "addmv"),
         "aten.baddbmm": Rule("contraction", _matmul(1, extra=1), "dot (ceil(log2 K) + 1), then add"),
         "aten.addbmm": Rule(
             "contraction",
             lambda n: clog2(_shape(n.args[1])[0] * _shape(n.args[1])[-1]) + 2,
             "dot over batch*K, then add",
         ),
-        "aten._scaled_dot_product_flash_attention_for_cpu": Rule("composite", _sdpa, "qk, scale, mask, sm, pv"),
-        "aten._scaled_dot_product_flash_attention": Rule("composite", _sdpa, "qk, scale, mask, softmax, pv"),
-        "aten._scaled_dot_product_efficient_attention": Rule("composite", _sdpa, "qk, scale, mask, sm, pv"),
-        "aten.scaled_dot_product_attention": Rule("composite", _sdpa, "qk, scale, mask, softmax, pv"),
-        "aten._scaled_dot_product_attention_math": Rule("composite", _sdpa, "qk, scale, mask, sm, pv"),
+        **_ops(
+            Rule("composite", _sdpa, "qk, scale, mask, softmax, pv"),
+            "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "scaled_dot_product_attention",
+            "_scaled_dot_product_attention_math",
+        ),
         # reductions: ceil(log2 N).
-        "aten.sum": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.nansum": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.prod": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.amax": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.amin": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.any": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.all": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.argmax": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.argmin": Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
-        "aten.max": Rule("reduction", _max_min, "ceil(log2 N); elementwise overload 1"),
-        "aten.min": Rule("reduction", _max_min, "ceil(log2 N); elementwise overload 1"),
+        **_ops(
+            Rule("reduction", lambda n: clog2(_reduced(n)), "ceil(log2 N)"),
+            "sum",
+            "nansum",
+            "prod",
+            "amax",
+            "amin",
+            "any",
+            "all",
+            "argmax",
+            "argmin",
+        ),
+        **_ops(Rule("reduction", _max_min, "ceil(log2 N); elementwise overload 1"), "max", "min"),
         "aten.mean": Rule("reduction", lambda n: clog2(_reduced(n)) + 1, "jnp.mean: reduce_sum, div"),
         "aten.count_nonzero": Rule("reduction", lambda n: clog2(_reduced(n)) + 1, "ne, reduce_sum"),
-        "aten.logsumexp": Rule("composite", lambda n: 2 * clog2(_reduced(n)) + 4, "max,sub,exp,sum,log,add"),
-        "aten.var": Rule("composite", lambda n: 2 * clog2(_reduced(n)) + 4, "mean, sub, square, sum, div"),
-        "aten.var_mean": Rule("composite", lambda n: 2 * clog2(_reduced(n)) + 4, "mean,sub,square,sum,div"),
-        "aten.std": Rule("composite", lambda n: 2 * clog2(_reduced(n)) + 5, "var, then sqrt"),
-        "aten.std_mean": Rule("composite", lambda n: 2 * clog2(_reduced(n)) + 5, "var, then sqrt"),
-        "aten.linalg_vector_norm": Rule("composite", lambda n: clog2(_reduced(n, 2)) + 2, "|x|^p, sum, root"),
-        "aten.norm": Rule("composite", lambda n: clog2(_reduced(n, 2)) + 2, "|x|^p, sum, root"),
-        "aten._softmax": Rule(
-            "composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "max, sub, exp, sum, div: 2*ceil(log2 N)+3"
+        "aten.logsumexp": Rule("composite", _two_reductions(4), "max,sub,exp,sum,log,add"),
+        **_ops(Rule("composite", _two_reductions(4), "mean, sub, square, sum, div"), "var", "var_mean"),
+        **_ops(Rule("composite", _two_reductions(5), "var, then sqrt"), "std", "std_mean"),
+        **_ops(
+            Rule("composite", lambda n: clog2(_reduced(n, 2)) + 2, "|x|^p, sum, root"), "linalg_vector_norm", "norm"
         ),
-        "aten.softmax": Rule("composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "2*ceil(log2 N)+3"),
-        # SDPA's math path (what attention decomposes to on the meta device): a softmax whose fully masked rows
-        # give 0 instead of NaN. That fix-up is a select on a mask-only condition, off the scores' chain.
-        "aten._safe_softmax": Rule("composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "2*ceil(log2 N)+3"),
-        "aten._log_softmax": Rule("composite", lambda n: _log_softmax_cost(_last_or_dim(n, 1)), "2*ceil(lg N)+4"),
-        "aten.log_softmax": Rule("composite", lambda n: _log_softmax_cost(_last_or_dim(n, 1)), "2*ceil(lg N)+4"),
-        "aten.native_layer_norm": Rule("composite", _layer_norm, "2*(ceil(log2 N)+1) + 5, + scale, + bias"),
-        "aten.layer_norm": Rule("composite", _layer_norm, "2*(ceil(log2 N)+1) + 5, + scale, + bias"),
-        "aten._fused_rms_norm": Rule("composite", _rms_norm, "square, mean, add, rsqrt, mul, + scale"),
-        "aten.rms_norm": Rule("composite", _rms_norm, "square, mean, add, rsqrt, mul, + scale"),
+        # SDPA's math path (what attention decomposes to on the meta device) uses _safe_softmax: a softmax whose
+        # fully masked rows give 0 instead of NaN. That fix-up is a select on a mask-only condition, off the
+        # scores' chain.
+        **_ops(
+            Rule("composite", lambda n: _softmax_cost(_last_or_dim(n, 1)), "max, sub, exp, sum, div: 2*ceil(log2 N)+3"),
+            "_softmax",
+            "softmax",
+            "_safe_softmax",
+        ),
+        **_ops(
+            Rule("composite", lambda n: _log_softmax_cost(_last_or_dim(n, 1)), "2*ceil(lg N)+4"),
+            "_log_softmax",
+            "log_softmax",
+        ),
+        **_ops(
+            Rule("composite", _layer_norm, "2*(ceil(log2 N)+1) + 5, + scale, + bias"), "native_layer_norm", "layer_norm"
+        ),
+        **_ops(Rule("composite", _rms_norm, "square, mean, add, rsqrt, mul, + scale"), "_fused_rms_norm", "rms_norm"),
         # scans and selections over n: ceil(log2 n).
-        "aten.cumsum": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "parallel prefix: ceil(log2 n)"),
-        "aten.cumprod": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "parallel prefix: ceil(log2 n)"),
-        "aten.cummax": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "parallel prefix: ceil(log2 n)"),
-        "aten.cummin": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "parallel prefix: ceil(log2 n)"),
+        **_ops(
+            Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "parallel prefix: ceil(log2 n)"),
+            "cumsum",
+            "cumprod",
+            "cummax",
+            "cummin",
+        ),
         "aten.logcumsumexp": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)) + 2, "exp, prefix sum, log"),
         "aten.topk": Rule("scan", lambda n: clog2(_last_or_dim(n, 2)), "ceil(log2 n) as in the reference"),
-        "aten.sort": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "ceil(log2 n) (a sorting network is log^2)"),
-        "aten.argsort": Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "ceil(log2 n)"),
+        **_ops(
+            Rule("scan", lambda n: clog2(_last_or_dim(n, 1)), "ceil(log2 n) (a sorting network is log^2)"),
+            "sort",
+            "argsort",
+        ),
         "aten.searchsorted": Rule("scan", lambda n: clog2(_shape(n.args[0])[-1]), "binary search"),
         "aten.multinomial": Rule("scan", _multinomial, "cumsum + binary search over the vocabulary"),
     }
