@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "load_config",
     "build_depth_model",
+    "ModelPass",
     "EncoderPass",
     "DecoderPass",
     "DiffusionStepPass",
@@ -85,28 +86,28 @@ def _prompt_state(cache: PromptCache, prompt_len: int) -> PromptState:
     return PromptState(keys, values, mask, prompt_len)
 
 
-class EncoderPass(nn.Module):
-    """Prompt tokens -> each layer's (keys, values) cache, through ``model.encoder``."""
+class ModelPass(nn.Module):
+    """A traced pass: a module whose forward runs part of `model` (its stacks, as users run them)."""
 
     def __init__(self, model: HookedDiffusionGemma):
         super().__init__()
         self.model = model
+
+
+class EncoderPass(ModelPass):
+    """Prompt tokens -> each layer's (keys, values) cache, through ``model.encoder``."""
 
     def forward(self, prompt_ids: Int[Tensor, "batch prompt"]) -> PromptCache:
         state = self.model.encoder(prompt_ids, _all_visible(prompt_ids), None)
         return list(zip(state.keys, state.values, strict=True))
 
 
-class DecoderPass(nn.Module):
+class DecoderPass(ModelPass):
     """Canvas tokens, self-conditioning logits and a prompt cache -> logits, through ``model.decoder``.
 
     ``prompt_cache`` holds per layer (keys, values) ``[batch, kv_head, kept, d_head]``; the prompt length is
     the longest kept length (full-attention layers keep every prompt position).
     """
-
-    def __init__(self, model: HookedDiffusionGemma):
-        super().__init__()
-        self.model = model
 
     def forward(
         self,
@@ -118,12 +119,8 @@ class DecoderPass(nn.Module):
         return self.model.decoder(canvas_ids, _prompt_state(prompt_cache, prompt_len), sc_logits)
 
 
-class DiffusionStepPass(nn.Module):
+class DiffusionStepPass(ModelPass):
     """Encoder over the prompt, then one decoder pass: everything between two token-level states."""
-
-    def __init__(self, model: HookedDiffusionGemma):
-        super().__init__()
-        self.model = model
 
     def forward(
         self,
@@ -135,16 +132,12 @@ class DiffusionStepPass(nn.Module):
         return self.model.decoder(canvas_ids, prompt, sc_logits)
 
 
-class CausalLMPass(nn.Module):
+class CausalLMPass(ModelPass):
     """Autoregressive Gemma 4 baseline: the causal encoder stack over tokens, then the tied, soft-capped head.
 
     Prefill form: every position's path through a cache computed from tokens, which is the longest opaque chain
     an AR token's pass has.
     """
-
-    def __init__(self, model: HookedDiffusionGemma):
-        super().__init__()
-        self.model = model
 
     def forward(self, ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
         state = self.model.encoder(ids, _all_visible(ids), None)
