@@ -140,17 +140,8 @@ def report(
         "seconds": time.perf_counter() - t0,
     }
     results = {"step": step, "decoder_from_sc": from_sc, "decoder": decoder, "ar": ar, "readout": readout}
-    return DepthReport(
-        encoder=encoder,
-        decoder=decoder.depth,
-        decoder_from_sc=from_sc.depth,
-        step=step.depth,
-        ar=ar.depth,
-        readout=readout.depth,
-        generation=gen,
-        settings=settings,
-        results=results,
-    )
+    depths = {name: result.depth for name, result in results.items()}  # a field of the report each
+    return DepthReport(encoder=encoder, generation=gen, settings=settings, results=results, **depths)
 
 
 def _config_label(config: str | Path | dict[str, Any] | DiffusionGemmaConfig | None) -> str:
