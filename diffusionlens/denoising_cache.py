@@ -105,6 +105,12 @@ class RecordSpec:
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             raise ValueError(f"max_bytes must be a positive int (bytes), got {self.max_bytes!r}")
 
+    def cache_selection(self) -> dict[str, Any]:
+        """The fields `DenoisingCache` takes as they are, by its argument names: what to keep (steps,
+        positions, canvases, dtype) and where (storage, path). The names filter is resolved against a
+        model first, and max_bytes is checked before the run."""
+        return {name: getattr(self, name) for name in ("steps", "positions", "canvases", "dtype", "storage", "path")}
+
     @classmethod
     def merged(cls, spec: RecordSpec | None, **overrides: Any) -> RecordSpec:
         """`spec` (default `RecordSpec()`) with every override that is not None applied."""
@@ -426,12 +432,7 @@ def build_cache(
     specs = hook_specs(model.cfg, batch, prompt_len)
     cache = DenoisingCache(
         names,
-        steps=record.steps,
-        positions=record.positions,
-        canvases=record.canvases,
-        dtype=record.dtype,
-        storage=record.storage,
-        path=record.path,
+        **record.cache_selection(),
         max_steps=max_steps,
         max_canvases=n_canvases,
         canvas_length=model.cfg.canvas_length,
