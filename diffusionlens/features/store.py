@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from diffusionlens.hook_reference import hook_specs
 from diffusionlens.sampling.noise import RowReplayNoise
+from diffusionlens.sampling.settings import SAMPLER_FIELDS
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -36,15 +37,7 @@ MANIFEST = "manifest.json"
 LABEL_FIELDS = ("prompt_id", "seed", "canvas", "step", "position", "input_token", "final_token", "accepted")
 _LABEL_PREFIX = "label."
 # Generation settings that are plain values and so can be written to, and compared through, the manifest.
-_SETTING_KEYS = (
-    "max_new_tokens",
-    "max_denoising_steps",
-    "entropy_bound",
-    "t_min",
-    "t_max",
-    "stability_threshold",
-    "confidence_threshold",
-)
+_SETTING_KEYS = ("max_new_tokens", *SAMPLER_FIELDS)
 
 
 class StoreMismatchError(ValueError):

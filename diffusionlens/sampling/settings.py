@@ -16,6 +16,16 @@ if TYPE_CHECKING:
 FROM_CONFIG: Final = "from_config"
 """The default of `eos_token_id` and `pad_token_id`: take the id(s) from the model's config."""
 
+#: The six numbers the denoising loop itself reads: GenerationSettings' first six fields, in order.
+SAMPLER_FIELDS = (
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
+    "confidence_threshold",
+)
+
 
 # Validated in __post_init__ with messages that name the fix; no_type_check keeps a runtime type
 # checker (the tests run one) from pre-empting them with a bare type error.
@@ -99,15 +109,7 @@ class GenerationSettings:
 
     def sampler_dict(self) -> dict[str, Any]:
         """The six sampler fields (what a trace records as its settings, with noise and eos/pad)."""
-        names = (
-            "max_denoising_steps",
-            "entropy_bound",
-            "t_min",
-            "t_max",
-            "stability_threshold",
-            "confidence_threshold",
-        )
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in SAMPLER_FIELDS}
 
 
 def merge_settings(settings: GenerationSettings | None, **overrides: Any) -> GenerationSettings:
