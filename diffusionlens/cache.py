@@ -14,6 +14,12 @@ from diffusionlens.decomposition import ResidDecompositionMixin
 from diffusionlens.hook_reference import position_axis
 from diffusionlens.utils import PosSlice, apply_pos_slice, check_pos_slice, resolve_act_key
 
+#: What accumulated_resid and decompose_resid return: the stacked residual parts, with labels if asked.
+ResidStack = (
+    Float[torch.Tensor, "component *batch_and_pos d_model"]
+    | tuple[Float[torch.Tensor, "component *batch_and_pos d_model"], list[str]]
+)
+
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
@@ -152,10 +158,7 @@ class ActivationCache(ResidDecompositionMixin):
         return_labels: bool = False,
         *,
         stack: str = "decoder",
-    ) -> (
-        Float[torch.Tensor, "component *batch_and_pos d_model"]
-        | tuple[Float[torch.Tensor, "component *batch_and_pos d_model"], list[str]]
-    ):
+    ) -> ResidStack:
         """The residual stream up to the input of block `layer`, as TransformerLens: `resid_pre` of
         blocks 0 … layer (with `incl_mid`, each earlier block's `resid_mid` after its `resid_pre`);
         `layer=None` (or -1): every block and the final `resid_post`, `[n_layers + 1, batch, pos, d_model]`;
@@ -196,10 +199,7 @@ class ActivationCache(ResidDecompositionMixin):
         return_labels: bool = False,
         *,
         stack: str = "decoder",
-    ) -> (
-        Float[torch.Tensor, "component *batch_and_pos d_model"]
-        | tuple[Float[torch.Tensor, "component *batch_and_pos d_model"], list[str]]
-    ):
+    ) -> ResidStack:
         """The residual at the input of block `layer` (None or -1: after the last block) split into its
         inputs, as TransformerLens: the embedding path ("embed": block 0's input, in the decoder the
         self-conditioned embedding), then each earlier block's "{i}_attn_out" and "{i}_ffn_out"
