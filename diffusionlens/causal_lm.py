@@ -19,7 +19,6 @@ embeddings and no key-value sharing across layers. Others are refused with the f
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from diffusionlens.loading import (
     init_random_weights,
     iter_safetensors,
     materialize_derived_buffers,
-    write_generation_config,
+    write_config_files,
 )
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.stacks import EncoderStack
@@ -194,10 +193,7 @@ class HookedGemma4CausalLM(HookedRootModule):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {hf_name(n): self.get_parameter_or_buffer(n).detach().contiguous().cpu() for n in self.owned_names()}
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        config = causal_config_to_hf(self.cfg)
-        config["dtype"] = str(self.dtype).removeprefix("torch.")
-        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_generation_config(self.cfg, directory)
+        write_config_files(directory, causal_config_to_hf(self.cfg), self.cfg, self.dtype)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
 

@@ -366,10 +366,7 @@ def save_pretrained(model: HookedDiffusionGemma, directory: str | Path, *, max_s
             size = 0
         shards[-1][hf] = tensor
         size += nbytes
-    config = model.cfg.to_hf()
-    config["dtype"] = str(model.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    write_generation_config(model.cfg, directory)
+    write_config_files(directory, model.cfg.to_hf(), model.cfg, model.dtype)
     if len(shards) == 1:
         save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
     else:
@@ -386,9 +383,12 @@ def save_pretrained(model: HookedDiffusionGemma, directory: str | Path, *, max_s
         model.tokenizer.save_pretrained(str(directory))
 
 
-def write_generation_config(cfg: DiffusionGemmaConfig, directory: Path) -> None:
-    """`generation_config.json` with the special tokens: transformers' generate reads eos/pad from here
-    (its model config alone leaves them unset)."""
+def write_config_files(directory: Path, config: dict[str, Any], cfg: DiffusionGemmaConfig, dtype: torch.dtype) -> None:
+    """`config.json` (the transformers `config` with the weights' `dtype`) and `generation_config.json`
+    with `cfg`'s special tokens: transformers' generate reads eos/pad from there (its model config alone
+    leaves them unset)."""
+    config = {**config, "dtype": str(dtype).removeprefix("torch.")}
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     special = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id}
     eos = cfg.eos_token_ids
     special["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
