@@ -324,17 +324,19 @@ class HookedGemma4CausalLM(HookedRootModule):
         return tokens, [ActivationCache(store, self) for store in stores]
 
     # ------------------------------------------------------------------ tokens
+    def need_tokenizer(self) -> Any:
+        """The tokenizer, or a ValueError saying how to attach one (as `HookedDiffusionGemma.need_tokenizer`)."""
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer; set model.tokenizer or load a directory with tokenizer.json")
+        return self.tokenizer
+
     def to_tokens(self, text: str) -> Int[torch.Tensor, "1 pos"]:
         """Token ids of one prompt, bos included if the tokenizer adds one."""
-        if self.tokenizer is None:
-            raise ValueError("This model has no tokenizer; set model.tokenizer or load a directory with tokenizer.json")
-        return torch.tensor([self.tokenizer(text)["input_ids"]], device=self.device)
+        return torch.tensor([self.need_tokenizer()(text)["input_ids"]], device=self.device)
 
     def to_string(self, tokens: torch.Tensor | list[int], skip_special_tokens: bool = False) -> str:
-        if self.tokenizer is None:
-            raise ValueError("This model has no tokenizer; set model.tokenizer or load a directory with tokenizer.json")
         ids = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.need_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _as_ids(value: int | Iterable[int]) -> list[int]:
