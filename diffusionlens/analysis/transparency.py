@@ -8,7 +8,7 @@ self-conditioning (before any bottleneck).
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Real
 
 from diffusionlens.trace import CanvasTrace
 
@@ -72,7 +72,7 @@ def bootstrap_weights(n: int, n_boot: int, seed: int = 0) -> Int[torch.Tensor, "
 
 
 def weighted_auroc(
-    scores: Float[torch.Tensor, " n"], labels: Bool[torch.Tensor, " n"], weights: Float[torch.Tensor, "boot n"]
+    scores: Real[torch.Tensor, " n"], labels: Bool[torch.Tensor, " n"], weights: Real[torch.Tensor, "boot n"]
 ) -> Float[torch.Tensor, " boot"]:
     """`auroc` of each weighted resample at once (item i counted weights[b, i] times; ties count half).
 
@@ -95,10 +95,10 @@ def weighted_auroc(
 
 
 def auroc_ci(
-    scores: Float[torch.Tensor, " n"],
+    scores: Real[torch.Tensor, " n"],
     labels: Bool[torch.Tensor, " n"],
     *,
-    weights: Float[torch.Tensor, "boot n"] | None = None,
+    weights: Real[torch.Tensor, "boot n"] | None = None,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from diffusionlens.features.causal_rows import CausalRows
 from diffusionlens.features.store import ActivationStore
 
 Target = str | torch.Tensor | Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -75,7 +76,7 @@ def split_prompts(n_prompts: int, test_fraction: float, seed: int) -> list[int]:
 
 
 def train_probe(
-    store: ActivationStore,
+    store: ActivationStore | CausalRows,
     target: Target,
     *,
     hooks: Sequence[str] | None = None,
@@ -101,8 +102,8 @@ def train_probe(
 
     `by`: the label that separates the probes (default "step": one probe per denoising step; any label
     of the store, e.g. "lookahead" for `CausalRows`). `keep_predictions`: keep every held-out row's
-    prediction in `ProbeResult.predictions`. `store` may be any object with `labels()`,
-    `activations(hook)`, `hooks` and `prompts` (an `ActivationStore`, or `CausalRows` for a causal LM).
+    prediction in `ProbeResult.predictions`. `store`: an `ActivationStore`, or `CausalRows` for a
+    causal LM (both give `labels()`, `activations(hook)`, `hooks` and `prompts`).
     """
     if kind not in ("logistic", "linear"):
         raise ValueError(f"kind must be 'logistic' or 'linear', got {kind!r}")

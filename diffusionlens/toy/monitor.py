@@ -271,7 +271,7 @@ def fraction_grid(points: int) -> list[float]:
     return [round(k / points, 6) for k in range(1, points + 1)]
 
 
-def _interval(values: torch.Tensor, level: float) -> list[float]:
+def _interval(values: torch.Tensor, level: float) -> list:
     """Percentile interval of bootstrap values along the last axis (NaN resamples left out)."""
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double)
     return torch.nanquantile(values.double(), q, dim=-1).movedim(0, -1).tolist()
