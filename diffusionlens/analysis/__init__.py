@@ -18,7 +18,7 @@ from diffusionlens.analysis.intermediate_context import (
     intermediate_mask,
     intermediate_tokens,
 )
-from diffusionlens.analysis.logit_lens import LogitLensByStep, logit_lens_by_step
+from diffusionlens.analysis.logit_lens import LogitLensByStep, logit_lens_by_step, logit_lens_rows
 from diffusionlens.analysis.seeds import RowReplayNoise, SeededBatch, generate_over_seeds
 from diffusionlens.analysis.self_correction import (
     CorrectionEvent,
@@ -29,7 +29,15 @@ from diffusionlens.analysis.self_correction import (
     search_corrections,
 )
 from diffusionlens.analysis.smearing import SequenceSmearing, sequence_smearing, token_smearing, token_smearing_mass
-from diffusionlens.analysis.transparency import auroc, top1_matches_final, top_k_mass, transparency_summary
+from diffusionlens.analysis.transparency import (
+    auroc,
+    auroc_ci,
+    bootstrap_weights,
+    top1_matches_final,
+    top_k_mass,
+    transparency_summary,
+    weighted_auroc,
+)
 
 __all__ = [
     "DLA_COMPONENT_NAMES",
@@ -50,6 +58,8 @@ __all__ = [
     "answer_mask",
     "attention_to_intermediate",
     "auroc",
+    "auroc_ci",
+    "bootstrap_weights",
     "commit_order",
     "commit_order_summary",
     "commit_steps",
@@ -60,6 +70,7 @@ __all__ = [
     "intermediate_tokens",
     "kendall_tau_b",
     "logit_lens_by_step",
+    "logit_lens_rows",
     "out_of_order_share",
     "search_corrections",
     "sequence_smearing",
@@ -68,4 +79,5 @@ __all__ = [
     "top1_matches_final",
     "top_k_mass",
     "transparency_summary",
+    "weighted_auroc",
 ]

@@ -113,3 +113,21 @@ def logit_lens_by_step(
         final_tokens=final_tokens,
         final_probs=torch.stack(final_probs) if final_probs else None,
     )
+
+
+def logit_lens_rows(
+    model, resid: Float[torch.Tensor, "rows d_model"], *, stack: str = "decoder", chunk: int = 65536
+) -> Int[torch.Tensor, " rows"]:
+    """The logit lens on a matrix of residual-stream rows (e.g. `ActivationStore.activations(hook)` or
+    `CausalRows.activations(hook)`): each row through `stack`'s final norm and the soft-capped tied head,
+    its most likely token. On the last block's `hook_resid_post` this is the model's own argmax
+    (the draft token for `HookedDiffusionGemma`'s decoder, the greedy token for a `HookedGemma4CausalLM`
+    with stack="causal")."""
+    norm = model.get_submodule(f"{stack}.ln_final")
+    W_E = model.get_submodule(stack).embed.W_E
+    out = []
+    with torch.no_grad():
+        for start in range(0, resid.shape[0], chunk):
+            x = norm(resid[start : start + chunk].to(device=W_E.device, dtype=W_E.dtype))
+            out.append(unembed(x, W_E, model.cfg.final_logit_softcapping).argmax(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

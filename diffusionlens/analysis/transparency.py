@@ -8,7 +8,7 @@ self-conditioning (before any bottleneck).
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int, Real
 
 from diffusionlens.trace import CanvasTrace
 
@@ -57,3 +57,62 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).double().sum()
     ties = (pos[:, None] == neg[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def bootstrap_weights(n: int, n_boot: int, seed: int = 0) -> Int[torch.Tensor, "boot n"]:
+    """How often each of `n` items is drawn in each of `n_boot` bootstrap resamples (rows sum to n).
+
+    Pass the same weights to `weighted_auroc` for several monitors or models scored on the same problems
+    to get paired resamples (differences between them keep their correlation)."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n, (n_boot, n), generator=generator)
+    return torch.zeros(n_boot, n, dtype=torch.long).scatter_add_(1, draws, torch.ones_like(draws))
+
+
+def weighted_auroc(
+    scores: Real[torch.Tensor, " n"], labels: Bool[torch.Tensor, " n"], weights: Real[torch.Tensor, "boot n"]
+) -> Float[torch.Tensor, " boot"]:
+    """`auroc` of each weighted resample at once (item i counted weights[b, i] times; ties count half).
+
+    O(boot × n) after one sort of the scores, so thousands of resamples of thousands of problems are
+    cheap where the pairwise `auroc` is not. NaN where a resample has only one class."""
+    scores, labels = scores.flatten().double(), labels.flatten().bool()
+    weights = weights.double()
+    if weights.ndim != 2 or weights.shape[1] != scores.shape[0]:
+        raise ValueError(f"weights must be [boot, {scores.shape[0]}], got {tuple(weights.shape)}")
+    # tie groups of equal scores, in increasing order
+    _, group = torch.unique(scores, sorted=True, return_inverse=True)
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    index = group.expand_as(weights)
+    pos = torch.zeros(weights.shape[0], n_groups, dtype=torch.double).scatter_add_(1, index, weights * labels)
+    neg = torch.zeros(weights.shape[0], n_groups, dtype=torch.double).scatter_add_(1, index, weights * ~labels)
+    below = torch.cumsum(neg, dim=1) - neg  # negative weight strictly below each group
+    area = (pos * (below + 0.5 * neg)).sum(1)
+    total = pos.sum(1) * neg.sum(1)
+    return torch.where(total > 0, area / total.clamp(min=1e-300), torch.full_like(area, float("nan")))
+
+
+def auroc_ci(
+    scores: Real[torch.Tensor, " n"],
+    labels: Bool[torch.Tensor, " n"],
+    *,
+    weights: Real[torch.Tensor, "boot n"] | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(AUROC, lower, upper): the point estimate and a percentile bootstrap interval over items (resamples
+    with one class only are left out). `weights` (from `bootstrap_weights`) pairs the resamples with
+    another call's."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    weights = bootstrap_weights(len(scores), n_boot, seed) if weights is None else weights
+    boot = weighted_auroc(scores, labels, weights)
+    boot = boot[~torch.isnan(boot)]
+    point = auroc(scores, labels)
+    if len(boot) == 0:
+        return point, float("nan"), float("nan")
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=boot.dtype)).tolist()
+    return point, lo, hi

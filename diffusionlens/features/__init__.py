@@ -3,6 +3,7 @@
 SAELens is an optional extra (`pip install diffusionlens[sae]`), imported only when an SAE helper runs.
 """
 
+from diffusionlens.features.causal_rows import CAUSAL_LABEL_FIELDS, CausalRows
 from diffusionlens.features.probes import ProbeResult, split_prompts, train_probe
 from diffusionlens.features.sae import (
     FeatureExamples,
@@ -23,8 +24,10 @@ from diffusionlens.features.steering import (
 from diffusionlens.features.store import LABEL_FIELDS, ActivationStore, StoreMismatchError, config_hash
 
 __all__ = [
+    "CAUSAL_LABEL_FIELDS",
     "LABEL_FIELDS",
     "ActivationStore",
+    "CausalRows",
     "FeatureExamples",
     "ProbeResult",
     "StoreMismatchError",
