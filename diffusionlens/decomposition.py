@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange
@@ -183,9 +183,7 @@ class ResidDecompositionMixin:
         neurons = torch.einsum("bpn,nd->nbpd", post.to(factor.dtype), W_out.to(factor.device, factor.dtype))
         return [neurons * factor], [f"L{block}N{int(n)}" for n in ids]
 
-    def _experts(
-        self, stack: str, block: int, layer: int, by: Literal["expert", "slot"]
-    ) -> tuple[list[torch.Tensor], list[str]]:
+    def _experts(self, stack: str, block: int, layer: int, by: str) -> tuple[list[torch.Tensor], list[str]]:
         prefix = f"{stack}.blocks.{block}.moe"
         per_slot = self._hook(f"{prefix}.hook_expert_out")
         factor = self._ffn_map(stack, block, layer, "ln2_post_moe", per_slot)
@@ -252,7 +250,7 @@ class ResidDecompositionMixin:
     def stack_expert_results(
         self,
         layer: int | None = -1,
-        by: Literal["expert", "slot"] = "expert",
+        by: str = "expert",
         pos_slice: AxisSlice = None,
         return_labels: bool = False,
         incl_remainder: bool = False,
@@ -369,7 +367,7 @@ class ResidDecompositionMixin:
 
     def logit_attrs(
         self,
-        residual_stack: Float[torch.Tensor, "... batch pos d_model"],
+        residual_stack: Float[torch.Tensor, "*components d_model"],
         tokens: str | int | Int[torch.Tensor, ""] | Int[torch.Tensor, " batch"] | Int[torch.Tensor, "batch pos"],
         incorrect_tokens: str
         | int
@@ -382,7 +380,7 @@ class ResidDecompositionMixin:
         has_batch_dim: bool = True,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "... batch pos"]:
+    ) -> Float[torch.Tensor, "*components"]:
         """Each component's share of a token's logit before the soft-cap (or of the difference
         `tokens − incorrect_tokens`): the final norm with its cached scale (`apply_ln_to_stack`), then
         a dot product with the token's unembedding direction. Summed over an exact decomposition

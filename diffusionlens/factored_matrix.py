@@ -29,7 +29,9 @@ class FactoredMatrix:
     Decompositions are computed once and cached; treat the object as immutable.
     """
 
-    def __init__(self, A: Float[torch.Tensor, "... ldim mdim"], B: Float[torch.Tensor, "... mdim rdim"]) -> None:
+    # Shapes ([..., ldim, mdim] @ [..., mdim, rdim]) are checked below rather than in the annotation, so a
+    # mismatch gets this class's message, which says what to fix.
+    def __init__(self, A: Float[torch.Tensor, "..."], B: Float[torch.Tensor, "..."]) -> None:
         if A.ndim < 2 or B.ndim < 2:
             raise ValueError(
                 f"FactoredMatrix factors must be at least 2-D, got A of shape {tuple(A.shape)} "

@@ -96,7 +96,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
     # ------------------------------------------------------------------ passes
     def encode(
         self,
-        input_ids: Int[torch.Tensor, "batch pos"],
+        input_ids: Int[torch.Tensor, "batch pos"] | Float[torch.Tensor, "batch pos d_model"],
         attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
         prompt_state: PromptState | None = None,
         *,
@@ -320,11 +320,10 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
             if isinstance(module, MoE):
                 module.use_expert_outputs = use_expert_outputs
 
-    def tokens_to_residual_directions(
-        self, tokens: str | int | Int[torch.Tensor, "..."]
-    ) -> Float[torch.Tensor, "... d_model"]:
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction whose dot product with the final-normed residual is a token's logit
-        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`. A string must be one token."""
+        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`, for ids of any shape `[...]`. A string
+        must be one token. (Typed as any tensor so that a float tensor gets this check's message.)"""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         ids = torch.as_tensor(tokens, device=self.decoder.embed.W_E.device)
