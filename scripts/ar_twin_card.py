@@ -1,6 +1,6 @@
 """Training curves of the autoregressive twin, for its model card in docs/ar_twin.md.
 
-    python scripts/ar_twin_card.py --run runs/toy-ar-gpu --run runs/toy-ar-stage3   # thin the stages' logs
+    python scripts/ar_twin_card.py --run runs/stage1 --run runs/stage2   # thin the stages' logs, in order
     python scripts/ar_twin_card.py                                                  # redraw from the committed log
 
 Each `--run` is one `train_ar` output directory (its `training_state.json`), in training order; a later
