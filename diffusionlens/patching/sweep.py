@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
 from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
@@ -136,7 +137,8 @@ def patch_sweep(
         raise ValueError("metric_steps='cell' needs a frozen sweep over steps and a metric with a `step` field")
     read_steps = [] if per_cell else list(metric_steps) if metric_steps is not None else [n_steps - 1]
     name_of = (lambda layer: hook.format(layer=layer)) if "{layer}" in hook else (lambda layer: hook)
-    missing = [n for n in {name_of(layer) for layer in labels["layer"]} if n not in clean.cache]
+    # recorded_anywhere, not `in`: the self-conditioning input does not fire at step 0.
+    missing = [n for n in {name_of(layer) for layer in labels["layer"]} if not clean.cache.recorded_anywhere(n)]
     if missing:
         raise ValueError(f"the clean run did not record {missing[:3]}…; pass them in record_run(names_filter=...)")
     cells = list(product(labels[over[0]], labels[over[1]]))
@@ -174,15 +176,30 @@ def patch_sweep(
             and isinstance(corrupted.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise)
             and not any(p.hook.startswith("encoder.") for p in patches)
         )
-        prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
-        values = torch.empty(len(cells))
-        for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
-            steps_run = run_steps[i] if mode == "frozen" else None
-            fork_at = (patches[i].steps if patches[i].steps != "all" else 0) if forkable else None
-            patched = run_patched(
-                model, corrupted, patches[i], mode=mode, steps=steps_run, fork_at=fork_at, prompt_state=prompt_state
+        fork_steps = [(p.steps if p.steps != "all" else 0) for p in patches]
+        if forkable and batchable(corrupted):
+            free_cells = [
+                FreeCell(i, patch, cell_metric, step)
+                for i, (patch, cell_metric, step) in enumerate(zip(patches, metrics, fork_steps, strict=True))
+            ]
+            values, held = free_fast_sweep(
+                model, corrupted, free_cells, batch_size=batch_size, max_bytes=max_bytes, progress=progress
             )
-            values[i] = metrics[i](patched)
+        else:
+            prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
+            values = torch.empty(len(cells))
+            for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
+                steps_run = run_steps[i] if mode == "frozen" else None
+                patched = run_patched(
+                    model,
+                    corrupted,
+                    patches[i],
+                    mode=mode,
+                    steps=steps_run,
+                    fork_at=fork_steps[i] if forkable else None,
+                    prompt_state=prompt_state,
+                )
+                values[i] = metrics[i](patched)
         fast = forkable
     metadata = {
         "hook": hook,
