@@ -111,10 +111,13 @@ def patch_sweep(
     `path="fast"` (default) recomputes only what a patch can change (see `docs/patching.md`): frozen
     cells start at the patched decoder block from the corrupted run's cached block input and run
     `batch_size` cells (default 16, or as many as `max_bytes` holds) along the batch axis; free cells
-    fork the corrupted run at their first patched step. `path="reference"` runs every cell as its own
-    `run_patched`; the fast path agrees with it (bit for bit with `batch_size=1`, to float32 rounding
-    otherwise). Hooks the fast path cannot start later (encoder, sampler) take the reference path;
-    `metadata["path"]` says which ran.
+    fork the corrupted run at their first patched step and, given `batch_size` or `max_bytes`, run that
+    many cells as one generation (default one cell at a time), each cell stopping as its own run does.
+    `path="reference"` runs every cell as its own `run_patched`. The fast path agrees with it bit for bit
+    with one cell per chunk; batched frozen cells to float32 rounding (1e-5); batched free cells bit for
+    bit where the kernels give a row the same numbers whatever the batch, else the rounding difference
+    is carried through the later steps of the run (docs/patching.md, "Agreement"). Hooks the fast path
+    cannot start later (encoder, sampler) take the reference path; `metadata["path"]` says which ran.
     """
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
