@@ -10,6 +10,7 @@ import torch
 from reference import CANVAS, build_pair
 
 from diffusionlens import HookedDiffusionGemma
+from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.components.moe import MoE
 from diffusionlens.patching import (
     ExactMatch,
@@ -25,7 +26,7 @@ from diffusionlens.patching import (
 from diffusionlens.patching.free_fast import KeptLogits, PerCellNoise, free_bytes_per_cell, run_free_cells
 from diffusionlens.patching.frozen_fast import bytes_per_cell, expand_state
 from diffusionlens.patching.runs import fork_state
-from diffusionlens.sampling.noise import ReplayNoise, TorchRNGNoise
+from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise, TorchRNGNoise
 
 GEN = dict(max_new_tokens=CANVAS["mixed"] * 2, max_denoising_steps=5, eos_token_id=None)
 HOOKS = [
@@ -188,6 +189,7 @@ STOP = dict(
     confidence_threshold=2.8,  # rows stop once their mean entropy falls below: at different steps
     eos_token_id=77,  # some cells end after one or two canvases
     pad_token_id=0,
+    record_top_k=2,
 )
 FREE_HOOKS = [
     "decoder.blocks.{layer}.hook_resid_pre",
@@ -342,8 +344,8 @@ def test_kept_logits_are_what_the_metric_reads():
     logits: dict = {}
     keep = KeptLogits("one", 0, -2)
     for step in range(5):
-        keep.keep(logits, 0, step, torch.full((1,), float(step)))
-        keep.keep(logits, 1, step, torch.zeros(1))
+        keep.keep(logits, 0, step, torch.full((1, 2, 3), float(step)))
+        keep.keep(logits, 1, step, torch.zeros(1, 2, 3))
     assert sorted(logits) == [(0, 3), (0, 4)]
 
 
@@ -390,3 +392,15 @@ def test_batched_free_cells_broadcast_a_one_row_prompt(model, monkeypatch):
     first_canvas = [keys for canvas, rows, keys in seen if canvas == 0 and rows > 1]
     assert first_canvas and all(k.stride(0) == 0 and k.data_ptr() == state.keys[0].data_ptr() for k in first_canvas)
     assert {rows for canvas, rows, _ in seen if canvas == 0} >= {2, 4}  # two cells, then two more join
+
+
+def test_batched_free_cells_with_a_bottleneck_and_row_seeds(model, stopping_runs, routed_experts):
+    """A self-conditioning bottleneck is applied to each cell's rows; RowReplayNoise draws per row."""
+    clean, corrupted = stopping_runs
+    settings = dict(STOP, bottleneck=TokenBottleneck(top_k=4), noise=RowReplayNoise([3, 8]))
+    base = record_run(model, corrupted.input_ids, **settings)
+    patches, forks = _free_patches(model, clean, base)
+    patches, forks = patches[::3], forks[::3]
+    batched, _ = run_free_cells(model, base, patches, forks)
+    for patch, step, run in zip(patches, forks, batched, strict=True):
+        _assert_same_run(run_patched(model, base, patch, mode="free", fork_at=step), run)

@@ -102,7 +102,13 @@ class KeptLogits:
             return 0
         return 1 if self.step >= 0 else min(-self.step, max_steps)
 
-    def keep(self, logits: dict[tuple[int, int], torch.Tensor], canvas: int, step: int, value: torch.Tensor) -> None:
+    def keep(
+        self,
+        logits: dict[tuple[int, int], Float[torch.Tensor, "batch canvas vocab"]],
+        canvas: int,
+        step: int,
+        value: Float[torch.Tensor, "batch canvas vocab"],
+    ) -> None:
         """Store `value` as (canvas, step) if the metric may read it, dropping what it no longer can."""
         if self.kind == "none":
             return
