@@ -1,6 +1,7 @@
 """Case 7: patch sweeps, the fast path (start at the patched block, fork at the patched step, batch
 the cells) against the per-cell reference path, interleaved in one process; ratios are fast /
-reference (lower is better) and, for batching, batch b / batch 1 on the same cells."""
+reference (lower is better) and, for batching (frozen and free-running cells), batch b / batch 1 on
+the same cells."""
 
 from __future__ import annotations
 
@@ -59,6 +60,30 @@ def sweeps(pair: Pair, timer: Timer, quick: bool) -> list[dict]:
         rows.append(
             row(f"7 frozen sweep, batch {b} / batch 1 ({ours.device.type})", t[b], t[1], None, "32 cells, layer 0")
         )
+
+    # Free batching: 32 free-running cells (the first steps x positions), each forked at its step, in
+    # chunks of 1, 8 and 32 cells; a chunk's cells join its batch at their fork step.
+    free_steps = list(range(min(4, n_steps)))
+    free_cells = dict(
+        mode="free", layers=[0], steps=free_steps, positions=list(range(min(32 // len(free_steps), cfg.canvas_length)))
+    )
+    n_free = len(free_steps) * len(free_cells["positions"])
+    contenders = {b: sweep(("step", "position"), "fast", batch_size=b, **free_cells) for b in (1, 8, 32)}
+    t = timer.measure(contenders, repeats=2 if quick else None)
+    for b in (8, 32):
+        note = f"{n_free} cells (steps {free_steps[0]}-{free_steps[-1]} x positions), layer 0"
+        rows.append(row(f"7 free sweep, batch {b} / batch 1 ({ours.device.type})", t[b], t[1], None, note))
+    stats = contenders[32]().stats
+    rows.append(
+        row(
+            "7 free sweep extra bytes (one chunk, estimate)",
+            stats["bytes_per_cell"] * min(stats["cells_per_chunk"], n_free),
+            None,
+            None,
+            f"{stats}",
+            unit="B",
+        )
+    )
 
     # Peak extra memory: the corrupted run's block inputs for one step plus one chunk of cells.
     meta = sweep(("layer", "position"), "fast", positions=positions)().stats

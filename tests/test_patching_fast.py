@@ -10,10 +10,23 @@ import torch
 from reference import CANVAS, build_pair
 
 from diffusionlens import HookedDiffusionGemma
-from diffusionlens.patching import LogitDiff, Patch, patch_sweep, record_run, run_patched
+from diffusionlens.bottleneck import TokenBottleneck
+from diffusionlens.components.moe import MoE
+from diffusionlens.patching import (
+    ExactMatch,
+    KLToClean,
+    LogitDiff,
+    Normalized,
+    Patch,
+    TargetProb,
+    patch_sweep,
+    record_run,
+    run_patched,
+)
+from diffusionlens.patching.free_fast import KeptLogits, PerCellNoise, free_bytes_per_cell, run_free_cells
 from diffusionlens.patching.frozen_fast import bytes_per_cell, expand_state
 from diffusionlens.patching.runs import fork_state
-from diffusionlens.sampling.noise import ReplayNoise, TorchRNGNoise
+from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise, TorchRNGNoise
 
 GEN = dict(max_new_tokens=CANVAS["mixed"] * 2, max_denoising_steps=5, eos_token_id=None)
 HOOKS = [
@@ -159,3 +172,235 @@ def test_toy_sweeps_agree_where_rows_stop_early():
         fast = patch_sweep(model, clean, corrupted, hook, over, metric, batch_size=1, progress=False, **kwargs)
         assert fast.metadata["path"] == "fast"
         assert torch.equal(reference.values, fast.values), (hook, over, mode)
+        if mode == "free":  # batched: a one-row prompt's batch changes the rounding (observed: 5.7e-6)
+            batched = patch_sweep(model, clean, corrupted, hook, over, metric, batch_size=4, progress=False, **kwargs)
+            assert batched.stats["chunks"] == -(-fast.values.numel() // 4)
+            torch.testing.assert_close(batched.values, reference.values, rtol=0, atol=1e-5)
+
+
+# Free-running cells run batched: each cell's rows are its own run (same noise draws, its own stopping).
+# The MoE's grouped expert matmul gives a row a result that depends on how many tokens its expert got,
+# so a batch changes its rounding; its routed form (`MoE.gather_experts`) and every other kernel here
+# give each row the same numbers whatever the batch, so with it batched cells must be bit-identical.
+STOP = dict(
+    max_new_tokens=CANVAS["mixed"] * 3,
+    max_denoising_steps=8,
+    stability_threshold=0,
+    confidence_threshold=2.8,  # rows stop once their mean entropy falls below: at different steps
+    eos_token_id=77,  # some cells end after one or two canvases
+    pad_token_id=0,
+    record_top_k=2,
+)
+FREE_HOOKS = [
+    "decoder.blocks.{layer}.hook_resid_pre",
+    "decoder.blocks.{layer}.hook_resid_post",
+    "decoder.blocks.{layer}.attn.hook_z",
+    "sampler.hook_canvas_next",  # the tokens channel
+    "decoder.self_cond.hook_logits_in",  # the self-conditioning channel
+]
+
+
+@pytest.fixture
+def routed_experts(monkeypatch):
+    monkeypatch.setattr(MoE, "gather_experts", True)
+
+
+def _record_stopping(model):
+    g = torch.Generator().manual_seed(3)
+    clean_ids = torch.randint(3, 97, (2, 9), generator=g)
+    corrupted_ids = clean_ids.clone()
+    corrupted_ids[:, 2:5] = torch.randint(3, 97, (2, 3), generator=g)
+    names = [h.format(layer=layer) for h in FREE_HOOKS for layer in range(model.cfg.num_hidden_layers)]
+    clean = record_run(model, clean_ids, names_filter=sorted(set(names)), **STOP)
+    return clean, record_run(model, corrupted_ids, **STOP)
+
+
+@pytest.fixture(scope="module")
+def stopping_runs(model):
+    return _record_stopping(model)
+
+
+@pytest.fixture(scope="module")
+def routed_stopping_runs(model):
+    """The same runs with the routed expert form (a reference sweep regenerates them from step 0)."""
+    try:
+        MoE.gather_experts = True
+        return _record_stopping(model)
+    finally:
+        MoE.gather_experts = False
+
+
+def _assert_same_run(reference, batched):
+    assert torch.equal(reference.sequences, batched.sequences)
+    assert reference.logits.keys() == batched.logits.keys()
+    assert all(torch.equal(value, batched.logits[key]) for key, value in reference.logits.items())
+    assert reference.trace.settings == batched.trace.settings
+    assert len(reference.trace) == len(batched.trace)
+    for ours, theirs in zip(reference.trace.canvases, batched.trace.canvases, strict=True):
+        mine, other = ours.tensors(), theirs.tensors()
+        assert mine.keys() == other.keys()
+        assert all(torch.equal(mine[name], other[name]) for name in mine)
+
+
+def _free_patches(model, clean, corrupted):
+    """Cells of several hooks forking at steps 0, 2 and 4, and one patching every step (fork at 0)."""
+    patches, forks = [], []
+    for step in (0, 2, 4):
+        for i, hook in enumerate(FREE_HOOKS):
+            layer = (step + i) % model.cfg.num_hidden_layers
+            patches.append(Patch(hook.format(layer=layer), clean.cache, steps=step, positions=[0, 1, 2]))
+            forks.append(step)
+    patches.append(Patch("decoder.blocks.2.hook_resid_pre", clean.cache, positions=[1]))
+    forks.append(0)
+    return patches, forks
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_batched_free_cells_are_their_own_runs(model, stopping_runs, monkeypatch, routed):
+    """Routed experts: every kernel gives a row the same numbers whatever the batch, and each batched
+    cell is its own run bit for bit (trace, stop steps, logits, sequences). Grouped experts (the default):
+    the batch changes the rounding, which a free run carries from its first patched step into later ones;
+    that first step agrees to 1e-5."""
+    monkeypatch.setattr(MoE, "gather_experts", routed)
+    clean, corrupted = stopping_runs
+    patches, forks = _free_patches(model, clean, corrupted)
+    references = [run_patched(model, corrupted, p, mode="free", fork_at=s) for p, s in zip(patches, forks, strict=True)]
+    batched, passes = run_free_cells(model, corrupted, patches, forks)
+    shapes = [tuple(run.trace.steps(c) for c in range(len(run.trace))) for run in references]
+    assert passes < sum(sum(s) for s in shapes) // 4  # one batched pass serves many cells
+    for step, reference, run in zip(forks, references, batched, strict=True):
+        if routed:
+            _assert_same_run(reference, run)
+        else:
+            torch.testing.assert_close(run.logits[(0, step)], reference.logits[(0, step)], rtol=0, atol=1e-5)
+    # The cells stop at different steps, and some end (eos) after fewer canvases than others.
+    assert len(set(shapes)) > 5 and len({len(s) for s in shapes}) > 1 and len({s[0] for s in shapes}) > 1
+
+
+@pytest.mark.parametrize(
+    ("hook", "over", "kwargs"),
+    [
+        (FREE_HOOKS[0], ("step", "position"), {"layers": [1], "steps": [0, 2, 4], "positions": [0, 1]}),
+        (FREE_HOOKS[1], ("layer", "step"), {"layers": [0, 3], "steps": [1, 3]}),
+        (FREE_HOOKS[2], ("layer", "position"), {"layers": [1, 2], "positions": [0, 3]}),
+        (FREE_HOOKS[3], ("step", "position"), {"steps": [0, 2, 4], "positions": [0, 1]}),
+        (FREE_HOOKS[4], ("step", "position"), {"steps": [1, 2, 4], "positions": [1, 2]}),
+    ],
+)
+def test_batched_free_sweeps_match_the_reference(model, stopping_runs, routed_stopping_runs, hook, over, kwargs):
+    """step x position, step x layer and layer x position (every step patched: all cells fork at 0),
+    and the tokens and self-conditioning channels: one cell per chunk (the default for free cells) is
+    the reference bit for bit; so are chunks of 3 (they split a step's cells) with routed experts."""
+    metric = LogitDiff(position=1, good=5, bad=7)
+
+    def sweep(runs, **options):
+        clean, corrupted = runs
+        return patch_sweep(
+            model, clean, corrupted, hook, over, metric, mode="free", progress=False, **kwargs, **options
+        )
+
+    reference = sweep(stopping_runs, path="reference")
+    default = sweep(stopping_runs)
+    assert default.metadata["path"] == "fast" and default.stats["cells_per_chunk"] == 1
+    assert torch.equal(reference.values, default.values)
+    try:
+        MoE.gather_experts = True
+        reference = sweep(routed_stopping_runs, path="reference")
+        batched = sweep(routed_stopping_runs, batch_size=3)
+    finally:
+        MoE.gather_experts = False
+    assert batched.metadata["path"] == "fast" and batched.stats["cells_per_chunk"] == 3
+    assert batched.stats["chunks"] == -(-reference.values.numel() // 3)
+    assert torch.equal(reference.values, batched.values)
+    assert reference.values.std() > 0.01  # the cells differ: the comparison is not between equal values
+
+
+def test_batched_free_cells_keep_what_their_metric_reads(model, stopping_runs, routed_experts):
+    """Metrics that read a later step, no logits at all, or a normalised value score the batched runs
+    (which keep only the logits the metric reads) as they score the runs themselves."""
+    clean, corrupted = stopping_runs
+    target = corrupted.answer(0)
+    metrics = [
+        KLToClean(clean, step=-2),
+        TargetProb(position=0, token=int(target[0, 0])),
+        LogitDiff(position=2, good=5, bad=7, step=1, canvas=1),
+        Normalized.between(LogitDiff(position=1, good=5, bad=7), clean, corrupted),
+        ExactMatch(target),
+        lambda run: float(run.logits_at(0, 0)[:, 3, 4].mean() + run.trace.steps(0)),  # any function: every step
+    ]
+    patches, forks = _free_patches(model, clean, corrupted)
+    patches, forks = patches[::4], forks[::4]
+    references = [run_patched(model, corrupted, p, mode="free", fork_at=s) for p, s in zip(patches, forks, strict=True)]
+    for metric in metrics:
+        runs, _ = run_free_cells(model, corrupted, patches, forks, [KeptLogits.of(metric)] * len(patches))
+        assert [metric(run) for run in runs] == [metric(run) for run in references], metric
+
+
+def test_kept_logits_are_what_the_metric_reads():
+    assert KeptLogits.of(LogitDiff(0, 1, 2)) == KeptLogits("one", 0, -1)
+    assert KeptLogits.of(Normalized(TargetProb(0, 1, step=3, canvas=1), 0.0, 1.0)) == KeptLogits("one", 1, 3)
+    assert KeptLogits.of(ExactMatch(torch.zeros(1, 8))) == KeptLogits("none")
+    assert KeptLogits.of(lambda run: 0.0) == KeptLogits("all")
+    logits: dict = {}
+    keep = KeptLogits("one", 0, -2)
+    for step in range(5):
+        keep.keep(logits, 0, step, torch.full((1, 2, 3), float(step)))
+        keep.keep(logits, 1, step, torch.zeros(1, 2, 3))
+    assert sorted(logits) == [(0, 3), (0, 4)]
+
+
+def test_free_memory_budget_sets_the_chunk_and_refuses_below_one_cell(model, stopping_runs):
+    clean, corrupted = stopping_runs
+    metric = LogitDiff(position=1, good=5, bad=7)
+    one_cell = free_bytes_per_cell(model, corrupted, KeptLogits.of(metric))
+    assert one_cell > free_bytes_per_cell(model, corrupted, KeptLogits("none"))
+    kwargs = {"mode": "free", "layers": [0], "positions": [0, 1], "progress": False}
+    hook = "decoder.blocks.{layer}.hook_resid_pre"
+    with pytest.raises(ValueError, match=f"needs about {one_cell} bytes"):
+        patch_sweep(model, clean, corrupted, hook, ("step", "position"), metric, max_bytes=one_cell - 1, **kwargs)
+    sweep = patch_sweep(model, clean, corrupted, hook, ("step", "position"), metric, max_bytes=4 * one_cell, **kwargs)
+    assert sweep.stats["cells_per_chunk"] == 4 and sweep.stats["bytes_per_cell"] == one_cell
+
+
+def test_per_cell_noise_gives_each_cell_its_own_draws():
+    noise = PerCellNoise(ReplayNoise(5), rows=2)
+    probs = torch.softmax(torch.randn(6, 4, 11, generator=torch.Generator().manual_seed(0)), -1)
+    draws = noise.sample(probs, 0, 3)
+    for cell in range(3):
+        part = slice(2 * cell, 2 * cell + 2)
+        assert torch.equal(draws[part], ReplayNoise(5).sample(probs[part], 0, 3))
+        assert torch.equal(noise.renoise(6, 4, 11, "cpu", 1, 2)[part], ReplayNoise(5).renoise(2, 4, 11, "cpu", 1, 2))
+
+
+def test_batched_free_cells_broadcast_a_one_row_prompt(model, monkeypatch):
+    ids = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    clean = record_run(model, ids, names_filter="decoder.blocks.1.hook_resid_pre", **STOP)
+    corrupted = record_run(model, ids.flip(1), **STOP)
+    state = model.encode(corrupted.input_ids)
+    seen = []
+    denoise = type(model).denoise
+
+    def spy(self, canvas, prompt_state, *args, **kwargs):
+        seen.append((self.hook_ctx.canvas, canvas.shape[0], prompt_state.keys[0]))
+        return denoise(self, canvas, prompt_state, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "denoise", spy)
+    patches = [
+        Patch("decoder.blocks.1.hook_resid_pre", clean.cache, steps=s, positions=[p]) for s in (0, 1) for p in (0, 1)
+    ]
+    run_free_cells(model, corrupted, patches, [0, 0, 1, 1], prompt_state=state)
+    first_canvas = [keys for canvas, rows, keys in seen if canvas == 0 and rows > 1]
+    assert first_canvas and all(k.stride(0) == 0 and k.data_ptr() == state.keys[0].data_ptr() for k in first_canvas)
+    assert {rows for canvas, rows, _ in seen if canvas == 0} >= {2, 4}  # two cells, then two more join
+
+
+def test_batched_free_cells_with_a_bottleneck_and_row_seeds(model, stopping_runs, routed_experts):
+    """A self-conditioning bottleneck is applied to each cell's rows; RowReplayNoise draws per row."""
+    clean, corrupted = stopping_runs
+    settings = dict(STOP, bottleneck=TokenBottleneck(top_k=4), noise=RowReplayNoise([3, 8]))
+    base = record_run(model, corrupted.input_ids, **settings)
+    patches, forks = _free_patches(model, clean, base)
+    patches, forks = patches[::3], forks[::3]
+    batched, _ = run_free_cells(model, base, patches, forks)
+    for patch, step, run in zip(patches, forks, batched, strict=True):
+        _assert_same_run(run_patched(model, base, patch, mode="free", fork_at=step), run)

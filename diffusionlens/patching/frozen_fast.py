@@ -71,24 +71,36 @@ def bytes_per_cell(model: HookedDiffusionGemma, base: PatchedRun, start: int) ->
     intermediate of a block (MLP, experts or attention scores), its logits (twice: the fp32 head and
     a slice), the canvas and self-conditioning inputs when it starts at the embedding, and its own
     copy of the prompt keys/values when the prompt has several rows (one row is broadcast for free)."""
-    cfg = model.cfg
     batch, prompt_len = base.input_ids.shape
+    item = torch.empty((), dtype=model.dtype).element_size()
+    per_position = block_bytes_per_position(model, prompt_len)
+    if start == EMBED:
+        per_position += model.cfg.vocab_size * item  # the self-conditioning logits, repeated per cell
+    kv = prompt_kv_bytes(model, prompt_len) if batch > 1 else 0
+    return batch * (model.cfg.canvas_length * per_position + kv)
+
+
+def block_bytes_per_position(model: HookedDiffusionGemma, prompt_len: int) -> int:
+    """Bytes per canvas position of one decoder pass's live values: the residual and the largest
+    intermediate of a block (MLP, experts or attention scores), the logits twice (the fp32 head and a slice)."""
+    cfg = model.cfg
     item = torch.empty((), dtype=model.dtype).element_size()
     widest = max(
         cfg.intermediate_size,
         cfg.top_k_experts * cfg.moe_intermediate_size,
         cfg.num_attention_heads * (prompt_len + cfg.canvas_length),
     )
-    per_position = 6 * cfg.hidden_size + 2 * widest + 2 * cfg.vocab_size
-    if start == EMBED:
-        per_position += cfg.vocab_size  # the self-conditioning logits, repeated per cell
-    kv = 0
-    if batch > 1:
-        kv_per_position = sum(
-            2 * cfg.layer_kv_heads(layer) * cfg.layer_head_dim(layer) for layer in range(cfg.num_hidden_layers)
-        )
-        kv = kv_per_position * prompt_len * item
-    return batch * (cfg.canvas_length * per_position * item + kv)
+    return (6 * cfg.hidden_size + 2 * widest + 2 * cfg.vocab_size) * item
+
+
+def prompt_kv_bytes(model: HookedDiffusionGemma, positions: int) -> int:
+    """Bytes of one row's prompt keys and values over `positions` encoded positions (every layer)."""
+    cfg = model.cfg
+    item = torch.empty((), dtype=model.dtype).element_size()
+    per_position = sum(
+        2 * cfg.layer_kv_heads(layer) * cfg.layer_head_dim(layer) for layer in range(cfg.num_hidden_layers)
+    )
+    return per_position * positions * item
 
 
 def cells_per_chunk(per_cell: int, batch_size: int | None, max_bytes: int | None) -> int:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
 from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
@@ -110,10 +111,13 @@ def patch_sweep(
     `path="fast"` (default) recomputes only what a patch can change (see `docs/patching.md`): frozen
     cells start at the patched decoder block from the corrupted run's cached block input and run
     `batch_size` cells (default 16, or as many as `max_bytes` holds) along the batch axis; free cells
-    fork the corrupted run at their first patched step. `path="reference"` runs every cell as its own
-    `run_patched`; the fast path agrees with it (bit for bit with `batch_size=1`, to float32 rounding
-    otherwise). Hooks the fast path cannot start later (encoder, sampler) take the reference path;
-    `metadata["path"]` says which ran.
+    fork the corrupted run at their first patched step and, given `batch_size` or `max_bytes`, run that
+    many cells as one generation (default one cell at a time), each cell stopping as its own run does.
+    `path="reference"` runs every cell as its own `run_patched`. The fast path agrees with it bit for bit
+    with one cell per chunk; batched frozen cells to float32 rounding (1e-5); batched free cells bit for
+    bit where the kernels give a row the same numbers whatever the batch, else the rounding difference
+    is carried through the later steps of the run (docs/patching.md, "Agreement"). Hooks the fast path
+    cannot start later (encoder, sampler) take the reference path; `metadata["path"]` says which ran.
     """
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
@@ -136,7 +140,8 @@ def patch_sweep(
         raise ValueError("metric_steps='cell' needs a frozen sweep over steps and a metric with a `step` field")
     read_steps = [] if per_cell else list(metric_steps) if metric_steps is not None else [n_steps - 1]
     name_of = (lambda layer: hook.format(layer=layer)) if "{layer}" in hook else (lambda layer: hook)
-    missing = [n for n in {name_of(layer) for layer in labels["layer"]} if n not in clean.cache]
+    # recorded_anywhere, not `in`: the self-conditioning input does not fire at step 0.
+    missing = [n for n in {name_of(layer) for layer in labels["layer"]} if not clean.cache.recorded_anywhere(n)]
     if missing:
         raise ValueError(f"the clean run did not record {missing[:3]}…; pass them in record_run(names_filter=...)")
     cells = list(product(labels[over[0]], labels[over[1]]))
@@ -174,15 +179,30 @@ def patch_sweep(
             and isinstance(corrupted.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise)
             and not any(p.hook.startswith("encoder.") for p in patches)
         )
-        prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
-        values = torch.empty(len(cells))
-        for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
-            steps_run = run_steps[i] if mode == "frozen" else None
-            fork_at = (patches[i].steps if patches[i].steps != "all" else 0) if forkable else None
-            patched = run_patched(
-                model, corrupted, patches[i], mode=mode, steps=steps_run, fork_at=fork_at, prompt_state=prompt_state
+        fork_steps = [(p.steps if p.steps != "all" else 0) for p in patches]
+        if forkable and batchable(corrupted):
+            free_cells = [
+                FreeCell(i, patch, cell_metric, step)
+                for i, (patch, cell_metric, step) in enumerate(zip(patches, metrics, fork_steps, strict=True))
+            ]
+            values, held = free_fast_sweep(
+                model, corrupted, free_cells, batch_size=batch_size, max_bytes=max_bytes, progress=progress
             )
-            values[i] = metrics[i](patched)
+        else:
+            prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
+            values = torch.empty(len(cells))
+            for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
+                steps_run = run_steps[i] if mode == "frozen" else None
+                patched = run_patched(
+                    model,
+                    corrupted,
+                    patches[i],
+                    mode=mode,
+                    steps=steps_run,
+                    fork_at=fork_steps[i] if forkable else None,
+                    prompt_state=prompt_state,
+                )
+                values[i] = metrics[i](patched)
         fast = forkable
     metadata = {
         "hook": hook,

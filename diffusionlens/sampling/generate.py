@@ -161,7 +161,7 @@ class _Run:
 def _generate(
     model: HookedDiffusionGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, run: _Run
 ) -> GenerationResult:
-    cfg, ctx, hooks = model.cfg, model.hook_ctx, model.sampler
+    cfg, ctx = model.cfg, model.hook_ctx
     settings, noise, cache = run.settings, run.noise, run.cache
     self_cond_transform, record_top_k = run.self_cond_transform, settings.record_top_k
     eos_ids, pad_id = settings.eos_ids(cfg), settings.pad_id(cfg)
@@ -207,31 +207,36 @@ def _generate(
             for step, t in enumerate(reversed(range(1, settings.max_denoising_steps + 1))):
                 if step < first_step:
                     continue
-                ctx.step, ctx.t = step, t
                 forward_passes += ~(finished | finished_rows)
-                raw = model.denoise(canvas, state, self_cond)
-                temp = temperature(t, settings, device)
-                logits = hooks.hook_logits(raw / temp)
-                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-                sampled = hooks.hook_sampled(noise.sample(probs, canvas_index, step))
-                new_argmax = hooks.hook_argmax(torch.argmax(logits, dim=-1))
-                raw_entropy = entropy(logits)
-                token_entropy = hooks.hook_entropy(raw_entropy)
-                accepted = hooks.hook_accepted(entropy_bound_acceptance(token_entropy, settings.entropy_bound))
-                kept = torch.where(accepted, sampled, canvas)
-                fresh = noise.renoise(batch, length, vocab, device, canvas_index, step)
-                next_canvas = torch.where(~accepted, fresh, kept)
-                if finished.any():
-                    new_argmax = torch.where(finished[:, None], argmax_canvas, new_argmax)
-                    next_canvas = torch.where(finished[:, None], canvas, next_canvas)
-                    logits = torch.where(finished[:, None, None], self_cond, logits)
-                next_canvas = hooks.hook_canvas_next(next_canvas)
-                # The reference recomputes this entropy inside its stopping rule; rows whose logits were
-                # swapped above are finished already, so reusing it changes no decision.
-                finished = finished | stopper(new_argmax, raw_entropy)
-                _append(record, canvas, sampled, new_argmax, token_entropy, accepted, next_canvas, finished, temp, t)
+                out = denoising_step(
+                    model,
+                    settings,
+                    noise,
+                    canvas_index,
+                    step,
+                    t,
+                    canvas,
+                    state,
+                    self_cond,
+                    argmax_canvas,
+                    finished,
+                    stopper,
+                )
+                logits, new_argmax, finished = out.logits, out.argmax, out.finished
+                _append(
+                    record,
+                    canvas,
+                    out.sampled,
+                    new_argmax,
+                    out.entropy,
+                    out.accepted,
+                    out.next_canvas,
+                    finished,
+                    out.temperature,
+                    t,
+                )
                 if record_top_k:
-                    top = torch.topk(probs, k=min(record_top_k, vocab), dim=-1)
+                    top = torch.topk(out.probs, k=min(record_top_k, vocab), dim=-1)
                     record["top_k_tokens"].append(top.indices.cpu())
                     record["top_k_probs"].append(top.values.cpu())
                 if cache is not None:
@@ -239,7 +244,7 @@ def _generate(
                 self_cond = logits.to(model.dtype)
                 if self_cond_transform is not None:
                     self_cond = self_cond_transform(self_cond)
-                canvas, argmax_canvas = next_canvas, new_argmax
+                canvas, argmax_canvas = out.next_canvas, new_argmax
                 bar.update(1)
                 if bool(finished.all()):
                     break
@@ -259,6 +264,70 @@ def _generate(
     valid = (new != pad_id).sum(-1) if pad_id is not None else torch.full((batch,), new.shape[1], device=device)
     trace = DenoisingTrace(traces, prompt_len, _settings_dict(settings, noise, eos_ids, pad_id))
     return GenerationResult(sequences, trace, valid / forward_passes)
+
+
+@dataclass
+class StepOutput:
+    """What one denoising step computed. logits: the temperature-scaled logits after
+    `sampler.hook_logits` (the previous step's for rows that had stopped: the next step's
+    self-conditioning input); entropy: after `sampler.hook_entropy`; next_canvas: after
+    `sampler.hook_canvas_next`; finished: rows stopped after this step."""
+
+    raw: Float[torch.Tensor, "batch canvas vocab"]
+    logits: Float[torch.Tensor, "batch canvas vocab"]
+    probs: Float[torch.Tensor, "batch canvas vocab"]
+    sampled: Int[torch.Tensor, "batch canvas"]
+    argmax: Int[torch.Tensor, "batch canvas"]
+    entropy: Float[torch.Tensor, "batch canvas"]
+    accepted: Bool[torch.Tensor, "batch canvas"]
+    next_canvas: Int[torch.Tensor, "batch canvas"]
+    finished: Bool[torch.Tensor, " batch"]
+    temperature: Float[torch.Tensor, ""]
+
+
+def denoising_step(
+    model: HookedDiffusionGemma,
+    settings: GenerationSettings,
+    noise: NoiseSource,
+    canvas_index: int,
+    step: int,
+    t: int,
+    canvas: Int[torch.Tensor, "batch canvas"],
+    state: Any,
+    self_cond: Float[torch.Tensor, "batch canvas vocab"] | None,
+    argmax_canvas: Int[torch.Tensor, "batch canvas"],
+    finished: Bool[torch.Tensor, " batch"],
+    stopper: StableAndConfident,
+) -> StepOutput:
+    """One step of the sampler, as the reference runs it: decoder pass, temperature, sample, accept the
+    lowest-entropy tokens within the bound, renoise the rest, stop rows that are stable and confident.
+    Every operation is row by row except the noise draws, which `noise` makes for the whole batch.
+    Rows already `finished` keep their canvas, draft and self-conditioning logits."""
+    hooks, ctx = model.sampler, model.hook_ctx
+    ctx.step, ctx.t = step, t
+    batch, length = canvas.shape
+    device, vocab = canvas.device, model.cfg.vocab_size
+    raw = model.denoise(canvas, state, self_cond)
+    temp = temperature(t, settings, device)
+    logits = hooks.hook_logits(raw / temp)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    sampled = hooks.hook_sampled(noise.sample(probs, canvas_index, step))
+    new_argmax = hooks.hook_argmax(torch.argmax(logits, dim=-1))
+    raw_entropy = entropy(logits)
+    token_entropy = hooks.hook_entropy(raw_entropy)
+    accepted = hooks.hook_accepted(entropy_bound_acceptance(token_entropy, settings.entropy_bound))
+    kept = torch.where(accepted, sampled, canvas)
+    fresh = noise.renoise(batch, length, vocab, device, canvas_index, step)
+    next_canvas = torch.where(~accepted, fresh, kept)
+    if finished.any():
+        new_argmax = torch.where(finished[:, None], argmax_canvas, new_argmax)
+        next_canvas = torch.where(finished[:, None], canvas, next_canvas)
+        logits = torch.where(finished[:, None, None], self_cond, logits)
+    next_canvas = hooks.hook_canvas_next(next_canvas)
+    # The reference recomputes this entropy inside its stopping rule; rows whose logits were
+    # swapped above are finished already, so reusing it changes no decision.
+    finished = finished | stopper(new_argmax, raw_entropy)
+    return StepOutput(raw, logits, probs, sampled, new_argmax, token_entropy, accepted, next_canvas, finished, temp)
 
 
 def _append(record, canvas, sampled, argmax, token_entropy, accepted, next_canvas, finished, temp, t) -> None:
