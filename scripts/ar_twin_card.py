@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
     seen = 0  # training examples before the current stage
     tasks = sorted({t for s in stages for r in s["rows"] for t in r.get("eval", {})})
-    lines = ["| stage | step | examples seen | minutes | loss | lr | quick eval (exact match) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| stage | step | examples seen | minutes | loss | lr | quick eval (exact match) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for number, stage in enumerate(stages, start=1):
         batch, rows = stage["settings"]["batch_size"], stage["rows"]
         x = [seen + r["step"] * batch for r in rows]
@@ -87,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         seen = x[-1]
         for ax in (ax_loss, ax_eval):
             ax.axvline(seen, color="grey", linewidth=0.5)
-    ax_loss.set(xlabel="training examples seen", ylabel=f"answer-token loss (mean of {args.window} steps)", yscale="log")
+    ax_loss.set(
+        xlabel="training examples seen", ylabel=f"answer-token loss (mean of {args.window} steps)", yscale="log"
+    )
     ax_eval.set(xlabel="training examples seen", ylabel="exact match, quick eval (%)", ylim=(0, 100))
     ax_eval.legend()
     fig.suptitle("toy-ar training (stages separated by grey lines)")
