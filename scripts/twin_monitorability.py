@@ -26,6 +26,7 @@ from diffusionlens.toy.monitor import (
     MONITORS,
     diffusion_monitor_run,
     fraction_grid,
+    json_safe,
     monitor_curves,
     twin_monitor_run,
 )
@@ -37,17 +38,6 @@ MONITOR_TITLES = {
     "check": "(a) check monitor: readout checked by the task's solver",
     "confidence": "(a) confidence monitor: max answer-token entropy so far",
 }
-
-
-def json_safe(value):
-    """NaN (an AUROC with one class) as null, so the file is strict JSON."""
-    if isinstance(value, float):
-        return None if value != value else value
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _cell(point: float, interval: list[float]) -> str:

@@ -28,7 +28,7 @@ import torch
 from diffusionlens import HookedDiffusionGemma, HookedGemma4CausalLM
 from diffusionlens.analysis import bootstrap_weights, logit_lens_rows
 from diffusionlens.features import ActivationStore, CausalRows, train_probe
-from diffusionlens.toy.monitor import fraction_grid
+from diffusionlens.toy.monitor import fraction_grid, json_safe
 from diffusionlens.toy.readout import diffusion_answer_rows, diffusion_readable_share, twin_readable_share
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CHARS, VOCAB
@@ -66,17 +66,6 @@ def share_summary(share: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
     boot = share @ weights.T / share.shape[1]
     lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.double), dim=1)
     return {"mean": share.mean(1).tolist(), "interval": torch.stack([lo, hi], 1).tolist(), "prompts": int(keep.sum())}
-
-
-def json_safe(value):
-    """NaN (nothing to score) as null, so the file is strict JSON."""
-    if isinstance(value, float):
-        return None if value != value else value
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _fmt(value: float) -> str:

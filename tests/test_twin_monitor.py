@@ -273,3 +273,17 @@ def test_diffusion_readable_share_reads_the_last_step_taken():
     share = diffusion_readable_share(labels, read, [0.4, 0.5, 1.0])
     assert share[:, 0].tolist() == pytest.approx([0.0, 1 / 3, 1.0])
     assert share[:, 1].tolist() == [0.0, 0.0, 0.5]  # one step: nothing before it ends
+
+
+def test_json_safe_writes_nan_as_null_at_any_depth():
+    import json
+
+    from diffusionlens.toy.monitor import json_safe
+
+    value = {"auroc": float("nan"), "curve": [0.5, float("nan")], "pair": (1.0, {"x": float("nan")}), "n": 3}
+    assert json.loads(json.dumps(json_safe(value), allow_nan=False)) == {
+        "auroc": None,
+        "curve": [0.5, None],
+        "pair": [1.0, {"x": None}],
+        "n": 3,
+    }

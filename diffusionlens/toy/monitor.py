@@ -382,3 +382,15 @@ def monitor_curves(
                 "early_interval": _interval(diff[early].mean(0), level) if early.any() else [float("nan")] * 2,
             }
     return out
+
+
+def json_safe(value):
+    """NaN (an AUROC with one class, a share with nothing to score) as null, so a results file is strict
+    JSON; dicts, lists and tuples are walked."""
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
