@@ -232,20 +232,31 @@ def train(
     return model.eval().requires_grad_(False)
 
 
-def main(argv: list[str] | None = None, prog: str = "diffusionlens train-toy") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description="Train the toy DiffusionGemma (resumes from --out).")
-    parser.add_argument("--out", default="runs/toy")
-    for name, value in asdict(TrainSettings()).items():
+def parse_training_args(
+    settings_class: type, argv: list[str] | None, prog: str, description: str, out: str
+) -> tuple[str, object, bool]:
+    """`--out`, one flag per field of the settings dataclass (its defaults), `--no-progress`: returns
+    (out, settings, progress). Both toy trainers' command lines."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", default=out)
+    for name, value in asdict(settings_class()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    settings = TrainSettings(**{k: getattr(args, k) for k in asdict(TrainSettings())})
+    settings = settings_class(**{k: getattr(args, k) for k in asdict(settings_class())})
+    return args.out, settings, not args.no_progress
+
+
+def main(argv: list[str] | None = None, prog: str = "diffusionlens train-toy") -> None:
+    out, settings, progress = parse_training_args(
+        TrainSettings, argv, prog, "Train the toy DiffusionGemma (resumes from --out).", "runs/toy"
+    )
     from diffusionlens.toy.evaluate import quick_eval
 
     train(
-        args.out,
+        out,
         settings,
-        progress=not args.no_progress,
+        progress=progress,
         evaluate_fn=lambda m, t, step: quick_eval(m, t, n=settings.eval_examples, seed=step),
     )
 

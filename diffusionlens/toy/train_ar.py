@@ -12,10 +12,9 @@ diffusion trainer's checkpoint format and learning-rate schedule.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +24,14 @@ from tqdm.auto import tqdm
 from diffusionlens.causal_lm import HookedGemma4CausalLM
 from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, Example, make_dataset
 from diffusionlens.toy.tokenizer import PAD_ID, build_tokenizer, encode_answer, encode_prompt
-from diffusionlens.toy.train import TASK_WEIGHTS, learning_rate, load_checkpoint, parse_task_weights, save_checkpoint
+from diffusionlens.toy.train import (
+    TASK_WEIGHTS,
+    learning_rate,
+    load_checkpoint,
+    parse_task_weights,
+    parse_training_args,
+    save_checkpoint,
+)
 from diffusionlens.toy.train import toy_config as diffusion_toy_config
 
 IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions carry no loss
@@ -156,19 +162,15 @@ def train_ar(
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m diffusionlens.toy.train_ar") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description="Train the toy's autoregressive twin (resumes from --out).")
-    parser.add_argument("--out", default="runs/toy-ar")
-    for name, value in asdict(ARTrainSettings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    settings = ARTrainSettings(**{k: getattr(args, k) for k in asdict(ARTrainSettings())})
+    out, settings, progress = parse_training_args(
+        ARTrainSettings, argv, prog, "Train the toy's autoregressive twin (resumes from --out).", "runs/toy-ar"
+    )
     from diffusionlens.toy.twin import quick_eval_ar
 
     train_ar(
-        args.out,
+        out,
         settings,
-        progress=not args.no_progress,
+        progress=progress,
         evaluate_fn=lambda m, t, step: quick_eval_ar(m, n=settings.eval_examples, seed=step),
     )
 
