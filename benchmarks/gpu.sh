@@ -4,7 +4,8 @@
 #   1. benchmarks/gpu_checks.py: bf16 and float32 equivalence with transformers (tiny configs and the
 #      full-width 2-layer slice), then the full 30-layer random 26B-A4B config in bf16: build time, peak
 #      GPU memory / weight bytes, decoder pass and generate-step ratios vs transformers,
-#      generate_with_cache of every hook_resid_post for 48 steps to disk, frozen sweep cost per cell
+#      generate_with_cache of every hook_resid_post for 48 steps to disk, frozen sweep cost per cell,
+#      and torch.profiler tables of one generate of each model ($RESULTS/profile_*.txt)
 #   2. tests/test_device_map.py: blocks split across cuda:0 and cpu give the one-device tokens
 #   3. benchmarks/run.py --cases sweeps in bf16: fast sweeps vs the per-cell path, batch 8/32 vs 1
 #   4. benchmarks/run.py, the other cases in bf16 (quick): ratios vs transformers on the GPU
@@ -27,7 +28,8 @@ part() {  # part SECONDS LABEL COMMAND...
     timeout "$limit" "$@"
     echo "=== $label: exit $? after $((SECONDS - start))s"
 }
-part 270 "gpu_checks" "$PYTHON" benchmarks/gpu_checks.py --device cuda --steps 48 --json "$RESULTS/gpu.json" --out /tmp
+part 330 "gpu_checks" "$PYTHON" benchmarks/gpu_checks.py --device cuda --steps 48 --json "$RESULTS/gpu.json" \
+    --out "$RESULTS" --profile
 part 60 "device map cuda+cpu" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device_map.py -k cuda
 part 90 "sweeps bf16" "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --models toy,55m,200m \
     --cases sweeps --quick --out "$RESULTS/gpu_sweeps.json"

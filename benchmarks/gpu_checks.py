@@ -151,7 +151,28 @@ def steps_taken(output, canvas: int) -> float:
     return canvas / float(output.tokens_per_forward.float().mean())
 
 
-def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
+def profile_generate_step(
+    ours_generate: Callable[[], None], reference_generate: Callable[[], None], device: str, out: Path, label: str
+) -> None:
+    """torch.profiler tables of one generate of each model (self time per op, CPU and CUDA), written to
+    `out` as `profile_{ours,transformers}.txt`: where a generate-step gap comes from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort_by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    for name, fn in (("ours", ours_generate), ("transformers", reference_generate)):
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=45, max_name_column_width=70)
+        path = out / f"profile_{name}.txt"
+        path.write_text(table)
+        row(f"{label}: profile of one generate ({name})", "written", str(path))
+
+
+def full_model(
+    device: str, tiny: bool, steps: int, out: Path, generate_repeats: int = 3, profile: bool = False
+) -> None:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     cuda = device.startswith("cuda")
     if tiny:
@@ -190,6 +211,16 @@ def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
         prompt_kv = reference.model.encoder(input_ids=prompt).past_key_values  # read-only for the decoder
         t_ours = timed(lambda: ours.denoise(canvas_ids, state), device)
         t_ref = timed(lambda: reference(past_key_values=prompt_kv, decoder_input_ids=canvas_ids), device)
+        # Every step after the first also reads the previous step's logits through self-conditioning.
+        self_cond = torch.randn(1, canvas, vocab, generator=g).to(device=device, dtype=dtype)
+        t_sc = Timer(device, warmup=1, repeats=3).measure(
+            {
+                "ours": lambda: ours.denoise(canvas_ids, state, self_cond),
+                "reference": lambda: reference(
+                    past_key_values=prompt_kv, decoder_input_ids=canvas_ids, self_conditioning_logits=self_cond
+                ),
+            }
+        )
         t_full = timed(lambda: ours(prompt, canvas_ids), device)
         t_full_ref = timed(lambda: reference(input_ids=prompt, decoder_input_ids=canvas_ids), device)
     row(
@@ -197,6 +228,12 @@ def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
         f"{t_ours / t_ref:.3f}",
         f"{t_ours * 1e3:.1f} ms vs {t_ref * 1e3:.1f} ms; both read the encoded prompt's KV, canvas {canvas}",
     )
+    row(
+        f"{label}: decoder pass with self-conditioning ours / transformers",
+        f"{t_sc['ours'] / t_sc['reference']:.3f}",
+        f"{t_sc['ours'] * 1e3:.1f} ms vs {t_sc['reference'] * 1e3:.1f} ms; interleaved, median of 3",
+    )
+    del self_cond
     row(
         f"{label}: encoder + decoder pass ours / transformers",
         f"{t_full / t_full_ref:.3f}",
@@ -221,15 +258,22 @@ def full_model(device: str, tiny: bool, steps: int, out: Path) -> None:
             f"{peak / weight_bytes:.3f}",
             f"peak {peak / 1e9:.2f} GB, weights {weight_bytes / 1e9:.2f} GB (shared with transformers' model)",
         )
-    t_gen_ref = timed(reference_generate_once, device, repeats=1)
+    # Interleaved (ours, transformers, transformers, ours, ...) after a warm-up of each, so neither run
+    # pays for the other's allocator growth or first-use kernel setup.
+    generate_times = Timer(device, warmup=1, repeats=generate_repeats).measure(
+        {"ours": ours_generate, "reference": reference_generate_once}
+    )
+    t_gen, t_gen_ref = generate_times["ours"], generate_times["reference"]
     n_ours, n_ref = steps_taken(outputs["ours"], canvas), steps_taken(outputs["reference"], canvas)
     same = torch.equal(outputs["ours"].sequences, outputs["reference"].sequences)
     row(
         f"{label}: generate step ours / transformers",
         f"{(t_gen / n_ours) / (t_gen_ref / n_ref):.3f}",
         f"{t_gen / n_ours * 1e3:.1f} vs {t_gen_ref / n_ref * 1e3:.1f} ms/step; {n_ours:.0f} and {n_ref:.0f} steps; "
-        f"tokens {'identical' if same else 'differ'}",
+        f"tokens {'identical' if same else 'differ'}; interleaved, median of {generate_repeats}",
     )
+    if profile:
+        profile_generate_step(ours_generate, reference_generate_once, device, out, label)
     del reference
     gc.collect()
     names = [f"decoder.blocks.{layer}.hook_resid_post" for layer in range(ours.cfg.num_hidden_layers)]
@@ -292,13 +336,20 @@ def main() -> None:
     parser.add_argument("--out", default=tempfile.gettempdir(), help="where the disk cache is written (then removed)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here (after every row)")
     parser.add_argument("--skip-equivalence", action="store_true", help="only the full-model checks")
+    parser.add_argument("--generate-repeats", type=int, default=3, help="timed generate runs of each model")
+    parser.add_argument(
+        "--profile", action="store_true", help="also write torch.profiler tables of one generate of each to --out"
+    )
     args = parser.parse_args()
     if args.json:
         JSON_PATH.append(Path(args.json))
         JSON_PATH[0].parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_equivalence:
         section("equivalence", lambda: equivalence(args.device, args.tiny))
-    section("full model", lambda: full_model(args.device, args.tiny, args.steps, Path(args.out)))
+    section(
+        "full model",
+        lambda: full_model(args.device, args.tiny, args.steps, Path(args.out), args.generate_repeats, args.profile),
+    )
     print("\n| check | value | note |\n|---|---|---|")
     for check, value, note in ROWS:
         print(f"| {check} | {value} | {note} |")

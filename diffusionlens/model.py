@@ -218,7 +218,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         input_ids: Int[torch.Tensor, "batch pos"] | None,
         canvas_ids: Int[torch.Tensor, "batch canvas"] | Float[torch.Tensor, "batch canvas d_model"],
         self_cond_logits: Float[torch.Tensor, "batch canvas vocab"] | None = None,
-        attention_mask: Bool[torch.Tensor, "batch pos"] | None = None,
+        attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
         *,
         return_type: str | None = "logits",
         targets: Int[torch.Tensor, "batch canvas"] | None = None,

@@ -1,9 +1,9 @@
 """Test-run settings: runtime shape checks, and the fixtures the browser tests share.
 
 jaxtyping's import hook wraps every function and dataclass in `diffusionlens` with a beartype check of
-its annotations, shapes included, so a wrong shape annotation fails a test instead of misleading a
-reader. It must be installed before anything imports `diffusionlens`, which is why it sits at the top
-of the first file pytest loads.
+its tensor annotations (shapes and dtypes; tests/typecheck.py), so a wrong shape annotation fails a test
+instead of misleading a reader. It must be installed before anything imports `diffusionlens`, which is
+why it sits at the top of the first file pytest loads.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import os
 
 from jaxtyping import install_import_hook
 
-# On with DIFFUSIONLENS_TYPECHECK=1: CI runs the files in tests/typechecked.txt this way (README.md).
+# On with DIFFUSIONLENS_TYPECHECK=1, which is how CI runs the whole suite (README.md).
 if os.environ.get("DIFFUSIONLENS_TYPECHECK") == "1":
-    install_import_hook("diffusionlens", "typecheck.pep484_beartype")
+    install_import_hook("diffusionlens", "typecheck.tensor_beartype")
 
 from pathlib import Path  # noqa: E402
 
@@ -22,6 +22,22 @@ import pytest  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(autouse=True)
+def _shape_checks_off_where_marked(request):
+    """Turn the runtime checks off for cases marked `without_shape_checks`: a deliberately wrong dtype
+    must reach the library's own validation, as it does for users, who run without the checker."""
+    if request.node.get_closest_marker("without_shape_checks") is None:
+        yield
+        return
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 @pytest.fixture(scope="module")

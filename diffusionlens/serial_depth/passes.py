@@ -47,7 +47,8 @@ __all__ = [
 #: The shipped DiffusionGemma 26B-A4B config (text model only).
 DEFAULT_CONFIG = Path(__file__).with_name("diffusiongemma_26b_a4b_text.json")
 
-PromptCache = list[tuple[Float[Tensor, "batch kv_head kept d_head"], Float[Tensor, "batch kv_head kept d_head"]]]
+# Each layer has its own head count, head size and kept length (sliding vs full), so only batch is shared.
+PromptCache = list[tuple[Float[Tensor, "batch _kv_head _kept _d_head"], Float[Tensor, "batch _kv_head _kept _d_head"]]]
 
 
 def load_config(config: str | Path | dict[str, Any] | DiffusionGemmaConfig | None = None) -> DiffusionGemmaConfig:
