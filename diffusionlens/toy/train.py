@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -244,7 +245,7 @@ def start_run(
 
 
 def apply_update(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, grad_clip: float
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Float[torch.Tensor, ""], lr: float, grad_clip: float
 ) -> None:
     """One optimiser step on `loss` at learning rate `lr`, the gradient norm clipped to `grad_clip`."""
     for group in optimizer.param_groups:
