@@ -15,8 +15,8 @@ import torch
 
 from diffusionlens.analysis.seeds import SeededBatch, seed_batches
 from diffusionlens.distributed.pool import ModelPool
-from diffusionlens.patching.sweep import SweepResult, patch_sweep
-from diffusionlens.patching.sweep_spec import SweepSpec, build_metric
+from diffusionlens.patching.sweep import SweepResult
+from diffusionlens.patching.sweep_spec import SweepSpec, record_spec_runs, sweep_recorded_spec
 
 if TYPE_CHECKING:
     from diffusionlens.denoising_cache import DenoisingCache
@@ -25,19 +25,11 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------- patch sweeps
 def _prepared(model: Any, memo: dict, spec: SweepSpec) -> tuple:
-    """The clean and corrupted runs and the metric, recorded once per worker (as `run_sweep_spec`)."""
-    from diffusionlens.patching.runs import record_run
-    from diffusionlens.sampling.noise import ReplayNoise
-
+    """The clean and corrupted runs and the metric, recorded once per worker (`record_spec_runs`, as
+    `run_sweep_spec` records them)."""
     key = ("sweep", repr(spec))
     if key not in memo:
-        layers = spec.layers if spec.layers is not None else range(model.cfg.num_hidden_layers)
-        names = sorted({spec.hook.format(layer=layer) for layer in layers})
-        settings = {"max_new_tokens": spec.max_new_tokens or model.cfg.canvas_length}
-        clean_ids, corrupted_ids = model.to_tokens(spec.clean), model.to_tokens(spec.corrupted)
-        clean = record_run(model, clean_ids, names_filter=names, noise=ReplayNoise(spec.seed), **settings)
-        corrupted = record_run(model, corrupted_ids, noise=ReplayNoise(spec.seed), **settings)
-        memo[key] = (clean, corrupted, build_metric(spec, model.tokenizer, clean))
+        memo[key] = record_spec_runs(spec, model)
     return memo[key]
 
 
@@ -53,25 +45,9 @@ def _sweep_labels(model: Any, memo: dict, spec: SweepSpec) -> dict[str, list]:
 
 
 def _sweep_row(model: Any, memo: dict, task: tuple[SweepSpec, Any]) -> SweepResult:
-    """One row of the sweep (one label of its first axis), through `patch_sweep` itself."""
+    """One row of the sweep (one label of its first axis), through `run_sweep_spec`'s own sweep call."""
     spec, row = task
-    clean, corrupted, metric = _prepared(model, memo, spec)
-    first_axis = {"layer": "layers", "step": "steps"}[spec.over[0]]
-    ranges = {"layers": spec.layers, "steps": spec.steps, "positions": spec.positions, first_axis: [row]}
-    return patch_sweep(
-        model,
-        clean,
-        corrupted,
-        spec.hook,
-        spec.over,
-        metric,
-        mode=spec.mode,
-        metric_steps=spec.metric_steps,
-        progress=False,
-        path=spec.path,
-        batch_size=spec.batch_size,
-        **ranges,
-    )
+    return sweep_recorded_spec(spec, model, _prepared(model, memo, spec), first_axis_labels=[row], progress=False)
 
 
 def run_sweep_spec_distributed(

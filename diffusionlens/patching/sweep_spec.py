@@ -138,33 +138,56 @@ def build_metric(spec: SweepSpec, tokenizer, clean: PatchedRun):
         raise ValueError(f"{spec.source}: metric {spec.metric!r} does not fit {kind}: {error}") from None
 
 
-def run_sweep_spec(spec: SweepSpec, model=None, progress: bool = True) -> SweepResult:
-    """Record the clean and corrupted runs with `ReplayNoise(spec.seed)` and run the sweep."""
-    from diffusionlens.model import HookedDiffusionGemma
+def record_spec_runs(spec: SweepSpec, model) -> tuple[PatchedRun, PatchedRun, Any]:
+    """`(clean, corrupted, metric)` for a spec: both runs recorded with `ReplayNoise(spec.seed)` (the clean one
+    keeping the spec's hook at its layers), the metric built against the clean run. The single-process and
+    the distributed sweep both start here, so they patch the same runs."""
     from diffusionlens.sampling.noise import ReplayNoise
 
-    model = model or HookedDiffusionGemma.from_pretrained(spec.model, progress=progress)
     layers = spec.layers if spec.layers is not None else range(model.cfg.num_hidden_layers)
     names = sorted({spec.hook.format(layer=layer) for layer in layers})
     settings = {"max_new_tokens": spec.max_new_tokens or model.cfg.canvas_length}
     clean_ids, corrupted_ids = model.to_tokens(spec.clean), model.to_tokens(spec.corrupted)
     clean = record_run(model, clean_ids, names_filter=names, noise=ReplayNoise(spec.seed), **settings)
     corrupted = record_run(model, corrupted_ids, noise=ReplayNoise(spec.seed), **settings)
-    result = patch_sweep(
+    return clean, corrupted, build_metric(spec, model.tokenizer, clean)
+
+
+def sweep_recorded_spec(
+    spec: SweepSpec,
+    model,
+    runs: tuple[PatchedRun, PatchedRun, Any],
+    *,
+    first_axis_labels: list | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """`patch_sweep` as the spec describes it, on `runs` from `record_spec_runs`. `first_axis_labels`
+    narrows the first axis (`spec.over[0]`, layer or step) to those labels: one distributed task's row."""
+    clean, corrupted, metric = runs
+    ranges = {"layers": spec.layers, "steps": spec.steps, "positions": spec.positions}
+    if first_axis_labels is not None:
+        ranges[{"layer": "layers", "step": "steps"}[spec.over[0]]] = first_axis_labels
+    return patch_sweep(
         model,
         clean,
         corrupted,
         spec.hook,
         spec.over,
-        build_metric(spec, model.tokenizer, clean),
+        metric,
         mode=spec.mode,
-        layers=spec.layers,
-        steps=spec.steps,
-        positions=spec.positions,
         metric_steps=spec.metric_steps,
         progress=progress,
         path=spec.path,
         batch_size=spec.batch_size,
+        **ranges,
     )
+
+
+def run_sweep_spec(spec: SweepSpec, model=None, progress: bool = True) -> SweepResult:
+    """Record the clean and corrupted runs with `ReplayNoise(spec.seed)` and run the sweep."""
+    from diffusionlens.model import HookedDiffusionGemma
+
+    model = model or HookedDiffusionGemma.from_pretrained(spec.model, progress=progress)
+    result = sweep_recorded_spec(spec, model, record_spec_runs(spec, model), progress=progress)
     result.metadata.update({"clean": spec.clean, "corrupted": spec.corrupted, "model": spec.model})
     return result

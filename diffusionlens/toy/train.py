@@ -21,10 +21,13 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -32,8 +35,11 @@ from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
 from diffusionlens.losses import denoising_loss
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.toy.data import make_batch
-from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, make_dataset
+from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, Example, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, PAD_ID, VOCAB, build_tokenizer
+
+if TYPE_CHECKING:
+    from diffusionlens.causal_lm import HookedGemma4CausalLM
 
 # Addition's answers are short (1-4 characters), so per batch it sees the least answer signal: it gets the
 # largest share of batches together with the hard squares task.
@@ -65,7 +71,10 @@ def toy_config(**overrides) -> DiffusionGemmaConfig:
 
 
 @dataclass
-class TrainSettings:
+class CommonTrainSettings:
+    """The settings both toy trainers read (this one and `train_ar`'s twin): schedule, optimiser,
+    evaluation and checkpoint cadence, the task mix. Each trainer's own settings extend it."""
+
     steps: int = 6000
     batch_size: int = 64
     lr: float = 3e-3
@@ -73,20 +82,26 @@ class TrainSettings:
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    self_cond_prob: float = 0.5
-    t_min: float = 0.4
-    t_max: float = 0.8
     eval_every: int = 500
     eval_examples: int = 64
     save_every: int = 250
     seed: int = 0
+    task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
+    # A checkpoint directory to start from (weights only, fresh optimiser and schedule): continues an
+    # earlier run whose optimiser state is gone. Ignored when --out already holds a run to resume.
+    init_from: str = ""
+
+
+@dataclass
+class TrainSettings(CommonTrainSettings):
+    """The diffusion toy's settings: the common ones, then self-conditioning and the pad weight."""
+
+    self_cond_prob: float = 0.5
+    t_min: float = 0.4
+    t_max: float = 0.8
     # Pads fill most of the 48-token canvas and are learnt at once; full weight on them would drown the
     # answer positions (and short-answer tasks most of all).
     pad_weight: float = 0.1
-    task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
-    # A checkpoint directory to start from (weights only, fresh optimiser): continues an earlier run
-    # whose optimiser state is gone. Ignored when --out already holds a run to resume.
-    init_from: str = ""
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
@@ -102,7 +117,7 @@ def parse_task_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def learning_rate(step: int, s: TrainSettings) -> float:
+def learning_rate(step: int, s: CommonTrainSettings) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     progress = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
@@ -134,8 +149,10 @@ def training_loss(
     return denoising_loss(logits, target, weights=torch.where(target == PAD_ID, s.pad_weight, 1.0))
 
 
-def _batch(tokenizer, step: int, s: TrainSettings, task_weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    # Each step's data is a pure function of (seed, step, task mix): resuming replays and skips nothing.
+def training_examples(step: int, s: CommonTrainSettings, task_weights: dict[str, float]) -> list[Example]:
+    """Training step `step`'s examples (`s.batch_size` of the task mix, never an example prompt).
+
+    Each step's data is a pure function of (seed, step, task mix): resuming replays and skips nothing."""
     data = make_dataset(
         list(task_weights),
         s.batch_size,
@@ -144,10 +161,10 @@ def _batch(tokenizer, step: int, s: TrainSettings, task_weights: dict[str, float
         weights=list(task_weights.values()),
         exclude=EXAMPLE_PROMPTS.values(),
     )
-    return make_batch(tokenizer, data.examples, CANVAS_LENGTH)
+    return data.examples
 
 
-def save_checkpoint(out: Path, model, optimizer, step: int, s: TrainSettings, generator, log: list) -> None:
+def save_checkpoint(out: Path, model, optimizer, step: int, s: CommonTrainSettings, generator, log: list) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tensors, meta = {}, {"step": step, "settings": asdict(s), "log": log, "param_groups": []}
@@ -183,6 +200,70 @@ def load_checkpoint(out: Path, model, optimizer, generator) -> tuple[int, list]:
     return meta["step"], meta["log"]
 
 
+@dataclass
+class TrainingRun:
+    """What a toy trainer's loop starts from: the model (resumed from `out`, loaded from `init_from`, or
+    fresh), its tokenizer, optimiser and data generator, the parsed task mix, and the step and log to go on from."""
+
+    model: Any
+    tokenizer: Any
+    task_weights: dict[str, float]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    start: int
+    log: list
+
+
+def start_run(
+    model_class: type[HookedDiffusionGemma] | type[HookedGemma4CausalLM],
+    out: Path,
+    s: CommonTrainSettings,
+    fresh_config: Any,
+    device: str | None = None,
+) -> TrainingRun:
+    """Both toy trainers' start: resume from `out` if it holds a run, else start from `s.init_from`'s weights
+    or `model_class.from_config(fresh_config)`; the model in training mode (on `device` if given)."""
+    task_weights = parse_task_weights(s.task_weights)  # a bad mix fails before any work
+    torch.manual_seed(s.seed)
+    tokenizer = build_tokenizer()
+    resuming = (out / "training_state.json").exists()
+    if resuming:
+        model = model_class.from_pretrained(out, progress=False)
+    elif s.init_from:
+        model = model_class.from_pretrained(s.init_from, progress=False)
+    else:
+        model = model_class.from_config(fresh_config, seed=s.seed)
+    model.tokenizer = tokenizer
+    if device is not None:
+        model.to(device)
+    model.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
+    # The data generator is checkpointed by both trainers (the shared format), used by the diffusion one.
+    generator = torch.Generator().manual_seed(s.seed)
+    start, log = load_checkpoint(out, model, optimizer, generator) if resuming else (0, [])
+    return TrainingRun(model, tokenizer, task_weights, optimizer, generator, start, log)
+
+
+def apply_update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: Float[torch.Tensor, ""], lr: float, grad_clip: float
+) -> None:
+    """One optimiser step on `loss` at learning rate `lr`, the gradient norm clipped to `grad_clip`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+def evaluate_in_eval_mode(model: torch.nn.Module, evaluate_fn: Callable, tokenizer, step: int) -> Any:
+    """`evaluate_fn(model, tokenizer, step)` with the model in eval mode, back in training mode after."""
+    model.eval()
+    result = evaluate_fn(model, tokenizer, step)
+    model.train()
+    return result
+
+
 def train(
     out: str | Path,
     settings: TrainSettings | None = None,
@@ -193,42 +274,23 @@ def train(
     """Train (or resume) into directory `out`; returns the model. `evaluate_fn(model, tokenizer, step)`
     runs every `eval_every` steps and its result is logged."""
     s = settings or TrainSettings()
-    task_weights = parse_task_weights(s.task_weights)  # a bad mix fails before any work
     out = Path(out)
-    torch.manual_seed(s.seed)
-    tokenizer = build_tokenizer()
-    resuming = (out / "training_state.json").exists()
-    if resuming:
-        model = HookedDiffusionGemma.from_pretrained(out, progress=False)
-    elif s.init_from:
-        model = HookedDiffusionGemma.from_pretrained(s.init_from, progress=False)
-    else:
-        model = HookedDiffusionGemma.from_config(config or toy_config(), seed=s.seed)
-    model.tokenizer = tokenizer
-    model.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
-    generator = torch.Generator().manual_seed(s.seed)
-    start, log = load_checkpoint(out, model, optimizer, generator) if resuming else (0, [])
-    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train-toy", disable=not progress)
+    run = start_run(HookedDiffusionGemma, out, s, config or toy_config())
+    model, tokenizer, generator, log = run.model, run.tokenizer, run.generator, run.log
+    bar = tqdm(range(run.start, s.steps), initial=run.start, total=s.steps, desc="train-toy", disable=not progress)
     began = time.time()
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, s)
-        loss = training_loss(model, _batch(tokenizer, step, s, task_weights), s, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
+        batch = make_batch(tokenizer, training_examples(step, s, run.task_weights), CANVAS_LENGTH)
+        loss = training_loss(model, batch, s, generator)
+        apply_update(model, run.optimizer, loss, learning_rate(step, s), s.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         entry = {"step": step + 1, "loss": loss.item(), "seconds": time.time() - began}
         if evaluate_fn is not None and (step + 1) % s.eval_every == 0:
-            model.eval()
-            entry["eval"] = evaluate_fn(model, tokenizer, step + 1)
-            model.train()
+            entry["eval"] = evaluate_in_eval_mode(model, evaluate_fn, tokenizer, step + 1)
             tqdm.write(f"step {step + 1}: {entry['eval']}")
         log.append(entry)
         if (step + 1) % s.save_every == 0 or step + 1 == s.steps:
-            save_checkpoint(out, model, optimizer, step + 1, s, generator, log)
+            save_checkpoint(out, model, run.optimizer, step + 1, s, generator, log)
     return model.eval().requires_grad_(False)
 
 

@@ -22,15 +22,17 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from diffusionlens.causal_lm import HookedGemma4CausalLM
-from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, Example, make_dataset
-from diffusionlens.toy.tokenizer import PAD_ID, build_tokenizer, encode_answer, encode_prompt
+from diffusionlens.toy.tasks import Example
+from diffusionlens.toy.tokenizer import PAD_ID, encode_answer, encode_prompt
 from diffusionlens.toy.train import (
-    TASK_WEIGHTS,
+    CommonTrainSettings,
+    apply_update,
+    evaluate_in_eval_mode,
     learning_rate,
-    load_checkpoint,
-    parse_task_weights,
     parse_training_args,
     save_checkpoint,
+    start_run,
+    training_examples,
 )
 from diffusionlens.toy.train import toy_config as diffusion_toy_config
 
@@ -38,26 +40,18 @@ IGNORE = -100  # cross_entropy's ignore_index: prompt and padding positions carr
 
 
 @dataclass
-class ARTrainSettings:
+class ARTrainSettings(CommonTrainSettings):
+    """The twin's settings: the diffusion trainer's common ones (fewer steps, 50 evaluation examples), then a
+    time budget, the device and where a staged run's data stream goes on from."""
+
     steps: int = 4000
-    batch_size: int = 64
-    lr: float = 3e-3
-    min_lr: float = 1e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_every: int = 500
     eval_examples: int = 50
-    save_every: int = 250
-    seed: int = 0
-    task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
     # A wall-clock budget (0: none): the cosine schedule then runs on whichever of steps or seconds is
     # further along, so the learning rate has decayed when the budget ends; training stops there.
     max_seconds: float = 0.0
     device: str = "cpu"  # "cuda" trains on a GPU (float32; the data stream is the same)
-    # Start a new run (fresh optimizer and schedule) from the weights of this checkpoint directory; the
-    # data stream goes on from `init_step`, so a later stage does not replay the batches an earlier one saw.
-    init_from: str = ""
+    # With `init_from` the data stream goes on from `init_step`, so a later stage does not replay the
+    # batches an earlier one saw.
     init_step: int = 0
 
 
@@ -91,70 +85,34 @@ def ar_loss(model: HookedGemma4CausalLM, batch: dict[str, torch.Tensor]) -> torc
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
 
-def _batch(tokenizer, step: int, s: ARTrainSettings, task_weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    # Each step's data is a pure function of (seed, step, task mix): resuming replays and skips nothing.
-    data = make_dataset(
-        list(task_weights),
-        s.batch_size,
-        seed=s.seed * 1_000_003 + step,
-        split="train",
-        weights=list(task_weights.values()),
-        exclude=EXAMPLE_PROMPTS.values(),
-    )
-    return make_ar_batch(tokenizer, data.examples)
-
-
 def train_ar(
     out: str | Path, settings: ARTrainSettings | None = None, progress: bool = True, evaluate_fn=None
 ) -> HookedGemma4CausalLM:
     """Train (or resume) into `out`; `evaluate_fn(model, tokenizer, step)` runs every `eval_every` steps."""
     s = settings or ARTrainSettings()
-    task_weights = parse_task_weights(s.task_weights)
     out = Path(out)
-    torch.manual_seed(s.seed)
-    tokenizer = build_tokenizer()
-    resuming = (out / "training_state.json").exists()
-    if resuming:
-        model = HookedGemma4CausalLM.from_pretrained(out, progress=False)
-    elif s.init_from:
-        model = HookedGemma4CausalLM.from_pretrained(s.init_from, progress=False)
-    else:
-        model = HookedGemma4CausalLM.from_config(toy_ar_config(), seed=s.seed)
-    model.tokenizer = tokenizer
-    model.to(s.device).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
-    generator = torch.Generator().manual_seed(s.seed)  # kept for the shared checkpoint format
-    start, log = load_checkpoint(out, model, optimizer, generator) if resuming else (0, [])
+    run = start_run(HookedGemma4CausalLM, out, s, toy_ar_config(), device=s.device)
+    model, tokenizer, log = run.model, run.tokenizer, run.log
     began = time.time() - (log[-1]["seconds"] if log else 0.0)
-    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="train-toy-ar", disable=not progress)
+    bar = tqdm(range(run.start, s.steps), initial=run.start, total=s.steps, desc="train-toy-ar", disable=not progress)
     for step in bar:
         schedule_step = step
         if s.max_seconds > 0:
             schedule_step = max(step, int(s.steps * (time.time() - began) / s.max_seconds))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule_step, s)
-        batch = {k: v.to(s.device) for k, v in _batch(tokenizer, s.init_step + step, s, task_weights).items()}
+        lr = learning_rate(schedule_step, s)
+        examples = training_examples(s.init_step + step, s, run.task_weights)
+        batch = {k: v.to(s.device) for k, v in make_ar_batch(tokenizer, examples).items()}
         loss = ar_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
+        apply_update(model, run.optimizer, loss, lr, s.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        entry = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.time() - began,
-        }
+        entry = {"step": step + 1, "loss": loss.item(), "lr": lr, "seconds": time.time() - began}
         if evaluate_fn is not None and (step + 1) % s.eval_every == 0:
-            model.eval()
-            entry["eval"] = evaluate_fn(model, tokenizer, step + 1)
-            model.train()
+            entry["eval"] = evaluate_in_eval_mode(model, evaluate_fn, tokenizer, step + 1)
             tqdm.write(f"step {step + 1}: {json.dumps(entry['eval'])}")
         log.append(entry)
         out_of_time = s.max_seconds > 0 and entry["seconds"] >= s.max_seconds
         if (step + 1) % s.save_every == 0 or step + 1 == s.steps or out_of_time:
-            save_checkpoint(out, model, optimizer, step + 1, s, generator, log)
+            save_checkpoint(out, model, run.optimizer, step + 1, s, run.generator, log)
         if out_of_time:
             tqdm.write(f"stopping at step {step + 1}: --max-seconds {s.max_seconds:g} reached")
             break
