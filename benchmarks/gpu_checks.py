@@ -82,6 +82,22 @@ def reference_generate(reference, ids, settings):
     return reference.generate(ids, **kw)
 
 
+def seeded_generations(ours, reference, prompt: torch.Tensor, settings: dict, seed: int = 0):
+    """(outputs, run ours, run transformers'): each call seeds torch, generates, and stores its result in
+    `outputs` under "ours" or "reference", so timers can call them repeatedly and compare afterwards."""
+    outputs: dict[str, object] = {}
+
+    def ours_generate() -> None:
+        torch.manual_seed(seed)
+        outputs["ours"] = ours.generate(prompt, progress=False, **settings)
+
+    def reference_generate_once() -> None:
+        torch.manual_seed(seed)
+        outputs["reference"] = reference_generate(reference, prompt, settings)
+
+    return outputs, ours_generate, reference_generate_once
+
+
 def compare(label: str, reference, ours, vocab: int, canvas: int, device: str) -> None:
     """Logits bit-identical (or max |diff|) and seeded tokens identical, ours vs transformers."""
     g = torch.Generator().manual_seed(0)
@@ -240,16 +256,7 @@ def full_model(
         f"{t_full * 1e3:.1f} ms vs {t_full_ref * 1e3:.1f} ms; prompt 64",
     )
     del state, prompt_kv
-    outputs = {}
-
-    def ours_generate():
-        torch.manual_seed(0)
-        outputs["ours"] = ours.generate(prompt, progress=False, **settings)
-
-    def reference_generate_once():
-        torch.manual_seed(0)
-        outputs["reference"] = reference_generate(reference, prompt, settings)
-
+    outputs, ours_generate, reference_generate_once = seeded_generations(ours, reference, prompt, settings)
     t_gen = timed(ours_generate, device, repeats=1)
     if cuda:
         peak = torch.cuda.max_memory_allocated()

@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from reference import CANVAS, build_pair  # noqa: E402
 
-from benchmarks.gpu_checks import reference_generate, sampler_settings, steps_taken  # noqa: E402
+from benchmarks.gpu_checks import sampler_settings, seeded_generations, steps_taken  # noqa: E402
 from benchmarks.timing import Timer  # noqa: E402
 
 SYNCING_METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "nonzero")
 STEPS = 48
+LABELS = {"ours": "ours", "reference": "transformers"}
 
 
 def count_host_syncs(run) -> collections.Counter:
@@ -63,15 +64,7 @@ def main() -> None:
     canvas, vocab = CANVAS["mixed"], ours.cfg.vocab_size
     prompt = torch.randint(3, 50, (1, 7), generator=torch.Generator().manual_seed(0))
     settings = sampler_settings(canvas, STEPS)
-    outputs = {}
-
-    def ours_generate():
-        torch.manual_seed(0)
-        outputs["ours"] = ours.generate(prompt, progress=False, **settings)
-
-    def reference_generate_once():
-        torch.manual_seed(0)
-        outputs["transformers"] = reference_generate(reference, prompt, settings)
+    outputs, ours_generate, reference_generate_once = seeded_generations(ours, reference, prompt, settings)
 
     with torch.no_grad():
         state = ours.encode(prompt)
@@ -81,28 +74,26 @@ def main() -> None:
         passes = Timer("cpu", warmup=2, repeats=15).measure(
             {
                 "ours": lambda: ours.denoise(canvas_ids, state, self_cond),
-                "transformers": lambda: reference(
+                "reference": lambda: reference(
                     past_key_values=prompt_kv, decoder_input_ids=canvas_ids, self_conditioning_logits=self_cond
                 ),
             }
         )
-        runs = Timer("cpu", warmup=1, repeats=7).measure(
-            {"ours": ours_generate, "transformers": reference_generate_once}
-        )
-        syncs = {"ours": count_host_syncs(ours_generate), "transformers": count_host_syncs(reference_generate_once)}
+        runs = Timer("cpu", warmup=1, repeats=7).measure({"ours": ours_generate, "reference": reference_generate_once})
+        syncs = {"ours": count_host_syncs(ours_generate), "reference": count_host_syncs(reference_generate_once)}
     print(f"tiny 'mixed' config, canvas {canvas}, vocab {vocab}, one CPU thread, {STEPS} steps")
     print("| model | decoder pass | generate step | step - pass | host syncs per step |")
     print("|---|---|---|---|---|")
-    for name in ("ours", "transformers"):
+    for name in ("ours", "reference"):
         steps = steps_taken(outputs[name], canvas)
         step = runs[name] / steps
         per_step = sum(syncs[name].values()) / steps
         print(
-            f"| {name} | {passes[name] * 1e3:.3f} ms | {step * 1e3:.3f} ms | "
+            f"| {LABELS[name]} | {passes[name] * 1e3:.3f} ms | {step * 1e3:.3f} ms | "
             f"{(step - passes[name]) * 1e3:+.3f} ms | {per_step:.1f} |"
         )
-    for name in ("ours", "transformers"):
-        print(f"\nhost syncs in one {name} generation ({STEPS} steps), by call site:")
+    for name in ("ours", "reference"):
+        print(f"\nhost syncs in one {LABELS[name]} generation ({STEPS} steps), by call site:")
         for site, count in syncs[name].most_common(10):
             print(f"  {count:5d}  {site}")
 
