@@ -39,11 +39,6 @@ CFG = DiffusionGemmaConfig(
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
-def rms_scale64(x: torch.Tensor, eps: float) -> torch.Tensor:
-    # RMSNorm computes in fp32 by design; a float64 scale lets the float64 checks reach 1e-10.
-    return torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-
-
 def random_model(dtype: torch.dtype) -> HookedDiffusionGemma:
     model = HookedDiffusionGemma.from_config(CFG, dtype=dtype)
     g = torch.Generator().manual_seed(11)
@@ -78,7 +73,8 @@ def setup(request):
     self_cond = torch.randn(2, CFG.canvas_length, CFG.vocab_size, generator=g, dtype=torch.float64).float()
     with pytest.MonkeyPatch.context() as patch:
         if dtype == torch.float64:
-            patch.setattr(norms_module, "rms_scale", rms_scale64)
+            # RMSNorm computes in fp32 by design; float64 norms let the float64 checks reach 1e-10.
+            patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
         logits, cache = run_all(model, ids, canvas, self_cond)
     return SimpleNamespace(model=model, cache=cache, logits=logits, ids=ids, canvas=canvas, tol=TOL[dtype])
 

@@ -64,13 +64,9 @@ def setup():
     # at ~1e-7; a float64 norm lets the weights be checked to 1e-10 through the whole block.
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(moe_module, "_grouped_mm_available", lambda weight: False)
-        patch.setattr(norms_module, "rms_scale", rms_scale64)  # rms_normalize and RMSNorm both use it
+        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)  # rms_normalize and RMSNorm both use it
         logits, cache = model.run_with_cache(ids, canvas)
     return SimpleNamespace(model=model, ids=ids, canvas=canvas, logits=logits, cache=cache)
-
-
-def rms_scale64(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
 
 
 def rms_normalize64(x: torch.Tensor, eps: float) -> torch.Tensor:
