@@ -118,7 +118,12 @@ class Attention(nn.Module):
 
     def _repeat(self, kv: torch.Tensor) -> torch.Tensor:
         group = self.n_heads // self.n_kv_heads
-        return kv if group == 1 else kv.repeat_interleave(group, dim=1)
+        if group == 1:
+            return kv
+        # expand + reshape, as transformers' repeat_kv: with one key-value head the result is a
+        # stride-0 view, where repeat_interleave always copies the keys and values.
+        batch, n_kv, n_pos, d_head = kv.shape
+        return kv[:, :, None].expand(batch, n_kv, group, n_pos, d_head).reshape(batch, n_kv * group, n_pos, d_head)
 
     def _fused(self, queries, keys, values, mask, causal: bool) -> torch.Tensor:
         # The same scaled_dot_product_attention call, GQA handling and mask form as transformers'

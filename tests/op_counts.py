@@ -1,0 +1,61 @@
+"""Counting the copies a forward pass makes, at the dispatcher, for comparisons with transformers.
+
+A dtype conversion or `.contiguous()` that allocates is an `aten::copy_` kernel on a GPU; in a
+16-bit model each one over the hidden state costs bandwidth at every layer of every step.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_CONVERSIONS = ("to", "_to_copy", "type_as", "clone", "contiguous", "copy_")
+
+
+class CopyCounter(TorchDispatchMode):
+    """Conversions and clones whose result is new storage: calls and bytes written, by file:line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: collections.Counter[str] = collections.Counter()
+        self.bytes_by_site: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if (
+            func.overloadpacket.__name__ in _CONVERSIONS
+            and isinstance(out, torch.Tensor)
+            and isinstance(source, torch.Tensor)
+            and out.data_ptr() != source.data_ptr()
+            and out.numel() > 1  # a scalar (our embed_scale, rounded per call) is a launch, not bandwidth
+        ):
+            site = _caller()
+            self.sites[site] += 1
+            self.bytes_by_site[site] += out.numel() * out.element_size()
+        return out
+
+    @property
+    def calls(self) -> int:
+        return sum(self.sites.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_site.values())
+
+
+def _caller() -> str:
+    frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+    frame = frames[-1]
+    return f"{frame.filename.split('site-packages/')[-1].split('/diffusionlens/')[-1]}:{frame.lineno}"
+
+
+def count_copies(run: Callable[[], object]) -> CopyCounter:
+    counter = CopyCounter()
+    with torch.no_grad(), counter:
+        run()
+    return counter
