@@ -59,11 +59,6 @@ def section(label: str, fn: Callable[[], None]) -> None:
             torch.cuda.empty_cache()
 
 
-def timed(fn: Callable[[], object], device: str, repeats: int = 3) -> float:
-    """Median seconds of `repeats` calls after one warm-up, CUDA synchronised (benchmarks/timing.py)."""
-    return Timer(device, warmup=1, repeats=repeats).measure({"fn": fn})["fn"]
-
-
 def sampler_settings(canvas: int, steps: int) -> dict:
     return dict(
         max_new_tokens=canvas,
@@ -225,36 +220,37 @@ def full_model(
     with torch.no_grad():
         state = ours.encode(prompt)
         prompt_kv = reference.model.encoder(input_ids=prompt).past_key_values  # read-only for the decoder
-        t_ours = timed(lambda: ours.denoise(canvas_ids, state), device)
-        t_ref = timed(lambda: reference(past_key_values=prompt_kv, decoder_input_ids=canvas_ids), device)
         # Every step after the first also reads the previous step's logits through self-conditioning.
         self_cond = torch.randn(1, canvas, vocab, generator=g).to(device=device, dtype=dtype)
-        t_sc = Timer(device, warmup=1, repeats=3).measure(
-            {
-                "ours": lambda: ours.denoise(canvas_ids, state, self_cond),
-                "reference": lambda: reference(
+        passes = {
+            "decoder pass": (
+                lambda: ours.denoise(canvas_ids, state),
+                lambda: reference(past_key_values=prompt_kv, decoder_input_ids=canvas_ids),
+                f"both read the encoded prompt's KV, canvas {canvas}",
+            ),
+            "decoder pass with self-conditioning": (
+                lambda: ours.denoise(canvas_ids, state, self_cond),
+                lambda: reference(
                     past_key_values=prompt_kv, decoder_input_ids=canvas_ids, self_conditioning_logits=self_cond
                 ),
-            }
-        )
-        t_full = timed(lambda: ours(prompt, canvas_ids), device)
-        t_full_ref = timed(lambda: reference(input_ids=prompt, decoder_input_ids=canvas_ids), device)
-    row(
-        f"{label}: decoder pass ours / transformers",
-        f"{t_ours / t_ref:.3f}",
-        f"{t_ours * 1e3:.1f} ms vs {t_ref * 1e3:.1f} ms; both read the encoded prompt's KV, canvas {canvas}",
-    )
-    row(
-        f"{label}: decoder pass with self-conditioning ours / transformers",
-        f"{t_sc['ours'] / t_sc['reference']:.3f}",
-        f"{t_sc['ours'] * 1e3:.1f} ms vs {t_sc['reference'] * 1e3:.1f} ms; interleaved, median of 3",
-    )
-    del self_cond
-    row(
-        f"{label}: encoder + decoder pass ours / transformers",
-        f"{t_full / t_full_ref:.3f}",
-        f"{t_full * 1e3:.1f} ms vs {t_full_ref * 1e3:.1f} ms; prompt 64",
-    )
+                f"canvas {canvas}",
+            ),
+            "encoder + decoder pass": (
+                lambda: ours(prompt, canvas_ids),
+                lambda: reference(input_ids=prompt, decoder_input_ids=canvas_ids),
+                "prompt 64",
+            ),
+        }
+        for name, (ours_pass, reference_pass, note) in passes.items():
+            # Interleaved (ours, transformers, transformers, ours, ...), so clocks and allocator state
+            # drift equally on both: one-after-the-other timings of these rows moved by up to 40%.
+            t = Timer(device, warmup=1, repeats=3).measure({"ours": ours_pass, "reference": reference_pass})
+            row(
+                f"{label}: {name} ours / transformers",
+                f"{t['ours'] / t['reference']:.3f}",
+                f"{t['ours'] * 1e3:.1f} ms vs {t['reference'] * 1e3:.1f} ms; {note}; interleaved, median of 3",
+            )
+    del self_cond, passes
     del state, prompt_kv
     outputs, ours_generate, reference_generate_once = seeded_generations(ours, reference, prompt, settings)
     # One generation of ours alone first, for the peak memory of our decoder passes and sampler; the
@@ -282,10 +278,7 @@ def full_model(
         f"{t_gen / n_ours * 1e3:.1f} vs {t_gen_ref / n_ref * 1e3:.1f} ms/step; {n_ours:.0f} and {n_ref:.0f} steps; "
         f"tokens {'identical' if same else 'differ'}; interleaved, median of {generate_repeats}",
     )
-    if profile:
-        profile_generate_step(ours_generate, reference_generate_once, device, out, label)
-    del reference
-    gc.collect()
+    # transformers' model shares ours' weights, so keeping it for the profile costs little memory
     names = [f"decoder.blocks.{layer}.hook_resid_post" for layer in range(ours.cfg.num_hidden_layers)]
     with tempfile.TemporaryDirectory(dir=out) as cache_dir:
         torch.manual_seed(0)
@@ -336,6 +329,8 @@ def full_model(
             f"{per_cell * 1e3:.1f} ms",
             f"{per_cell / (t_gen / n_ours):.2f} x one generate step, {result.values.numel()} cells",
         )
+    if profile:  # last: a lease that ends while it runs still has every other row
+        profile_generate_step(ours_generate, reference_generate_once, device, out, label)
 
 
 def main() -> None:
