@@ -250,8 +250,7 @@ def full_model(
                 f"{t['ours'] / t['reference']:.3f}",
                 f"{t['ours'] * 1e3:.1f} ms vs {t['reference'] * 1e3:.1f} ms; {note}; interleaved, median of 3",
             )
-    del self_cond, passes
-    del state, prompt_kv
+    del self_cond, passes, state, prompt_kv
     outputs, ours_generate, reference_generate_once = seeded_generations(ours, reference, prompt, settings)
     # One generation of ours alone first, for the peak memory of our decoder passes and sampler; the
     # timings come from the interleaved runs below.
