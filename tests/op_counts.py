@@ -1,7 +1,12 @@
-"""Counting the copies a forward pass makes, at the dispatcher, for comparisons with transformers.
+"""Counting the copies and kernels a forward pass or a generation makes, at the dispatcher, for
+comparisons with transformers.
 
 A dtype conversion or `.contiguous()` that allocates is an `aten::copy_` kernel on a GPU; in a
-16-bit model each one over the hidden state costs bandwidth at every layer of every step.
+16-bit model each one over the hidden state costs bandwidth at every layer of every step. Every op
+that writes memory (new storage, or in place) is at least one kernel launch, which is what a
+generate step of a large model on a GPU spends its host time on. Views are free and not counted.
+Count both models under the same grad mode: `inference_mode` hands composite ops (`linear`,
+`softmax`) to the dispatcher whole, where `no_grad` hands over their decompositions.
 """
 
 from __future__ import annotations
@@ -46,6 +51,27 @@ class CopyCounter(TorchDispatchMode):
     @property
     def bytes(self) -> int:
         return sum(self.bytes_by_site.values())
+
+
+class WritingOpCounter(TorchDispatchMode):
+    """Ops that write memory (their output is new storage, or they work in place), by op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        writes_new = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs
+        if name.endswith("_") or writes_new or isinstance(out, (tuple, list)):
+            self.ops[name] += 1
+        return out
+
+    @property
+    def calls(self) -> int:
+        return sum(self.ops.values())
 
 
 def _caller() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 from diffusionlens import HookedDiffusionGemma
 
@@ -97,3 +98,9 @@ def build_pair(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     reference = build_reference(name, seed, dtype)
     ours = HookedDiffusionGemma.from_pretrained(reference)
     return reference, ours
+
+
+def reference_generate(reference: DiffusionGemmaForBlockDiffusion, ids: torch.Tensor, **kw):
+    """transformers' `generate` called with our keyword names: its entropy bound lives in a sampler config."""
+    kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(kw.pop("entropy_bound")))
+    return reference.generate(ids, **kw)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_counts import count_copies
-from reference import CANVAS, CONFIGS, build_pair
+from op_counts import CopyCounter, WritingOpCounter, count_copies
+from reference import CANVAS, CONFIGS, build_pair, reference_generate
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from diffusionlens import HookedDiffusionGemma
@@ -66,3 +66,34 @@ def test_a_bf16_forward_copies_no_more_bytes_than_transformers():
     )
     assert ours_copies.calls <= reference_copies.calls
     assert ours_copies.bytes <= reference_copies.bytes, (ours_copies.bytes_by_site, reference_copies.bytes_by_site)
+
+
+def test_a_bf16_generation_copies_and_launches_no_more_than_transformers():
+    # A 26B generate step on a GPU is bound by kernel launches and copies as much as by matmuls: the
+    # whole loop (decoder passes, sampling, acceptance, renoising) must not do more of either.
+    reference, ours = build_pair(NAME, seed=2, dtype=torch.bfloat16)
+    prompt = torch.randint(3, CONFIGS[NAME]["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(0))
+    settings = dict(
+        max_new_tokens=CANVAS[NAME],
+        max_denoising_steps=6,
+        entropy_bound=0.4,
+        stability_threshold=0,
+        confidence_threshold=1e-6,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    counted = {}
+    for name, generate in (
+        ("ours", lambda: ours.generate(prompt, progress=False, **settings)),
+        ("transformers", lambda: reference_generate(reference, prompt, **settings)),
+    ):
+        copies, writes = CopyCounter(), WritingOpCounter()
+        torch.manual_seed(0)
+        with torch.inference_mode(), copies, writes:
+            counted[name] = (generate().sequences, copies, writes)
+    tokens, copies, writes = counted["ours"]
+    reference_tokens, reference_copies, reference_writes = counted["transformers"]
+    assert torch.equal(tokens, reference_tokens)
+    assert copies.calls <= reference_copies.calls
+    assert copies.bytes <= reference_copies.bytes, (copies.bytes_by_site, reference_copies.bytes_by_site)
+    assert writes.calls <= reference_writes.calls, writes.ops - reference_writes.ops

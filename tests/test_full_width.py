@@ -20,10 +20,9 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from reference import TINY_VISION
+from reference import TINY_VISION, reference_generate
 from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion
-from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.loading import canonical_name
@@ -131,10 +130,8 @@ def transformers_outputs(reference: DiffusionGemmaForBlockDiffusion) -> tuple[to
     prompt, canvas, self_cond = inputs()
     with torch.no_grad():
         logits = reference(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=self_cond).logits
-    kw = dict(GENERATION)
-    kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(kw.pop("entropy_bound")))
     torch.manual_seed(5)
-    tokens = reference.generate(prompt, **kw).sequences
+    tokens = reference_generate(reference, prompt, **GENERATION).sequences
     return logits, tokens
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import CANVAS, build_pair
-from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+from reference import CANVAS, build_pair, reference_generate
 
 from diffusionlens import DenoisingTrace, ReplayNoise
 
@@ -13,12 +12,6 @@ from diffusionlens import DenoisingTrace, ReplayNoise
 @pytest.fixture(scope="module", params=["mixed", "single_kv"])
 def pair(request):
     return request.param, *build_pair(request.param)
-
-
-def _reference_generate(reference, ids, **kw):
-    kw = dict(kw)
-    kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(kw.pop("entropy_bound")))
-    return reference.generate(ids, **kw).sequences
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -44,7 +37,7 @@ def test_generate_matches_transformers(pair, seed):
     probe = ours.generate(ids, progress=False, eos_token_id=None, **kw)
     eos = int(probe.sequences[0, ids.shape[1] + 2])  # a token row 0 writes in its first canvas
     torch.manual_seed(seed)
-    expected = _reference_generate(reference, ids, eos_token_id=eos, **kw)
+    expected = reference_generate(reference, ids, eos_token_id=eos, **kw).sequences
     torch.manual_seed(seed)
     result = ours.generate(ids, progress=False, eos_token_id=eos, **kw)
     assert torch.equal(result.sequences, expected)
@@ -63,7 +56,7 @@ def test_left_padded_generation_matches_transformers():
     ids[1, :3] = 0
     kw = dict(max_new_tokens=16, max_denoising_steps=6, entropy_bound=0.3, pad_token_id=0, eos_token_id=None)
     torch.manual_seed(11)
-    expected = _reference_generate(reference, ids, attention_mask=mask, **kw)
+    expected = reference_generate(reference, ids, attention_mask=mask, **kw).sequences
     torch.manual_seed(11)
     assert torch.equal(ours.generate(ids, attention_mask=mask, progress=False, **kw).sequences, expected)
 
