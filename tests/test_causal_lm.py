@@ -189,3 +189,27 @@ def test_shipped_twin_loads_in_transformers_as_it_is(capsys):
     evaluate_main(["--model", "toy-ar", "--n", "2"])
     table = capsys.readouterr().out
     assert all(f"| {task} | 2 |" in table for task in ("addition", "squares", "sort", "reverse"))
+
+
+def test_evaluate_lists_exactly_the_problems_the_twin_gets_wrong(capsys):
+    from diffusionlens.toy.evaluate import main as evaluate_main
+    from diffusionlens.toy.tasks import make_dataset
+    from diffusionlens.toy.tokenizer import decode_canvas, encode_prompt
+    from diffusionlens.toy.twin import evaluate_ar
+
+    twin = HookedGemma4CausalLM.from_pretrained("toy-ar")
+    score = evaluate_ar(twin, tasks=["squares"], n=80, seed=12345)["squares"]
+    data = make_dataset("squares", 80, seed=12345, split="eval")
+    expected = []
+    for prompt, answer in zip(data.prompts, data.answers, strict=True):  # one at a time, unbatched
+        ids = torch.tensor([encode_prompt(twin.tokenizer, prompt)])
+        output = decode_canvas(twin.tokenizer, twin.generate(ids, 48)[0, ids.shape[1] :].tolist())
+        if output != answer:
+            expected.append((prompt, output, answer))
+    assert expected, "the twin got every problem right: the test lost its power"
+    assert [(w.prompt, w.output, w.answer) for w in score.wrong] == expected
+    assert score.exact_match == (80 - len(expected)) / 80
+    evaluate_main(["--model", "toy-ar", "--n", "80", "--errors"])
+    printed = capsys.readouterr().out
+    assert f"squares: {len(expected)} wrong of 80" in printed
+    assert f"  {expected[0][0]} -> {expected[0][1]!r} (answer: {expected[0][2]!r})" in printed

@@ -49,6 +49,9 @@ def test_evaluate_scores_exact_match(tmp_path):
     scores = evaluate(model, n=4, tasks=["reverse"], batch_size=4, max_denoising_steps=3)
     assert scores["reverse"].n == 4 and 0.0 <= scores["reverse"].exact_match <= 1.0
     assert 1.0 <= scores["reverse"].mean_steps <= 3.0
+    wrong = scores["reverse"].wrong
+    assert len(wrong) == round(4 * (1 - scores["reverse"].exact_match))
+    assert all(w.output != w.answer and w.prompt.startswith("reverse ") for w in wrong)
     assert "| reverse | 4 |" in format_table(scores)
 
     # A sampler forced to write the right answer must score 100%.
@@ -64,7 +67,7 @@ def test_evaluate_scores_exact_match(tmp_path):
 
     with model.hooks(fwd_hooks=[("sampler.hook_logits", force)]):
         forced = evaluate(model, n=4, tasks=["reverse"], batch_size=4, max_denoising_steps=3)
-    assert forced["reverse"].exact_match == 1.0
+    assert forced["reverse"].exact_match == 1.0 and forced["reverse"].wrong == []
 
 
 def test_seed_table_pools_scores_with_a_wilson_interval():

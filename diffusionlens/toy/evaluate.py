@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -22,11 +22,19 @@ from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas
 
 
 @dataclass
+class WrongAnswer:
+    prompt: str
+    output: str
+    answer: str
+
+
+@dataclass
 class TaskScore:
     task: str
     n: int
     exact_match: float
     mean_steps: float
+    wrong: list[WrongAnswer] = field(default_factory=list)
 
 
 def evaluate(
@@ -46,7 +54,7 @@ def evaluate(
     scores = {}
     for task in tasks or list(TASKS):
         data = make_dataset(task, n, seed=seed, split="eval")
-        correct, steps = 0, 0.0
+        wrong, steps = [], 0.0
         for start in range(0, n, batch_size):
             chunk = data.examples[start : start + batch_size]
             batch = make_batch(tokenizer, chunk, CANVAS_LENGTH)
@@ -57,9 +65,11 @@ def evaluate(
                 )
             canvas = result.sequences[:, batch["input_ids"].shape[1] :][:, :CANVAS_LENGTH]
             for row, example in enumerate(chunk):
-                correct += decode_canvas(tokenizer, canvas[row].tolist()) == example.answer
+                output = decode_canvas(tokenizer, canvas[row].tolist())
+                if output != example.answer:
+                    wrong.append(WrongAnswer(example.prompt, output, example.answer))
             steps += float(result.trace[0].stop_step().float().add(1).sum())
-        scores[task] = TaskScore(task, n, correct / n, steps / n)
+        scores[task] = TaskScore(task, n, (n - len(wrong)) / n, steps / n, wrong)
     return scores
 
 
@@ -73,7 +83,8 @@ def pooled(by_seed: dict[int, dict[str, TaskScore]]) -> dict[str, TaskScore]:
         parts = [run[task] for run in runs]
         n = sum(p.n for p in parts)
         exact = sum(p.exact_match * p.n for p in parts) / n
-        out[task] = TaskScore(task, n, exact, sum(p.mean_steps * p.n for p in parts) / n)
+        wrong = [w for p in parts for w in p.wrong]
+        out[task] = TaskScore(task, n, exact, sum(p.mean_steps * p.n for p in parts) / n, wrong)
     return out
 
 
@@ -106,6 +117,15 @@ def format_seed_table(by_seed: dict[int, dict[str, TaskScore]]) -> str:
 def quick_eval(model: HookedDiffusionGemma, tokenizer, n: int = 64, seed: int = 0) -> dict[str, float]:
     """Exact match per task on a few held-out prompts, for logging during training."""
     return {k: round(v.exact_match, 3) for k, v in evaluate(model, tokenizer, n=n, seed=seed).items()}
+
+
+def format_wrong_answers(scores: dict) -> str:
+    """Every wrong answer, by task: `prompt -> output (answer: ...)`, for reading what a model gets wrong."""
+    lines = []
+    for score in scores.values():
+        lines.append(f"{score.task}: {len(score.wrong)} wrong of {score.n}")
+        lines += [f"  {w.prompt} -> {w.output!r} (answer: {w.answer!r})" for w in score.wrong]
+    return "\n".join(lines)
 
 
 def format_table(scores: dict[str, TaskScore]) -> str:
@@ -149,19 +169,20 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
         help="one or more seeds; several print a pooled table (--bottlenecks uses the first)",
     )
     parser.add_argument("--bottlenecks", action="store_true", help="also sweep the token bottleneck settings")
+    parser.add_argument("--errors", action="store_true", help="also list every wrong answer")
     args = parser.parse_args(argv)
     if _is_causal_lm(args.model):
         from diffusionlens.toy.twin import main as twin_main
 
         if len(args.seed) > 1 or args.bottlenecks:
             parser.error("an autoregressive model takes one --seed and no --bottlenecks")
-        twin_main(["--model", args.model, "--n", str(args.n), "--seed", str(args.seed[0])])
+        twin_main(["--model", args.model, "--n", str(args.n), "--seed", str(args.seed[0])] + ["--errors"] * args.errors)
         return
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
-    if len(args.seed) == 1:
-        print(format_table(evaluate(model, n=args.n, seed=args.seed[0])))
-    else:
-        print(format_seed_table({seed: evaluate(model, n=args.n, seed=seed) for seed in args.seed}))
+    by_seed = {seed: evaluate(model, n=args.n, seed=seed) for seed in args.seed}
+    print(format_table(by_seed[args.seed[0]]) if len(args.seed) == 1 else format_seed_table(by_seed))
+    if args.errors:
+        print(format_wrong_answers(pooled(by_seed)))
     if args.bottlenecks:
         print(bottleneck_table(model, n=args.n, seed=args.seed[0]))
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from diffusionlens.causal_lm import HookedGemma4CausalLM
+from diffusionlens.toy.evaluate import WrongAnswer, format_wrong_answers
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, build_tokenizer, decode_canvas, encode_prompt
 
@@ -24,6 +25,7 @@ class ARTaskScore:
     n: int
     exact_match: float
     mean_new_tokens: float  # forward passes per problem (one per generated token, eos included)
+    wrong: list[WrongAnswer] = field(default_factory=list)
 
 
 def evaluate_ar(
@@ -47,17 +49,20 @@ def evaluate_ar(
         prompts = [encode_prompt(tokenizer, p) for p in data.prompts]
         for i, ids in enumerate(prompts):
             by_length[len(ids)].append(i)
-        correct, new_tokens = 0, 0
+        wrong, new_tokens = [], 0
         for rows in by_length.values():
             ids = torch.tensor([prompts[i] for i in rows], device=next(model.parameters()).device)
             with torch.inference_mode():
                 out = model.generate(ids, max_new_tokens)
             for row, i in enumerate(rows):
                 generated = out[row, ids.shape[1] :].tolist()
-                correct += decode_canvas(tokenizer, generated) == data.answers[i]
+                output = decode_canvas(tokenizer, generated)
+                if output != data.answers[i]:
+                    wrong.append((i, WrongAnswer(data.prompts[i], output, data.answers[i])))
                 eos = tokenizer.eos_token_id
                 new_tokens += generated.index(eos) + 1 if eos in generated else len(generated)
-        scores[task] = ARTaskScore(task, n, correct / n, new_tokens / n)
+        in_order = [w for _, w in sorted(wrong, key=lambda pair: pair[0])]  # problem order, not batch order
+        scores[task] = ARTaskScore(task, n, (n - len(wrong)) / n, new_tokens / n, in_order)
     return scores
 
 
@@ -78,9 +83,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m diffusionlens.toy
     parser.add_argument("--n", type=int, default=200, help="problems per task")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--errors", action="store_true", help="also list every wrong answer")
     args = parser.parse_args(argv)
     model = HookedGemma4CausalLM.from_pretrained(args.model, progress=False)
-    print(format_table(evaluate_ar(model, n=args.n, seed=args.seed, progress=not args.no_progress)))
+    scores = evaluate_ar(model, n=args.n, seed=args.seed, progress=not args.no_progress)
+    print(format_table(scores))
+    if args.errors:
+        print(format_wrong_answers(scores))
 
 
 if __name__ == "__main__":
