@@ -6,7 +6,10 @@ This script measures the two host-side suspects on the tiny 'mixed' test config 
 1. time: a step's median time minus one self-conditioned decoder pass (interleaved medians,
    benchmarks/timing.py), i.e. the sampler's and the loop's own work;
 2. host synchronisations: tensor calls that make the host wait for the device (`bool`, `int`,
-   `item`, `tolist`, `cpu`, ...), counted per step, with where they come from.
+   `item`, `tolist`, `cpu`, ...), counted per step, with where they come from;
+3. device work: in one seeded bf16 generation on the 'single_kv' config (6 steps; the copies a 16-bit
+   model makes are what the GPU profile found), the copies (calls, bytes) and the ops that write memory,
+   each at least one kernel launch on a GPU (tests/op_counts.py; tests/test_bf16.py asserts ours <=).
 
     python scripts/generate_step_overhead.py
 """
@@ -23,9 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+from op_counts import count_generation  # noqa: E402
 from reference import CANVAS, build_pair  # noqa: E402
 
-from benchmarks.gpu_checks import sampler_settings, seeded_generations, steps_taken  # noqa: E402
+from benchmarks.gpu_checks import reference_generate, sampler_settings, seeded_generations, steps_taken  # noqa: E402
 from benchmarks.timing import Timer  # noqa: E402
 
 SYNCING_METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "nonzero")
@@ -96,6 +100,23 @@ def main() -> None:
         print(f"\nhost syncs in one {LABELS[name]} generation ({STEPS} steps), by call site:")
         for site, count in syncs[name].most_common(10):
             print(f"  {count:5d}  {site}")
+    print_device_work()
+
+
+def print_device_work(steps: int = 6) -> None:
+    reference, ours = build_pair("single_kv", seed=2, dtype=torch.bfloat16)
+    prompt = torch.randint(3, ours.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    settings = sampler_settings(CANVAS["single_kv"], steps)
+    counted = {
+        "ours": count_generation(lambda: ours.generate(prompt, progress=False, **settings)),
+        "reference": count_generation(lambda: reference_generate(reference, prompt, settings)),
+    }
+    tokens = "identical" if torch.equal(counted["ours"][0].sequences, counted["reference"][0].sequences) else "DIFFER"
+    print(f"\none seeded bf16 generation, 'single_kv' config, {steps} steps, tokens {tokens}:")
+    print("| model | copies | bytes copied | ops that write memory |")
+    print("|---|---|---|---|")
+    for name, (_, copies, writes) in counted.items():
+        print(f"| {LABELS[name]} | {copies.calls:,} | {copies.bytes:,} | {writes.calls:,} |")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,13 @@ def count_copies(run: Callable[[], object]) -> CopyCounter:
     with torch.no_grad(), counter:
         run()
     return counter
+
+
+def count_generation(generate: Callable[[], object], seed: int = 0) -> tuple[object, CopyCounter, WritingOpCounter]:
+    """`generate()` seeded and under `inference_mode` (one grad mode for every model compared, see above):
+    its result, the copies it made and the ops that wrote memory."""
+    copies, writes = CopyCounter(), WritingOpCounter()
+    torch.manual_seed(seed)
+    with torch.inference_mode(), copies, writes:
+        result = generate()
+    return result, copies, writes

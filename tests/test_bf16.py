@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_counts import CopyCounter, WritingOpCounter, count_copies
+from op_counts import count_copies, count_generation
 from reference import CANVAS, CONFIGS, build_pair, reference_generate
 from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -82,18 +82,11 @@ def test_a_bf16_generation_copies_and_launches_no_more_than_transformers():
         pad_token_id=0,
         eos_token_id=None,
     )
-    counted = {}
-    for name, generate in (
-        ("ours", lambda: ours.generate(prompt, progress=False, **settings)),
-        ("transformers", lambda: reference_generate(reference, prompt, **settings)),
-    ):
-        copies, writes = CopyCounter(), WritingOpCounter()
-        torch.manual_seed(0)
-        with torch.inference_mode(), copies, writes:
-            counted[name] = (generate().sequences, copies, writes)
-    tokens, copies, writes = counted["ours"]
-    reference_tokens, reference_copies, reference_writes = counted["transformers"]
-    assert torch.equal(tokens, reference_tokens)
+    result, copies, writes = count_generation(lambda: ours.generate(prompt, progress=False, **settings))
+    expected, reference_copies, reference_writes = count_generation(
+        lambda: reference_generate(reference, prompt, **settings)
+    )
+    assert torch.equal(result.sequences, expected.sequences)
     assert copies.calls <= reference_copies.calls
     assert copies.bytes <= reference_copies.bytes, (copies.bytes_by_site, reference_copies.bytes_by_site)
     assert writes.calls <= reference_writes.calls, writes.ops - reference_writes.ops
