@@ -252,6 +252,14 @@ class DenoisingCache:
     def canvases(self) -> list[int]:
         return sorted({c for c, _ in self._keys()})
 
+    def ended_before(self, canvas: int) -> bool:
+        """Whether the recorded run finished before reaching `canvas`: the record spec selects it, yet
+        nothing was recorded for it or any later canvas (canvases run in order)."""
+        if self._canvases is not None and canvas not in self._canvases:
+            return False
+        recorded = self.canvases()
+        return bool(recorded) and all(c < canvas for c in recorded)
+
     def steps(self, canvas: int = 0) -> list[int]:
         """Recorded denoising steps of `canvas`, in order."""
         return [s for c, s in self._keys() if c == canvas and s != ENCODER]

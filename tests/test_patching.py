@@ -238,3 +238,31 @@ def test_steps_after_the_source_stopped_are_left_unpatched(model, prompts):
     assert patched.trace.steps(0) > 3
     with pytest.raises(KeyError, match="recorded"):
         run_patched(model, base, Patch(name, record_run(model, clean_ids, **GEN).cache))
+
+
+def test_a_source_that_finished_before_a_canvas_carries_nothing_into_it(model, prompts):
+    """A patched run may reach a canvas its source never did (another trajectory stops later): the
+    source has no value there, so the patch leaves that canvas as the run computes it."""
+    clean_ids, corrupted_ids = prompts
+    hook = "decoder.blocks.1.hook_resid_pre"
+    one_canvas = {**GEN, "max_new_tokens": CANVAS["mixed"]}
+    source = record_run(model, clean_ids, names_filter=hook, **one_canvas)
+    base = record_run(model, corrupted_ids, **GEN)
+    assert source.cache.canvases() == [0] and len(base.trace.canvases) == 2
+    patched = run_patched(model, base, Patch(hook, source.cache, positions=[0, 1]))
+    first_only = run_patched(model, base, Patch(hook, source.cache, positions=[0, 1], canvases=[0]))
+    assert not torch.equal(patched.logits[(0, 0)], base.logits[(0, 0)])  # the patch acts on canvas 0
+    assert patched.logits.keys() == first_only.logits.keys()
+    assert all(torch.equal(patched.logits[key], first_only.logits[key]) for key in patched.logits)
+    assert torch.equal(patched.sequences, first_only.sequences)
+
+
+def test_a_source_recorded_without_a_canvas_is_refused_there_naming_its_canvases(model, prompts):
+    clean_ids, corrupted_ids = prompts
+    hook = "decoder.blocks.1.hook_resid_pre"
+    source = record_run(model, clean_ids, names_filter=hook, canvases=[1], **GEN)
+    base = record_run(model, corrupted_ids, **GEN)
+    with pytest.raises(KeyError, match=r"recorded canvases \[1\], not canvas 0.*canvases=\[1\]"):
+        run_patched(model, base, Patch(hook, source.cache))
+    limited = run_patched(model, base, Patch(hook, source.cache, canvases=[1]))
+    assert all(torch.equal(limited.logits[(0, s)], base.logits[(0, s)]) for s in base.steps(0))

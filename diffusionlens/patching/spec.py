@@ -106,6 +106,14 @@ class Patch:
         source = self.source
         if isinstance(source, DenoisingCache):
             ctx = hook.ctx
+            if ctx.canvas not in source.canvases():
+                if not source.ended_before(ctx.canvas):
+                    raise KeyError(
+                        f"{hook.name}: the patch source recorded canvases {source.canvases()}, not canvas "
+                        f"{ctx.canvas}; record it (canvases=None) or limit the patch with canvases="
+                        f"{source.canvases()}"
+                    )
+                return None  # the source run had finished before this canvas: nothing to carry over
             recorded = source.steps(ctx.canvas)
             if ctx.step is not None and recorded and ctx.step > recorded[-1]:
                 return None  # the source run had stopped by this step: nothing to carry over
