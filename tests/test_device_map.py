@@ -12,6 +12,7 @@ from reference import CANVAS, CONFIGS, build_pair
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma, ReplayNoise
 from diffusionlens.device_map import DeviceMapError, placed_bytes, plan_device_map
 from diffusionlens.patching import Patch
+from diffusionlens.sampling.settings import GenerationSettings
 
 REAL_CONFIG = "diffusionlens/serial_depth/diffusiongemma_26b_a4b_text.json"
 NAME = "mixed"
@@ -132,7 +133,7 @@ def _toy_runs(model, prompt):
     settings = dict(noise=ReplayNoise(0), progress=False)
     out, cache = model.generate_with_cache(ids, names_filter=names, storage="cpu", **settings)
     halve = Patch("decoder.blocks.2.hook_resid_post", lambda value, hook: value * 0.5)
-    patched = model.generate(ids, fwd_hooks=halve.hooks(model), **settings)
+    patched = model.generate(ids, fwd_hooks=halve.hooks(model, GenerationSettings.max_denoising_steps), **settings)
     return out.sequences.cpu(), cache, patched.sequences.cpu()
 
 

@@ -62,13 +62,15 @@ def test_error_term_splice_is_exact_and_plain_splice_is_recorded(model, trained)
 def test_feature_edit_with_error_term_changes_only_through_the_edit(model, trained):
     _, sae, _, prompts = trained
     ids, mask = model.to_tokens_and_mask(prompts[:2])
-    kwargs = {"attention_mask": mask, "noise": ReplayNoise(3), "progress": False}
+    # Step 0 of the first canvas reads the same input in both runs, whatever the edit does later: how long
+    # the edited run goes on depends on the trained SAE, and so on the CPU's rounding during training.
+    kwargs = {"attention_mask": mask, "noise": ReplayNoise(3), "progress": False, "steps": [0], "canvases": [0]}
     _, base = model.generate_with_cache(ids, names_filter=[HOOK], **kwargs)
     hooks = sae_hooks(sae, HOOK, use_error_term=True, feature_edit=lambda a, h: a * 0)
     _, edited = model.generate_with_cache(ids, names_filter=[HOOK], fwd_hooks=hooks, **kwargs)
-    x = base[HOOK][0]
+    x = base.get(HOOK, canvas=0, step=0)
     expected = x + sae.decode(torch.zeros_like(sae.encode(x))) - sae.decode(sae.encode(x))
-    torch.testing.assert_close(edited[HOOK][0], expected)
+    torch.testing.assert_close(edited.get(HOOK, canvas=0, step=0), expected)
 
 
 def test_top_examples_and_refusals(model, trained):

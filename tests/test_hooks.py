@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from reference import CANVAS, build_pair
+from tolerance import readout_atol, summed_parts_atol
 
 from diffusionlens import HookedDiffusionGemma, HookError, hook_specs
 
@@ -396,12 +397,11 @@ def test_activation_cache_residual_helpers(setup):
     assert parts.shape == (1 + 2 * n, BATCH, canvas, d)
     assert labels[0] == "embed" and len(labels) == len(parts)
     final = cache[f"decoder.blocks.{n - 1}.hook_resid_post"]
-    scale = float(final.abs().max())
-    torch.testing.assert_close(parts.sum(0), final, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(parts.sum(0), final, rtol=0, atol=summed_parts_atol(parts))
     # The layer scalars matter here: a decomposition ignoring them would not sum to the residual.
     assert not torch.allclose(parts.sum(0), parts.sum(0) / float(s.model.decoder.blocks[-1].layer_scalar))
 
     lens = cache.logit_lens()
     assert lens.shape == (n + 1, BATCH, canvas, s.cfg.vocab_size)
-    torch.testing.assert_close(lens[-1], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lens[-1], logits, rtol=0, atol=readout_atol(s.model, logits))
     assert not torch.allclose(lens[0], logits, atol=1e-2)

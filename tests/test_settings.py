@@ -102,7 +102,7 @@ def test_a_typo_raises_naming_the_nearest_hook_everywhere(model, ids):
     with pytest.raises(KeyError, match=nearest):
         model.generate_with_cache(ids, names_filter=TYPO, max_new_tokens=8, max_denoising_steps=2, progress=False)
     with pytest.raises(KeyError, match=nearest):
-        patch_hooks(model, Patch(TYPO, torch.zeros(())))
+        patch_hooks(model, Patch(TYPO, torch.zeros(())), max_steps=2)
     assert not model.has_hooks  # nothing was left attached by the refused calls
 
 

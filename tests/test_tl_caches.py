@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from tolerance import readout_atol, summed_parts_atol
 
 from diffusionlens import ActivationCache, DenoisingCache, HookedDiffusionGemma, ReplayNoise, hook_specs
 from diffusionlens.utils import get_act_name
@@ -236,14 +237,15 @@ def test_decompose_resid_and_logit_lens_take_tl_arguments(toy, one_pass):
     logits, cache = one_pass
     parts, labels = cache.decompose_resid(layer=2, return_labels=True)
     assert labels == ["embed", "0_attn_out", "0_ffn_out", "1_attn_out", "1_ffn_out"]
-    torch.testing.assert_close(parts.sum(0), cache["resid_pre", 2], rtol=0, atol=1e-4)
+    torch.testing.assert_close(parts.sum(0), cache["resid_pre", 2], rtol=0, atol=summed_parts_atol(parts))
     attn_only, labels = cache.decompose_resid(layer=2, mode="attn", incl_embeds=False, return_labels=True)
     assert labels == ["0_attn_out", "1_attn_out"] and torch.equal(attn_only, parts[[1, 3]])
     assert torch.equal(cache.decompose_resid(pos_slice=-1), cache.decompose_resid()[:, :, -1])
     lens = cache.logit_lens(layer=2)
     assert lens.shape[0] == 3
-    torch.testing.assert_close(cache.logit_lens()[-1], logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.logit_lens(pos_slice=-1)[-1], logits[:, -1], rtol=1e-5, atol=1e-5)
+    atol = readout_atol(model, logits)
+    torch.testing.assert_close(cache.logit_lens()[-1], logits, rtol=0, atol=atol)
+    torch.testing.assert_close(cache.logit_lens(pos_slice=-1)[-1], logits[:, -1], rtol=0, atol=atol)
     with pytest.raises(ValueError, match="mode must be"):
         cache.decompose_resid(mode="heads")
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.hook_reference import hook_specs
+from diffusionlens.sampling.settings import settings_of
 
 if TYPE_CHECKING:
     from diffusionlens.features.store import ActivationStore
@@ -205,13 +206,13 @@ def generate_with_sae(
     """
     check_sae(model, sae, hook_name)
     acts_name = hook_name + ACTS_SUFFIX
-    max_steps = generate_kwargs.get("max_denoising_steps", 48)
+    settings = settings_of(generate_kwargs)
     feature_cache = DenoisingCache(
         [acts_name],
         positions=positions,
         storage="cpu",
-        max_steps=max_steps,
-        max_canvases=max(1, -(-generate_kwargs.get("max_new_tokens", 256) // model.cfg.canvas_length)),
+        max_steps=settings.max_denoising_steps,
+        max_canvases=-(-settings.max_new_tokens // model.cfg.canvas_length),
         canvas_length=model.cfg.canvas_length,
         pos_axes={acts_name: 1},
     )

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from diffusionlens.hook_reference import hook_specs
 from diffusionlens.sampling.noise import RowReplayNoise
-from diffusionlens.sampling.settings import SAMPLER_FIELDS
+from diffusionlens.sampling.settings import SAMPLER_FIELDS, settings_of
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -147,7 +147,7 @@ class ActivationStore:
         return widths
 
     def _max_steps(self) -> int:
-        cap = self.settings["generate"].get("max_denoising_steps", 48)
+        cap = settings_of(self.settings["generate"]).max_denoising_steps
         return cap if self.settings["steps"] is None else len(self.settings["steps"])
 
     def _n_positions(self) -> int:

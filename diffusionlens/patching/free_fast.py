@@ -41,7 +41,7 @@ from diffusionlens.patching.spec import Patch
 from diffusionlens.sampling.generate import _canvas_trace, _finalize_canvas, _settings_dict, denoising_step
 from diffusionlens.sampling.noise import NoiseSource, ReplayNoise, RowReplayNoise
 from diffusionlens.sampling.sampler import StableAndConfident
-from diffusionlens.sampling.settings import GenerationSettings, merge_settings
+from diffusionlens.sampling.settings import GenerationSettings
 from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def free_bytes_per_cell(model: HookedDiffusionGemma, base: PatchedRun, kept: Kep
     cfg = model.cfg
     batch, prompt_len = base.input_ids.shape
     item = torch.empty((), dtype=model.dtype).element_size()
-    settings = _settings(base)
+    settings = base.settings
     n_canvases = math.ceil(settings.max_new_tokens / cfg.canvas_length)
     length = cfg.canvas_length
     per_position = block_bytes_per_position(model, prompt_len) + cfg.vocab_size * (item + 6 * 4)
@@ -190,11 +190,6 @@ def free_fast_sweep(
         ctx.reset()
         bar.close()
     return values, held
-
-
-def _settings(base: PatchedRun) -> GenerationSettings:
-    kwargs = base.generate_kwargs
-    return merge_settings(kwargs.get("settings"), **{k: v for k, v in kwargs.items() if k in _SETTINGS})
 
 
 class PerCellNoise:
@@ -312,9 +307,8 @@ def run_free_cells(
         raise ValueError("batched free cells need a base run from record_run with ReplayNoise and row-wise settings")
     cfg, ctx = model.cfg, model.hook_ctx
     kwargs = base.generate_kwargs
-    settings = _settings(base)
+    settings = base.settings
     transform = kwargs.get("bottleneck") or kwargs.get("self_cond_transform")
-    max_patch_steps = kwargs.get("max_denoising_steps", 48)
     kept = kept if kept is not None else [KeptLogits("all")] * len(patches)
     device = base.input_ids.device
     rows_per_lane, prompt_len = base.input_ids.shape
@@ -332,7 +326,7 @@ def run_free_cells(
         _Lane(
             step,
             keep,
-            dict(patch.hooks(model, max_patch_steps)),
+            dict(patch.hooks(model, settings.max_denoising_steps)),
             base.input_ids,
             torch.zeros(rows_per_lane, dtype=torch.bool, device=device),
         )

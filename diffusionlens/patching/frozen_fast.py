@@ -176,6 +176,7 @@ def frozen_fast_sweep(
     chunk_size = cells_per_chunk(per_cell, batch_size, max_bytes)
     values = torch.empty(len(cells))
     held = {"bytes_per_cell": per_cell, "cells_per_chunk": chunk_size, "block_input_bytes": 0, "chunks": 0}
+    max_steps = corrupted.settings.max_denoising_steps
     fire_steps = sorted({step for cell in cells for step in cell.fire_steps})
     by_step = {step: [c for c in cells if step in c.fire_steps] for step in fire_steps}
     bar = tqdm(total=len(cells), desc="patch sweep", disable=not progress, leave=False)
@@ -200,7 +201,7 @@ def frozen_fast_sweep(
                 for name, group in groups.items():
                     start = starts[group[0].index]
                     for chunk in chunked(group, chunk_size):
-                        logits = _run_chunk(model, chunk, name, start, inputs, canvas, self_cond, state)
+                        logits = _run_chunk(model, chunk, name, start, inputs, canvas, self_cond, state, max_steps)
                         held["chunks"] += 1
                         for cell, cell_logits in zip(chunk, logits, strict=True):
                             cell.logits[step] = cell_logits
@@ -224,11 +225,13 @@ def _run_chunk(
     canvas: torch.Tensor,
     self_cond: torch.Tensor | None,
     state: PromptState,
+    max_steps: int,
 ) -> list[Float[torch.Tensor, "batch canvas vocab"]]:
-    """The logits of each cell of `chunk` (cells patching hook `name`) at the current step."""
+    """The logits of each cell of `chunk` (cells patching hook `name`) at the current step; `max_steps`
+    is the run's step budget, from which negative patch steps count."""
     n = len(chunk)
     rows = canvas.shape[0]
-    appliers = [cell.patch.hooks(model)[0][1] for cell in chunk]
+    appliers = [cell.patch.hooks(model, max_steps)[0][1] for cell in chunk]
 
     def apply_each(value: torch.Tensor, hook: Any) -> torch.Tensor:
         # Each cell's own patch, on its own rows: the same elementwise write the reference path makes.

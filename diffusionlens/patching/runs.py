@@ -20,6 +20,7 @@ from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.patching.spec import Patch, patch_hooks
 from diffusionlens.sampling.generate import ForkState
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
+from diffusionlens.sampling.settings import GenerationSettings, settings_of
 from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ class PatchedRun:
     sequences: Int[torch.Tensor, "batch length"] | None = None
     cache: DenoisingCache | None = None
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> GenerationSettings:
+        """The generation settings the run was made with (its `settings=` object and keywords, resolved)."""
+        return settings_of(self.generate_kwargs)
 
     def steps(self, canvas: int = 0) -> list[int]:
         return sorted(s for c, s in self.logits if c == canvas)
@@ -83,8 +89,7 @@ def record_run(
     input_ids = model.check_tokens(input_ids, "input_ids")
     names = [names_filter] if isinstance(names_filter, str) else list(names_filter or ())
     kwargs = {"noise": noise if noise is not None else ReplayNoise(0), "progress": False, **generate_kwargs}
-    max_steps = kwargs.get("max_denoising_steps", 48)
-    hooks = patch_hooks(model, patches, max_steps) + list(kwargs.pop("fwd_hooks", ()))
+    hooks = patch_hooks(model, patches, settings_of(kwargs).max_denoising_steps) + list(kwargs.pop("fwd_hooks", ()))
     result, cache = model.generate_with_cache(
         input_ids,
         names_filter=[LOGITS, SELF_COND, *names],
@@ -148,11 +153,13 @@ def run_patched(
     if base.cache is None or not base.cache.recorded_anywhere(SELF_COND):
         raise ValueError("frozen re-runs need a base run made by record_run (it records the decoder inputs)")
     run_steps = list(range(base.trace.steps(canvas))) if steps is None else list(steps)
-    max_steps = base.generate_kwargs.get("max_denoising_steps", 48)
     ctx = model.hook_ctx
     logits = {}
     try:
-        with torch.inference_mode(), model.hooks(fwd_hooks=patch_hooks(model, patches, max_steps)):
+        with (
+            torch.inference_mode(),
+            model.hooks(fwd_hooks=patch_hooks(model, patches, base.settings.max_denoising_steps)),
+        ):
             state = encode_through(model, base, canvas)
             for step in run_steps:
                 ctx.canvas, ctx.step, ctx.t = canvas, step, int(base.trace[canvas].t[step])

@@ -15,7 +15,6 @@ import torch
 
 from diffusionlens.denoising_cache import DenoisingCache, Selector, select_indices
 from diffusionlens.hook_reference import position_axis
-from diffusionlens.sampling.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
@@ -60,9 +59,9 @@ class Patch:
     heads: Selector = "all"
     _stash: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def hooks(
-        self, model: HookedDiffusionGemma, max_steps: int = GenerationSettings.max_denoising_steps
-    ) -> list[tuple[str, Callable]]:
+    def hooks(self, model: HookedDiffusionGemma, max_steps: int) -> list[tuple[str, Callable]]:
+        """The hook pairs applying this patch in a run of `max_steps` denoising steps (the run's settings'
+        `max_denoising_steps`, from which negative `steps` count)."""
         names = model.resolve_hook_names(self.hook)
         steps = select_indices(self.steps, max_steps, "steps")
         canvases = select_indices(self.canvases, 1 << 16, "canvases") if self.canvases != "all" else None
@@ -156,7 +155,7 @@ def _write(value: torch.Tensor, donor: torch.Tensor, axes: dict[int, tuple[Selec
 def patch_hooks(
     model: HookedDiffusionGemma,
     patches: Patch | Sequence[Patch],
-    max_steps: int = GenerationSettings.max_denoising_steps,
+    max_steps: int,
 ) -> list[tuple[str, Callable]]:
     """Hook pairs applying every patch (for `generate(fwd_hooks=...)` or `model.hooks(...)`)."""
     patches = [patches] if isinstance(patches, Patch) else list(patches)

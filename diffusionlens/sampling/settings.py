@@ -6,7 +6,7 @@ default changes here and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Final, no_type_check
 
@@ -126,6 +126,14 @@ def merge_settings(settings: GenerationSettings | None, **overrides: Any) -> Gen
         if overrides.get(name, NOT_GIVEN) is None:
             given[name] = None
     return (settings or GenerationSettings()).replace(**given)
+
+
+def settings_of(generate_kwargs: Mapping[str, Any]) -> GenerationSettings:
+    """The settings a call of `generate(**generate_kwargs)` runs with: its `settings=` object with the
+    settings keywords among `generate_kwargs` applied. Every helper that reads a recorded run's step
+    budget or canvas count resolves it here, so `settings=` and the keywords mean the same."""
+    names = {f.name for f in fields(GenerationSettings)}
+    return merge_settings(generate_kwargs.get("settings"), **{k: v for k, v in generate_kwargs.items() if k in names})
 
 
 class _NotGiven:

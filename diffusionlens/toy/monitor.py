@@ -30,7 +30,7 @@ from diffusionlens.analysis.transparency import auroc
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling.noise import ReplayNoise
 from diffusionlens.sampling.sampler import entropy
-from diffusionlens.sampling.settings import GenerationSettings
+from diffusionlens.sampling.settings import settings_of
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import TASKS, Example, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas, encode_prompt
@@ -261,7 +261,7 @@ def draft_monitor_auroc(
 
 def model_steps(generate_kwargs: dict) -> int:
     """The step budget these generate keywords give (the default lives in GenerationSettings)."""
-    return int(generate_kwargs.get("max_denoising_steps", GenerationSettings.max_denoising_steps))
+    return settings_of(generate_kwargs).max_denoising_steps
 
 
 def fraction_grid(points: int) -> list[float]:
