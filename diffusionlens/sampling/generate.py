@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from diffusionlens.fingerprint import model_fingerprint
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.sampler import (
     StableAndConfident,
@@ -265,7 +266,8 @@ def _generate(
         bar.close()
     new = sequences[:, prompt_len:]
     valid = (new != pad_id).sum(-1) if pad_id is not None else torch.full((batch,), new.shape[1], device=device)
-    trace = DenoisingTrace(traces, prompt_len, _settings_dict(settings, noise, eos_ids, pad_id))
+    settings_record = _settings_dict(settings, noise, eos_ids, pad_id)
+    trace = DenoisingTrace(traces, prompt_len, settings_record, model_fingerprint(model))
     return GenerationResult(sequences, trace, valid / forward_passes)
 
 
