@@ -68,6 +68,14 @@ def rewrite_shard(path: Path, fname: str, edit) -> None:
     save_file(tensors, str(path / fname), metadata=metadata)
 
 
+def refusal(path: Path, match: str, allow_partial: bool = False) -> str:
+    """The CacheIntegrityError loading `path` raises: it must match `match` and name the fix."""
+    with pytest.raises(CacheIntegrityError, match=match) as error:
+        DenoisingCache.load(path, allow_partial=allow_partial)
+    assert REDO in str(error.value), str(error.value)
+    return str(error.value)
+
+
 # ---------------------------------------------------------------------- what is written, and read back
 def test_the_manifest_lists_every_tensor_and_the_marker_comes_last(written, model, ids, tmp_path):
     path, memory = written
@@ -132,24 +140,19 @@ def test_a_finished_cache_loads_with_allow_partial_too_without_a_warning(written
 def test_a_shard_with_another_shape_is_refused(cache_dir):
     transposed = lambda t: t.update({RESID: t[RESID].transpose(0, 1).contiguous()})  # noqa: E731
     rewrite_shard(cache_dir, "canvas0000_step0001.safetensors", transposed)
-    with pytest.raises(CacheIntegrityError) as error:
-        DenoisingCache.load(cache_dir)
-    assert "canvas0000_step0001" in str(error.value) and RESID in str(error.value)
-    assert "the manifest says float32 [2," in str(error.value) and REDO in str(error.value)
+    message = refusal(cache_dir, "the manifest says float32 \\[2,")
+    assert "canvas0000_step0001" in message and RESID in message
 
 
 def test_a_shard_with_another_dtype_is_refused(cache_dir):
     rewrite_shard(cache_dir, "canvas0000_step0002.safetensors", lambda t: t.update({RESID: t[RESID].view(torch.int32)}))
-    with pytest.raises(CacheIntegrityError, match=rf"{RESID} is int32 .* the manifest says float32"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, rf"{RESID} is int32 .* the manifest says float32")
 
 
 def test_a_tensor_injected_into_a_shard_is_refused(cache_dir):
     injected = "decoder.blocks.0.hook_attn_out"
     rewrite_shard(cache_dir, "canvas0000_step0001.safetensors", lambda t: t.update({injected: t[RESID].clone()}))
-    with pytest.raises(CacheIntegrityError) as error:
-        DenoisingCache.load(cache_dir)
-    assert f"tensors the manifest does not list ({injected})" in str(error.value) and REDO in str(error.value)
+    refusal(cache_dir, f"tensors the manifest does not list \\({injected}\\)")
 
 
 def test_a_tensor_injected_into_shard_and_manifest_is_refused(cache_dir):
@@ -159,11 +162,9 @@ def test_a_tensor_injected_into_shard_and_manifest_is_refused(cache_dir):
     entries[2]["tensors"][injected] = entries[2]["tensors"][RESID]
     entries[2]["bytes"] = (cache_dir / entries[2]["file"]).stat().st_size
     (cache_dir / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    with pytest.raises(CacheIntegrityError, match="changed after the cache was completed"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "changed after the cache was completed")
     (cache_dir / "complete.json").unlink()  # even as a partial cache, the hook was never recorded
-    with pytest.raises(CacheIntegrityError, match=f"tensor.*{injected} this cache never recorded"):
-        DenoisingCache.load(cache_dir, allow_partial=True)
+    refusal(cache_dir, f"tensor.*{injected} this cache never recorded", allow_partial=True)
 
 
 def test_swapped_shards_are_refused(cache_dir):
@@ -171,10 +172,8 @@ def test_swapped_shards_are_refused(cache_dir):
     one.rename(cache_dir / "swap")
     two.rename(one)
     (cache_dir / "swap").rename(two)
-    with pytest.raises(CacheIntegrityError) as error:
-        DenoisingCache.load(cache_dir)
-    assert "holds the values of canvas 0, step 2, not those of canvas 0, step 1" in str(error.value)
-    assert "renamed or swapped" in str(error.value)
+    message = refusal(cache_dir, "holds the values of canvas 0, step 2, not those of canvas 0, step 1")
+    assert "renamed or swapped" in message
 
 
 def test_a_manifest_entry_pointing_at_another_shard_is_refused(cache_dir):
@@ -182,49 +181,42 @@ def test_a_manifest_entry_pointing_at_another_shard_is_refused(cache_dir):
     entries = manifest(cache_dir)
     entries[1]["file"] = entries[2]["file"]
     (cache_dir / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    with pytest.raises(CacheIntegrityError, match="names shard file 'canvas0000_step0001.safetensors' for canvas 0"):
-        DenoisingCache.load(cache_dir, allow_partial=True)
+    refusal(cache_dir, "names shard file 'canvas0000_step0001.safetensors' for canvas 0", allow_partial=True)
 
 
 def test_a_truncated_shard_is_refused(cache_dir):
     shard = cache_dir / "canvas0000_step0003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(CacheIntegrityError, match="canvas0000_step0003.safetensors has .* bytes.*truncated"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "canvas0000_step0003.safetensors has .* bytes.*truncated")
 
 
 def test_a_shard_that_is_not_safetensors_is_refused(cache_dir):
     (cache_dir / "canvas0000_step0003.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"junk")
-    with pytest.raises(CacheIntegrityError, match="canvas0000_step0003.safetensors is not a safetensors file"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "canvas0000_step0003.safetensors is not a safetensors file")
 
 
 def test_a_deleted_shard_is_refused(cache_dir):
     (cache_dir / "canvas0000_step0002.safetensors").unlink()
-    with pytest.raises(CacheIntegrityError, match="canvas0000_step0002.safetensors is listed in the manifest but"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "canvas0000_step0002.safetensors is listed in the manifest but")
 
 
 def test_a_shard_the_manifest_does_not_list_is_refused(cache_dir):
     shutil.copy(cache_dir / "canvas0000_step0003.safetensors", cache_dir / "canvas0000_step0009.safetensors")
-    with pytest.raises(CacheIntegrityError, match="does not list: canvas0000_step0009.safetensors; remove them"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "does not list: canvas0000_step0009.safetensors; remove them")
 
 
 def test_a_manifest_edited_after_completion_is_refused(cache_dir):
     entries = manifest(cache_dir)
     del entries[-1]  # hides step 3
     (cache_dir / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    with pytest.raises(CacheIntegrityError, match="manifest.jsonl changed after the cache was completed"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "manifest.jsonl changed after the cache was completed")
 
 
 def test_a_record_edited_after_completion_is_refused(cache_dir):
     meta = json.loads((cache_dir / "cache.json").read_text())
     meta["record"]["positions"] = [0, 1]  # would mislabel which positions the values are
     (cache_dir / "cache.json").write_text(json.dumps(meta))
-    with pytest.raises(CacheIntegrityError, match="cache.json or manifest.jsonl changed after"):
-        DenoisingCache.load(cache_dir)
+    refusal(cache_dir, "cache.json or manifest.jsonl changed after")
 
 
 def test_a_step_outside_the_recorded_selection_is_refused(model, ids, tmp_path):
@@ -235,8 +227,7 @@ def test_a_step_outside_the_recorded_selection_is_refused(model, ids, tmp_path):
     shard.rename(tmp_path / "c" / "canvas0000_step0001.safetensors")
     entries[-1].update(step=1, file="canvas0000_step0001.safetensors")
     (tmp_path / "c" / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    with pytest.raises(CacheIntegrityError, match="canvas0000_step0001.safetensors, a canvas/step this cache was not"):
-        DenoisingCache.load(tmp_path / "c", allow_partial=True)
+    refusal(tmp_path / "c", "canvas0000_step0001.safetensors, a canvas/step this cache was not", allow_partial=True)
 
 
 # ---------------------------------------------------------------------- never over another cache
