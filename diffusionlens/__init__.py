@@ -4,7 +4,7 @@ from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.cache import ActivationCache
 from diffusionlens.causal_lm import HookedGemma4CausalLM
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.denoising_cache import CacheBudgetError, DenoisingCache, RecordSpec
+from diffusionlens.denoising_cache import CacheBudgetError, CacheIntegrityError, DenoisingCache, RecordSpec
 from diffusionlens.factored_matrix import FactoredMatrix
 from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, HookPoint
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCache",
     "CacheBudgetError",
+    "CacheIntegrityError",
     "CanvasTrace",
     "DenoisingCache",
     "DenoisingTrace",

@@ -164,10 +164,18 @@ def _trace(argv: list[str]) -> None:
     parser.add_argument("--cache", action="append", default=[], help="hook names or globs to cache; repeatable")
     parser.add_argument("--cache-steps", default=None, help="comma-separated steps to cache (default: all)")
     parser.add_argument("--max-cache-gb", type=float, default=None, help="refuse before running if larger")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache already in OUT/cache")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.cache:
+        from diffusionlens.cache_storage import check_target
+
+        try:
+            check_target(out / "cache", args.overwrite)  # before the model loads
+        except FileExistsError as error:
+            raise SystemExit(f"diffusionlens trace: {error} (--overwrite)") from None
     model = _load(args.model, progress=not args.no_progress)
     input_ids, kwargs = _generation_inputs(model, args)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.cache:
         steps = [int(s) for s in args.cache_steps.split(",")] if args.cache_steps else None
@@ -182,6 +190,7 @@ def _trace(argv: list[str]) -> None:
             steps=steps,
             storage="disk",
             path=out / "cache",
+            overwrite=args.overwrite,
             max_bytes=max_bytes,
             **kwargs,
         )

@@ -7,6 +7,7 @@ with the request, never with the model. What to record is a `RecordSpec`; where 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -19,10 +20,12 @@ from diffusionlens.cache_storage import (
     CACHE_FORMAT_VERSION,
     ENCODER,
     STORAGE_KINDS,
+    CacheIntegrityError,
     CacheStorage,
     DiskStorage,
     MemoryStorage,
     decode_dtype,
+    describe_steps,
     encode_dtype,
     make_storage,
 )
@@ -35,7 +38,15 @@ if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
 
-__all__ = ["CACHE_FORMAT_VERSION", "ENCODER", "CacheBudgetError", "DenoisingCache", "RecordSpec", "select_indices"]
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "ENCODER",
+    "CacheBudgetError",
+    "CacheIntegrityError",
+    "DenoisingCache",
+    "RecordSpec",
+    "select_indices",
+]
 
 Selector = int | slice | Sequence[int] | torch.Tensor | str | None
 
@@ -77,7 +88,8 @@ class RecordSpec:
     names_filter: hook names, globs or regexes (or a list of them) or a predicate; None = every hook.
     steps / positions / canvases: an int, slice, list, bool mask or "all" (None = all).
     dtype: cast floating values (None keeps the model's). storage: "memory", "cpu" or "disk";
-    path: the directory for "disk". max_bytes: refuse before the run if the estimate is larger.
+    path: the directory for "disk" (new or empty); overwrite: let "disk" replace a cache already in
+    `path`. max_bytes: refuse before the run if the estimate is larger.
     """
 
     names_filter: NameFilter = None
@@ -87,6 +99,7 @@ class RecordSpec:
     dtype: torch.dtype | None = None
     storage: str = "memory"
     path: str | Path | None = None
+    overwrite: bool = False
     max_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -102,14 +115,19 @@ class RecordSpec:
             raise ValueError(
                 f"path= is where storage='disk' writes; drop it or pass storage='disk' (got {self.storage!r})"
             )
+        if not isinstance(self.overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {self.overwrite!r}")
+        if self.overwrite and self.storage != "disk":
+            raise ValueError(f"overwrite= applies to storage='disk'; drop it (got storage={self.storage!r})")
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             raise ValueError(f"max_bytes must be a positive int (bytes), got {self.max_bytes!r}")
 
     def cache_selection(self) -> dict[str, Any]:
         """The fields `DenoisingCache` takes as they are, by its argument names: what to keep (steps,
-        positions, canvases, dtype) and where (storage, path). The names filter is resolved against a
-        model first, and max_bytes is checked before the run."""
-        return {name: getattr(self, name) for name in ("steps", "positions", "canvases", "dtype", "storage", "path")}
+        positions, canvases, dtype) and where (storage, path, overwrite). The names filter is resolved
+        against a model first, and max_bytes is checked before the run."""
+        where = ("storage", "path", "overwrite")
+        return {name: getattr(self, name) for name in ("steps", "positions", "canvases", "dtype", *where)}
 
     @classmethod
     def merged(cls, spec: RecordSpec | None, **overrides: Any) -> RecordSpec:
@@ -121,8 +139,10 @@ class RecordSpec:
             raise TypeError(f"RecordSpec has no field(s) {sorted(unknown)}")
         given = {k: v for k, v in overrides.items() if v is not None}
         spec = spec or cls()
-        if "storage" in given and given["storage"] != "disk" and "path" not in given:
-            given["path"] = None  # a storage override that is not disk drops the spec's directory
+        if "storage" in given and given["storage"] != "disk":
+            # a storage override that is not disk drops the spec's directory and its permission to overwrite it
+            given.setdefault("path", None)
+            given.setdefault("overwrite", False)
         return replace(spec, **given)
 
 
@@ -146,12 +166,13 @@ class DenoisingCache:
         dtype: torch.dtype | None = None,
         storage: str | CacheStorage = "memory",
         path: str | Path | None = None,
+        overwrite: bool = False,
         max_steps: int = GenerationSettings.max_denoising_steps,
         max_canvases: int = 1,
         canvas_length: int = 256,
         pos_axes: dict[str, int | None] | None = None,
     ) -> None:
-        self.backend = make_storage(storage, path) if isinstance(storage, str) else storage
+        self.backend = make_storage(storage, path, overwrite) if isinstance(storage, str) else storage
         self.storage = self.backend.kind
         self.path = getattr(self.backend, "path", None)
         self.names = list(names)
@@ -165,6 +186,9 @@ class DenoisingCache:
         self._pos_axes = pos_axes or {}
         self._pending: dict[str, torch.Tensor] = {}
         self.model: HookedDiffusionGemma | None = None
+        #: whether the generation that filled this cache ran to its end (False while it runs, and for a
+        #: disk cache reopened with allow_partial=True from a run that was interrupted)
+        self.complete = False
         self.backend.begin(self.record())
 
     def record(self) -> dict[str, Any]:
@@ -219,17 +243,29 @@ class DenoisingCache:
         values, self._pending = self._pending, {}
         self.backend.put(canvas, step, values)
 
-    def finish(self) -> None:
+    def finish(self, complete: bool = True) -> None:
+        """End the recording: `complete` when the generation ran to its end (a disk cache then writes its
+        completion marker), False when it raised."""
         self._pending = {}
-        self.backend.finish()
+        self.backend.finish(complete)
+        self.complete = complete
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, model: HookedDiffusionGemma | None = None) -> DenoisingCache:
+    def load(
+        cls, path: str | Path, model: HookedDiffusionGemma | None = None, *, allow_partial: bool = False
+    ) -> DenoisingCache:
         """Reopen a disk cache (read-only; tensors are read lazily) with the filters it was recorded
-        with, built through the same constructor. Completed steps of an interrupted run load. Pass
-        `model` for helpers that need it (`step_cache(...).logit_lens`)."""
-        storage, record = DiskStorage.open(path)
+        with, built through the same constructor. Pass `model` for helpers that need it
+        (`step_cache(...).logit_lens`).
+
+        Every shard is first checked against the cache's manifest (names, shapes, dtypes, canvas and
+        step, size): an altered cache raises `CacheIntegrityError`. So does a cache whose run was
+        interrupted, unless `allow_partial=True`: then the steps that finished load, a warning lists
+        them, and `cache.complete` is False."""
+        if not isinstance(allow_partial, bool):
+            raise TypeError(f"allow_partial must be True or False, got {allow_partial!r}")
+        storage, record = DiskStorage.open(path, allow_partial=allow_partial)
         cache = cls(
             record["names"],
             steps=record["steps"],
@@ -243,6 +279,14 @@ class DenoisingCache:
             pos_axes=record["pos_axes"],
         )
         cache.model = model
+        cache.complete = storage.complete
+        if not storage.complete:
+            warnings.warn(
+                f"{path} is an unfinished cache (its run stopped before the end); read what finished: "
+                f"{describe_steps([{'canvas': c, 'step': s} for c, s in sorted(storage.keys())])}",
+                UserWarning,
+                stacklevel=2,
+            )
         return cache
 
     # ------------------------------------------------------------------ reading
@@ -384,7 +428,7 @@ class DenoisingCache:
         # A disk cache pickles as a reference to its directory: unpickling reopens it read-only with
         # DenoisingCache.load, so no tensors are copied into the pickle (and none are lost).
         if isinstance(self.backend, DiskStorage):
-            return (DenoisingCache.load, (str(self.path), self.model))
+            return (_reopen, (str(self.path), self.model, not self.complete))
         return super().__reduce_ex__(protocol)
 
     def step_cache(self, step: int, canvas: int = 0) -> ActivationCache:
@@ -421,6 +465,10 @@ class DenoisingCache:
             f"DenoisingCache({len(self.names)} names, canvases {self.canvases()}, storage={self.storage!r}, "
             f"{self.nbytes() / 2**20:.2f} MiB in memory)"
         )
+
+
+def _reopen(path: str, model: HookedDiffusionGemma | None, allow_partial: bool) -> DenoisingCache:
+    return DenoisingCache.load(path, model, allow_partial=allow_partial)
 
 
 def build_cache(

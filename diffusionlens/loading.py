@@ -126,8 +126,9 @@ def checkpoint_files(directory: Path, transformers_class: str = "DiffusionGemmaF
     refused with the `transformers_class` call that converts them."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
+        shards = _index_shards(index)
+        for shard in shards:
+            _check_inside(directory, shard, f"{index} names shard {shard!r}")
         missing = [s for s in shards if not (directory / s).exists()]
         if missing:
             raise CheckpointError(
@@ -137,6 +138,7 @@ def checkpoint_files(directory: Path, transformers_class: str = "DiffusionGemmaF
         return [directory / s for s in shards]
     single = directory / "model.safetensors"
     if single.exists():
+        _check_inside(directory, single.name, f"{single}")
         return [single]
     pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     if pickles:
@@ -146,6 +148,42 @@ def checkpoint_files(directory: Path, transformers_class: str = "DiffusionGemmaF
             f"{transformers_class}.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
         )
     raise CheckpointError(f"No model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index's weight_map lists, each a string (checked before any is opened)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{index} is not a JSON object with a weight_map ({err}); download it again") from err
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard files, got {type(weight_map)}")
+    bad = sorted({repr(v) for v in weight_map.values() if not isinstance(v, str) or not v})
+    if bad:
+        raise CheckpointError(f"{index} names shard(s) that are not file names: {', '.join(bad)}")
+    return sorted(set(weight_map.values()))
+
+
+def _check_inside(directory: Path, name: str, what: str) -> None:
+    """Refuse a checkpoint file that lies outside `directory`: an absolute path, one that climbs out with
+    `..`, or a symlink whose target is elsewhere (a Hugging Face cache snapshot's links into its own
+    `blobs/` folder are allowed: that is how the hub cache stores every file)."""
+    fix = (
+        "a checkpoint reads only files inside its own directory; put the shard there and name it by its "
+        "file name in model.safetensors.index.json"
+    )
+    relative = Path(name)
+    if relative.is_absolute() or relative.drive or ".." in relative.parts:
+        raise CheckpointError(f"{what}, a path outside the checkpoint directory {directory}; {fix}")
+    root = directory.resolve()
+    target = (directory / relative).resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise CheckpointError(
+            f"{what}, which resolves (through a symlink) to {target}, outside the checkpoint directory {root}; {fix}"
+        )
 
 
 def iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -184,15 +222,41 @@ def _resolve_source(
             raise FileNotFoundError(f"The shipped checkpoint is missing from {source}; reinstall diffusionlens")
     path = Path(os.fspath(source))
     if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-            from huggingface_hub import snapshot_download
+        _refuse_missing_local_path(source, path)
+        from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model"]))
-        else:
-            raise FileNotFoundError(f"{source} is neither a local directory nor a hub id like 'org/name'")
+        path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model"]))
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     return DiffusionGemmaConfig.from_hf(path), None, path
+
+
+def _refuse_missing_local_path(source: Any, path: Path) -> None:
+    """Raise FileNotFoundError unless `source` (which names nothing on disk) can only be a hub id.
+
+    A hub id is a str `org/name`. A Path, anything starting with `.`, `/` or `~`, with more than one
+    separator, or whose first part is an existing local directory (`runs/my_ckpt` where `runs/` exists)
+    is a local path with a typo: it must not be sent to the hub, where it would fail (or worse, match)."""
+    text = str(source)
+    looks_like_hub_id = isinstance(source, str) and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) is not None
+    parent = path.parent
+    if looks_like_hub_id and not parent.is_dir():
+        return
+    hint = ""
+    if parent.is_dir():
+        import difflib
+
+        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=3)
+        hint = f" Directories in {parent} with a similar name: {', '.join(near)}." if near else ""
+        if looks_like_hub_id:
+            hint += (
+                f" (It is read as a local path because {parent}/ exists here; to load the hub repo {text!r}, "
+                f"pass huggingface_hub.snapshot_download({text!r}).)"
+            )
+    raise FileNotFoundError(
+        f"No checkpoint directory at {text!r} (resolved: {path.absolute()}); check the path.{hint} A hub id has "
+        "the form 'org/name'."
+    )
 
 
 def load_pretrained(

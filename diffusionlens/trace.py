@@ -88,11 +88,16 @@ class CanvasTrace:
 
 @dataclass
 class DenoisingTrace:
-    """Per-canvas traces of one `generate` call plus the settings that produced them."""
+    """Per-canvas traces of one `generate` call plus the settings that produced them.
+
+    model_fingerprint: digests of the config and weights of the model that generated it, and its dtype
+    (`diffusionlens.fingerprint`); `replay_step` refuses a trace whose fingerprint is not the model's.
+    None for a trace built by hand or saved before fingerprints were recorded."""
 
     canvases: list[CanvasTrace]
     prompt_length: int
     settings: dict = field(default_factory=dict)
+    model_fingerprint: dict[str, str] | None = None
 
     def __getitem__(self, canvas: int) -> CanvasTrace:
         return self.canvases[canvas]
@@ -135,6 +140,7 @@ class DenoisingTrace:
             "n_canvases": len(self.canvases),
             "prompt_length": self.prompt_length,
             "settings": self.settings,
+            "model_fingerprint": self.model_fingerprint,
         }
         (path / "trace.json").write_text(json.dumps(meta, indent=2))
 
@@ -152,4 +158,9 @@ class DenoisingTrace:
         for c in range(meta["n_canvases"]):
             fields_ = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == str(c)}
             canvases.append(CanvasTrace(**fields_))
-        return cls(canvases, meta["prompt_length"], meta.get("settings", {}))
+        fingerprint = meta.get("model_fingerprint")
+        if fingerprint is not None and not (
+            isinstance(fingerprint, dict) and all(isinstance(v, str) for v in fingerprint.values())
+        ):
+            raise ValueError(f"{path / 'trace.json'}: model_fingerprint must map names to digests, got {fingerprint!r}")
+        return cls(canvases, meta["prompt_length"], meta.get("settings", {}), fingerprint)

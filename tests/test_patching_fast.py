@@ -247,6 +247,7 @@ def _assert_same_run(reference, batched):
     assert reference.logits.keys() == batched.logits.keys()
     assert all(torch.equal(value, batched.logits[key]) for key, value in reference.logits.items())
     assert reference.trace.settings == batched.trace.settings
+    assert reference.trace.model_fingerprint == batched.trace.model_fingerprint is not None
     assert len(reference.trace) == len(batched.trace)
     for ours, theirs in zip(reference.trace.canvases, batched.trace.canvases, strict=True):
         mine, other = ours.tensors(), theirs.tensors()

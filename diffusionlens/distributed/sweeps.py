@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffusionlens.analysis.seeds import SeededBatch, seed_batches
+from diffusionlens.cache_storage import check_target
 from diffusionlens.distributed.pool import ModelPool
 from diffusionlens.patching.sweep import SweepResult
 from diffusionlens.patching.sweep_spec import SweepSpec, record_spec_runs, sweep_recorded_spec
@@ -130,7 +131,9 @@ def _check_harvest_kwargs(cache_kwargs: dict[str, Any]) -> None:
 def _harvest_one(model: Any, memo: dict, task: tuple[int, str, int, str, dict]) -> str:
     index, prompt, seed, out_dir, cache_kwargs = task
     path = Path(out_dir) / f"run_{index:05d}"
-    harvest_run(model, prompt, path, seed, **cache_kwargs)
+    # harvest_distributed checked every run directory up front; a task Ray retries after its worker
+    # died must replace the partial cache that worker left
+    harvest_run(model, prompt, path, seed, **{**cache_kwargs, "overwrite": True})
     return str(path)
 
 
@@ -150,7 +153,8 @@ def harvest_distributed(
     Run i uses `ReplayNoise(seeds[i])` (one int: the same seed for every prompt), so it does not depend
     on which worker ran it or what ran there before, and a retried run (after a worker died) rewrites
     the same shards: the caches equal `harvest_run(model, prompt, path, seed, **cache_kwargs)` in one
-    process. `cache_kwargs` go to `generate_with_cache` (names_filter, steps, max_new_tokens, …).
+    process. `cache_kwargs` go to `generate_with_cache` (names_filter, steps, max_new_tokens, …). A run
+    directory that already holds anything is refused before any task starts, unless `overwrite=True`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -159,5 +163,7 @@ def harvest_distributed(
     if len(per_prompt) != len(prompts):
         raise ValueError(f"seeds has {len(per_prompt)} entries for {len(prompts)} prompts; give one each, or one int")
     _check_harvest_kwargs(cache_kwargs)
+    for i in range(len(prompts)):
+        check_target(Path(out_dir) / f"run_{i:05d}", bool(cache_kwargs.get("overwrite", False)))
     tasks = [(i, p, s, str(out_dir), cache_kwargs) for i, (p, s) in enumerate(zip(prompts, per_prompt, strict=True))]
     return [Path(p) for p in pool.map(_harvest_one, tasks, progress=progress, desc="harvest")]

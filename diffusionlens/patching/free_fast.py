@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from diffusionlens.fingerprint import model_fingerprint
 from diffusionlens.patching.frozen_fast import (
     block_bytes_per_position,
     cells_per_chunk,
@@ -440,11 +441,12 @@ def run_free_cells(
     finally:
         ctx.reset()
     trace_settings = _settings_dict(settings, kwargs["noise"], eos_ids, pad_id)
+    fingerprint = model_fingerprint(model)
     runs = []
     for lane in lanes:
         logits = {(0, s): base.logits[(0, s)] for s in range(lane.fork_step)}
         logits.update(lane.logits)
-        trace = DenoisingTrace(lane.records, prompt_len, trace_settings)
+        trace = DenoisingTrace(lane.records, prompt_len, trace_settings, fingerprint)
         runs.append(
             PatchedRun(base.input_ids, base.attention_mask, "free", trace, logits, lane.sequences, None, kwargs)
         )

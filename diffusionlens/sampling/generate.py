@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from diffusionlens.fingerprint import model_fingerprint
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.sampler import (
     StableAndConfident,
@@ -129,16 +130,19 @@ def generate(
     hooks = list(fwd_hooks)
     if cache is not None:
         hooks += cache.recording_hooks(model)
+    completed = False
     try:
         with model.hooks(fwd_hooks=hooks, bwd_hooks=bwd_hooks):
             context = torch.enable_grad() if _grad_needed(model) else torch.inference_mode()
             with context:
                 run = _Run(settings, noise, progress, self_cond_transform, cache, resume)
-                return _generate(model, input_ids, attention_mask, run)
+                result = _generate(model, input_ids, attention_mask, run)
+        completed = True
+        return result
     finally:
         model.hook_ctx.reset()
         if cache is not None:
-            cache.finish()
+            cache.finish(complete=completed)
 
 
 def _settings_keywords(scope: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +266,8 @@ def _generate(
         bar.close()
     new = sequences[:, prompt_len:]
     valid = (new != pad_id).sum(-1) if pad_id is not None else torch.full((batch,), new.shape[1], device=device)
-    trace = DenoisingTrace(traces, prompt_len, _settings_dict(settings, noise, eos_ids, pad_id))
+    settings_record = _settings_dict(settings, noise, eos_ids, pad_id)
+    trace = DenoisingTrace(traces, prompt_len, settings_record, model_fingerprint(model))
     return GenerationResult(sequences, trace, valid / forward_passes)
 
 
@@ -393,6 +398,7 @@ def generate_with_cache(
     dtype: torch.dtype | None = None,
     storage: str | None = None,
     path: str | Path | None = None,
+    overwrite: bool | None = None,
     max_bytes: int | None = None,
     settings: GenerationSettings | None = None,
     max_new_tokens: int | None = None,
@@ -423,8 +429,10 @@ def generate_with_cache(
     matches nothing raises a KeyError naming the nearest hooks), `steps` (denoising steps within each
     canvas), `positions` (canvas positions of decoder and sampler hooks), `canvases`; `dtype`
     converts floating values. `storage`: "memory" (where computed), "cpu", or "disk" (safetensors
-    shards under `path`, written as the run goes). `max_bytes` refuses before the run, with the
-    estimate, if the request would not fit.
+    shards under `path`, written as the run goes, with a manifest and a completion marker that
+    `DenoisingCache.load` checks). `path` must be a new or empty directory: one that holds another
+    cache or any file is refused before the run unless `overwrite=True`. `max_bytes` refuses before
+    the run, with the estimate, if the request would not fit.
     """
     from diffusionlens.denoising_cache import RecordSpec, build_cache
 
@@ -437,6 +445,7 @@ def generate_with_cache(
         dtype=dtype,
         storage=storage,
         path=path,
+        overwrite=overwrite,
         max_bytes=max_bytes,
     )
     settings = merge_settings(settings, **_settings_keywords(locals()))
