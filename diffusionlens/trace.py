@@ -108,10 +108,6 @@ class DenoisingTrace:
     def steps(self, canvas: int = 0) -> int:
         return self.canvases[canvas].n_steps
 
-    def tokens_per_step(self, canvas: int = 0) -> Float[torch.Tensor, "step batch"]:
-        """Accepted positions per step, the model's parallelism at each step."""
-        return self.canvases[canvas].accepted.sum(-1).float()
-
     def summary(self, canvas: int = 0, row: int = 0) -> str:
         """A short text summary: steps, tokens accepted per step, commit order."""
         trace = self.canvases[canvas]

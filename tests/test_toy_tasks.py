@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -259,8 +262,20 @@ def test_held_out_split_disjoint():
 
 
 def test_held_out_stable_and_modulus():
-    assert is_held_out("347+589=") == is_held_out("347+589=")
     prompts = [e.prompt for e in sample_examples(None, 2000, seed=2)]
+    # The split must not move between processes (Python's str hash is salted per process).
+    script = "import sys; from diffusionlens.toy.tasks import is_held_out; print(''.join("
+    script += "str(int(is_held_out(p))) for p in sys.stdin.read().splitlines()))"
+    for hash_seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", script],
+            input="\n".join(prompts[:300]),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        assert other.stdout.strip() == "".join(str(int(is_held_out(p))) for p in prompts[:300])
     frac4 = sum(is_held_out(p, 4) for p in prompts) / len(prompts)
     assert 0.18 < frac4 < 0.32
     with pytest.raises(ValueError):

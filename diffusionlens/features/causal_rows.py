@@ -135,9 +135,3 @@ class CausalRows:
         if hook not in self._values:
             raise KeyError(f"{hook!r} is not in these rows; they hold {self.hooks}")
         return self._values[hook][self._pass_of_row]
-
-    def pass_values(self, hook: str) -> Float[torch.Tensor, "passes d"]:
-        """`hook` once per pass (prompt by prompt, pass by pass), without the lookahead copies."""
-        if hook not in self._values:
-            raise KeyError(f"{hook!r} is not in these rows; they hold {self.hooks}")
-        return self._values[hook]

@@ -73,14 +73,6 @@ class SerialDepthResult:
     num_nodes: int = 0
     output_depths: list[int | None] = field(default_factory=list)
 
-    def module_totals(self, depth: int = 3) -> dict[str, int]:
-        """Critical-path depth grouped by the first ``depth`` components of the module path."""
-        out: dict[str, int] = {}
-        for name, d in self.per_module.items():
-            key = ".".join(name.split(".")[:depth]) if name else ""
-            out[key] = out.get(key, 0) + d
-        return out
-
     def summary(self, top: int = 10) -> str:
         """A short human-readable summary."""
         lines = [f"serial depth {self.depth} ({self.num_nodes} ATen ops)"]

@@ -16,16 +16,10 @@ from tqdm.auto import tqdm
 from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling.noise import ReplayNoise
+from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas
-
-
-@dataclass
-class WrongAnswer:
-    prompt: str
-    output: str
-    answer: str
 
 
 @dataclass
@@ -117,15 +111,6 @@ def format_seed_table(by_seed: dict[int, dict[str, TaskScore]]) -> str:
 def quick_eval(model: HookedDiffusionGemma, tokenizer, n: int = 64, seed: int = 0) -> dict[str, float]:
     """Exact match per task on a few held-out prompts, for logging during training."""
     return {k: round(v.exact_match, 3) for k, v in evaluate(model, tokenizer, n=n, seed=seed).items()}
-
-
-def format_wrong_answers(scores: dict) -> str:
-    """Every wrong answer, by task: `prompt -> output (answer: ...)`, for reading what a model gets wrong."""
-    lines = []
-    for score in scores.values():
-        lines.append(f"{score.task}: {len(score.wrong)} wrong of {score.n}")
-        lines += [f"  {w.prompt} -> {w.output!r} (answer: {w.answer!r})" for w in score.wrong]
-    return "\n".join(lines)
 
 
 def format_table(scores: dict[str, TaskScore]) -> str:

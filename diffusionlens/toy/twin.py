@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusionlens.causal_lm import HookedGemma4CausalLM
-from diffusionlens.toy.evaluate import WrongAnswer, format_wrong_answers
+from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, build_tokenizer, decode_canvas, encode_prompt
 
