@@ -162,16 +162,6 @@ class SweepSpec:
             raw = {**raw, **overrides}
         return cls.from_dict(raw, source=str(path))
 
-    def n_cells(self, cfg: Any) -> int:
-        """How many cells the sweep has for a model of config `cfg` (steps not given: the default maximum)."""
-        sizes = {
-            "layer": len(self.layers) if self.layers is not None else cfg.num_hidden_layers,
-            "step": len(self.steps) if self.steps is not None else GenerationSettings.max_denoising_steps,
-            "position": len(self.positions) if self.positions is not None else cfg.canvas_length,
-            "head": cfg.num_attention_heads,
-        }
-        return sizes[self.over[0]] * sizes[self.over[1]]
-
     def check_config(self, cfg: Any, tokenizer: Any = None, hook_names: Any = None) -> None:
         """Check the spec against a model's config (known before its weights load): layers, steps,
         positions, the metric's position, step and canvas, `metric_steps`; with `tokenizer`, the metric's
