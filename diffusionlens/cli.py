@@ -279,8 +279,18 @@ def _patch(argv: list[str]) -> None:
     parser.add_argument("--ray-address", default=None, help="join the Ray cluster at host:port instead")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers, one model (and GPU) each")
     args = parser.parse_args(argv)
-    from diffusionlens.patching.sweep_spec import SweepSpec, run_sweep_spec
+    from diffusionlens.patching.sweep_spec import SpecError, SweepSpec, check_before_load, run_sweep_spec
 
+    # The whole spec is checked before anything heavy (Ray, the model's weights): against its schema, then
+    # against the model's config.json, tokenizer and hook names.
+    try:
+        overrides = {"model": args.model} if args.model else {}
+        if args.reference:
+            overrides["path"] = "reference"
+        spec = SweepSpec.load(args.spec, overrides)
+        check_before_load(spec)
+    except (OSError, ValueError, TypeError) as error:
+        _fail("patch", error)
     if args.ray or args.ray_address:
         from diffusionlens.distributed.pool import connect
 
@@ -289,28 +299,27 @@ def _patch(argv: list[str]) -> None:
         except (ImportError, ConnectionError) as error:
             raise SystemExit(f"diffusionlens patch: {error}") from None
     try:
-        spec = SweepSpec.load(args.spec)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"diffusionlens patch: {error}") from None
-    if args.model:
-        spec.model = args.model
-    if args.reference:
-        spec.path = "reference"
-    try:
         if args.ray or args.ray_address:
             from diffusionlens.distributed import run_sweep_spec_distributed
 
             result = run_sweep_spec_distributed(spec, num_workers=args.workers, progress=not args.no_progress)
         else:
             result = run_sweep_spec(spec, progress=not args.no_progress)
-    except KeyError as error:  # the spec's hook matches no hook point: say which, and the nearest
-        raise SystemExit(f"diffusionlens patch: {error.args[0]}") from None
+    except (SpecError, KeyError) as error:  # checked on the loaded model or the recorded runs; or no such hook
+        _fail("patch", error)
     result.save(args.out)
     print(result.table())
     print(f"largest value at {dict(zip(result.axes, result.argmax(), strict=True))}; saved to {args.out}")
     if args.plot:
         result.plot(title=f"{spec.hook}: {spec.metric['kind']}").savefig(args.plot, dpi=120)
         print(f"heatmap written to {args.plot}")
+
+
+def _fail(command: str, error: BaseException) -> None:
+    """Exit with status 2 and the error as one line on stderr (no traceback): what a bad input gets."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    print(f"diffusionlens {command}: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _train_toy(argv: list[str]) -> None:

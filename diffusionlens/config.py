@@ -28,6 +28,41 @@ _PLACEHOLDER_VISION_CONFIG = {
 }
 
 
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "global_head_dim",
+    "num_global_key_value_heads",
+    "sliding_window",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+    "max_position_embeddings",
+    "canvas_length",
+)
+_POSITIVE_REALS = ("rms_norm_eps", "final_logit_softcapping", "local_rope_theta", "global_rope_theta")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _real(value: Any, name: str) -> float:
+    """A number read from config.json as a float, or a ValueError naming the field (no str -> float parse)."""
+    if not _is_real(value):
+        raise ValueError(f"Invalid DiffusionGemmaConfig: {name} must be a number, got {value!r}; fix it in config.json")
+    return float(value)
+
+
 def _default_layer_types(num_layers: int) -> tuple[str, ...]:
     # transformers' default: every sixth layer is full attention, and the last one always is.
     types = [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
@@ -95,8 +130,10 @@ class DiffusionGemmaConfig:
     extra_hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.layer_types is None:
+        if self.layer_types is None and _is_int(self.num_hidden_layers):
             object.__setattr__(self, "layer_types", _default_layer_types(self.num_hidden_layers))
+        elif self.layer_types is None:
+            object.__setattr__(self, "layer_types", ())
         else:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.eos_token_id, list):
@@ -105,8 +142,15 @@ class DiffusionGemmaConfig:
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise ValueError naming the field and the fix when the shapes cannot fit together."""
-        problems = []
+        """Raise ValueError naming the field and the fix when a value has the wrong type or the shapes
+        cannot fit together (types first: the shape checks do arithmetic on them)."""
+        problems = self._type_problems()
+        if problems:
+            raise ValueError(
+                "Invalid DiffusionGemmaConfig: "
+                + "; ".join(problems)
+                + " (fix them in config.json, or in the DiffusionGemmaConfig arguments)"
+            )
         if len(self.layer_types) != self.num_hidden_layers:
             problems.append(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}"
@@ -140,6 +184,39 @@ class DiffusionGemmaConfig:
             )
         if problems:
             raise ValueError("Invalid DiffusionGemmaConfig: " + "; ".join(problems))
+
+    def _type_problems(self) -> list[str]:
+        problems = []
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if name == "num_global_key_value_heads" and value is None:
+                continue
+            if not _is_int(value) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in _POSITIVE_REALS:
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value < float("inf"):
+                problems.append(f"{name} must be a positive number, got {value!r}")
+        factor = self.global_partial_rotary_factor
+        if not _is_real(factor) or not 0 <= factor <= 1:
+            problems.append(
+                f"global_partial_rotary_factor (rope_parameters) must be a number in [0, 1], got {factor!r}"
+            )
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+        for name, ids in (
+            ("pad_token_id", (self.pad_token_id,)),
+            ("bos_token_id", (self.bos_token_id,)),
+            ("eos_token_id", eos),
+        ):
+            if not all(i is None or (_is_int(i) and i >= 0) for i in ids):
+                problems.append(f"{name} must be a token id (an integer >= 0) or null, got {getattr(self, name)!r}")
+        if not isinstance(self.attention_bias, bool):
+            problems.append(f"attention_bias must be true or false, got {self.attention_bias!r}")
+        if not isinstance(self.hidden_activation, str):
+            problems.append(
+                f"hidden_activation must be a string such as 'gelu_pytorch_tanh', got {self.hidden_activation!r}"
+            )
+        return problems
 
     # ----------------------------------------------------------------- aliases
     @property
@@ -219,7 +296,8 @@ class DiffusionGemmaConfig:
                 "diffusionlens.HookedGemma4CausalLM.from_pretrained"
             )
         text = dict(top.get("text_config") or top)
-        canvas_length = top.get("canvas_length") or text.get("canvas_length") or 256
+        # `is not None`, not `or`: a canvas_length of 0 is an error to report, not a missing value.
+        canvas_length = next((c for c in (top.get("canvas_length"), text.get("canvas_length")) if c is not None), 256)
         cfg = cls._from_text_dict(text, canvas_length)
         top_extra = {k: v for k, v in top.items() if k in _KEPT_TOP_LEVEL_KEYS}
         return replace(cfg, extra_hf_config=top_extra)
@@ -268,10 +346,12 @@ class DiffusionGemmaConfig:
             **kwargs,
             global_head_dim=global_head_dim,
             num_global_key_value_heads=global_kv,
-            local_rope_theta=float(local_rope.get("rope_theta", 10_000.0)),
-            global_rope_theta=float(global_rope.get("rope_theta", 1_000_000.0)),
-            global_partial_rotary_factor=float(global_rope.get("partial_rotary_factor", 1.0)),
-            canvas_length=int(canvas_length),
+            local_rope_theta=_real(local_rope.get("rope_theta", 10_000.0), f"rope_parameters.{SLIDING}.rope_theta"),
+            global_rope_theta=_real(global_rope.get("rope_theta", 1_000_000.0), f"rope_parameters.{FULL}.rope_theta"),
+            global_partial_rotary_factor=_real(
+                global_rope.get("partial_rotary_factor", 1.0), f"rope_parameters.{FULL}.partial_rotary_factor"
+            ),
+            canvas_length=canvas_length,
             extra_hf_text_config=extra,
         )
 

@@ -20,7 +20,7 @@ from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
 from diffusionlens.loading import init_random_weights, load_pretrained
 from diffusionlens.loading import save_pretrained as _save_pretrained
-from diffusionlens.losses import denoising_loss
+from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
 from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type, layer_index
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.replay import replay_step as _replay_step
@@ -118,7 +118,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         input_ids = self.check_tokens(input_ids, "input_ids")
         if input_ids.shape[1] == 0 and prompt_state is None:
             raise ValueError("input_ids is empty: the encoder needs at least one prompt token (e.g. bos)")
-        mask = checked_attention_mask(attention_mask, input_ids)
+        mask = checked_attention_mask(attention_mask, input_ids, fresh=prompt_state is None)
         start = 0 if prompt_state is None else prompt_state.length
         if start + input_ids.shape[1] + self.cfg.canvas_length > self.cfg.max_position_embeddings:
             raise ValueError(
@@ -231,12 +231,15 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         """Encode the prompt, then one decoder pass over the canvas (as transformers' forward).
 
         return_type: "logits" (default), "loss" (`denoising_loss` of the logits against the clean
-        canvas `targets`; pad targets don't count unless `loss_mask` says otherwise; optional
-        per-position `loss_weights`), "both" (logits, loss), or None. `stop_at_layer` /
+        canvas `targets`; pad targets don't count unless `loss_mask` says otherwise, targets equal to
+        -100 never count, as in transformers; optional per-position `loss_weights` >= 0), "both"
+        (logits, loss), or None. Targets, mask and weights are checked before the pass. `stop_at_layer` /
         `start_at_layer` act on the decoder pass as in `denoise`; pass `prompt_state=` (and
         `input_ids=None`) to reuse an encoded prompt instead of encoding `input_ids`.
         """
         check_return_type(return_type, targets, stop_at_layer)
+        if return_type in ("loss", "both"):
+            self._check_loss_inputs(canvas_ids, targets, loss_mask, loss_weights)
         if prompt_state is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (the prompt) or prompt_state= (an already encoded prompt)")
@@ -252,6 +255,22 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
             return None
         loss = denoising_loss(out, targets, loss_mask, loss_weights, self.cfg.pad_token_id)
         return loss if return_type == "loss" else (out, loss)
+
+    def _check_loss_inputs(
+        self, canvas_ids: torch.Tensor, targets: object, loss_mask: object, loss_weights: object
+    ) -> None:
+        """Targets, mask and weights of a loss, refused before the pass rather than after it."""
+        batch = canvas_ids.shape[0] if isinstance(canvas_ids, torch.Tensor) and canvas_ids.ndim >= 2 else 1
+        shape = (batch, self.cfg.canvas_length)
+        check_targets(targets, self.cfg.vocab_size, shape)
+        for name, value in (("loss_mask", loss_mask), ("loss_weights", loss_weights)):
+            if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(getattr(value, 'shape', ()))}; expected {shape}, one entry per "
+                    "canvas position"
+                )
+        if loss_weights is not None:
+            check_loss_weights(loss_weights)
 
     def check_tokens(self, ids: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"], name: str) -> torch.Tensor:
         """`ids` as a `[batch, pos]` long tensor on the model's device; a 1-D tensor gains a batch axis.

@@ -47,15 +47,49 @@ def check_token_ids(
 def checked_attention_mask(
     attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None,
     input_ids: Int[torch.Tensor, "batch pos"],
+    fresh: bool = True,
 ) -> Bool[torch.Tensor, "batch pos"]:
-    """The boolean mask of `input_ids` on their device: all True when None; a mask of another shape
-    is refused (one entry per token)."""
+    """The boolean mask of `input_ids` on their device: all True when None.
+
+    Refused, before any work: anything but a bool or integer tensor (a float mask is ambiguous), a
+    shape other than the ids', integer values other than 0
+    and 1 (2 or -1 would read as True), and, when `fresh` (a prompt with nothing encoded before it),
+    a row with no 1 at all: a prompt of padding only, which the decoder cannot attend to.
+    """
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a tensor of 0/1 (or bool) values, got {type(attention_mask).__name__}; "
+            "use torch.tensor(mask) or the mask from model.to_tokens_and_mask"
+        )
+    if attention_mask.dtype != torch.bool and (attention_mask.is_floating_point() or attention_mask.is_complex()):
+        raise TypeError(
+            f"attention_mask must be bool or integer 0/1, got {attention_mask.dtype}; convert it with "
+            "mask.bool() (or mask > 0.5) after checking what its values mean"
+        )
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
             f"{tuple(input_ids.shape)}; pass one mask entry per token"
+        )
+    if attention_mask.numel() == 0:
+        return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    # One host sync for both checks; the details are worked out only when something is wrong.
+    not_binary = (attention_mask != 0) & (attention_mask != 1) if attention_mask.dtype != torch.bool else None
+    empty_rows = (attention_mask == 0).all(dim=-1) if fresh else None
+    problems = [p.any() for p in (not_binary, empty_rows) if p is not None]
+    if problems and bool(torch.stack(problems).any()):
+        if not_binary is not None and bool(not_binary.any()):
+            where = tuple(int(i) for i in not_binary.nonzero()[0])
+            raise ValueError(
+                f"attention_mask{list(where)} = {int(attention_mask[where])}; a mask holds only 1 (token) and "
+                "0 (padding): pass (mask != 0) if every nonzero value means a token"
+            )
+        row = int(empty_rows.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask row {row} is all 0: that prompt has no token to attend to; give every row at least "
+            "one real token (e.g. bos) or drop the row"
         )
     return attention_mask.to(device=input_ids.device, dtype=torch.bool)
 

@@ -134,11 +134,13 @@ def test_bad_specs_name_the_problem(change, message):
         SweepSpec.from_dict({**SPEC, **change})
 
 
-def test_a_metric_token_must_be_one_token(toy, tmp_path):
+def test_a_metric_token_must_be_one_token(toy, tmp_path, capsys):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps({**SPEC, "metric": {"kind": "target_prob", "position": 0, "token": "84"}}))
-    with pytest.raises(ValueError, match="'84' is 2 tokens"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["patch", str(spec_file), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "'84' is 2 tokens" in capsys.readouterr().err
 
 
 def test_view_writes_the_viewer_for_a_saved_trace_and_for_a_prompt(toy, tmp_path, capsys):

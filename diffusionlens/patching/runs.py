@@ -18,9 +18,10 @@ from jaxtyping import Float, Int
 
 from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.patching.spec import Patch, patch_hooks
-from diffusionlens.sampling.generate import ForkState
+from diffusionlens.sampling.generate import ForkState, run_settings
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
 from diffusionlens.sampling.settings import GenerationSettings, settings_of
+from diffusionlens.tokens import checked_attention_mask
 from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
@@ -227,4 +228,14 @@ def fork_state(
         forward_passes=(~stopped_before).sum(0).int(),
         prompt_state=prompt_state,
         trace_prefix=prefix,
+        input_ids=base.input_ids.cpu(),
+        attention_mask=checked_attention_mask(base.attention_mask, base.input_ids).cpu(),
+        run_settings=_run_settings_of(model, base),
     )
+
+
+def _run_settings_of(model: HookedDiffusionGemma, base: PatchedRun) -> dict[str, Any]:
+    """`run_settings` of the generation that recorded `base`, read back from its generate keywords."""
+    kwargs = base.generate_kwargs
+    transform = kwargs.get("bottleneck") or kwargs.get("self_cond_transform")
+    return run_settings(model, base.settings, kwargs["noise"], transform)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
+from diffusionlens.patching.metrics import with_token_ids
 from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
@@ -121,6 +122,7 @@ def patch_sweep(
     """
     if path not in ("fast", "reference"):
         raise ValueError(f"path must be 'fast' or 'reference', got {path!r}")
+    metric = with_token_ids(metric, model)  # token text -> ids, refused here if it cannot be
     over = tuple(over)
     if over not in AXES:
         raise ValueError(f"over must be one of {sorted(AXES)}, got {over}")
@@ -135,6 +137,12 @@ def patch_sweep(
         "position": list(positions if positions is not None else range(model.cfg.canvas_length)),
         "head": list(range(model.cfg.num_attention_heads)),
     }
+    if "{layer}" in hook and "layer" not in over and len(labels["layer"]) != 1:
+        raise ValueError(
+            f"the hook {hook!r} has a {{layer}} but the sweep is over {over}: give the one layer to patch, "
+            f"e.g. layers=[2] (got {labels['layer'] if layers is not None else 'none'})"
+        )
+    fixed_layer = labels["layer"][0] if labels["layer"] else 0  # every cell's layer when layers are no axis
     per_cell = metric_steps == "cell"
     if per_cell and ("step" not in over or mode != "frozen" or not hasattr(metric, "step")):
         raise ValueError("metric_steps='cell' needs a frozen sweep over steps and a metric with a `step` field")
@@ -150,7 +158,7 @@ def patch_sweep(
         coords = dict(zip(over, cell, strict=True))
         patches.append(
             Patch(
-                name_of(coords.get("layer", 0)),
+                name_of(coords.get("layer", fixed_layer)),
                 clean.cache,
                 steps=coords.get("step", "all"),
                 positions=coords.get("position", "all"),

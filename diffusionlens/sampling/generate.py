@@ -27,6 +27,7 @@ from diffusionlens.sampling.sampler import (
     temperature,
 )
 from diffusionlens.sampling.settings import NOT_GIVEN, GenerationSettings, merge_settings
+from diffusionlens.tokens import checked_attention_mask
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
 if TYPE_CHECKING:
@@ -61,7 +62,9 @@ class ForkState:
     step 0); argmax_canvas: the last draft (the canvas itself at step 0); finished: rows already
     stopped; stop_history: the stopping rule's last `stability_threshold` drafts (None at step 0);
     forward_passes: decoder passes each row has had; prompt_state: the encoded prompt; trace_prefix:
-    the trace's rows for steps before `step` (each field a list of per-step tensors).
+    the trace's rows for steps before `step` (each field a list of per-step tensors). input_ids,
+    attention_mask (bool, on the CPU) and run_settings (`run_settings(...)` of the forked run): what
+    `generate` checks a resumed call against, refusing another prompt, batch or setting.
     """
 
     step: int
@@ -73,6 +76,55 @@ class ForkState:
     forward_passes: Int[torch.Tensor, " batch"]
     prompt_state: Any
     trace_prefix: dict[str, list[torch.Tensor]]
+    input_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: Bool[torch.Tensor, "batch pos"]
+    run_settings: dict[str, Any]
+
+
+def run_settings(
+    model: HookedDiffusionGemma,
+    settings: GenerationSettings,
+    noise: NoiseSource,
+    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Everything besides the prompt that decides a generation's steps: every setting (eos and pad
+    resolved against the config), the noise source and the self-conditioning transform."""
+    values = {f.name: getattr(settings, f.name) for f in fields(GenerationSettings)}
+    values["eos_token_id"], values["pad_token_id"] = list(settings.eos_ids(model.cfg)), settings.pad_id(model.cfg)
+    values["noise"] = repr(noise)
+    values["self_cond_transform"] = None if self_cond_transform is None else repr(self_cond_transform)
+    return values
+
+
+def check_resume(
+    resume: ForkState,
+    input_ids: Int[torch.Tensor, "batch pos"],
+    attention_mask: Bool[torch.Tensor, "batch pos"],
+    settings: dict[str, Any],
+) -> None:
+    """Refuse to resume `resume` in a call whose prompt, mask or settings differ from the forked run's:
+    its steps so far were computed from those, so the answer would belong to another run."""
+    if not isinstance(resume, ForkState):
+        raise TypeError(f"resume must be a ForkState (from patching.runs.fork_state), got {type(resume).__name__}")
+    fix = (
+        "resume a ForkState only with the input_ids, attention_mask, settings and noise of the run it was "
+        "forked from (run_patched(..., fork_at=step) does this)"
+    )
+    forked_ids = resume.input_ids
+    if tuple(forked_ids.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"resume= was forked from a run with input_ids of shape {tuple(forked_ids.shape)} [batch, pos], but "
+            f"this call's are {tuple(input_ids.shape)}; {fix}"
+        )
+    if not torch.equal(forked_ids.cpu(), input_ids.cpu()):
+        rows = (forked_ids.cpu() != input_ids.cpu()).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"resume= was forked from a run with another prompt (rows {rows} differ); {fix}")
+    if not torch.equal(resume.attention_mask.cpu(), attention_mask.cpu()):
+        raise ValueError(f"resume= was forked from a run with another attention_mask; {fix}")
+    changed = {k: (resume.run_settings.get(k), v) for k, v in settings.items() if resume.run_settings.get(k) != v}
+    if changed:
+        described = ", ".join(f"{k}: forked run {old!r}, this call {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"resume= was forked from a run with other settings ({described}); {fix}")
 
 
 def _grad_needed(model: HookedDiffusionGemma) -> bool:
@@ -127,6 +179,9 @@ def generate(
     input_ids = model.check_tokens(input_ids, "input_ids")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. bos)")
+    attention_mask = checked_attention_mask(attention_mask, input_ids)
+    if resume is not None:
+        check_resume(resume, input_ids, attention_mask, run_settings(model, settings, noise, self_cond_transform))
     hooks = list(fwd_hooks)
     if cache is not None:
         hooks += cache.recording_hooks(model)
@@ -450,6 +505,12 @@ def generate_with_cache(
     )
     settings = merge_settings(settings, **_settings_keywords(locals()))
     input_ids = model.check_tokens(input_ids, "input_ids")
+    # Checked here too, not only in `generate`: the cache may create its directory before that runs.
+    mask = checked_attention_mask(attention_mask, input_ids)
+    if resume is not None:
+        transform = bottleneck or self_cond_transform
+        used_noise = noise if noise is not None else TorchRNGNoise()
+        check_resume(resume, input_ids, mask, run_settings(model, settings, used_noise, transform))
     cache = build_cache(
         model,
         record,
