@@ -297,7 +297,7 @@ def _patch(argv: list[str]) -> None:
         try:
             connect(args.ray_address)
         except (ImportError, ConnectionError) as error:
-            raise SystemExit(f"diffusionlens patch: {error}") from None
+            _fail("patch", error)
     try:
         if args.ray or args.ray_address:
             from diffusionlens.distributed import run_sweep_spec_distributed

@@ -15,6 +15,9 @@ from diffusionlens.components.block import NORMS, SCALED_NORMS
 from diffusionlens.components.sampler_hooks import SAMPLER_HOOKS
 from diffusionlens.config import DiffusionGemmaConfig
 
+SAE_ACTS_SUFFIX = ".hook_sae_acts_post"
+"""An SAE spliced at hook `h` records its feature activations as `h + SAE_ACTS_SUFFIX` (SAELens's name)."""
+
 
 @dataclass(frozen=True)
 class HookSpec:

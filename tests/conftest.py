@@ -41,6 +41,31 @@ def _shape_checks_off_where_marked(request):
 
 
 @pytest.fixture(scope="module")
+def toy():
+    """The shipped toy model, loaded once per test module (tests may add hooks or edit its tokenizer)."""
+    from diffusionlens import HookedDiffusionGemma
+
+    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random DiffusionGemma (tests/reference.py's "mixed" config, seed 0). Modules that need another
+    model define their own `model` fixture, which takes precedence."""
+    from reference import build_pair
+
+    return build_pair("mixed")[1]
+
+
+@pytest.fixture(scope="module")
+def ids():
+    """Two prompts of six ids for the "mixed" model; modules that need other prompts define their own."""
+    import torch
+
+    return torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
 def driver():
     """Headless Chromium. Skips only when Chromium is missing and DIFFUSIONLENS_REQUIRE_BROWSER is unset."""
     if not CHROMIUM.exists() and not os.environ.get("DIFFUSIONLENS_REQUIRE_BROWSER"):

@@ -8,7 +8,7 @@ import torch
 from einops import einsum
 from test_analysis_commit_order import make_trace
 
-from diffusionlens import DenoisingCache, HookedDiffusionGemma, ReplayNoise
+from diffusionlens import DenoisingCache, ReplayNoise
 from diffusionlens.analysis import (
     IntermediateToken,
     attention_to_intermediate,
@@ -58,11 +58,6 @@ def test_attention_mass_by_hand():
         attention_to_intermediate(DenoisingCache(["decoder.blocks.0.hook_resid_post"]), trace)
     with pytest.raises(ValueError, match="layers"):
         attention_to_intermediate(cache, trace, layers=[3])
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
 
 
 def test_canvas_keys_are_the_last_keys_on_the_toy(toy):

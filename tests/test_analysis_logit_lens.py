@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusionlens import HookedDiffusionGemma, ReplayNoise
+from diffusionlens import ReplayNoise
 from diffusionlens.analysis import logit_lens_by_step
 
 NAMES = ["decoder.blocks.*.hook_resid_pre", "decoder.blocks.5.hook_resid_post"]
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_analysis_commit_order import make_trace
 
-from diffusionlens import HookedDiffusionGemma, ReplayNoise
+from diffusionlens import ReplayNoise
 from diffusionlens.analysis import (
     CorrectionEvent,
     RowReplayNoise,
@@ -87,11 +87,6 @@ def test_row_noise_matches_single_row_replay():
         assert torch.equal(rows.initial_canvas(2, 5, 7, "cpu", 0)[i], alone.initial_canvas(1, 5, 7, "cpu", 0)[0])
         assert torch.equal(rows.sample(probs, 0, 4)[i], alone.sample(probs[i : i + 1], 0, 4)[0])
         assert torch.equal(rows.renoise(2, 5, 7, "cpu", 1, 2)[i], alone.renoise(1, 5, 7, "cpu", 1, 2)[0])
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
 
 
 def test_search_matches_single_runs(toy):

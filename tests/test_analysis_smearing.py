@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_analysis_commit_order import make_trace
 
-from diffusionlens import HookedDiffusionGemma, ReplayNoise
+from diffusionlens import ReplayNoise
 from diffusionlens.analysis import answer_mask, sequence_smearing, token_smearing, token_smearing_mass
 
 
@@ -64,11 +64,6 @@ def test_sequence_smearing_known_shift():
     assert result.match[:, 1, 0].tolist() == pytest.approx([0.5, 1 / 3, 1 / 4, 0.0, 0.0])
     assert result.score[:, 0].tolist() == pytest.approx([1.0, 1 / 3 - 0.5, -1.0])
     assert result.best_shift[:, 0].tolist() == [1, -1, -1]
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
 
 
 def test_smearing_on_the_toy(toy):

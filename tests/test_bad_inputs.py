@@ -25,11 +25,6 @@ from diffusionlens.patching.sweep_spec import MAX_AXIS_LABELS, SpecError, SweepS
 PROMPT = "squares 400 800:"
 
 
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
-
-
 @pytest.fixture
 def no_work(toy):
     """Counts the encoder passes run while it is active: a refused call must run none."""

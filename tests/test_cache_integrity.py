@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import CANVAS, build_pair
+from reference import CANVAS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,16 +22,6 @@ GEN = dict(max_denoising_steps=4, noise=ReplayNoise(4), progress=False, eos_toke
 NAMES = ["encoder.hook_embed", "decoder.blocks.1.hook_resid_post", "sampler.hook_entropy"]
 RESID = "decoder.blocks.1.hook_resid_post"
 REDO = "record the run again"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_pair("mixed")[1]
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(3))
 
 
 def record(model, ids, path, **kwargs):

@@ -6,23 +6,13 @@ import json
 
 import pytest
 import torch
-from reference import CANVAS, build_pair
+from reference import CANVAS
 
 from diffusionlens import DenoisingCache, RecordSpec, ReplayNoise
 from diffusionlens.cache_storage import CACHE_FORMAT_VERSION, CpuStorage, DiskStorage, MemoryStorage
 
 GEN = dict(max_denoising_steps=5, noise=ReplayNoise(4), progress=False, eos_token_id=None)
 NAMES = ["encoder.hook_embed", "decoder.blocks.1.hook_resid_post", "sampler.hook_entropy", "decoder.hook_logits"]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_pair("mixed")[1]
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(3))
 
 
 def _outcome(call):

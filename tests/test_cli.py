@@ -8,15 +8,10 @@ import pytest
 import torch
 from tolerance import logit_metric_atol
 
-from diffusionlens import DenoisingCache, DenoisingTrace, HookedDiffusionGemma, ReplayNoise
+from diffusionlens import DenoisingCache, DenoisingTrace, ReplayNoise
 from diffusionlens.cli import COMMANDS, main
 from diffusionlens.patching import LogitDiff, SweepResult, patch_sweep, record_run
 from diffusionlens.patching.sweep_spec import SweepSpec
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import CANVAS, build_pair
+from reference import CANVAS
 from tolerance import readout_atol
 
 from diffusionlens import (
@@ -22,11 +22,6 @@ from diffusionlens import (
 )
 
 GEN = dict(max_denoising_steps=6, noise=ReplayNoise(1), progress=False, eos_token_id=None)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_pair("mixed")[1]
 
 
 @pytest.fixture(scope="module")

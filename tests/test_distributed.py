@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusionlens import DenoisingCache, HookedDiffusionGemma
+from diffusionlens import DenoisingCache
 from diffusionlens.analysis.seeds import generate_over_seeds
 from diffusionlens.cli import main
 from diffusionlens.patching.sweep import SweepResult
@@ -60,11 +60,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -216,19 +211,33 @@ def test_cli_ray_flag_runs_the_sweep_on_the_running_cluster(spec, single_process
     assert torch.equal(saved.values, single_process.values)
 
 
-def test_without_ray_the_cli_names_the_extra(monkeypatch):
+def _exit_message(capsys, argv: list[str]) -> str:
+    """The one line `main(argv)` exits with (status 2, on stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    return error
+
+
+def test_without_ray_the_cli_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
-    with pytest.raises(SystemExit, match=r"diffusionlens\[distributed\]"):
-        main(["patch", "spec.json", "--out", "x", "--ray"])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    assert "diffusionlens[distributed]" in _exit_message(capsys, ["patch", str(spec_file), "--out", "x", "--ray"])
 
 
-def test_unreachable_address_fails_fast_and_names_it():
+def test_unreachable_address_fails_fast_and_names_it(tmp_path, capsys):
     # Port 9 (discard) has no listener on loopback: refused at once, not after Ray's minute of retries.
     start = time.monotonic()
     with pytest.raises(ConnectionError, match="127.0.0.1:9"):
         connect("127.0.0.1:9")
-    with pytest.raises(SystemExit, match="127.0.0.1:9"):
-        main(["patch", "spec.json", "--out", "x", "--ray-address", "127.0.0.1:9"])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    assert "127.0.0.1:9" in _exit_message(
+        capsys, ["patch", str(spec_file), "--out", "x", "--ray-address", "127.0.0.1:9"]
+    )
     with pytest.raises(ConnectionError, match="no-such-host.invalid:6379"):  # a name that does not resolve
         connect("no-such-host.invalid:6379")
     with pytest.raises(ConnectionError, match="'localhost' is not host:port"):

@@ -4,10 +4,11 @@ hook-name resolver at every entry point, and the deprecated names."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from reference import CANVAS, build_pair
+from reference import CANVAS
 
 from diffusionlens import GenerationSettings, ReplayNoise
 from diffusionlens.cli import main
@@ -15,11 +16,6 @@ from diffusionlens.patching import Patch, patch_hooks
 from diffusionlens.sampling.settings import FROM_CONFIG, merge_settings
 
 TYPO = "decoder.blocks.0.hook_resid_psot"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_pair("mixed")[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +120,7 @@ def test_predicates_and_regexes_resolve_and_a_predicate_matching_nothing_raises(
         model.run_with_cache(ids, canvas, names_filter=3)
 
 
-def test_cli_typos_exit_naming_the_nearest_hook(tmp_path):
+def test_cli_typos_exit_naming_the_nearest_hook(tmp_path, capsys):
     with pytest.raises(SystemExit, match="Nearest names: decoder.blocks.1.hook_resid_post"):
         main(
             [
@@ -148,11 +144,14 @@ def test_cli_typos_exit_naming_the_nearest_hook(tmp_path):
         "metric": {"kind": "logit_diff", "position": 0, "good": "8", "bad": "4"},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    with pytest.raises(
-        SystemExit,
-        match="diffusionlens patch: Unknown hook point .*Nearest names: decoder.blocks.0.hook_resid_post",
-    ):
+    with pytest.raises(SystemExit) as exit_info:
         main(["patch", str(tmp_path / "spec.json"), "--out", str(tmp_path / "sweep"), "--no-progress"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert re.search(
+        "diffusionlens patch: .*Unknown hook point .*Nearest names: decoder.blocks.0.hook_resid_post", error
+    )
 
 
 # ---------------------------------------------------------------------- deprecated names

@@ -18,11 +18,6 @@ FIX = "Replay it on the model that generated it"
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return HookedDiffusionGemma.from_pretrained("toy", progress=False)
-
-
-@pytest.fixture(scope="module")
 def recorded(toy):
     ids = toy.to_tokens("squares 4 8:")
     torch.manual_seed(4)

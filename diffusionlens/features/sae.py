@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from diffusionlens.denoising_cache import DenoisingCache
-from diffusionlens.hook_reference import hook_specs
+from diffusionlens.hook_reference import SAE_ACTS_SUFFIX, hook_specs
 from diffusionlens.sampling.settings import settings_of
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
     from diffusionlens.sampling.generate import GenerationResult
 
-ACTS_SUFFIX = ".hook_sae_acts_post"
 FeatureEdit = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
@@ -205,7 +204,7 @@ def generate_with_sae(
     The SAE is checked against the model before generation starts.
     """
     check_sae(model, sae, hook_name)
-    acts_name = hook_name + ACTS_SUFFIX
+    acts_name = hook_name + SAE_ACTS_SUFFIX
     settings = settings_of(generate_kwargs)
     feature_cache = DenoisingCache(
         [acts_name],

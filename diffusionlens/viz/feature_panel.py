@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
-from diffusionlens.features.sae import ACTS_SUFFIX
+from diffusionlens.hook_reference import SAE_ACTS_SUFFIX
 from diffusionlens.trace import CanvasTrace
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class FeaturePanel:
 
     @property
     def acts_name(self) -> str:
-        return self.hook_name + ACTS_SUFFIX
+        return self.hook_name + SAE_ACTS_SUFFIX
 
 
 def _round(value: float | torch.Tensor) -> float | None:
