@@ -81,15 +81,17 @@ def _as_index(value: object) -> int | None:
 
 LayerKind = Literal["block", "residual", "bound"]
 
-_LAYER_RANGES = {
-    # kind: (how many the int counts over beyond n_layers, what the valid values mean)
-    "block": (0, "a block index is 0..{hi} ({n} layers), or {lo}..-1 counting back from the last block"),
+# kind: (how far the largest index lies past n_layers - 1, how far a negative counts back past n_layers,
+# what the valid values mean). A bound is a slice bound over the blocks: -1 stops before the last block.
+_LAYER_SENSES = {
+    "block": (0, 0, "a block index is 0..{hi} ({n} layers), or {lo}..-1 counting back from the last block"),
     "residual": (
+        1,
         1,
         "a residual-stream layer is 0..{hi} (l: the input of block l; {hi}: after the last block), or "
         "{lo}..-1 counting back (-1 or None: after the last block, as TransformerLens)",
     ),
-    "bound": (1, "a partial-pass bound is 0..{hi} ({n} blocks), or {lo}..-1 counting back as blocks[start:stop]"),
+    "bound": (1, 0, "a partial-pass bound is 0..{hi} ({n} blocks), or {lo}..-1 counting back as blocks[start:stop]"),
 }
 
 
@@ -114,10 +116,8 @@ def resolve_layer(layer: object, n_layers: int | None, *, what: str = "layer", k
                 f"here; pass n_layers + ({layer}), or index a cache with a model attached"
             )
         return layer
-    extra, valid = _LAYER_RANGES[kind]
-    # A bound is a slice bound over the blocks: -1 stops before the last block, as blocks[:-1].
-    back = n_layers if kind == "bound" else n_layers + extra
-    hi = n_layers - 1 + extra
+    past_top, past_back, valid = _LAYER_SENSES[kind]
+    hi, back = n_layers - 1 + past_top, n_layers + past_back
     if not -back <= layer <= hi:
         raise ValueError(f"{what}={layer} is out of range: {valid.format(hi=hi, lo=-back, n=n_layers)}")
     return layer + back if layer < 0 else layer

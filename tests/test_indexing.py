@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_decomposition import CFG, random_model, run_all
 
-from diffusionlens import HookedDiffusionGemma, ReplayNoise
+from diffusionlens import HookedDiffusionGemma, HookedGemma4CausalLM, ReplayNoise
 from diffusionlens.indexing import check_stack, index_axis, resolve_layer, resolve_selector, select_indices
 from diffusionlens.patching import Patch
 from diffusionlens.viz.attention import attention_pattern
@@ -165,6 +165,26 @@ def test_one_stack_check_names_the_stacks_the_model_has(setup):
         block_weights(setup.model, 0, stack="decodr")
     with pytest.raises(ValueError, match="stack must be one of 'encoder', 'decoder', 'causal', got 'both'"):
         check_stack("both")
+
+
+def test_the_causal_twin_decomposes_through_the_same_checks():
+    """check_stack accepts the stacks the model has, so the causal twin's one stack decomposes exactly too."""
+    twin = HookedGemma4CausalLM.from_config(CFG, seed=3)
+    for module in twin.modules():  # what set_use_attn_result / set_use_expert_outputs switch on the diffusion model
+        for switch in ("use_attn_result", "use_expert_outputs"):
+            if hasattr(module, switch):
+                setattr(module, switch, True)
+    with torch.no_grad():
+        _, cache = twin.run_with_cache(
+            torch.randint(3, CFG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        )
+    for layer in (None, -2, 1):
+        parts = cache.get_full_resid_decomposition(layer, stack="causal")
+        torch.testing.assert_close(
+            parts.sum(0), cache.accumulated_resid(layer, stack="causal")[-1], atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="stack must be one of 'causal', got 'decoder'"):
+        cache.stack_head_results()
 
 
 # ---------------------------------------------------------------------- selectors in generate_with_cache
