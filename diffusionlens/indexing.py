@@ -40,6 +40,7 @@ __all__ = [
     "check_stack",
     "index_axis",
     "model_stacks",
+    "ordered_indices",
     "resolve_layer",
     "resolve_layers",
     "resolve_selector",
@@ -277,16 +278,20 @@ def resolve_selector(
     return indices
 
 
+def ordered_indices(selector: Selector, size: int | None, what: str, size_name: str = "indices") -> list[int] | None:
+    """The indices `selector` picks out of `size`, in its order (None: everything), checked as `resolve_selector`."""
+    resolved = resolve_selector(selector, size, what, size_name)
+    if resolved is None or isinstance(resolved, list):
+        return resolved
+    if isinstance(resolved, int):
+        return [resolved]
+    return list(range(UNBOUNDED if size is None else size)[resolved])
+
+
 def select_indices(selector: Selector, size: int | None, what: str, size_name: str = "indices") -> set[int] | None:
     """The set of indices `selector` picks out of `size` (None: everything), checked as `resolve_selector`."""
-    resolved = resolve_selector(selector, size, what, size_name)
-    if resolved is None:
-        return None
-    if isinstance(resolved, int):
-        return {resolved}
-    if isinstance(resolved, slice):
-        return set(range(UNBOUNDED if size is None else size)[resolved])
-    return set(resolved)
+    ordered = ordered_indices(selector, size, what, size_name)
+    return None if ordered is None else set(ordered)
 
 
 def index_axis(
