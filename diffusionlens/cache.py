@@ -12,7 +12,8 @@ from jaxtyping import Float
 from diffusionlens.components.unembed import unembed
 from diffusionlens.decomposition import ResidDecompositionMixin
 from diffusionlens.hook_reference import position_axis
-from diffusionlens.utils import PosSlice, apply_pos_slice, check_pos_slice, resolve_act_key
+from diffusionlens.indexing import Selector, check_selector, check_stack, index_axis
+from diffusionlens.utils import resolve_act_key
 
 #: What accumulated_resid and decompose_resid return: the stacked residual parts, with labels if asked.
 ResidStack = (
@@ -40,10 +41,7 @@ class ActivationCache(ResidDecompositionMixin):
     def _resolve(self, key: str | tuple) -> str:
         """A key as a stored name: a full hook name, a TransformerLens short name ("resid_post" needs
         no layer only for stack-level hooks: "embed", "logits") or a tuple (name, layer[, layer_type][, stack])."""
-        if isinstance(key, str) and (key in self._store or "." in key):
-            return key
-        n_layers = None if self.model is None else self.model.cfg.num_hidden_layers
-        return resolve_act_key(key, n_layers)
+        return resolve_act_key(key, self.model, self._store)
 
     def __getitem__(self, key: str | tuple) -> torch.Tensor:
         name = self._resolve(key)
@@ -102,13 +100,15 @@ class ActivationCache(ResidDecompositionMixin):
         self.has_batch_dim = False
         return self
 
-    def apply_pos_slice(self, pos_slice: PosSlice) -> ActivationCache:
+    def apply_pos_slice(self, pos_slice: Selector) -> ActivationCache:
         """Index every value's position axis (queries, for attention patterns) by `pos_slice`, in place."""
-        check_pos_slice(pos_slice)
+        check_selector(pos_slice, "pos_slice")
         if pos_slice is not None:
             offset = 0 if self.has_batch_dim else -1
             self._store = {
-                k: apply_pos_slice(v, pos_slice, position_axis(k.removesuffix("_grad")) + offset)
+                k: index_axis(
+                    v, pos_slice, position_axis(k.removesuffix("_grad")) + offset, "pos_slice", f"{k} positions"
+                )
                 for k, v in self._store.items()
             }
         return self
@@ -120,30 +120,6 @@ class ActivationCache(ResidDecompositionMixin):
         return f"ActivationCache({len(self)} tensors, {self.nbytes() / 2**20:.2f} MiB)"
 
     # ------------------------------------------------------------------ residual helpers
-    def _n_layers(self) -> int:
-        if self.model is None:
-            raise ValueError("This cache has no model attached; build it with model.run_with_cache")
-        return self.model.cfg.num_hidden_layers
-
-    def _resid_layer(self, layer: int | None, what: str) -> int:
-        """`layer` as a count of blocks before the residual (0 … n_layers). As TransformerLens, None
-        and -1 mean after the last block; other negatives count back from there (-2: input of the last)."""
-        n = self._n_layers()
-        if layer is None:
-            return n
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            hint = f"; pass stack={layer!r} by keyword" if layer in ("encoder", "decoder") else ""
-            raise TypeError(f"{what}: layer must be an int in [-{n + 1}, {n}] or None, got {layer!r}{hint}")
-        if not -(n + 1) <= layer <= n:
-            raise ValueError(f"{what}: layer must be in [-{n + 1}, {n}] for {n} layers (None: all), got {layer}")
-        return layer + n + 1 if layer < 0 else layer
-
-    def _check_stack(self, stack: str) -> str:
-        stacks = [s for s in ("encoder", "decoder", "causal") if self.model is None or hasattr(self.model, s)]
-        if stack not in stacks:
-            raise ValueError(f"stack must be one of {stacks}, got {stack!r}")
-        return stack
-
     def _final_norm(self, resid: Float[torch.Tensor, "... d_model"], stack: str) -> Float[torch.Tensor, "... d_model"]:
         # A bf16/fp16 cache meets float32 weights here: compute in the model's dtype.
         norm = self.model.get_submodule(f"{stack}.ln_final")
@@ -154,7 +130,7 @@ class ActivationCache(ResidDecompositionMixin):
         layer: int | None = None,
         incl_mid: bool = False,
         apply_ln: bool = False,
-        pos_slice: PosSlice = None,
+        pos_slice: Selector = None,
         return_labels: bool = False,
         *,
         stack: str = "decoder",
@@ -170,9 +146,9 @@ class ActivationCache(ResidDecompositionMixin):
         `pos_slice` indexes positions (an int drops the axis); `return_labels` adds labels
         ("0_pre", "0_mid", …, "final_post"). `stack="encoder"` reads the encoder.
         """
-        stack = self._check_stack(stack)
-        check_pos_slice(pos_slice)
-        n, upto = self._n_layers(), self._resid_layer(layer, "accumulated_resid")
+        stack = check_stack(stack, self.model)
+        check_selector(pos_slice, "pos_slice")
+        n, upto = self._model().cfg.num_hidden_layers, self._resid_layer(layer)
         parts, labels = [], []
         for i in range(upto + 1):
             if i == n:
@@ -184,7 +160,7 @@ class ActivationCache(ResidDecompositionMixin):
             if incl_mid and i < upto:
                 parts.append(self[f"{stack}.blocks.{i}.hook_resid_mid"])
                 labels.append(f"{i}_mid")
-        resid = torch.stack([apply_pos_slice(p, pos_slice, -2) for p in parts])
+        resid = torch.stack([index_axis(p, pos_slice, -2, "pos_slice", "positions") for p in parts])
         if apply_ln:
             resid = self._final_norm(resid, stack)
         return (resid, labels) if return_labels else resid
@@ -194,7 +170,7 @@ class ActivationCache(ResidDecompositionMixin):
         layer: int | None = None,
         mode: str = "all",
         apply_ln: bool = False,
-        pos_slice: PosSlice = None,
+        pos_slice: Selector = None,
         incl_embeds: bool = True,
         return_labels: bool = False,
         *,
@@ -207,11 +183,11 @@ class ActivationCache(ResidDecompositionMixin):
         `layer_scalar`, so earlier terms are rescaled by the product of later scalars; with every
         component the parts sum to the residual exactly. `apply_ln` applies the final norm to each part
         (a logit-lens view, not a linear split); `return_labels` adds the labels."""
-        stack = self._check_stack(stack)
+        stack = check_stack(stack, self.model)
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
-        check_pos_slice(pos_slice)
-        upto = self._resid_layer(layer, "decompose_resid")
+        check_selector(pos_slice, "pos_slice")
+        upto = self._resid_layer(layer)
         scalars = [float(self.model.get_submodule(f"{stack}.blocks.{i}").layer_scalar) for i in range(upto)]
 
         def later(i: int) -> float:
@@ -231,13 +207,13 @@ class ActivationCache(ResidDecompositionMixin):
                     labels.append(f"{i}_{hook}")
         if not parts:
             raise ValueError("decompose_resid(layer=0, incl_embeds=False) has no components; pass incl_embeds=True")
-        resid = torch.stack([apply_pos_slice(p, pos_slice, -2) for p in parts])
+        resid = torch.stack([index_axis(p, pos_slice, -2, "pos_slice", "positions") for p in parts])
         if apply_ln:
             resid = self._final_norm(resid, stack)
         return (resid, labels) if return_labels else resid
 
     def logit_lens(
-        self, layer: int | None = None, pos_slice: PosSlice = None, *, stack: str = "decoder"
+        self, layer: int | None = None, pos_slice: Selector = None, *, stack: str = "decoder"
     ) -> Float[torch.Tensor, "component *batch_and_pos vocab"]:
         """Logits read off `accumulated_resid(layer, apply_ln=True, pos_slice=...)` through the
         soft-capped tied head: `[layers + 1, batch, pos, vocab]` for layer None. Computed in the model's

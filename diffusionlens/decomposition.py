@@ -26,7 +26,7 @@ and the decoder's block-0 input, `self_cond.post_norm(embed + self_cond)` (a gai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -34,29 +34,18 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
+from diffusionlens.indexing import Selector, check_stack, index_axis, model_stacks, resolve_layer
+
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
-
-#: Something that indexes one axis: a position, a slice, or a list / tensor of positions.
-AxisSlice = int | slice | Sequence[int] | torch.Tensor | None
 
 #: What the decomposition helpers return: `[component, batch, pos, d_model]`, with the labels if asked.
 ResidComponents = Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]
 
-STACKS = ("encoder", "decoder")
 SWITCHES = {
     "attn.hook_result": "model.set_use_attn_result(True)",
     "moe.hook_expert_out": "model.set_use_expert_outputs(True)",
 }
-
-
-def _take(tensor: torch.Tensor, index: AxisSlice, dim: int) -> torch.Tensor:
-    """`tensor` indexed along `dim` (None keeps everything; an int drops the axis)."""
-    if index is None:
-        return tensor
-    if isinstance(index, int | slice):
-        return tensor[(slice(None),) * (dim % tensor.ndim) + (index,)]
-    return tensor.index_select(dim, torch.as_tensor(index, device=tensor.device, dtype=torch.long))
 
 
 def _joined(
@@ -90,21 +79,10 @@ class ResidDecompositionMixin:
         how = f"switch it on with {switch} and record it" if switch else "record it"
         raise KeyError(f"'{name}' is not in this cache: {how} (names_filter must match it).")
 
-    def _check_stack(self, stack: str) -> None:
-        if stack not in STACKS:
-            raise ValueError(f"stack must be one of {STACKS}, not {stack!r}")
-
-    def _resolve_layer(self, layer: int | None) -> int:
-        """The block whose input the decomposition explains: 0 .. n_layers (n_layers, -1 or None:
-        after the last block)."""
-        n = self._model().cfg.num_hidden_layers
-        if layer is None or layer == -1:
-            return n
-        if not isinstance(layer, int) or not 0 <= layer <= n:
-            raise ValueError(
-                f"layer must be in 0..{n} (or -1 / None for the residual after the last block), not {layer}"
-            )
-        return layer
+    def _resid_layer(self, layer: int | None) -> int:
+        """The block whose input the residual is: 0 .. n_layers (None, -1 or n_layers: after the last
+        block; other negatives count back from there, -2 being the input of the last block)."""
+        return resolve_layer(layer, self._model().cfg.num_hidden_layers, kind="residual")
 
     def _module(self, stack: str, path: str) -> torch.nn.Module:
         return self._model().get_submodule(f"{stack}.{path}")
@@ -138,8 +116,7 @@ class ResidDecompositionMixin:
         """Add `attn.hook_result` (each head's output through its slice of o_proj, `[batch, pos, head,
         d_model]`) for every layer whose `attn.hook_z` is cached, as TransformerLens does. Recording it
         with `model.set_use_attn_result(True)` gives the same values (up to summation order)."""
-        for name in STACKS if stack is None else (stack,):
-            self._check_stack(name)
+        for name in model_stacks(self._model()) if stack is None else (check_stack(stack, self._model()),):
             for layer in range(self._model().cfg.num_hidden_layers):
                 prefix = f"{name}.blocks.{layer}.attn"
                 if f"{prefix}.hook_z" in self and f"{prefix}.hook_result" not in self:  # type: ignore[operator]
@@ -171,12 +148,15 @@ class ResidDecompositionMixin:
         return factor if branch_norm is None else factor * self._norm_map(f"{prefix}.{branch_norm}", like)
 
     def _neurons(
-        self, stack: str, block: int, layer: int, neuron_slice: AxisSlice = None
+        self, stack: str, block: int, layer: int, neuron_slice: Selector = None
     ) -> tuple[list[torch.Tensor], list[str]]:
         post = self._hook(f"{stack}.blocks.{block}.mlp.hook_post")
         W_out = self._module(stack, f"blocks.{block}.mlp").down_proj.weight.detach().T
         ids = torch.arange(post.shape[-1])
-        post, W_out, ids = _take(post, neuron_slice, -1), _take(W_out, neuron_slice, 0), _take(ids, neuron_slice, 0)
+        post, W_out, ids = (
+            index_axis(x, neuron_slice, axis, "neuron_slice", "neurons")
+            for x, axis in ((post, -1), (W_out, 0), (ids, 0))
+        )
         if ids.ndim == 0:  # one neuron, chosen by an int
             post, W_out, ids = post[..., None], W_out[None], ids[None]
         factor = self._ffn_map(stack, block, layer, "ln2_post_mlp", post)
@@ -202,7 +182,7 @@ class ResidDecompositionMixin:
 
     def _embedding(self, stack: str, layer: int) -> tuple[list[torch.Tensor], list[str]]:
         embed = self._hook(f"{stack}.hook_embed")
-        if stack == "encoder":
+        if stack != "decoder":  # the encoder (and a causal twin's stack) read the bare embedding
             return [(embed * self._scalar_product(stack, 0, layer, embed))[None]], ["embed"]
         # Block 0 reads self_cond.post_norm(embed + self_cond signal), a gain-free norm.
         signal = self._hook("decoder.self_cond.hook_out")
@@ -215,7 +195,7 @@ class ResidDecompositionMixin:
         layer: int | None = -1,
         return_labels: bool = False,
         incl_remainder: bool = False,
-        pos_slice: AxisSlice = None,
+        pos_slice: Selector = None,
         apply_ln: bool = False,
         *,
         stack: str = "decoder",
@@ -233,8 +213,8 @@ class ResidDecompositionMixin:
     def stack_neuron_results(
         self,
         layer: int | None = -1,
-        neuron_slice: AxisSlice = None,
-        pos_slice: AxisSlice = None,
+        neuron_slice: Selector = None,
+        pos_slice: Selector = None,
         return_labels: bool = False,
         incl_remainder: bool = False,
         apply_ln: bool = False,
@@ -251,7 +231,7 @@ class ResidDecompositionMixin:
         self,
         layer: int | None = -1,
         by: str = "expert",
-        pos_slice: AxisSlice = None,
+        pos_slice: Selector = None,
         return_labels: bool = False,
         incl_remainder: bool = False,
         apply_ln: bool = False,
@@ -275,15 +255,15 @@ class ResidDecompositionMixin:
         stack: str,
         incl_remainder: bool,
         apply_ln: bool,
-        pos_slice: AxisSlice,
+        pos_slice: Selector,
         return_labels: bool,
         with_embedding: bool = False,
     ) -> ResidComponents:
         """The components `per_block(stack, block, layer)` gives for every block before `layer` (after
         the embedding's with `with_embedding`), stacked and finished as every public helper returns them:
         the remainder appended, the final norm applied, positions sliced, labels returned if asked."""
-        self._check_stack(stack)
-        layer = self._resolve_layer(layer)
+        check_stack(stack, self._model())
+        layer = self._resid_layer(layer)
         embedding = [self._embedding(stack, layer)] if with_embedding else []
         parts, labels = _joined([*embedding, *(per_block(stack, block, layer) for block in range(layer))])
         components = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(stack, layer).shape)
@@ -294,7 +274,7 @@ class ResidDecompositionMixin:
             labels = [*labels, "remainder"]
         if apply_ln:
             components = self.apply_ln_to_stack(components, layer, stack=stack)
-        components = _take(components, pos_slice, dim=2)
+        components = index_axis(components, pos_slice, 2, "pos_slice", "positions")
         return (components, labels) if return_labels else components
 
     def get_full_resid_decomposition(
@@ -303,7 +283,7 @@ class ResidDecompositionMixin:
         expand_neurons: bool = False,
         expand_experts: bool = True,
         apply_ln: bool = False,
-        pos_slice: AxisSlice = None,
+        pos_slice: Selector = None,
         return_labels: bool = False,
         *,
         stack: str = "decoder",
@@ -337,8 +317,8 @@ class ResidDecompositionMixin:
         residual_stack: Float[torch.Tensor, "... batch pos d_model"],
         layer: int | None = None,
         mlp_input: bool = False,
-        pos_slice: AxisSlice = None,
-        batch_slice: AxisSlice = None,
+        pos_slice: Selector = None,
+        batch_slice: Selector = None,
         has_batch_dim: bool = True,
         *,
         stack: str = "decoder",
@@ -351,8 +331,8 @@ class ResidDecompositionMixin:
         (then `batch_slice` must pick it, default item 0). Only the final norm has a cached scale, so
         `layer` must be the last (None, -1 or n_layers) and `mlp_input` False.
         """
-        self._check_stack(stack)
-        if mlp_input or self._resolve_layer(layer) != self._model().cfg.num_hidden_layers:
+        check_stack(stack, self._model())
+        if mlp_input or self._resid_layer(layer) != self._model().cfg.num_hidden_layers:
             raise ValueError(
                 "apply_ln_to_stack applies the final norm only (the one norm a residual stack meets "
                 "whose scale is cached): pass layer=None and mlp_input=False"
@@ -362,7 +342,9 @@ class ResidDecompositionMixin:
             batch_slice = 0 if batch_slice is None else batch_slice
             if not isinstance(batch_slice, int):
                 raise ValueError("has_batch_dim=False needs batch_slice to be one batch index (an int)")
-        factor = _take(_take(factor, batch_slice, 0), pos_slice, -2)
+        factor = index_axis(
+            index_axis(factor, batch_slice, 0, "batch_slice", "batch rows"), pos_slice, -2, "pos_slice", "positions"
+        )
         return residual_stack * factor
 
     def logit_attrs(
@@ -375,8 +357,8 @@ class ResidDecompositionMixin:
         | Int[torch.Tensor, " batch"]
         | Int[torch.Tensor, "batch pos"]
         | None = None,
-        pos_slice: AxisSlice = None,
-        batch_slice: AxisSlice = None,
+        pos_slice: Selector = None,
+        batch_slice: Selector = None,
         has_batch_dim: bool = True,
         *,
         stack: str = "decoder",

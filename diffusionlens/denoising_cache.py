@@ -8,7 +8,7 @@ with the request, never with the model. What to record is a `RecordSpec`; where 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, no_type_check
@@ -31,6 +31,7 @@ from diffusionlens.cache_storage import (
 )
 from diffusionlens.hook_points import NameFilter
 from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
+from diffusionlens.indexing import Selector, check_selector, select_indices
 from diffusionlens.sampling.settings import GenerationSettings
 from diffusionlens.utils import resolve_act_key
 
@@ -38,40 +39,7 @@ if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
 
-__all__ = [
-    "CACHE_FORMAT_VERSION",
-    "ENCODER",
-    "CacheBudgetError",
-    "CacheIntegrityError",
-    "DenoisingCache",
-    "RecordSpec",
-    "select_indices",
-]
-
-Selector = int | slice | Sequence[int] | torch.Tensor | str | None
-
-
-def select_indices(selector: Selector, size: int, what: str) -> set[int] | None:
-    """Indices picked by an int, slice, list, bool mask, 'all' or None (None = everything) out of
-    `size`; negative ints count from the end. `what` names the argument in the error."""
-    if selector is None or (isinstance(selector, str) and selector == "all"):
-        return None
-    if isinstance(selector, str):
-        raise ValueError(f"{what} must be an int, slice, list, bool mask or 'all', got {selector!r}")
-    if isinstance(selector, int):
-        return {selector % size if selector < 0 else selector}
-    if isinstance(selector, slice):
-        return set(range(size)[selector])
-    if isinstance(selector, torch.Tensor) and selector.dtype == torch.bool:
-        return set(torch.nonzero(selector).flatten().tolist())
-    return {int(i) % size if int(i) < 0 else int(i) for i in selector}
-
-
-def _check_selector(selector: Selector, what: str) -> None:
-    if selector is None or isinstance(selector, (int, slice, torch.Tensor)) or selector == "all":
-        return
-    if isinstance(selector, str) or not isinstance(selector, Iterable):
-        raise TypeError(f"{what} must be an int, slice, list of ints, bool mask or 'all', got {selector!r}")
+__all__ = ["CACHE_FORMAT_VERSION", "ENCODER", "CacheBudgetError", "CacheIntegrityError", "DenoisingCache", "RecordSpec"]
 
 
 class CacheBudgetError(MemoryError):
@@ -104,7 +72,7 @@ class RecordSpec:
 
     def __post_init__(self) -> None:
         for what in ("steps", "positions", "canvases"):
-            _check_selector(getattr(self, what), what)
+            check_selector(getattr(self, what), what)
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {self.dtype!r}")
         if self.storage not in STORAGE_KINDS:
@@ -172,14 +140,15 @@ class DenoisingCache:
         canvas_length: int = 256,
         pos_axes: dict[str, int | None] | None = None,
     ) -> None:
+        # Checked against the most the run can reach, before a storage directory is made.
+        self._steps = select_indices(steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
+        self._canvases = select_indices(canvases, max_canvases, "canvases", "canvases (max_new_tokens / canvas_length)")
+        self._positions = select_indices(positions, canvas_length, "positions", "canvas positions (canvas_length)")
         self.backend = make_storage(storage, path, overwrite) if isinstance(storage, str) else storage
         self.storage = self.backend.kind
         self.path = getattr(self.backend, "path", None)
         self.names = list(names)
         self.dtype = dtype
-        self._steps = select_indices(steps, max_steps, "steps")
-        self._canvases = select_indices(canvases, max_canvases, "canvases")
-        self._positions = select_indices(positions, canvas_length, "positions")
         self.positions = None if self._positions is None else sorted(self._positions)
         self._sizes = {"max_steps": max_steps, "max_canvases": max_canvases, "canvas_length": canvas_length}
         self._pos_index: torch.Tensor | None = None
@@ -329,10 +298,7 @@ class DenoisingCache:
     def _resolve(self, key: str | tuple) -> str:
         """A full hook name for `key`: a name, a TransformerLens short name or a tuple
         (name, layer[, layer_type][, stack]) as in `ActivationCache`."""
-        if isinstance(key, str) and (key in self.names or "." in key):
-            return key
-        n_layers = None if self.model is None else self.model.cfg.num_hidden_layers
-        return resolve_act_key(key, n_layers)
+        return resolve_act_key(key, self.model, self.names)
 
     def get(self, name: str | tuple, canvas: int = 0, step: int | None = None) -> torch.Tensor:
         """One value: encoder hooks by canvas; decoder/sampler hooks by canvas and step (all steps

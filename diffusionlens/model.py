@@ -18,10 +18,11 @@ from diffusionlens.components.moe import MoE
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
+from diffusionlens.indexing import check_selector, resolve_layer
 from diffusionlens.loading import init_random_weights, load_pretrained
 from diffusionlens.loading import save_pretrained as _save_pretrained
 from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
-from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type, layer_index
+from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.replay import replay_step as _replay_step
 from diffusionlens.sampling.generate import generate as _generate
@@ -31,7 +32,7 @@ from diffusionlens.tokens import TokenHelpers, check_token_ids, checked_attentio
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
-    from diffusionlens.utils import PosSlice
+    from diffusionlens.indexing import Selector
     from diffusionlens.weights import ModelWeights
 
 
@@ -112,7 +113,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         """
         if start_at_layer is not None:
             return self._continue_encode(input_ids, attention_mask, prompt_state, start_at_layer, stop_at_layer)
-        stop = layer_index(stop_at_layer, self.cfg.num_hidden_layers, "stop_at_layer")
+        stop = resolve_layer(stop_at_layer, self.cfg.num_hidden_layers, what="stop_at_layer", kind="bound")
         if prompt_state is not None and prompt_state.encoded_layers is not None:
             raise ValueError("prompt_state is partial (from stop_at_layer); finish it with start_at_layer first")
         input_ids = self.check_tokens(input_ids, "input_ids")
@@ -139,8 +140,8 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         stop_at_layer: int | None,
     ) -> PromptState | tuple[Float[torch.Tensor, "batch pos d_model"], PromptState]:
         n_layers = self.cfg.num_hidden_layers
-        start = layer_index(start_at_layer, n_layers, "start_at_layer")
-        stop = layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        start = resolve_layer(start_at_layer, n_layers, what="start_at_layer", kind="bound")
+        stop = resolve_layer(stop_at_layer, n_layers, what="stop_at_layer", kind="bound")
         check_layer_order(start, stop)
         if prompt_state is None or prompt_state.encoded_layers is None:
             raise ValueError(
@@ -177,8 +178,8 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         self-conditioning is already in the residual, so `self_cond_logits` must then be None.
         """
         n_layers = self.cfg.num_hidden_layers
-        start = layer_index(start_at_layer, n_layers, "start_at_layer")
-        stop = layer_index(stop_at_layer, n_layers, "stop_at_layer")
+        start = resolve_layer(start_at_layer, n_layers, what="start_at_layer", kind="bound")
+        stop = resolve_layer(stop_at_layer, n_layers, what="stop_at_layer", kind="bound")
         check_layer_order(start, stop)
         if not isinstance(prompt_state, PromptState) or prompt_state.encoded_layers is not None:
             raise ValueError(
@@ -290,7 +291,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         incl_bwd: bool = False,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         remove_batch_dim: bool = False,
-        pos_slice: PosSlice = None,
+        pos_slice: Selector = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run `self(*args, **kwargs)` and return (output, ActivationCache of the matching hooks).
@@ -305,9 +306,8 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         not sliced.
         """
         from diffusionlens.cache import ActivationCache
-        from diffusionlens.utils import check_pos_slice
 
-        check_pos_slice(pos_slice)  # refuse before the run, not after it
+        check_selector(pos_slice, "pos_slice")  # refuse before the run, not after it
         if not isinstance(remove_batch_dim, bool):
             raise TypeError(f"remove_batch_dim must be True or False, got {remove_batch_dim!r}")
         if incl_bwd:

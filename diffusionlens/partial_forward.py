@@ -12,20 +12,6 @@ import torch
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 
-def layer_index(value: int | None, n_layers: int, name: str) -> int | None:
-    """`value` as a block index in 0..n_layers (negative counts from the end, as in TransformerLens)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int block index, got {type(value).__name__}")
-    if not -n_layers <= value <= n_layers:
-        raise ValueError(
-            f"{name}={value} is out of range: this model has {n_layers} blocks, so use 0..{n_layers} "
-            f"(or -{n_layers}..-1 counting from the end)"
-        )
-    return value + n_layers if value < 0 else value
-
-
 def check_layer_order(start: int | None, stop: int | None) -> None:
     if start is not None and stop is not None and stop < start:
         raise ValueError(f"stop_at_layer={stop} comes before start_at_layer={start}; blocks run forwards")

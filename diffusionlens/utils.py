@@ -1,4 +1,4 @@
-"""TransformerLens-style short names for hook points, and the position slices caches accept.
+"""TransformerLens-style short names for hook points, and how a cache key becomes a hook name.
 
 `get_act_name("resid_post", 3)` is `"decoder.blocks.3.hook_resid_post"`: TransformerLens's names with
 a stack. Caches resolve tuple keys through it, so `cache["resid_post", 3]` and
@@ -8,15 +8,13 @@ a stack. Caches resolve tuple keys through it, so `cache["resid_post", 3]` and
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Container
+from typing import Any
 
 from diffusionlens.components.block import NORMS
+from diffusionlens.indexing import STACKS, check_stack, resolve_layer
 
-__all__ = ["STACKS", "PosSlice", "apply_pos_slice", "check_pos_slice", "get_act_name", "resolve_act_key"]
-
-STACKS = ("encoder", "decoder")
+__all__ = ["get_act_name", "resolve_act_key"]
 
 # Short name → path inside a block. Names are TransformerLens's where the hook means the same thing.
 _BLOCK_ACTS = {
@@ -31,6 +29,8 @@ _BLOCK_ACTS = {
 # Names that live once per stack, outside the blocks.
 _STACK_ACTS = {"embed": "hook_embed", "normalized": "ln_final.hook_normalized", "ln_final": "ln_final.hook_normalized"}
 _DECODER_ONLY = {"logits": "hook_logits"}
+# The causal twin's logits hook sits on the model, not on its stack.
+_ROOT_LOGITS = {"causal": "hook_logits"}
 # TransformerLens's aliases (utils.get_act_name), where DiffusionGemma has the hook they name.
 _ALIASES = {
     "attn": "pattern",
@@ -63,17 +63,10 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
         raise TypeError(f"name must be a str such as 'resid_post', got {type(name).__name__}")
     if layer_type in STACKS:
         layer_type, stack = None, layer_type
-    if stack not in STACKS:
-        raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+    check_stack(stack)
     if "." in name and layer is None and layer_type is None:
         return name
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-        raise TypeError(f"layer must be an int (a block index) or None, got {layer!r}")
-    if layer is not None and layer < 0:
-        raise ValueError(
-            f"layer {layer}: negative layers need the model's layer count; index a cache "
-            f"(cache[{name!r}, {layer}]) or pass n_layers + ({layer})"
-        )
+    layer = resolve_layer(layer, None, what="layer", kind="block")
     if layer_type is not None and layer_type not in _LAYER_TYPES:
         raise ValueError(f"layer_type must be one of {sorted(_LAYER_TYPES)} or None, got {layer_type!r}")
     short = _ALIASES.get(name.removeprefix("hook_"), name.removeprefix("hook_"))
@@ -92,6 +85,10 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
         if layer is not None:
             raise ValueError(f"{name!r} is one hook per stack, not per block: drop layer={layer}")
         return f"{stack}.{stack_acts[short]}"
+    if short in _DECODER_ONLY and stack in _ROOT_LOGITS:
+        if layer is not None:
+            raise ValueError(f"{name!r} is one hook per model, not per block: drop layer={layer}")
+        return _ROOT_LOGITS[stack]
     if short in _DECODER_ONLY:
         raise KeyError(f"the {stack} has no {name!r} hook; only the decoder produces logits")
     nearest = difflib.get_close_matches(short, _KNOWN, n=5, cutoff=0.4)
@@ -99,75 +96,28 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     raise KeyError(f"unknown activation name {name!r}.{hint}")
 
 
-def resolve_act_key(key: str | tuple, n_layers: int | None) -> str:
-    """A cache key as a full hook name: a full name as given; a short name, or a TransformerLens tuple
-    `(name, layer[, layer_type][, stack])`, through `get_act_name`. Negative layers count from the end
-    of `n_layers` (None: the cache has no model, so they are refused)."""
+def resolve_act_key(key: str | tuple, model: Any = None, stored: Container[str] = ()) -> str:
+    """A cache key as a full hook name, as both caches read them: a full name (or a name in `stored`) as
+    given; a short name, or a TransformerLens tuple `(name, layer[, layer_type][, stack])`, through
+    `get_act_name`. The layer is a block index: negatives count back from the model's layer count (a
+    cache without a model refuses them). A layer out of range is a missing key: a KeyError naming the
+    valid range."""
     if isinstance(key, str):
-        return key if "." in key else get_act_name(key)  # "embed", "logits": the decoder's own hooks
+        # "embed", "logits": the decoder's own hooks
+        return key if "." in key or key in stored else get_act_name(key)
     if not isinstance(key, tuple) or not key or not isinstance(key[0], str):
         raise KeyError(f"a cache key is a hook name or a tuple (name, layer[, layer_type][, stack]), got {key!r}")
     name, *rest = key
     stack = "decoder"
-    if rest and rest[-1] in STACKS:
+    if rest and isinstance(rest[-1], str) and rest[-1] in STACKS:
         stack, rest = rest[-1], rest[:-1]
     if len(rest) > 2:
-        raise KeyError(f"too many parts in {key!r}: use (name, layer[, layer_type][, 'encoder' | 'decoder'])")
+        raise KeyError(f"too many parts in {key!r}: use (name, layer[, layer_type][, {' | '.join(map(repr, STACKS))}])")
     layer = rest[0] if rest else None
     layer_type = rest[1] if len(rest) > 1 else None
-    if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
-        if n_layers is None:
-            raise KeyError(f"{key!r}: a negative layer needs the model's layer count; this cache has no model")
-        if layer < -n_layers:
-            raise KeyError(f"{key!r}: layer {layer} is out of range for {n_layers} layers")
-        layer += n_layers
+    try:
+        n_layers = None if model is None else model.cfg.num_hidden_layers
+        layer = resolve_layer(layer, n_layers, what=f"{key!r}: layer", kind="block")
+    except ValueError as error:
+        raise KeyError(str(error)) from None
     return get_act_name(name, layer, layer_type, stack=stack)
-
-
-PosSlice = int | slice | tuple | Sequence[int] | torch.Tensor | None
-
-
-def check_pos_slice(pos_slice: PosSlice) -> None:
-    """Refuse a pos_slice that is not an int, slice, (start, stop[, step]) tuple, list of ints or 1-D
-    integer tensor, naming the accepted forms."""
-    if pos_slice is None or isinstance(pos_slice, slice):
-        return
-    if isinstance(pos_slice, bool) or isinstance(pos_slice, (str, bytes, float)):
-        raise TypeError(_POS_SLICE_HELP.format(pos_slice=pos_slice))
-    if isinstance(pos_slice, int):
-        return
-    if isinstance(pos_slice, torch.Tensor):
-        if pos_slice.ndim != 1 or pos_slice.is_floating_point() or pos_slice.dtype == torch.bool:
-            raise TypeError(_POS_SLICE_HELP.format(pos_slice=f"tensor {pos_slice.dtype} {tuple(pos_slice.shape)}"))
-        return
-    if isinstance(pos_slice, tuple):
-        if not 1 <= len(pos_slice) <= 3 or not all(p is None or _is_int(p) for p in pos_slice):
-            raise TypeError(_POS_SLICE_HELP.format(pos_slice=pos_slice))
-        return
-    if isinstance(pos_slice, Sequence) and all(_is_int(p) for p in pos_slice):
-        return
-    raise TypeError(_POS_SLICE_HELP.format(pos_slice=pos_slice))
-
-
-_POS_SLICE_HELP = (
-    "pos_slice must be an int (one position; the axis is dropped), a slice, a (start, stop[, step]) tuple "
-    "as TransformerLens, a list of ints or a 1-D integer tensor; got {pos_slice!r}"
-)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def apply_pos_slice(tensor: torch.Tensor, pos_slice: PosSlice, axis: int) -> torch.Tensor:
-    """`tensor` indexed by `pos_slice` along `axis` (an int drops the axis, as TransformerLens's Slice)."""
-    check_pos_slice(pos_slice)
-    if pos_slice is None:
-        return tensor
-    if isinstance(pos_slice, tuple):
-        pos_slice = slice(*pos_slice)
-    if isinstance(pos_slice, (int, slice)):
-        index = pos_slice
-    else:
-        index = torch.as_tensor(pos_slice, dtype=torch.long, device=tensor.device)
-    return tensor[(slice(None),) * (axis % tensor.ndim) + (index,)]

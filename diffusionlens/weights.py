@@ -35,8 +35,7 @@ from jaxtyping import Float
 
 from diffusionlens.components.block import NORMS
 from diffusionlens.factored_matrix import FactoredMatrix
-
-STACKS = ("encoder", "decoder")
+from diffusionlens.indexing import check_stack, resolve_layer
 
 # Norms whose gain feeds a weight matrix directly, and so folds exactly into it.
 FOLDABLE_NORMS = ("ln1", "ln2", "ln2_moe")
@@ -155,22 +154,6 @@ class ModelWeights:
     blocks: list[BlockWeights] = field(repr=False)
 
 
-def _check_stack(stack: str) -> None:
-    if stack not in STACKS:
-        raise ValueError(f"Unknown stack {stack!r}; valid stacks are {', '.join(map(repr, STACKS))}")
-
-
-def _check_layer(layer: int, n_layers: int) -> int:
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-    if not -n_layers <= layer < n_layers:
-        raise IndexError(
-            f"layer {layer} is out of range: this model has {n_layers} layers, valid layers are "
-            f"0..{n_layers - 1} (or -{n_layers}..-1 from the end)"
-        )
-    return layer % n_layers
-
-
 def _per_head(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """nn.Linear weight `[n_heads * d_head, d_model]` → `[head, d_model, d_head]`."""
     return weight.detach().unflatten(0, (n_heads, -1)).transpose(-2, -1)
@@ -183,8 +166,10 @@ def block_weights(model, layer: int, stack: str = "decoder", *, fold_norm_gains:
     folded into W_Q/W_K/W_V, ln2's into W_in/W_gate, ln2_moe's into the experts' W_in/W_gate and
     `router_scale · d_model^-1/2` into W_router (all exact in real arithmetic); nothing else is folded.
     """
-    _check_stack(stack)
-    layer = _check_layer(layer, model.cfg.num_hidden_layers)
+    check_stack(stack, model)
+    layer = resolve_layer(layer, model.cfg.num_hidden_layers, kind="block")
+    if layer is None:
+        raise TypeError("layer must be an int (a block index), got None")
     block = getattr(model, stack).blocks[layer]
     attn, mlp, moe = block.attn, block.mlp, block.moe
     gains = {name: getattr(block, name).weight.detach() for name in NORMS}
@@ -260,9 +245,9 @@ def model_weights(model, stack: str = "decoder", *, fold_norm_gains: bool = Fals
     With `fold_norm_gains`, the blocks are folded as in `block_weights` and the ln_final gain is folded
     into W_U (so W_U is no longer W_Eᵀ).
     """
-    _check_stack(stack)
-    W_E = model.decoder.embed.W_E.detach()
-    ln_final_gain = model.decoder.ln_final.weight.detach()
+    home = getattr(model, check_stack(stack, model))  # the stacks share (tie) the embedding and final norm
+    W_E = home.embed.W_E.detach()
+    ln_final_gain = home.ln_final.weight.detach()
     W_U = W_E.T * ln_final_gain[:, None] if fold_norm_gains else W_E.T
     blocks = [
         block_weights(model, layer, stack, fold_norm_gains=fold_norm_gains)
@@ -274,7 +259,7 @@ def model_weights(model, stack: str = "decoder", *, fold_norm_gains: bool = Fals
         W_E=W_E,
         W_U=W_U,
         ln_final_gain=ln_final_gain,
-        embed_scale=float(model.decoder.embed.embed_scale.to(W_E.dtype)),
+        embed_scale=float(home.embed.embed_scale.to(W_E.dtype)),
         softcap=model.cfg.final_logit_softcapping,
         blocks=blocks,
     )

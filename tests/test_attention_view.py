@@ -101,7 +101,7 @@ def test_a_later_canvas_reads_the_earlier_canvas_as_prompt(model, two_canvases):
 
 def test_arguments_and_missing_recordings_are_refused(model, padded):
     ids, mask, result, cache = padded
-    with pytest.raises(IndexError, match="layer"):
+    with pytest.raises(ValueError, match=r"layer=99 is out of range: a block index is 0\.\."):
         attention_labels(model, result.trace, 0, 99, tokens=ids)
     with pytest.raises(IndexError, match="step"):
         attention_labels(model, result.trace, 99, 0, tokens=ids)

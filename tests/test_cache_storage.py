@@ -86,7 +86,7 @@ def test_record_spec_validates_and_keywords_override_it(model, ids, tmp_path):
         RecordSpec(storage="gpu")
     with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
         RecordSpec(dtype="float16")
-    with pytest.raises(TypeError, match="steps must be an int, slice"):
+    with pytest.raises(TypeError, match="steps must be an int, a slice"):
         RecordSpec(steps="first")
     with pytest.raises(ValueError, match="max_bytes must be a positive int"):
         RecordSpec(max_bytes=0)

@@ -251,7 +251,7 @@ def test_missing_hooks_and_bad_layers_say_what_to_do(setup):
     _, bare = s.model.run_with_cache(s.ids, s.canvas, names_filter="decoder.blocks.*.hook_resid_*")
     with pytest.raises(KeyError, match=r"ln_final.hook_scale' is not in this cache: record it"):
         bare.apply_ln_to_stack(torch.zeros(1, 2, 5, CFG.hidden_size))
-    with pytest.raises(ValueError, match=r"layer must be in 0\.\.3"):
+    with pytest.raises(ValueError, match=r"layer=4 is out of range: a residual-stream layer is 0\.\.3"):
         s.cache.get_full_resid_decomposition(layer=4)
     with pytest.raises(ValueError, match="final norm only"):
         s.cache.apply_ln_to_stack(torch.zeros(1, 2, 5, CFG.hidden_size), layer=1)

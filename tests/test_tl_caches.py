@@ -91,7 +91,7 @@ def test_get_act_name_matches_real_hooks(toy, args, kwargs, full):
         (("embed", 2), {}, ValueError, "drop layer"),
         (("normalized", 2), {}, ValueError, "ln1"),
         (("logits",), {"stack": "encoder"}, KeyError, "only the decoder"),
-        (("resid_post", 2), {"stack": "middle"}, ValueError, "'encoder' or 'decoder'"),
+        (("resid_post", 2), {"stack": "middle"}, ValueError, "stack must be one of 'encoder', 'decoder'"),
         (("resid_post", -1), {}, ValueError, "negative layers"),
         (("resid_post", "3"), {}, TypeError, "layer must be an int"),
     ],
@@ -226,7 +226,7 @@ def test_accumulated_resid_layer_semantics_follow_tl(toy, one_pass):
     assert torch.equal(encoder[1], cache["resid_pre", 1, "encoder"])
     normed = cache.accumulated_resid(layer=2, apply_ln=True)
     torch.testing.assert_close(normed, model.decoder.ln_final(up_to_3[:3]))
-    with pytest.raises(ValueError, match=r"layer must be in \[-7, 6\]"):
+    with pytest.raises(ValueError, match=r"layer=7 is out of range: a residual-stream layer is 0\.\.6 .* or -7\.\.-1"):
         cache.accumulated_resid(layer=7)
     with pytest.raises(TypeError, match="stack='encoder' by keyword"):
         cache.accumulated_resid("encoder")

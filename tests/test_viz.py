@@ -99,7 +99,7 @@ def test_token_grid_crops_and_picks_the_field(trace):
     assert cell_texts(fig) == [str(i) for i in trace.argmax[:, 0, 2:4].flatten().tolist()]
     with pytest.raises(ValueError):
         plot_token_grid(trace, decode, tokens="logits")
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=r"positions=\[6\] is out of range for 6 canvas positions"):
         plot_token_grid(trace, decode, positions=[6])
     with pytest.raises(IndexError):
         plot_token_grid(trace, decode, row=2)

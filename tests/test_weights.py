@@ -248,11 +248,11 @@ def test_qk_with_norm_gains_is_the_unrotated_score(setup):
 
 
 def test_bad_layer_and_stack_messages(setup):
-    with pytest.raises(IndexError, match=r"valid layers are 0\.\.1 \(or -2\.\.-1"):
+    with pytest.raises(ValueError, match=r"layer=2 is out of range: a block index is 0\.\.1 \(2 layers\), or -2\.\.-1"):
         block_weights(setup.model, 2)
-    with pytest.raises(ValueError, match="valid stacks are 'encoder', 'decoder'"):
+    with pytest.raises(ValueError, match="stack must be one of 'encoder', 'decoder', got 'decodr'"):
         block_weights(setup.model, 0, stack="decodr")
-    with pytest.raises(ValueError, match="valid stacks"):
+    with pytest.raises(ValueError, match="stack must be one of"):
         model_weights(setup.model, stack="both")
     with pytest.raises(TypeError, match="layer must be an int"):
         block_weights(setup.model, 1.0)

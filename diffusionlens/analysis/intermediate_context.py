@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float, Int
 
 from diffusionlens.analysis.commit_order import resolve_mask
 from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.indexing import resolve_layers
 from diffusionlens.trace import CanvasTrace
 
 SOURCES = ("argmax", "accepted")
@@ -128,7 +129,8 @@ def attention_to_intermediate(
             "this cache holds no attention patterns; record them with "
             "names_filter='decoder.blocks.*.attn.hook_pattern' in generate_with_cache"
         )
-    layers = recorded if layers is None else list(layers)
+    n_layers = None if cache.model is None else cache.model.cfg.num_hidden_layers
+    layers = recorded if layers is None else resolve_layers(layers, n_layers)
     missing = sorted(set(layers) - set(recorded))
     if missing:
         raise ValueError(f"layers {missing} have no recorded hook_pattern; recorded layers: {recorded}")

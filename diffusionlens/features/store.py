@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from diffusionlens.hook_reference import hook_specs
+from diffusionlens.indexing import Selector, select_indices
 from diffusionlens.sampling.noise import RowReplayNoise
 from diffusionlens.sampling.settings import SAMPLER_FIELDS, settings_of
 
@@ -57,14 +58,10 @@ def weights_fingerprint(model: HookedDiffusionGemma) -> str:
     return hashlib.sha256(sample.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def _as_index_list(selector: int | Sequence[int] | None, what: str) -> list[int] | None:
-    if selector is None:
-        return None
-    if isinstance(selector, int):
-        return [selector]
-    if isinstance(selector, (str, slice)):
-        raise TypeError(f"{what} must be None, an int or a list of ints for a store, got {selector!r}")
-    return sorted({int(i) for i in selector})
+def _index_list(selector: Selector, size: int, what: str, size_name: str) -> list[int] | None:
+    """The sorted indices `selector` picks out of `size` (None: all), as the manifest records them."""
+    chosen = select_indices(selector, size, what, size_name)
+    return None if chosen is None else sorted(chosen)
 
 
 class ActivationStore:
@@ -85,9 +82,9 @@ class ActivationStore:
         *,
         prompts: Sequence[str],
         seeds: Sequence[int] = (0,),
-        steps: int | Sequence[int] | None = None,
-        positions: int | Sequence[int] | None = None,
-        canvases: int | Sequence[int] | None = None,
+        steps: Selector = None,
+        positions: Selector = None,
+        canvases: Selector = None,
         batch_size: int = 16,
         max_bytes: int = 256 * 2**20,
         **generate_kwargs: Any,
@@ -102,6 +99,10 @@ class ActivationStore:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.max_bytes = batch_size, max_bytes
         self.widths = self._check_hooks(model, self.hooks)
+        canvas_length = model.cfg.canvas_length
+        generate = {"max_new_tokens": canvas_length, **generate_kwargs}
+        max_steps = settings_of(generate).max_denoising_steps
+        max_canvases = math.ceil(settings_of(generate).max_new_tokens / canvas_length)
         self.settings = {
             "config_hash": config_hash(model),
             "weights_fingerprint": weights_fingerprint(model),
@@ -109,10 +110,10 @@ class ActivationStore:
             "widths": self.widths,
             "prompts": list(prompts),
             "seeds": [int(s) for s in seeds],
-            "steps": _as_index_list(steps, "steps"),
-            "positions": _as_index_list(positions, "positions"),
-            "canvases": _as_index_list(canvases, "canvases"),
-            "generate": {"max_new_tokens": model.cfg.canvas_length, **generate_kwargs},
+            "steps": _index_list(steps, max_steps, "steps", "denoising steps (max_denoising_steps)"),
+            "positions": _index_list(positions, canvas_length, "positions", "canvas positions (canvas_length)"),
+            "canvases": _index_list(canvases, max_canvases, "canvases", "canvases (max_new_tokens / canvas_length)"),
+            "generate": generate,
         }
         need = self.batch_bytes()
         if need > max_bytes:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffusionlens.indexing import resolve_layers
 from diffusionlens.patching.metrics import with_token_ids
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.sweep import SweepResult
@@ -41,7 +42,7 @@ def attribution_patch(
     if not hasattr(metric, "on_logits"):
         raise TypeError("attribution needs a metric with a differentiable on_logits(logits) (LogitDiff, TargetProb)")
     metric = with_token_ids(metric, model)
-    layers = list(layers if layers is not None else range(model.cfg.num_hidden_layers))
+    layers = resolve_layers(layers, model.cfg.num_hidden_layers)
     steps = list(steps if steps is not None else range(min(corrupted.trace.steps(canvas), clean.trace.steps(canvas))))
     names = [hook.format(layer=layer) for layer in layers]
     missing = [n for n in names if n not in clean.cache]

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffusionlens.denoising_cache import DenoisingCache, Selector, select_indices
+from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.hook_reference import position_axis
+from diffusionlens.indexing import Selector, select_indices
 
 if TYPE_CHECKING:
     from diffusionlens.hook_points import HookPoint
@@ -63,8 +64,10 @@ class Patch:
         """The hook pairs applying this patch in a run of `max_steps` denoising steps (the run's settings'
         `max_denoising_steps`, from which negative `steps` count)."""
         names = model.resolve_hook_names(self.hook)
-        steps = select_indices(self.steps, max_steps, "steps")
-        canvases = select_indices(self.canvases, 1 << 16, "canvases") if self.canvases != "all" else None
+        steps = select_indices(self.steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
+        canvases = select_indices(self.canvases, None, "canvases")
+        if any(not name.startswith("encoder.") for name in names):  # canvas positions: refuse before the run
+            select_indices(self.positions, model.cfg.canvas_length, "positions", "canvas positions (canvas_length)")
         if isinstance(self.source, CrossStep) and steps is not None and any(s <= self.source.step for s in steps):
             raise ValueError(
                 f"cross-step patch from step {self.source.step} into steps {sorted(steps)}: the source step must come "
@@ -143,7 +146,7 @@ def _write(value: torch.Tensor, donor: torch.Tensor, axes: dict[int, tuple[Selec
         )
     mask = torch.ones((), dtype=torch.bool, device=value.device)
     for axis, (selector, what) in axes.items():
-        chosen = select_indices(selector, value.shape[axis], what)
+        chosen = select_indices(selector, value.shape[axis], what, f"{what} of this hook")
         if chosen is None:
             continue
         along = torch.zeros(value.shape[axis], dtype=torch.bool, device=value.device)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffusionlens.indexing import resolve_layers
 from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
 from diffusionlens.patching.metrics import with_token_ids
@@ -132,7 +133,7 @@ def patch_sweep(
         raise ValueError("clean must come from record_run (its cache is the patch source)")
     n_steps = corrupted.trace.steps(0)
     labels = {
-        "layer": list(layers if layers is not None else range(model.cfg.num_hidden_layers)),
+        "layer": resolve_layers(layers, model.cfg.num_hidden_layers),
         "step": list(steps if steps is not None else range(min(n_steps, clean.trace.steps(0)))),
         "position": list(positions if positions is not None else range(model.cfg.canvas_length)),
         "head": list(range(model.cfg.num_attention_heads)),

@@ -33,8 +33,9 @@ from diffusionlens.trace import CanvasTrace, DenoisingTrace
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from diffusionlens.denoising_cache import DenoisingCache, RecordSpec, Selector
+    from diffusionlens.denoising_cache import DenoisingCache, RecordSpec
     from diffusionlens.hook_points import NameFilter
+    from diffusionlens.indexing import Selector
     from diffusionlens.model import HookedDiffusionGemma
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Int
 
+from diffusionlens.indexing import Selector, ordered_indices
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
 
 #: Anything that turns token ids into text: an object with `decode(list[int]) -> str` (a transformers
@@ -86,29 +87,15 @@ def row_steps(trace: CanvasTrace, row: int) -> int:
     return int(trace.stop_step()[row]) + 1
 
 
-def select_positions(
-    length: int, positions: Sequence[int] | torch.Tensor | range | slice | None, max_positions: int | None
-) -> list[int]:
-    """Canvas positions to draw: all, an explicit list/range/slice, then cropped to the first `max_positions`."""
-    if positions is None:
-        chosen = list(range(length))
-    elif isinstance(positions, slice):
-        chosen = list(range(length))[positions]
-    else:
-        chosen = [int(p) for p in (positions.tolist() if isinstance(positions, torch.Tensor) else positions)]
-        bad = [p for p in chosen if not 0 <= p < length]
-        if bad:
-            raise IndexError(f"positions {bad} out of range for a canvas of length {length}")
+def select_positions(length: int, positions: Selector, max_positions: int | None) -> list[int]:
+    """Canvas positions to draw: all, or what the selector `positions` picks (in its order), then cropped to
+    the first `max_positions`."""
+    chosen = ordered_indices(positions, length, "positions", "canvas positions") or list(range(length))
     if max_positions is not None:
         if max_positions < 1:
             raise ValueError(f"max_positions must be >= 1, got {max_positions}")
         chosen = chosen[:max_positions]
-    if not chosen:
-        raise ValueError("no positions selected")
     return chosen
-
-
-Positions = Sequence[int] | Int[torch.Tensor, " pos"] | range | slice | None
 
 
 @dataclass(frozen=True)
@@ -127,7 +114,7 @@ class RowView:
         trace: DenoisingTrace | CanvasTrace,
         canvas: int = 0,
         row: int = 0,
-        positions: Positions = None,
+        positions: Selector = None,
         max_positions: int | None = None,
     ) -> RowView:
         """Check `canvas`, `row` and `positions` against the trace and pick them out."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float, Int
 
+from diffusionlens.indexing import resolve_layer
 from diffusionlens.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder, check_row, token_texts, visible
 
@@ -88,8 +89,7 @@ def attention_labels(
     if not isinstance(trace, DenoisingTrace):
         raise TypeError("attention_labels needs the DenoisingTrace of the generation (it holds the prompt length)")
     cfg = model.cfg
-    if not 0 <= layer < cfg.num_hidden_layers:
-        raise IndexError(f"layer {layer} out of range: the model has {cfg.num_hidden_layers} layers")
+    layer = resolve_layer(layer, cfg.num_hidden_layers, kind="block")
     if not 0 <= canvas < len(trace):
         raise IndexError(f"canvas {canvas} out of range: the trace has {len(trace)} canvases")
     canvas_trace = trace[canvas]
@@ -125,8 +125,10 @@ def attention_labels(
 def attention_pattern(
     cache: DenoisingCache, step: int, layer: int, *, canvas: int = 0, row: int = 0
 ) -> Float[torch.Tensor, "head query key"]:
-    """Decoder layer `layer`'s attention pattern at `step` for one batch row, on the CPU in float32."""
-    name = pattern_hook(layer)
+    """Decoder layer `layer`'s attention pattern at `step` for one batch row, on the CPU in float32
+    (a negative layer counts back from the last, given a cache that holds its model)."""
+    n_layers = None if cache.model is None else cache.model.cfg.num_hidden_layers
+    name = pattern_hook(resolve_layer(layer, n_layers, kind="block"))
     if name not in cache:
         raise KeyError(
             f"'{name}' was not recorded: generate_with_cache(..., "
@@ -151,6 +153,7 @@ def labelled_pattern(
     tokenizer: TokenDecoder = None,
 ) -> tuple[Float[torch.Tensor, "head query key"], AttentionKeys]:
     """`(pattern, keys)` for one layer and step, checked to agree: every key labelled, every query a canvas position."""
+    layer = resolve_layer(layer, model.cfg.num_hidden_layers, kind="block")
     keys = attention_labels(
         model, trace, step, layer, tokens=tokens, attention_mask=attention_mask, canvas=canvas, row=row,
         tokenizer=tokenizer,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Int
 
+from diffusionlens.indexing import resolve_layers
 from diffusionlens.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder
 from diffusionlens.viz.attention import labelled_pattern, pattern_hook
@@ -41,7 +42,8 @@ def attention_viewer_data(
         layers = [layer for layer in range(model.cfg.num_hidden_layers) if pattern_hook(layer) in cache]
     if steps is None:
         steps = [s for s in cache.steps(canvas) if s < trace[canvas].n_steps]
-    layers, steps = [int(x) for x in layers], [int(s) for s in steps]
+    layers = resolve_layers(layers, model.cfg.num_hidden_layers)
+    steps = [int(s) for s in steps]
     if not layers or not steps:
         raise ValueError(
             "no attention to show: record 'decoder.blocks.{l}.attn.hook_pattern' for some layer and step "

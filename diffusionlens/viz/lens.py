@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffusionlens.indexing import Selector
 from diffusionlens.viz._common import (
-    Positions,
     TokenDecoder,
     finish_figure,
     new_axes,
@@ -28,7 +28,7 @@ def plot_logit_lens(
     *,
     canvas: int = 0,
     row: int = 0,
-    positions: Positions = None,
+    positions: Selector = None,
     max_positions: int | None = None,
     ax=None,
     title: str | None = None,
@@ -52,7 +52,7 @@ def plot_logit_lens(
         chosen = select_positions(len(recorded), None, max_positions)
         chosen = [recorded[i] for i in chosen]
     else:
-        chosen = select_positions(max(recorded) + 1, positions, max_positions)
+        chosen = select_positions(cache.model.cfg.canvas_length, positions, max_positions)
         missing = [p for p in chosen if p not in recorded]
         if missing:
             raise ValueError(f"positions {missing} were not recorded in this cache (recorded: {recorded})")

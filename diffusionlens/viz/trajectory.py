@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from diffusionlens.indexing import Selector
 from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import (
-    Positions,
     RowView,
     TokenDecoder,
     finish_figure,
@@ -38,7 +38,7 @@ def plot_token_grid(
     *,
     row: int = 0,
     canvas: int = 0,
-    positions: Positions = None,
+    positions: Selector = None,
     max_positions: int | None = None,
     tokens: str = "argmax",
     ax=None,
@@ -104,7 +104,7 @@ def plot_entropy(
     *,
     row: int = 0,
     canvas: int = 0,
-    positions: Positions = None,
+    positions: Selector = None,
     max_positions: int | None = None,
     mark_accepted: bool = True,
     ax=None,
@@ -140,7 +140,7 @@ def plot_commit_order(
     *,
     row: int = 0,
     canvas: int = 0,
-    positions: Positions = None,
+    positions: Selector = None,
     max_positions: int | None = None,
     ax=None,
     title: str | None = None,
