@@ -161,6 +161,16 @@ def _detach(point: HookPoint, fn: HookFn, kind: str) -> bool:
     return False
 
 
+def _in_order(first: list[HookFn] | None, model_level: list[HookFn], after: list[HookFn] | None) -> list[HookFn]:
+    """A point's hooks for this thread in firing order, copying only when two sources are non-empty."""
+    if not first:
+        if not after:
+            return model_level
+        if not model_level:
+            return after
+    return [*(first or ()), *model_level, *(after or ())]
+
+
 def _forget_run(runs: list[list[Attached]], attached: list[Attached]) -> None:
     """Close a run: remove its list (by identity; normally the innermost) from this thread's open runs."""
     for i in range(len(runs) - 1, -1, -1):
@@ -222,9 +232,8 @@ class HookPoint(nn.Module):
         model_level = self.fwd_fns if dir == "fwd" else self.bwd_fns
         if not self.run_hook_count:
             return list(model_level)
-        first = getattr(_THREAD_HOOKS, f"{dir}_first").get(self, ())
-        after = getattr(_THREAD_HOOKS, dir).get(self, ())
-        return [*first, *model_level, *after]
+        first = getattr(_THREAD_HOOKS, f"{dir}_first").get(self)
+        return list(_in_order(first, model_level, getattr(_THREAD_HOOKS, dir).get(self)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypass nn.Module.__call__: hot path
         if not self.fwd_fns and not self.bwd_fns:
@@ -239,7 +248,9 @@ class HookPoint(nn.Module):
         fwd_fns, bwd_fns = self.fwd_fns, self.bwd_fns
         if self.run_hook_count:
             # Some thread has run hooks here; only this thread's own join the model-level ones.
-            fwd_fns, bwd_fns = self.thread_hooks("fwd"), self.thread_hooks("bwd")
+            local = _THREAD_HOOKS
+            fwd_fns = _in_order(local.fwd_first.get(self), fwd_fns, local.fwd.get(self))
+            bwd_fns = _in_order(local.bwd_first.get(self), bwd_fns, local.bwd.get(self))
         for fn in fwd_fns:
             out = fn(x, self)
             if out is not None:
