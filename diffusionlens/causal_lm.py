@@ -319,7 +319,7 @@ class HookedGemma4CausalLM(HookedRootModule):
                 stores.append({})
             stores[hook.ctx.step][hook.name] = tensor.detach()
 
-        with self.hooks(fwd_hooks=[(name, record) for name, _ in keep]):
+        with self.hooks_for_run(fwd_hooks=[(name, record) for name, _ in keep]):
             tokens = self.generate(input_ids, max_new_tokens, **kwargs)
         return tokens, [ActivationCache(store, self) for store in stores]
 

@@ -5,7 +5,8 @@ backward hook on the same point (`hook.ctx["act"] = x`), and `reset_hooks()` cle
 also needs `hook.ctx.step`, `.canvas` and `.t`, which belong to the whole model (one `HookContext`
 that the generation loop updates). `HookPointContext` is both: the dict is this point's own, the
 three attributes are read-only views of the shared context, so existing `hook.ctx.step` code keeps
-working and a hook can never desynchronise the step for the others by writing it.
+working and a hook can never desynchronise the step for the others by writing it. The shared context
+keeps its values per thread; the dict itself is the point's, one for all threads.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class HookPointContext(dict):
     def t(self) -> int | None:
         """The reference implementation's `cur_step`, counting down from max_denoising_steps to 1."""
         return self.shared.t
+
+    def clear(self) -> None:
+        """Empty the dict and drop any attribute a hook set (`hook.ctx.saved = x`), so that neither
+        outlives a `reset_hooks()` nor keeps its tensor alive."""
+        super().clear()
+        for name in [name for name in vars(self) if name != "shared"]:
+            object.__delattr__(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("step", "canvas", "t", "shared"):

@@ -1,9 +1,17 @@
 """Hook points: named identity modules whose value a user can read or replace.
 
 `HookPoint` keeps its own list of hook functions instead of torch's forward-hook machinery, for two
-reasons: an un-hooked point costs one attribute test (the model has hundreds of them and runs 48
+reasons: an un-hooked point costs two attribute tests (the model has hundreds of them and runs 48
 denoising steps per canvas), and the generation context (`hook.ctx.step`, `.canvas`, `.t`) must
 reach every hook without threading it through each module's signature.
+
+Threads. A point holds two kinds of hooks. Model-level hooks (`add_hook`, `add_perma_hook`, hooks left
+by `reset_hooks_end=False`) live in its `fwd_fns` / `bwd_fns` lists and fire in every thread. Run hooks
+(`hooks()`, `run_with_hooks`, `generate(fwd_hooks=...)`, patch runs) live in a thread-local table
+(`_ThreadHooks`) and fire only in the thread whose run attached them. A point with run hooks from any
+thread is switched to `RunHookedHookPoint`, whose call looks up the calling thread's; the others keep
+the fast path unchanged. The generation context is per
+thread too (`HookContext` keeps its values in a `threading.local`).
 """
 
 from __future__ import annotations
@@ -13,9 +21,9 @@ import fnmatch
 import functools
 import pickle
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,21 +35,156 @@ HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Callable[[str], bool] | Sequence[str] | None
 
 
-@dataclass
+class _ContextValues(threading.local):
+    """`HookContext`'s values, one set per thread (each new thread starts from the constructor's)."""
+
+    def __init__(self, step: int | None, canvas: int, t: int | None) -> None:
+        self.step, self.canvas, self.t = step, canvas, t
+
+
 class HookContext:
     """Where in a generation a forward pass runs; one instance is shared by all hook points.
 
     step: 0-based denoising step in execution order (None outside denoising, e.g. in the encoder).
     canvas: index of the canvas in a multi-canvas generation (0 for a single forward pass).
     t: the reference implementation's `cur_step`, counting down from `max_denoising_steps` to 1.
+
+    The values are per thread: a generation in one thread sets them for its own hooks only, so two
+    threads generating with one model each read their own step.
     """
 
-    step: int | None = None
-    canvas: int = 0
-    t: int | None = None
+    __slots__ = ("_values",)
+
+    def __init__(self, step: int | None = None, canvas: int = 0, t: int | None = None) -> None:
+        self._values = _ContextValues(step, canvas, t)
+
+    @property
+    def step(self) -> int | None:
+        return self._values.step
+
+    @step.setter
+    def step(self, value: int | None) -> None:
+        self._values.step = value
+
+    @property
+    def canvas(self) -> int:
+        return self._values.canvas
+
+    @canvas.setter
+    def canvas(self, value: int) -> None:
+        self._values.canvas = value
+
+    @property
+    def t(self) -> int | None:
+        return self._values.t
+
+    @t.setter
+    def t(self, value: int | None) -> None:
+        self._values.t = value
 
     def reset(self) -> None:
-        self.step, self.canvas, self.t = None, 0, None
+        values = self._values
+        values.step, values.canvas, values.t = None, 0, None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HookContext):
+            return NotImplemented
+        return (self.step, self.canvas, self.t) == (other.step, other.canvas, other.t)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return f"HookContext(step={self.step!r}, canvas={self.canvas!r}, t={self.t!r})"
+
+    def __reduce__(self) -> tuple:
+        # A threading.local does not pickle; a copy carries this thread's values.
+        return (HookContext, (self.step, self.canvas, self.t))
+
+
+# Where a run hook sits among a point's hooks: "fwd_first" (added with prepend=True inside a run) runs
+# before the model-level forward hooks, "fwd" after them; likewise for backward hooks.
+_KINDS = ("fwd_first", "fwd", "bwd_first", "bwd")
+Attached = tuple["HookPoint", HookFn, str]
+
+
+class _ThreadHooks(threading.local):
+    """This thread's run hooks, by kind then point, and its open runs (innermost last), each the list of
+    (point, fn, kind) it attached, so that `add_hook` called inside a run attaches to that run."""
+
+    def __init__(self) -> None:
+        self.fwd_first: dict[HookPoint, list[HookFn]] = {}
+        self.fwd: dict[HookPoint, list[HookFn]] = {}
+        self.bwd_first: dict[HookPoint, list[HookFn]] = {}
+        self.bwd: dict[HookPoint, list[HookFn]] = {}
+        self.runs: list[list[Attached]] = []
+
+
+_THREAD_HOOKS = _ThreadHooks()
+# Guards every HookPoint.run_hook_count update (`+=` on an attribute is not atomic across threads) and
+# the class switch that goes with it.
+_COUNT_LOCK = threading.Lock()
+
+
+def _attach(point: HookPoint, fn: HookFn, kind: str) -> None:
+    table: dict[HookPoint, list[HookFn]] = getattr(_THREAD_HOOKS, kind)
+    fns = table.setdefault(point, [])
+    fns.insert(0, fn) if kind.endswith("_first") else fns.append(fn)
+    _count_run_hooks(point, 1)
+
+
+def _count_run_hooks(point: HookPoint, change: int) -> None:
+    """Add `change` to the point's run-hook count, moving it onto `RunHookedHookPoint` while the count is
+    positive and back to the plain class (the fast path) when it drops to 0."""
+    with _COUNT_LOCK:
+        point.run_hook_count += change
+        if point.run_hook_count and type(point) is HookPoint:
+            point.__class__ = RunHookedHookPoint
+        elif not point.run_hook_count and type(point) is RunHookedHookPoint:
+            point.__class__ = HookPoint
+
+
+def _detach(point: HookPoint, fn: HookFn, kind: str) -> bool:
+    """Remove one `fn` (the one `_attach` added: the last appended, the first prepended); False if the
+    run's hook is gone already (a `reset_hooks()` inside the run removed it)."""
+    table: dict[HookPoint, list[HookFn]] = getattr(_THREAD_HOOKS, kind)
+    fns = table.get(point)
+    if not fns:
+        return False
+    order = range(len(fns)) if kind.endswith("_first") else range(len(fns) - 1, -1, -1)
+    for i in order:
+        if fns[i] is fn:
+            del fns[i]
+            if not fns:
+                del table[point]
+            _count_run_hooks(point, -1)
+            return True
+    return False
+
+
+def _in_order(first: list[HookFn] | None, model_level: list[HookFn], after: list[HookFn] | None) -> list[HookFn]:
+    """A point's hooks for this thread in firing order, copying only when two sources are non-empty."""
+    if not first:
+        if not after:
+            return model_level
+        if not model_level:
+            return after
+    return [*(first or ()), *model_level, *(after or ())]
+
+
+def _forget_run(runs: list[list[Attached]], attached: list[Attached]) -> None:
+    """Close a run: remove its list (by identity; normally the innermost) from this thread's open runs."""
+    for i in range(len(runs) - 1, -1, -1):
+        if runs[i] is attached:
+            del runs[i]
+            return
+
+
+def _detach_all(point: HookPoint, kinds: Iterable[str]) -> None:
+    """Drop every run hook of this thread of `kinds` from `point` (`reset_hooks()` inside a run)."""
+    for kind in kinds:
+        fns = getattr(_THREAD_HOOKS, kind).pop(point, None)
+        if fns:
+            _count_run_hooks(point, -len(fns))
 
 
 class HookError(RuntimeError):
@@ -71,10 +214,26 @@ class HookPoint(nn.Module):
         self.bwd_fns: list[HookFn] = []
         # (direction, fn) of hooks added with add_perma_hook: reset_hooks() keeps them unless asked.
         self.permanent_fns: list[tuple[str, HookFn]] = []
+        # Run hooks attached here by all threads together (they live in _THREAD_HOOKS).
+        self.run_hook_count = 0
 
     @property
     def active(self) -> bool:
-        return bool(self.fwd_fns or self.bwd_fns)
+        """Whether any hook fires here in this thread: model-level ones, or this thread's run hooks."""
+        if self.fwd_fns or self.bwd_fns:
+            return True
+        return bool(self.run_hook_count) and any(self in getattr(_THREAD_HOOKS, kind) for kind in _KINDS)
+
+    def thread_hooks(self, dir: str) -> list[HookFn]:
+        """The hooks of direction `dir` ("fwd" or "bwd") that fire here in this thread, in firing order:
+        this thread's prepended run hooks, the model-level hooks, then this thread's run hooks."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        model_level = self.fwd_fns if dir == "fwd" else self.bwd_fns
+        if not self.run_hook_count:
+            return list(model_level)
+        first = getattr(_THREAD_HOOKS, f"{dir}_first").get(self)
+        return list(_in_order(first, model_level, getattr(_THREAD_HOOKS, dir).get(self)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypass nn.Module.__call__: hot path
         if not self.fwd_fns and not self.bwd_fns:
@@ -86,18 +245,24 @@ class HookPoint(nn.Module):
         return self._run_hooks(x)
 
     def _run_hooks(self, x: torch.Tensor) -> torch.Tensor:
-        for fn in self.fwd_fns:
+        fwd_fns, bwd_fns = self.fwd_fns, self.bwd_fns
+        if self.run_hook_count:
+            # Some thread has run hooks here; only this thread's own join the model-level ones.
+            local = _THREAD_HOOKS
+            fwd_fns = _in_order(local.fwd_first.get(self), fwd_fns, local.fwd.get(self))
+            bwd_fns = _in_order(local.bwd_first.get(self), bwd_fns, local.bwd.get(self))
+        for fn in fwd_fns:
             out = fn(x, self)
             if out is not None:
                 x = self._checked(out, x)
-        if self.bwd_fns and not x.requires_grad and x.is_floating_point() and torch.is_grad_enabled():
+        if bwd_fns and not x.requires_grad and x.is_floating_point() and torch.is_grad_enabled():
             # A loaded model is frozen, so nothing upstream requires grad and the backward hook would
             # never fire. Start the graph here, at the activation: parameters keep requires_grad=False.
             x = x.detach().requires_grad_(True)
-        if self.bwd_fns and x.requires_grad:
+        if bwd_fns and x.requires_grad:
             # Bind the hooks now: the backward of this forward runs them even if it happens after they
             # were removed (run_with_hooks removes its hooks as soon as the forward returns).
-            fns = tuple(self.bwd_fns)
+            fns = tuple(bwd_fns)
             x.register_hook(lambda grad: self._run_backward(grad, fns))
         return x
 
@@ -110,21 +275,30 @@ class HookPoint(nn.Module):
     register_backward_hook = _switching_to_torch_call(nn.Module.register_backward_hook)
 
     def _use_torch_call(self) -> None:
-        if type(self) is HookPoint:
-            self.__class__ = TorchHookedHookPoint
+        with _COUNT_LOCK:
+            if type(self) in (HookPoint, RunHookedHookPoint):
+                self.__class__ = TorchHookedHookPoint
 
     def clear_context(self) -> None:
         """Empty this point's `ctx` dict (TransformerLens' name); step/canvas/t are unaffected."""
         self.ctx.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        if self.fwd_fns or self.bwd_fns:
+        if self.active:
             raise pickle.PicklingError(
                 f"hook point '{self.name}' has hooks attached, and hook functions (often lambdas or closures) "
                 "are not part of a saved model. Call model.reset_hooks(including_permanent=True) before "
                 "pickling, or save the weights with model.save_pretrained(directory)."
             )
-        return super().__getstate__()
+        # Other threads' run hooks are theirs, not the model's: the copy starts with none.
+        return {**super().__getstate__(), "run_hook_count": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A point pickled before run hooks existed has no count; one pickled while another thread ran
+        # hooks on it comes back with none, so on the plain class.
+        super().__setstate__({**state, "run_hook_count": 0})
+        if type(self) is RunHookedHookPoint:
+            self.__class__ = HookPoint
 
     def _checked(self, out: Any, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -150,6 +324,15 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+class RunHookedHookPoint(HookPoint):
+    """A HookPoint on which some thread has run hooks (`run_hook_count` > 0): every call goes to
+    `_run_hooks`, which adds the calling thread's run hooks (if any) to the model-level ones. The plain
+    class's test of its own two lists would skip them."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run_hooks(x)
 
 
 class TorchHookedHookPoint(HookPoint):
@@ -253,11 +436,22 @@ class HookedRootModule(nn.Module):
     ) -> list[HookPoint]:
         """Attach `fn(tensor, hook)` to every matching hook point; returns the points touched.
 
+        A model-level hook: it fires in every thread that runs the model, until removed. Called inside a
+        run in this thread (from a hook, during `run_with_hooks`, `generate` or a patch run) it instead
+        joins that run, and is removed when the run ends; `is_permanent=True` always makes it model-level.
         prepend: run before the hooks already there (TransformerLens' `prepend`). is_permanent: survive
         `reset_hooks()` and the end of `hooks()`/`run_with_hooks` (as `add_perma_hook`).
         """
         _check_hook_args(fn, dir, prepend)
+        _check_flag(is_permanent, "is_permanent")
         points = [self.hook_dict[n] for n in self.resolve_hook_names(name)]
+        runs = _THREAD_HOOKS.runs
+        if runs and not is_permanent:
+            kind = f"{dir}_first" if prepend else dir
+            for point in points:
+                _attach(point, fn, kind)
+                runs[-1].append((point, fn, kind))
+            return points
         for point in points:
             fns = point.fwd_fns if dir == "fwd" else point.bwd_fns
             fns.insert(0, fn) if prepend else fns.append(fn)
@@ -273,20 +467,28 @@ class HookedRootModule(nn.Module):
         self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False
     ) -> None:
         """Remove hooks from every hook point, as TransformerLens: permanent hooks stay unless
-        `including_permanent=True`; each point's `ctx` dict is emptied unless `clear_contexts=False`."""
+        `including_permanent=True`; each point's `ctx` dict (and any attribute set on it) is emptied unless
+        `clear_contexts=False`. Removes the model-level hooks and this thread's run hooks, never the
+        run hooks of another thread's run."""
         if direction not in ("fwd", "bwd", "both"):
             raise ValueError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
+        _check_flag(clear_contexts, "clear_contexts")
+        _check_flag(including_permanent, "including_permanent")
+        run_kinds = [kind for kind in _KINDS if direction in ("both", kind.split("_")[0])]
         for point in self.hook_dict.values():
             for dir_name, fns in (("fwd", point.fwd_fns), ("bwd", point.bwd_fns)):
                 if direction in (dir_name, "both"):
                     kept = [] if including_permanent else [fn for d, fn in point.permanent_fns if d == dir_name]
                     fns[:] = [fn for fn in fns if _take(kept, fn)]
                     point.permanent_fns[:] = [(d, fn) for d, fn in point.permanent_fns if d != dir_name or fn in fns]
+            if point.run_hook_count:
+                _detach_all(point, run_kinds)
             if clear_contexts:
                 point.clear_context()
 
     @property
     def has_hooks(self) -> bool:
+        """Whether any hook fires in this thread: a model-level hook, or a run hook of this thread."""
         return any(p.active for p in self.hook_dict.values())
 
     @contextmanager
@@ -299,30 +501,66 @@ class HookedRootModule(nn.Module):
     ) -> Iterator[HookedRootModule]:
         """Attach hooks for the duration of a `with` block; they are removed even if the block raises.
 
-        As TransformerLens: `reset_hooks_end=False` leaves them attached afterwards (remove them with
-        `reset_hooks()`); `clear_contexts=True` empties every point's `ctx` dict at the end. Backward
-        hooks stay bound to the forward pass that ran inside the block, so a `.backward()` after it
-        still runs them.
+        The hooks are run hooks: they fire only in this thread, so another thread running the same
+        model meanwhile does not see them. As TransformerLens: `reset_hooks_end=False` leaves them
+        attached afterwards, as model-level hooks (remove them with `reset_hooks()`);
+        `clear_contexts=True` empties every point's `ctx` dict at the end. Backward hooks stay bound to
+        the forward pass that ran inside the block, so a `.backward()` after it still runs them.
         """
+        with self._run_hooks_scope(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, is_run=False):
+            yield self
+
+    @contextmanager
+    def hooks_for_run(
+        self,
+        fwd_hooks: Iterable[tuple[Any, HookFn]] = (),
+        bwd_hooks: Iterable[tuple[Any, HookFn]] = (),
+    ) -> Iterator[HookedRootModule]:
+        """`hooks()` for a run (what `run_with_hooks`, `generate` and the patch runs use): besides the
+        hooks given, any hook `add_hook` attaches in this thread during the block (from inside a hook)
+        belongs to the run and is removed at its end."""
+        with self._run_hooks_scope(fwd_hooks, bwd_hooks, True, False, is_run=True):
+            yield self
+
+    @contextmanager
+    def _run_hooks_scope(
+        self,
+        fwd_hooks: Iterable[tuple[Any, HookFn]],
+        bwd_hooks: Iterable[tuple[Any, HookFn]],
+        reset_hooks_end: bool,
+        clear_contexts: bool,
+        *,
+        is_run: bool,
+    ) -> Iterator[None]:
         _check_flag(reset_hooks_end, "reset_hooks_end")
         _check_flag(clear_contexts, "clear_contexts")
-        attached: list[tuple[HookPoint, HookFn, str]] = []
+        # Every name and function is checked before the first hook is attached.
+        wanted: list[Attached] = []
+        for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            for name, fn in pairs:
+                _check_hook_args(fn, direction, False)
+                wanted.extend((self.hook_dict[n], fn, direction) for n in self.resolve_hook_names(name))
+        attached: list[Attached] = []
+        runs = _THREAD_HOOKS.runs
+        if is_run:
+            runs.append(attached)
         try:
-            for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
-                for name, fn in pairs:
-                    for point in self.add_hook(name, fn, direction):
-                        attached.append((point, fn, direction))
-            yield self
+            for entry in wanted:
+                # Listed first: an interrupt between the two still detaches it (a missing one is skipped).
+                attached.append(entry)
+                _attach(*entry)
+            yield
         finally:
+            if is_run:
+                _forget_run(runs, attached)
             if clear_contexts:
                 for point in self.hook_dict.values():
                     point.clear_context()
-            for point, fn, direction in reversed(attached if reset_hooks_end else []):
-                fns = point.fwd_fns if direction == "fwd" else point.bwd_fns
-                for i in range(len(fns) - 1, -1, -1):
-                    if fns[i] is fn:
-                        del fns[i]
-                        break
+            still_attached = [entry for entry in reversed(attached) if _detach(*entry)]
+            if not reset_hooks_end:
+                for point, fn, kind in reversed(still_attached):
+                    fns = point.fwd_fns if kind.startswith("fwd") else point.bwd_fns
+                    fns.insert(0, fn) if kind.endswith("_first") else fns.append(fn)
 
     def run_with_hooks(
         self,
@@ -333,9 +571,10 @@ class HookedRootModule(nn.Module):
         clear_contexts: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Run `self(*args, **kwargs)` with temporary hooks (removed afterwards, even on error, unless
-        `reset_hooks_end=False`; see `hooks`)."""
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+        """Run `self(*args, **kwargs)` with temporary hooks: they fire in this run only (not in other
+        threads), and are removed afterwards with any hook added during the run, even on error, unless
+        `reset_hooks_end=False` (see `hooks`)."""
+        with self._run_hooks_scope(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, is_run=True):
             return self(*args, **kwargs)
 
     def caching_hooks(

@@ -149,14 +149,13 @@ def replay_step(
         with torch.enable_grad():
             if self_cond is not None:
                 self_cond = self_cond.detach().requires_grad_(True)
-            model.add_hook("decoder.hook_embed", _start_graph, prepend=True)
-            # A trace made under inference_mode holds inference tensors, which autograd may not save (the
-            # embedding saves its token ids once parameters require grad): replay from a normal copy.
-            canvas_tokens = record.input_canvas[step].to(model.device).clone()
-            try:
+            # A run hook, first at its point: another thread's passes never see it.
+            with model.hooks_for_run():
+                model.add_hook("decoder.hook_embed", _start_graph, prepend=True)
+                # A trace made under inference_mode holds inference tensors, which autograd may not save (the
+                # embedding saves its token ids once parameters require grad): replay from a normal copy.
+                canvas_tokens = record.input_canvas[step].to(model.device).clone()
                 return model.denoise(canvas_tokens, state, self_cond)
-            finally:
-                _remove(model.hook_dict["decoder.hook_embed"].fwd_fns, _start_graph)
     finally:
         ctx.reset()
 
@@ -183,13 +182,6 @@ def _check_same_model(trace: DenoisingTrace, model: HookedDiffusionGemma) -> Non
 def _start_graph(embedding: torch.Tensor, hook: HookPoint) -> torch.Tensor:
     """Make the canvas embedding an autograd leaf so the decoder pass builds a graph on a frozen model."""
     return embedding.detach().requires_grad_(True)
-
-
-def _remove(fns: list, fn: Callable) -> None:
-    for i, candidate in enumerate(fns):
-        if candidate is fn:
-            del fns[i]
-            return
 
 
 def _prompt_state(

@@ -172,6 +172,7 @@ def test_hooks_removed_when_a_hook_raises(toy):
     [
         ({"dir": "forward"}, "dir must be 'fwd' or 'bwd'"),
         ({"prepend": "yes"}, "prepend must be True or False"),
+        ({"is_permanent": 1}, "is_permanent must be True or False"),
     ],
 )
 def test_add_hook_validates(toy, kwargs, message):
@@ -187,6 +188,15 @@ def test_add_hook_needs_a_callable(toy):
 def test_reset_hooks_validates_direction(toy):
     with pytest.raises(ValueError, match="direction must be"):
         toy[0].reset_hooks(direction="up")
+
+
+@pytest.mark.parametrize("flag", ["clear_contexts", "including_permanent"])
+def test_reset_hooks_validates_flags(toy, flag):
+    model = toy[0]
+    model.add_perma_hook(RESID, lambda x, h: None)
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        model.reset_hooks(**{flag: "no"})
+    assert model.has_hooks  # refused before removing anything
 
 
 def test_reset_hooks_by_direction(toy):

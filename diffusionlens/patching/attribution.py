@@ -73,7 +73,7 @@ def attribution_patch(
             self_cond = corrupted.cache.get(SELF_COND, canvas=canvas, step=step) if step > 0 else None
             with (
                 torch.enable_grad(),
-                model.hooks(fwd_hooks=[(root, start_graph), *((n, keep) for n in names if n != root)]),
+                model.hooks_for_run(fwd_hooks=[(root, start_graph), *((n, keep) for n in names if n != root)]),
             ):
                 logits = model.denoise(corrupted.trace[canvas].input_canvas[step], state, self_cond)
                 grads = torch.autograd.grad(metric.on_logits(logits), [leaves[n] for n in names], allow_unused=True)

@@ -337,7 +337,7 @@ def run_free_cells(
     hooks = [(name, _dispatch(name, rows)) for name in dict.fromkeys(n for lane in lanes for n in lane.appliers)]
     passes = 0
     try:
-        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+        with torch.inference_mode(), model.hooks_for_run(fwd_hooks=hooks):
             live = list(lanes)  # lanes in this canvas, in row order of `canvas_state`
             canvas_state = prompt_state
             for canvas_index in range(n_canvases):

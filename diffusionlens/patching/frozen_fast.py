@@ -243,7 +243,7 @@ def _run_chunk(
         return torch.cat(parts)
 
     expanded = expand_state(state, n)
-    with model.hooks(fwd_hooks=[(name, apply_each)]):
+    with model.hooks_for_run(fwd_hooks=[(name, apply_each)]):
         if start == EMBED:
             repeated_cond = None if self_cond is None else self_cond.repeat(n, 1, 1)
             logits = model.denoise(canvas.repeat(n, 1), expanded, repeated_cond)

@@ -157,10 +157,8 @@ def run_patched(
     ctx = model.hook_ctx
     logits = {}
     try:
-        with (
-            torch.inference_mode(),
-            model.hooks(fwd_hooks=patch_hooks(model, patches, base.settings.max_denoising_steps)),
-        ):
+        hooks = patch_hooks(model, patches, base.settings.max_denoising_steps)
+        with torch.inference_mode(), model.hooks_for_run(fwd_hooks=hooks):
             state = encode_through(model, base, canvas)
             for step in run_steps:
                 ctx.canvas, ctx.step, ctx.t = canvas, step, int(base.trace[canvas].t[step])

@@ -129,7 +129,7 @@ def check_resume(
 
 
 def _grad_needed(model: HookedDiffusionGemma) -> bool:
-    return any(point.bwd_fns for point in model.hook_dict.values())
+    return any(point.thread_hooks("bwd") for point in model.hook_dict.values())
 
 
 def generate(
@@ -188,7 +188,7 @@ def generate(
         hooks += cache.recording_hooks(model)
     completed = False
     try:
-        with model.hooks(fwd_hooks=hooks, bwd_hooks=bwd_hooks):
+        with model.hooks_for_run(fwd_hooks=hooks, bwd_hooks=bwd_hooks):
             context = torch.enable_grad() if _grad_needed(model) else torch.inference_mode()
             with context:
                 run = _Run(settings, noise, progress, self_cond_transform, cache, resume)
