@@ -74,3 +74,31 @@ def test_mean_difference_and_sweep(model, batch):
 
     assert sweep[0] == pytest.approx(metric(record_run(model, ids, **run)))
     assert sweep[1] != sweep[0]
+
+
+@pytest.mark.parametrize(
+    ("direction", "hooks", "error", "match"),
+    [
+        (torch.ones(7), HOOK, ValueError, r"must be a vector of 192 values \(its last axis\), got \(7,\)"),
+        (torch.ones(2, 192), HOOK, ValueError, r"vector of 192 values .* got \(2, 192\)"),
+        (
+            torch.ones(192),
+            "decoder.blocks.4.hook_resid_psot",
+            KeyError,
+            "Nearest names: decoder.blocks.4.hook_resid_post",
+        ),
+    ],
+)
+@pytest.mark.without_shape_checks  # the library's own message, which the annotation check would pre-empt
+def test_a_bad_direction_is_refused_before_generating(model, batch, direction, hooks, error, match):
+    ids, _ = batch
+    fired = []
+    model.add_hook("encoder.hook_embed", lambda x, hook: fired.append(hook.name))
+    try:
+        with pytest.raises(error, match=match):
+            steering_sweep(model, ids, direction, hooks, [0.0, 1.0], lambda run: 0.0, progress=False)
+        with pytest.raises(error, match=match):
+            steering_hooks(direction, hooks, model=model)
+    finally:
+        model.reset_hooks()
+    assert fired == []  # refused before the prompt was encoded

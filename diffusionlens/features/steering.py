@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.hook_reference import hook_specs
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -83,10 +84,12 @@ def steering_hooks(
     positions: int | Sequence[int] | None = None,
     canvases: int | Sequence[int] | None = None,
     schedule: Schedule = "all",
+    model: HookedDiffusionGemma | None = None,
 ) -> list[tuple[str, Callable]]:
     """`fwd_hooks` adding `coefficient × schedule(step) × direction` at canvas `positions` (None:
     all) of `canvases` (None: all). `direction` is one vector for every hook in `hook_names`, or a
-    dict hook name → vector. Encoder hooks (no step) are left alone: steering acts on denoising."""
+    dict hook name → vector. Encoder hooks (no step) are left alone: steering acts on denoising.
+    With `model`, every hook name and vector width is checked now rather than mid-generation."""
     if isinstance(direction, dict):
         vectors = dict(direction)
     else:
@@ -95,6 +98,8 @@ def steering_hooks(
             raise ValueError("pass hook_names, or a dict hook name → direction")
         vectors = {name: direction for name in names}
     schedule_scale(schedule, 0)  # refuse a malformed schedule now, not mid-generation
+    if model is not None:
+        check_directions(model, vectors)
     pos = None if positions is None else torch.tensor([positions] if isinstance(positions, int) else list(positions))
     allowed = None if canvases is None else {canvases} if isinstance(canvases, int) else set(canvases)
 
@@ -120,6 +125,20 @@ def steering_hooks(
     return [(name, make(vector)) for name, vector in vectors.items()]
 
 
+def check_directions(model: HookedDiffusionGemma, vectors: dict[str, torch.Tensor]) -> None:
+    """Refuse a steering direction that is not one vector of the width of its hook's last axis."""
+    specs = hook_specs(model.cfg)
+    for name, vector in vectors.items():
+        if name not in model.hook_dict:
+            raise KeyError(model.unknown_hook_message(name))
+        width = specs[name].shape[-1]
+        if not isinstance(vector, torch.Tensor) or vector.dim() != 1 or vector.shape[0] != width:
+            shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+            raise ValueError(
+                f"the steering direction for {name} must be a vector of {width} values (its last axis), got {shape}"
+            )
+
+
 def steering_sweep(
     model: HookedDiffusionGemma,
     input_ids: Int[torch.Tensor, "batch pos"],
@@ -142,7 +161,13 @@ def steering_sweep(
     values = []
     for coefficient in tqdm(coefficients, desc="steering sweep", disable=not progress):
         hooks = steering_hooks(
-            direction, hook_names, coefficient=coefficient, positions=positions, canvases=canvases, schedule=schedule
+            direction,
+            hook_names,
+            coefficient=coefficient,
+            positions=positions,
+            canvases=canvases,
+            schedule=schedule,
+            model=model,
         )
         run = record_run(model, input_ids, fwd_hooks=hooks, **generate_kwargs)
         values.append(float(metric(run)))
