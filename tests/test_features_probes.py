@@ -69,3 +69,8 @@ def test_probe_figure(store):
     result = train_probe(store, "final_token", rows=lambda lab: lab["position"] == 0, progress=False)
     fig = plot_probe_accuracy(result, names=["layer 0", "layer 5"])
     assert len(fig.axes[0].texts) == 2 * len(result.steps)
+
+
+def test_a_row_selection_that_selects_nothing_is_refused(store):
+    with pytest.raises(ValueError, match="rows= selects none of the store's .* rows; widen it"):
+        train_probe(store, "input_token", rows=lambda labels: labels["position"] == 99, progress=False)

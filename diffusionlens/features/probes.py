@@ -115,6 +115,8 @@ def train_probe(
     group = labels[by]
     y_all = _resolve(target, labels, "target")
     keep = torch.ones_like(group, dtype=torch.bool) if rows is None else _resolve(rows, labels, "rows").bool()
+    if not bool(keep.any()):
+        raise ValueError(f"rows= selects none of the store's {len(group)} rows; widen it (e.g. another position)")
     test_prompts = split_prompts(len(store.prompts), test_fraction, seed)
     is_test = torch.isin(labels["prompt_id"], torch.tensor(test_prompts))
     hooks = list(hooks) if hooks is not None else store.hooks
