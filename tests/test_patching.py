@@ -291,3 +291,11 @@ def test_negative_patch_steps_count_from_the_settings_object_as_from_the_keyword
         assert all(torch.equal(results[-1].logits[k], at_one.logits[k]) for k in at_one.logits)
         assert not torch.equal(results[-1].logits[(0, 1)], base.logits[(0, 1)])  # the patch fired at step 1
     assert all(torch.equal(results[0].logits[k], results[1].logits[k]) for k in results[0].logits)
+
+
+def test_negative_patch_steps_need_the_step_budget(model):
+    patch = Patch("decoder.blocks.1.hook_resid_pre", torch.zeros(()), steps=-1)
+    with pytest.raises(ValueError, match="steps=-1: negative indices count back from a size not known here"):
+        patch.hooks(model)
+    assert len(patch.hooks(model, max_steps=6)) == 1
+    assert len(Patch("decoder.blocks.1.hook_resid_pre", torch.zeros(()), steps=[0, 2]).hooks(model)) == 1

@@ -60,9 +60,10 @@ class Patch:
     heads: Selector = "all"
     _stash: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def hooks(self, model: HookedDiffusionGemma, max_steps: int) -> list[tuple[str, Callable]]:
+    def hooks(self, model: HookedDiffusionGemma, max_steps: int | None = None) -> list[tuple[str, Callable]]:
         """The hook pairs applying this patch in a run of `max_steps` denoising steps (the run's settings'
-        `max_denoising_steps`, from which negative `steps` count)."""
+        `max_denoising_steps`, from which negative `steps` count). Without `max_steps` (hooks for a call of
+        `generate` you make yourself) negative steps are refused, since the step budget is not known here."""
         names = model.resolve_hook_names(self.hook)
         steps = select_indices(self.steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
         canvases = select_indices(self.canvases, None, "canvases")
@@ -158,7 +159,7 @@ def _write(value: torch.Tensor, donor: torch.Tensor, axes: dict[int, tuple[Selec
 def patch_hooks(
     model: HookedDiffusionGemma,
     patches: Patch | Sequence[Patch],
-    max_steps: int,
+    max_steps: int | None = None,
 ) -> list[tuple[str, Callable]]:
     """Hook pairs applying every patch (for `generate(fwd_hooks=...)` or `model.hooks(...)`)."""
     patches = [patches] if isinstance(patches, Patch) else list(patches)
