@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Container
 from typing import Any
 
-from diffusionlens.components.block import NORMS
+from diffusionlens.components.block import NORMS, SCALED_NORMS
 from diffusionlens.indexing import STACKS, check_stack, resolve_layer
 
 __all__ = ["get_act_name", "resolve_act_key"]
@@ -57,7 +57,8 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     `get_act_name("embed")`, `get_act_name("logits")`, `get_act_name("normalized")` (the final norm) name the
     stack's own hooks. As in TransformerLens, a full name (one with a dot) comes back unchanged, and
     the third positional argument is TL's `layer_type`; a stack name there ("encoder") is taken as `stack`.
-    There is no `scale` hook: DiffusionGemma's RMSNorms expose `hook_normalized` only.
+    `get_act_name("scale")` is the final norm's `hook_scale`; inside a block, `get_act_name("scale", 2,
+    "ln1_post")` names a norm whose output joins the residual (the pre-norms have no scale hook).
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str such as 'resid_post', got {type(name).__name__}")
@@ -75,7 +76,7 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
             raise ValueError(f"'normalized' inside a block needs layer_type, one of {list(NORMS)} (e.g. 'ln1')")
         short = layer_type
     if short == "scale":
-        raise KeyError("DiffusionGemma's RMSNorms have no hook_scale; read 'normalized' (with layer_type 'ln1', …)")
+        return _scale_name(stack, layer, layer_type)
     if short in _BLOCK_ACTS:
         if layer is None:
             raise ValueError(f"{name!r} is a per-block hook: pass layer=, e.g. get_act_name({name!r}, 0)")
@@ -94,6 +95,17 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     nearest = difflib.get_close_matches(short, _KNOWN, n=5, cutoff=0.4)
     hint = f" Nearest names: {', '.join(nearest)}." if nearest else f" Known names: {', '.join(_KNOWN)}."
     raise KeyError(f"unknown activation name {name!r}.{hint}")
+
+
+def _scale_name(stack: str, layer: int | None, layer_type: str | None) -> str:
+    if layer is None:
+        return f"{stack}.ln_final.hook_scale"
+    if layer_type not in SCALED_NORMS:
+        raise ValueError(
+            f"'scale' inside a block needs layer_type, one of {list(SCALED_NORMS)}: the norms whose output joins "
+            "the residual stream have a hook_scale; the pre-norms (ln1, ln2, ln2_moe) do not"
+        )
+    return f"{stack}.blocks.{layer}.{layer_type}.hook_scale"
 
 
 def resolve_act_key(key: str | tuple, model: Any = None, stored: Container[str] = ()) -> str:
