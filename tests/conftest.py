@@ -49,6 +49,21 @@ def toy():
 
 
 @pytest.fixture(scope="module")
+def toy_pass():
+    """The toy model with the inputs of one decoder pass: a prompt and a seeded random canvas."""
+    import torch
+
+    from diffusionlens import HookedDiffusionGemma
+
+    model = HookedDiffusionGemma.from_pretrained("toy", progress=False)
+    ids = model.to_tokens("squares 4 8:")
+    canvas = torch.randint(
+        0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=torch.Generator().manual_seed(0)
+    )
+    return model, ids, canvas
+
+
+@pytest.fixture(scope="module")
 def model():
     """A tiny random DiffusionGemma (tests/reference.py's "mixed" config, seed 0). Modules that need another
     model define their own `model` fixture, which takes precedence."""

@@ -10,28 +10,18 @@ from diffusionlens import HookedDiffusionGemma
 RESID = "decoder.blocks.0.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def toy():
-    model = HookedDiffusionGemma.from_pretrained("toy", progress=False)
-    ids = model.to_tokens("squares 4 8:")
-    canvas = torch.randint(
-        0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=torch.Generator().manual_seed(0)
-    )
-    return model, ids, canvas
-
-
 @pytest.fixture(autouse=True)
-def clean(toy):
+def clean(toy_pass):
     yield
-    toy[0].reset_hooks(including_permanent=True)
+    toy_pass[0].reset_hooks(including_permanent=True)
 
 
-def test_loaded_model_is_frozen(toy):
-    assert not any(p.requires_grad for p in toy[0].parameters())
+def test_loaded_model_is_frozen(toy_pass):
+    assert not any(p.requires_grad for p in toy_pass[0].parameters())
 
 
-def test_backward_hook_fires_on_a_frozen_model_and_matches_autograd(toy):
-    model, ids, canvas = toy
+def test_backward_hook_fires_on_a_frozen_model_and_matches_autograd(toy_pass):
+    model, ids, canvas = toy_pass
     grads = {}
     acts = {}
 
@@ -58,8 +48,8 @@ def test_backward_hook_fires_on_a_frozen_model_and_matches_autograd(toy):
     torch.testing.assert_close(grads[RESID], expected, rtol=0, atol=0)
 
 
-def test_run_with_cache_incl_bwd_caches_grad_names(toy):
-    model, ids, canvas = toy
+def test_run_with_cache_incl_bwd_caches_grad_names(toy_pass):
+    model, ids, canvas = toy_pass
     names = ["decoder.blocks.0.hook_resid_post", "decoder.blocks.3.hook_resid_post"]
     with torch.no_grad():  # incl_bwd asks for gradients: it enables them itself
         logits, cache = model.run_with_cache(
@@ -74,8 +64,8 @@ def test_run_with_cache_incl_bwd_caches_grad_names(toy):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_run_with_cache_incl_bwd_on_a_scalar_output_needs_no_loss_fn(toy):
-    model, ids, canvas = toy
+def test_run_with_cache_incl_bwd_on_a_scalar_output_needs_no_loss_fn(toy_pass):
+    model, ids, canvas = toy_pass
 
     class LossModel(HookedDiffusionGemma):  # output already a scalar, as TL's return_type="loss"
         def forward(self, *args):
@@ -86,15 +76,15 @@ def test_run_with_cache_incl_bwd_on_a_scalar_output_needs_no_loss_fn(toy):
     assert loss.ndim == 0 and cache[RESID + "_grad"].abs().sum() > 0
 
 
-def test_run_with_cache_incl_bwd_non_scalar_output_says_what_to_do(toy):
-    model, ids, canvas = toy
+def test_run_with_cache_incl_bwd_non_scalar_output_says_what_to_do(toy_pass):
+    model, ids, canvas = toy_pass
     with pytest.raises(ValueError, match="loss_fn"):
         model.run_with_cache(ids, canvas, names_filter=RESID, incl_bwd=True)
     assert not model.has_hooks
 
 
-def test_run_with_cache_validates_loss_fn(toy):
-    model, ids, canvas = toy
+def test_run_with_cache_validates_loss_fn(toy_pass):
+    model, ids, canvas = toy_pass
     with pytest.raises(ValueError, match="incl_bwd=True"):
         model.run_with_cache(ids, canvas, names_filter=RESID, loss_fn=lambda lg: lg.sum())
     with pytest.raises(ValueError, match="a scalar"):
@@ -103,8 +93,8 @@ def test_run_with_cache_validates_loss_fn(toy):
 
 # ---------------------------------------------------------------------------------------- replay_step
 @pytest.fixture(scope="module")
-def recorded(toy):
-    model = toy[0]
+def recorded(toy_pass):
+    model = toy_pass[0]
     # two left-padded prompts; with this seed row 0 stops after step 1 of canvas 0 while row 1 runs on,
     # so the replay must hold row 0's self-conditioning fixed as generation does
     ids, mask = model.to_tokens_and_mask(["squares 4 8:", "add 12 3 =:"])
@@ -123,8 +113,8 @@ def recorded(toy):
 
 
 @pytest.mark.parametrize(("canvas", "step"), [(0, 0), (0, 4), (1, 0), (1, 5)])
-def test_replay_step_is_bit_identical_and_differentiable(toy, recorded, canvas, step):
-    model = toy[0]
+def test_replay_step_is_bit_identical_and_differentiable(toy_pass, recorded, canvas, step):
+    model = toy_pass[0]
     result, cache, ids, mask = recorded
     logits = model.replay_step(result, ids, step=step, canvas=canvas, attention_mask=mask)
     assert logits.requires_grad
@@ -135,8 +125,8 @@ def test_replay_step_is_bit_identical_and_differentiable(toy, recorded, canvas, 
     assert torch.equal(again.detach(), expected)
 
 
-def test_replay_step_gradients_reach_decoder_hooks_and_self_conditioning(toy, recorded):
-    model = toy[0]
+def test_replay_step_gradients_reach_decoder_hooks_and_self_conditioning(toy_pass, recorded):
+    model = toy_pass[0]
     result, _, ids, mask = recorded
     grads = {}
     names = [RESID, "decoder.self_cond.hook_logits_in", "decoder.hook_embed"]
@@ -149,8 +139,8 @@ def test_replay_step_gradients_reach_decoder_hooks_and_self_conditioning(toy, re
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_replay_step_validates(toy, recorded):
-    model = toy[0]
+def test_replay_step_validates(toy_pass, recorded):
+    model = toy_pass[0]
     result, _, ids, _ = recorded
     with pytest.raises(ValueError, match="step must be"):
         model.replay_step(result, ids, step=99)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tolerance import readout_atol, summed_parts_atol
 
-from diffusionlens import ActivationCache, DenoisingCache, HookedDiffusionGemma, ReplayNoise, hook_specs
+from diffusionlens import ActivationCache, DenoisingCache, ReplayNoise, hook_specs
 from diffusionlens.utils import get_act_name
 
 GEN = dict(max_denoising_steps=4, noise=ReplayNoise(1), progress=False, eos_token_id=None)
@@ -19,25 +19,15 @@ RESIDS = ["*.blocks.*.hook_resid_pre", "*.blocks.*.hook_resid_mid", "*.blocks.*.
 
 
 @pytest.fixture(scope="module")
-def toy():
-    model = HookedDiffusionGemma.from_pretrained("toy", progress=False)
-    ids = model.to_tokens("squares 4 8:")
-    canvas = torch.randint(
-        0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=torch.Generator().manual_seed(0)
-    )
-    return model, ids, canvas
-
-
-@pytest.fixture(scope="module")
-def one_pass(toy):
-    model, ids, canvas = toy
+def one_pass(toy_pass):
+    model, ids, canvas = toy_pass
     with torch.no_grad():
         return model.run_with_cache(ids, canvas)
 
 
 @pytest.fixture(scope="module")
-def generation(toy):
-    model, ids, _ = toy
+def generation(toy_pass):
+    model, ids, _ = toy_pass
     names = [*RESIDS, "decoder.hook_logits", "decoder.self_cond.hook_logits_in", "encoder.hook_embed"]
     return model.generate_with_cache(
         ids, names_filter=names, steps=[0, 1], max_new_tokens=model.cfg.canvas_length, **GEN
@@ -80,9 +70,9 @@ def generation(toy):
         (("decoder.self_cond.hook_out",), {}, "decoder.self_cond.hook_out"),
     ],
 )
-def test_get_act_name_matches_real_hooks(toy, args, kwargs, full):
+def test_get_act_name_matches_real_hooks(toy_pass, args, kwargs, full):
     assert get_act_name(*args, **kwargs) == full
-    assert full in toy[0].hook_dict
+    assert full in toy_pass[0].hook_dict
 
 
 @pytest.mark.parametrize(
@@ -106,8 +96,8 @@ def test_get_act_name_refuses_bad_names(args, kwargs, error, match):
 
 
 # ---------------------------------------------------------------------- ActivationCache as a mapping
-def test_activation_cache_is_a_mapping_with_tl_keys(toy, one_pass):
-    model, _, _ = toy
+def test_activation_cache_is_a_mapping_with_tl_keys(toy_pass, one_pass):
+    model, _, _ = toy_pass
     _, cache = one_pass
     n = model.cfg.num_hidden_layers
     assert (
@@ -134,8 +124,8 @@ def test_activation_cache_is_a_mapping_with_tl_keys(toy, one_pass):
         cache["resid_psot", 1]
 
 
-def test_remove_batch_dim_and_to(toy):
-    model, ids, canvas = toy
+def test_remove_batch_dim_and_to(toy_pass):
+    model, ids, canvas = toy_pass
     with torch.no_grad():
         _, cache = model.run_with_cache(ids, canvas, names_filter=RESIDS)
     full = cache["resid_post", 2].clone()
@@ -152,8 +142,8 @@ def test_remove_batch_dim_and_to(toy):
 
 
 # ---------------------------------------------------------------------- run_with_cache options
-def test_run_with_cache_remove_batch_dim_and_pos_slice(toy, one_pass):
-    model, ids, canvas = toy
+def test_run_with_cache_remove_batch_dim_and_pos_slice(toy_pass, one_pass):
+    model, ids, canvas = toy_pass
     logits, full = one_pass
     with torch.no_grad():
         out, squeezed = model.run_with_cache(ids, canvas, remove_batch_dim=True)
@@ -169,8 +159,8 @@ def test_run_with_cache_remove_batch_dim_and_pos_slice(toy, one_pass):
     assert torch.equal(window["q", 1], full["q", 1][0, 2:5])
 
 
-def test_run_with_cache_pos_slice_with_gradients(toy):
-    model, ids, canvas = toy
+def test_run_with_cache_pos_slice_with_gradients(toy_pass):
+    model, ids, canvas = toy_pass
     _, cache = model.run_with_cache(
         ids, canvas, names_filter="decoder.blocks.2.hook_resid_post", incl_bwd=True, loss_fn=lambda x: x[0, 3, 5]
     )
@@ -187,8 +177,8 @@ def test_run_with_cache_pos_slice_with_gradients(toy):
 
 
 @pytest.mark.parametrize("bad", ["last", 1.5, torch.ones(2), torch.zeros(2, 2, dtype=torch.long), (1, 2, 3, 4), True])
-def test_bad_pos_slice_is_refused_before_the_run(toy, bad):
-    model, ids, canvas = toy
+def test_bad_pos_slice_is_refused_before_the_run(toy_pass, bad):
+    model, ids, canvas = toy_pass
     calls = []
     model.add_hook("decoder.hook_embed", lambda x, hook: calls.append(1))
     try:
@@ -199,8 +189,8 @@ def test_bad_pos_slice_is_refused_before_the_run(toy, bad):
     assert not calls
 
 
-def test_run_with_cache_remove_batch_dim_refuses_batches(toy):
-    model, ids, canvas = toy
+def test_run_with_cache_remove_batch_dim_refuses_batches(toy_pass):
+    model, ids, canvas = toy_pass
     with pytest.raises(ValueError, match="batch size 1"):
         model.run_with_cache(ids.repeat(2, 1), canvas.repeat(2, 1), remove_batch_dim=True)
     with pytest.raises(TypeError, match="True or False"):
@@ -208,8 +198,8 @@ def test_run_with_cache_remove_batch_dim_refuses_batches(toy):
 
 
 # ---------------------------------------------------------------------- accumulated_resid as TL
-def test_accumulated_resid_layer_semantics_follow_tl(toy, one_pass):
-    model, _, _ = toy
+def test_accumulated_resid_layer_semantics_follow_tl(toy_pass, one_pass):
+    model, _, _ = toy_pass
     _, cache = one_pass
     n = model.cfg.num_hidden_layers
     up_to_3, labels = cache.accumulated_resid(layer=3, return_labels=True)
@@ -236,8 +226,8 @@ def test_accumulated_resid_layer_semantics_follow_tl(toy, one_pass):
         cache.accumulated_resid("encoder")
 
 
-def test_decompose_resid_and_logit_lens_take_tl_arguments(toy, one_pass):
-    model, _, _ = toy
+def test_decompose_resid_and_logit_lens_take_tl_arguments(toy_pass, one_pass):
+    model, _, _ = toy_pass
     logits, cache = one_pass
     parts, labels = cache.decompose_resid(layer=2, return_labels=True)
     assert labels == ["embed", "0_attn_out", "0_ffn_out", "1_attn_out", "1_ffn_out"]
@@ -255,8 +245,8 @@ def test_decompose_resid_and_logit_lens_take_tl_arguments(toy, one_pass):
 
 
 # ---------------------------------------------------------------------- DenoisingCache
-def test_denoising_cache_is_a_mapping(toy, generation):
-    model, _, _ = toy
+def test_denoising_cache_is_a_mapping(toy_pass, generation):
+    model, _, _ = toy_pass
     _, cache = generation
     keys = cache.keys()
     # The self-conditioning input does not fire at step 0, so it has no step axis: not a key.
@@ -286,8 +276,8 @@ def test_step_cache_of_an_unrecorded_step_names_the_recorded_steps(generation):
         cache.step_cache(0, canvas=4)
 
 
-def test_logit_lens_of_a_bf16_cache(toy, generation):
-    model, ids, _ = toy
+def test_logit_lens_of_a_bf16_cache(toy_pass, generation):
+    model, ids, _ = toy_pass
     result, cache16 = model.generate_with_cache(
         ids, names_filter=RESIDS, steps=[1], dtype=torch.bfloat16, max_new_tokens=48, **GEN
     )
@@ -327,8 +317,8 @@ def test_memory_denoising_cache_pickles(generation, roundtrip):
     assert torch.equal(again.logit_lens(step=1), cache.logit_lens(step=1))
 
 
-def test_disk_denoising_cache_pickles_as_a_reference_to_its_directory(toy, tmp_path):
-    model, ids, _ = toy
+def test_disk_denoising_cache_pickles_as_a_reference_to_its_directory(toy_pass, tmp_path):
+    model, ids, _ = toy_pass
     _, cache = model.generate_with_cache(
         ids, names_filter=RESIDS, steps=[0, 1], storage="disk", path=tmp_path, max_new_tokens=48, **GEN
     )

@@ -9,25 +9,15 @@ import pickle
 import pytest
 import torch
 
-from diffusionlens import HookedDiffusionGemma, HookPoint
+from diffusionlens import HookPoint
 
 RESID = "decoder.blocks.0.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def toy():
-    model = HookedDiffusionGemma.from_pretrained("toy", progress=False)
-    ids = model.to_tokens("squares 4 8:")
-    canvas = torch.randint(
-        0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=torch.Generator().manual_seed(0)
-    )
-    return model, ids, canvas
-
-
 @pytest.fixture(autouse=True)
-def clean(toy):
+def clean(toy_pass):
     yield
-    toy[0].reset_hooks(including_permanent=True)
+    toy_pass[0].reset_hooks(including_permanent=True)
 
 
 def run(model, ids, canvas, **kw):
@@ -35,8 +25,8 @@ def run(model, ids, canvas, **kw):
         return model.run_with_hooks(ids, canvas, **kw)
 
 
-def test_perma_hook_survives_reset_hooks_and_run_with_hooks(toy):
-    model, ids, canvas = toy
+def test_perma_hook_survives_reset_hooks_and_run_with_hooks(toy_pass):
+    model, ids, canvas = toy_pass
     calls: list[str] = []
     model.add_perma_hook(RESID, lambda x, hook: calls.append("perma"))
     model.add_hook(RESID, lambda x, hook: calls.append("temp"))
@@ -51,8 +41,8 @@ def test_perma_hook_survives_reset_hooks_and_run_with_hooks(toy):
     assert not model.has_hooks
 
 
-def test_run_with_hooks_reset_hooks_end_false_leaves_hooks_on(toy):
-    model, ids, canvas = toy
+def test_run_with_hooks_reset_hooks_end_false_leaves_hooks_on(toy_pass):
+    model, ids, canvas = toy_pass
     calls: list[int] = []
     run(model, ids, canvas, fwd_hooks=[(RESID, lambda x, hook: calls.append(1))], reset_hooks_end=False)
     with torch.no_grad():
@@ -64,8 +54,8 @@ def test_run_with_hooks_reset_hooks_end_false_leaves_hooks_on(toy):
     assert calls == [1, 1]
 
 
-def test_prepend_runs_first(toy):
-    model, ids, canvas = toy
+def test_prepend_runs_first(toy_pass):
+    model, ids, canvas = toy_pass
     order: list[str] = []
     model.add_hook(RESID, lambda x, hook: order.append("first added"))
     model.add_hook(RESID, lambda x, hook: order.append("prepended"), prepend=True)
@@ -74,8 +64,8 @@ def test_prepend_runs_first(toy):
     assert order == ["prepended", "first added"]
 
 
-def test_ctx_is_a_per_hook_dict_that_still_reads_the_step(toy):
-    model, ids, canvas = toy
+def test_ctx_is_a_per_hook_dict_that_still_reads_the_step(toy_pass):
+    model, ids, canvas = toy_pass
     point = model.hook_dict[RESID]
     other = model.hook_dict["decoder.blocks.1.hook_resid_post"]
     seen = []
@@ -102,8 +92,8 @@ def test_ctx_is_a_per_hook_dict_that_still_reads_the_step(toy):
         point.ctx.step = 3
 
 
-def test_ctx_shares_state_between_forward_and_backward_hook(toy):
-    model, ids, canvas = toy
+def test_ctx_shares_state_between_forward_and_backward_hook(toy_pass):
+    model, ids, canvas = toy_pass
     grads = {}
 
     def remember(x, hook):
@@ -118,8 +108,8 @@ def test_ctx_shares_state_between_forward_and_backward_hook(toy):
     assert "activation" not in model.hook_dict[RESID].ctx
 
 
-def test_torch_module_hooks_on_a_hook_point_fire(toy):
-    model, ids, canvas = toy
+def test_torch_module_hooks_on_a_hook_point_fire(toy_pass):
+    model, ids, canvas = toy_pass
     point = model.hook_dict[RESID]
     seen = {}
     with torch.no_grad():
@@ -140,8 +130,8 @@ def test_torch_module_hooks_on_a_hook_point_fire(toy):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")  # the graph starts at this point
-def test_full_backward_hook_on_a_hook_point_fires(toy):
-    model, ids, canvas = toy
+def test_full_backward_hook_on_a_hook_point_fires(toy_pass):
+    model, ids, canvas = toy_pass
     point = model.hook_dict[RESID]
     seen = []
     handle = point.register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0].shape))
@@ -153,8 +143,8 @@ def test_full_backward_hook_on_a_hook_point_fires(toy):
     assert seen == [(1, model.cfg.canvas_length, model.cfg.hidden_size)]
 
 
-def test_hooks_removed_when_a_hook_raises(toy):
-    model, ids, canvas = toy
+def test_hooks_removed_when_a_hook_raises(toy_pass):
+    model, ids, canvas = toy_pass
 
     def boom(x, hook):
         raise RuntimeError("boom")
@@ -175,32 +165,32 @@ def test_hooks_removed_when_a_hook_raises(toy):
         ({"is_permanent": 1}, "is_permanent must be True or False"),
     ],
 )
-def test_add_hook_validates(toy, kwargs, message):
+def test_add_hook_validates(toy_pass, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        toy[0].add_hook(RESID, lambda x, h: None, **kwargs)
+        toy_pass[0].add_hook(RESID, lambda x, h: None, **kwargs)
 
 
-def test_add_hook_needs_a_callable(toy):
+def test_add_hook_needs_a_callable(toy_pass):
     with pytest.raises(TypeError, match="fn\\(tensor, hook\\)"):
-        toy[0].add_hook(RESID, "not a function")
+        toy_pass[0].add_hook(RESID, "not a function")
 
 
-def test_reset_hooks_validates_direction(toy):
+def test_reset_hooks_validates_direction(toy_pass):
     with pytest.raises(ValueError, match="direction must be"):
-        toy[0].reset_hooks(direction="up")
+        toy_pass[0].reset_hooks(direction="up")
 
 
 @pytest.mark.parametrize("flag", ["clear_contexts", "including_permanent"])
-def test_reset_hooks_validates_flags(toy, flag):
-    model = toy[0]
+def test_reset_hooks_validates_flags(toy_pass, flag):
+    model = toy_pass[0]
     model.add_perma_hook(RESID, lambda x, h: None)
     with pytest.raises(ValueError, match=f"{flag} must be True or False"):
         model.reset_hooks(**{flag: "no"})
     assert model.has_hooks  # refused before removing anything
 
 
-def test_reset_hooks_by_direction(toy):
-    model = toy[0]
+def test_reset_hooks_by_direction(toy_pass):
+    model = toy_pass[0]
     model.add_hook(RESID, lambda x, h: None)
     model.add_hook(RESID, lambda x, h: None, dir="bwd")
     model.reset_hooks(direction="fwd")
@@ -208,8 +198,8 @@ def test_reset_hooks_by_direction(toy):
     assert not point.fwd_fns and len(point.bwd_fns) == 1
 
 
-def test_pickle_round_trip_gives_identical_logits(toy):
-    model, ids, canvas = toy
+def test_pickle_round_trip_gives_identical_logits(toy_pass):
+    model, ids, canvas = toy_pass
     with torch.no_grad():
         base = model(ids, canvas)
     for restored in (pickle.loads(pickle.dumps(model)), _torch_round_trip(model)):
@@ -229,8 +219,8 @@ def _torch_round_trip(model):
     return torch.load(buffer, weights_only=False)
 
 
-def test_pickle_with_hooks_attached_refuses_clearly(toy):
-    model = toy[0]
+def test_pickle_with_hooks_attached_refuses_clearly(toy_pass):
+    model = toy_pass[0]
     model.add_hook(RESID, lambda x, h: None)
     with pytest.raises(pickle.PicklingError, match="reset_hooks\\(including_permanent=True\\)"):
         pickle.dumps(model)
