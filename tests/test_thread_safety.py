@@ -85,6 +85,16 @@ class Inside:
             self.a_inside.set()
             assert self.b_done.wait(TIMEOUT), "thread B never finished"
 
+    def zeroing_hook(self, step: int | None = None) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
+        """A hook that zeroes its value and holds (at `step` only, when given) while B runs."""
+
+        def zero_and_hold(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            if step is None or hook.ctx.step == step:
+                self.hold()
+            return torch.zeros_like(x)
+
+        return zero_and_hold
+
     def b(self, body: Callable[[], Any]) -> Callable[[], Any]:
         def run_b() -> Any:
             assert self.a_inside.wait(TIMEOUT), "thread A never entered its hook"
@@ -110,9 +120,7 @@ def test_run_with_hooks_in_one_thread_does_not_reach_another_running_inside_it(t
     assert not torch.equal(base, hooked)  # the hook matters, so a leak would show
     inside = Inside()
 
-    def zero_and_hold(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        inside.hold()
-        return torch.zeros_like(x)
+    zero_and_hold = inside.zeroing_hook()
 
     def run_a() -> torch.Tensor:
         with torch.no_grad():
@@ -191,9 +199,7 @@ def test_reset_hooks_in_another_thread_leaves_a_run_alone(toy):
         hooked = model.run_with_hooks(ids, canvas, fwd_hooks=[(ZEROED, zero)])
     inside = Inside()
 
-    def zero_and_hold(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        inside.hold()
-        return torch.zeros_like(x)
+    zero_and_hold = inside.zeroing_hook()
 
     def run_a() -> torch.Tensor:
         with torch.no_grad():
@@ -219,9 +225,7 @@ def test_pickling_while_another_thread_runs_hooks_gives_a_hook_free_copy(toy):
         base = model(ids, canvas)
     inside = Inside()
 
-    def zero_and_hold(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        inside.hold()
-        return torch.zeros_like(x)
+    zero_and_hold = inside.zeroing_hook()
 
     def run_a() -> None:
         with torch.no_grad():
@@ -243,10 +247,7 @@ def test_generate_with_fwd_hooks_in_one_thread_does_not_reach_another(toy):
     assert not torch.equal(base, hooked)
     inside = Inside()
 
-    def zero_and_hold(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        if hook.ctx.step == 1:
-            inside.hold()
-        return torch.zeros_like(x)
+    zero_and_hold = inside.zeroing_hook(step=1)
 
     out_a, out_b = in_threads(
         lambda: model.generate(ids, fwd_hooks=[(ZEROED, zero_and_hold)], **kwargs).sequences,
@@ -316,10 +317,7 @@ def test_generate_with_cache_records_only_its_own_run(toy):
     _, reference = model.generate_with_cache(ids, names_filter=RESID, **kwargs)
     inside = Inside()
 
-    def zero_and_hold(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        if hook.ctx.step == 1:
-            inside.hold()
-        return torch.zeros_like(x)
+    zero_and_hold = inside.zeroing_hook(step=1)
 
     def run_b() -> Any:
         return model.generate_with_cache(ids, names_filter=RESID, **kwargs)[1]

@@ -101,8 +101,9 @@ class ActivationStore:
         self.widths = self._check_hooks(model, self.hooks)
         canvas_length = model.cfg.canvas_length
         generate = {"max_new_tokens": canvas_length, **generate_kwargs}
-        max_steps = settings_of(generate).max_denoising_steps
-        max_canvases = math.ceil(settings_of(generate).max_new_tokens / canvas_length)
+        settings = settings_of(generate)
+        max_steps = settings.max_denoising_steps
+        max_canvases = math.ceil(settings.max_new_tokens / canvas_length)
         self.settings = {
             "config_hash": config_hash(model),
             "weights_fingerprint": weights_fingerprint(model),
