@@ -53,3 +53,10 @@ def readout_atol(model, logits: torch.Tensor) -> float:
     """Tolerance for logits recomputed from a cached final residual (the logit lens's last layer) against the
     model's own: the final norm and the unembedding, run on other shapes."""
     return reordering_atol(logits.dtype, magnitude=float(logits.abs().max()), depth=2)
+
+
+def trajectory_atol(model, steps: int, *, terms: int = 1) -> float:
+    """Tolerance for a value read after `steps` denoising steps of two runs that reach each step by different
+    matmul shapes (batched cells against single runs): each step's pass reads the previous step's logits
+    (self-conditioning), so the reorderings of every pass so far add up."""
+    return steps * logit_metric_atol(model, terms=terms)
