@@ -6,7 +6,7 @@
 #      GPU memory / weight bytes, decoder pass and generate-step ratios vs transformers,
 #      generate_with_cache of every hook_resid_post for 48 steps to disk, frozen sweep cost per cell,
 #      and last torch.profiler tables of one generate of each model ($RESULTS/profile_*.txt)
-#   2. tests/test_device_map.py: blocks split across cuda:0 and cpu give the one-device tokens
+#   2. tests/against_transformers/test_device_map.py: blocks split across cuda:0 and cpu give the one-device tokens
 #   3. benchmarks/run.py --cases sweeps in bf16: fast sweeps vs the per-cell path, batch 8/32 vs 1
 #   4. benchmarks/run.py, the other cases in bf16 (quick): ratios vs transformers on the GPU
 # Each part has its own time limit, so one that overruns still leaves the others' rows; the limits sum
@@ -32,7 +32,7 @@ part() {  # part SECONDS LABEL COMMAND...
 }
 part 390 "gpu_checks" "$PYTHON" benchmarks/gpu_checks.py --device cuda --steps 48 --json "$RESULTS/gpu.json" \
     --out "$RESULTS" --profile
-part 50 "device map cuda+cpu" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device_map.py -k cuda
+part 50 "device map cuda+cpu" "$PYTHON" -m pytest -q -p no:cacheprovider tests/against_transformers/test_device_map.py -k cuda
 part 70 "sweeps bf16" "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --models toy,55m \
     --cases sweeps --quick --out "$RESULTS/gpu_sweeps.json"
 part 60 "cases bf16" "$PYTHON" benchmarks/run.py --device cuda --dtype bfloat16 --models toy,200m \

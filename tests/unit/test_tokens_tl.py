@@ -117,7 +117,7 @@ def test_docs_chat_template_example_runs(capsys):
     import re
     from pathlib import Path
 
-    page = (Path(__file__).parents[1] / "docs" / "forward_and_tokens.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "forward_and_tokens.md").read_text()
     snippet = re.findall(r"```python\n(.*?)```", page, flags=re.S)[-1]
     exec(compile(snippet, "forward_and_tokens.md", "exec"), {})
     assert "'a', ':'] -> " in capsys.readouterr().out

@@ -259,7 +259,7 @@ def test_bad_layer_and_stack_messages(setup):
 
 
 def test_docs_snippet_runs(capsys):
-    page = (Path(__file__).parents[1] / "docs" / "weights.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "weights.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", page, flags=re.S).group(1)
     exec(compile(snippet, "weights.md", "exec"), {})
     out = capsys.readouterr().out

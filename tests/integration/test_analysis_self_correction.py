@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_analysis_commit_order import make_trace
+from traces import make_trace
 
 from diffusionlens import ReplayNoise
 from diffusionlens.analysis import (

@@ -169,7 +169,7 @@ def test_full_width_slice_matches_transformers_in_memory_and_from_sharded_checkp
     release()
 
     # From disk, one model at a time. Tensors read from a file may be unaligned, which changes how
-    # CPU grouped_mm rounds (see tests/test_loading.py), so disk is compared with disk.
+    # CPU grouped_mm rounds (see tests/against_transformers/test_loading.py), so disk is compared with disk.
     from_disk_reference = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path, dtype=torch.float32).eval()
     disk_logits, disk_tokens = transformers_outputs(from_disk_reference)
     del from_disk_reference

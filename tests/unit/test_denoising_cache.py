@@ -168,7 +168,7 @@ def test_hook_specs_name_every_hook_point(model):
 
 
 def test_estimate_on_the_real_26b_config():
-    path = Path(__file__).parents[1] / "diffusionlens" / "serial_depth" / "diffusiongemma_26b_a4b_text.json"
+    path = Path(__file__).parents[2] / "diffusionlens" / "serial_depth" / "diffusiongemma_26b_a4b_text.json"
     cfg = DiffusionGemmaConfig.from_hf(path)
     per_step = estimate_cache_bytes(cfg, ["decoder.blocks.0.hook_resid_post"], steps=1, dtype=torch.bfloat16)
     assert per_step == 256 * 2816 * 2

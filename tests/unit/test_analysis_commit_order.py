@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from traces import make_trace
 
 from diffusionlens.analysis import (
     answer_mask,
@@ -15,25 +16,6 @@ from diffusionlens.analysis import (
     kendall_tau_b,
     out_of_order_share,
 )
-from diffusionlens.trace import CanvasTrace
-
-
-def make_trace(argmax: torch.Tensor, **fields) -> CanvasTrace:
-    """A CanvasTrace around a `[step, batch, canvas]` argmax; other fields default to neutral values."""
-    steps, batch, _ = argmax.shape
-    defaults = dict(
-        input_canvas=torch.zeros_like(argmax),
-        sampled=argmax.clone(),
-        argmax=argmax,
-        entropy=torch.zeros(argmax.shape),
-        accepted=torch.zeros(argmax.shape, dtype=torch.bool),
-        next_canvas=argmax.clone(),
-        finished=torch.zeros(steps, batch, dtype=torch.bool),
-        temperature=torch.ones(steps),
-        t=torch.arange(steps, 0, -1),
-    )
-    defaults.update(fields)
-    return CanvasTrace(**defaults)
 
 
 def by_position(columns: list[list[int]]) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_docs_bottleneck_table_matches_the_harness():
     from diffusionlens import HookedDiffusionGemma
     from diffusionlens.toy.evaluate import evaluate
 
-    doc = (Path(__file__).parents[1] / "docs" / "variable_transparency.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "variable_transparency.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| ")}
     header = [c.strip() for c in rows["self-conditioning"].split("|")[1:-1]]
     column = header.index("reverse")

@@ -53,7 +53,7 @@ def test_docs_hook_reference_lists_exactly_the_hook_dict():
     from diffusionlens.hook_reference import hook_reference_markdown
     from diffusionlens.toy.train import toy_config
 
-    page = (Path(__file__).parents[1] / "docs" / "hook_reference.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "hook_reference.md").read_text()
     listed = {line.split("`")[1] for line in page.splitlines() if line.startswith("| `")}
     assert listed == set(HookedDiffusionGemma.from_pretrained("toy", progress=False).hook_dict)
     assert page.endswith(hook_reference_markdown(toy_config()))  # regenerated whenever hooks change

@@ -13,7 +13,7 @@ from tolerance import readout_atol, summed_parts_atol
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 
-PAGE = Path(__file__).parents[1] / "docs" / "coming_from_transformerlens.md"
+PAGE = Path(__file__).parents[2] / "docs" / "coming_from_transformerlens.md"
 
 # (task, TransformerLens, ours). `ours` runs as written with: model (the toy), ids (a prompt),
 # canvas (a canvas of ids), fn (a hook function), cache (from run_with_cache), steps.
@@ -117,7 +117,9 @@ def markdown_table() -> str:
 
 
 def test_page_table_matches_the_tested_rows():
-    assert markdown_table() in PAGE.read_text(), "regenerate the table with tests/test_tl_table.py:markdown_table()"
+    assert markdown_table() in PAGE.read_text(), (
+        "regenerate the table with tests/unit/test_tl_table.py:markdown_table()"
+    )
     assert table_rows(PAGE.read_text()) == ROWS
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from einops import einsum
-from test_analysis_commit_order import make_trace
+from traces import make_trace
 
 from diffusionlens import DenoisingCache, ReplayNoise
 from diffusionlens.analysis import (

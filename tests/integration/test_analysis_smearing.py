@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_analysis_commit_order import make_trace
+from traces import make_trace
 
 from diffusionlens import ReplayNoise
 from diffusionlens.analysis import answer_mask, sequence_smearing, token_smearing, token_smearing_mass
