@@ -18,7 +18,7 @@ from diffusionlens.viz.attention import labelled_pattern, pattern_hook
 from diffusionlens.viz.html_page import page_header, page_script, render_page, write_page
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.model import HookedDiffusionGemma
 
 

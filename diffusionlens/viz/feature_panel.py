@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
-from diffusionlens.hook_reference import SAE_ACTS_SUFFIX
+from diffusionlens.hooks.shapes import SAE_ACTS_SUFFIX
 from diffusionlens.trace import CanvasTrace
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.features.sae import FeatureExamples
 
 
