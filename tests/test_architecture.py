@@ -281,3 +281,15 @@ def test_no_underscore_name_imported_across_modules(package_graph):
     )
     gone = sorted(KNOWN_PRIVATE_CROSSINGS - crossings)
     assert not gone, f"no longer imported, remove from KNOWN_PRIVATE_CROSSINGS: {gone}"
+
+
+def test_viewer_assets_are_package_data():
+    # A wheel ships only what pyproject's package-data names: an asset outside its globs would install a
+    # viewer that fails on first use, far from this change.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"][PACKAGE]
+    assets = sorted((PACKAGE_DIR / "viz" / "assets").iterdir())
+    assert assets, "diffusionlens/viz/assets is empty"
+    unshipped = [a.name for a in assets if not any(a.relative_to(PACKAGE_DIR).match(g) for g in globs)]
+    assert not unshipped, f"add these to [tool.setuptools.package-data] in pyproject.toml: {unshipped}"
