@@ -1,6 +1,6 @@
 """The package's import graph, read from the source with `ast`: no module imports itself back at run time (at
-module level or inside a function; `if TYPE_CHECKING:` blocks aside), and no underscore-prefixed name crosses a
-module boundary. docs/architecture.md states the layering these two rules keep honest."""
+module level or inside a function; `if TYPE_CHECKING:` blocks aside), every import goes down the layers of
+docs/architecture.md (or stays in its layer), and no underscore-prefixed name crosses a module boundary."""
 
 from __future__ import annotations
 
@@ -166,6 +166,71 @@ def import_cycles(graph: dict[str, ModuleImports]) -> list[list[str]]:
     return [component for component in strongly_connected_components(edges) if len(component) > 1]
 
 
+# The layers of docs/architecture.md, lowest first: a module may import its own layer and the ones below.
+# Each entry is a module or a package prefix (the longest match wins); "" is the package's own __init__.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "foundations",
+        (
+            "config",
+            "indexing",
+            "prompt_state",
+            "trace",
+            "tokens",
+            "losses",
+            "partial_forward",
+            "hooks",
+            "hooks.points",
+            "hooks.point_context",
+            "cache",
+            "cache.storage",
+            "weights",
+            "weights.factored_matrix",
+            "sampling.settings",
+            "sampling.noise",
+        ),
+    ),
+    ("architecture", ("components", "hooks.names", "hooks.shapes")),
+    (
+        "weights and caches",
+        (
+            "weights.checkpoint",
+            "weights.device_map",
+            "weights.tl_weights",
+            "weights.fingerprint",
+            "cache.activation",
+            "cache.decomposition",
+            "cache.denoising",
+        ),
+    ),
+    ("running the model", ("sampling", "replay", "model", "causal_lm", "bottleneck")),
+    ("tools", ("", "analysis", "features", "patching", "viz", "toy", "serial_depth", "distributed", "cli")),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer index of `module` (a full dotted name), by the longest entry of LAYERS that covers it."""
+    relative = module.removeprefix(PACKAGE).removeprefix(".")
+    matches = [
+        (len(entry), index)
+        for index, (_, entries) in enumerate(LAYERS)
+        for entry in entries
+        if relative == entry or (entry and relative.startswith(entry + "."))
+    ]
+    if not matches:
+        raise KeyError(f"{module} is in no layer: add it to LAYERS here and to docs/architecture.md")
+    return max(matches)[1]
+
+
+def upward_imports(graph: dict[str, ModuleImports]) -> list[str]:
+    return [
+        f"{importer} ({LAYERS[layer_of(importer)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for importer, imports in sorted(graph.items())
+        for target in sorted(imports.edges)
+        if layer_of(target) > layer_of(importer)
+    ]
+
+
 # ---------------------------------------------------------------------- the checker checks itself
 def write_package(root: Path, files: dict[str, str]) -> dict[str, Path]:
     for relative, source in files.items():
@@ -256,6 +321,22 @@ def test_no_import_cycle_at_run_time(package_graph):
     assert not cycles, "import cycles (move the shared code down a layer, see docs/architecture.md):\n" + "\n".join(
         " <-> ".join(cycle) for cycle in cycles
     )
+
+
+def test_imports_go_down_the_layers(package_graph):
+    upward = upward_imports(package_graph)
+    assert not upward, "imports from a higher layer (see docs/architecture.md):\n" + "\n".join(upward)
+
+
+def test_layer_check_sees_an_upward_import():
+    graph = {"diffusionlens.cache.denoising": ModuleImports(edges={"diffusionlens.sampling.settings"})}
+    assert upward_imports(graph) == []
+    graph["diffusionlens.cache.denoising"].edges.add("diffusionlens.sampling")  # sampling/__init__ runs generate
+    assert upward_imports(graph) == [
+        "diffusionlens.cache.denoising (weights and caches) imports diffusionlens.sampling (running the model)"
+    ]
+    with pytest.raises(KeyError, match="in no layer"):
+        layer_of("diffusionlens.new_module")
 
 
 # The denoising loop's helpers that the patching engines and replay still borrow. The loop's rewrite into one
