@@ -145,7 +145,13 @@ class DenoisingCache:
         pos_axes: dict[str, int | None] | None = None,
     ) -> None:
         # Checked against the most the run can reach, before a storage directory is made.
-        self._steps = select_indices(steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
+        try:
+            self._steps = select_indices(steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
+        except ValueError as error:
+            if max_steps is not None:
+                raise
+            fix = "or give the cache the run's step count (max_steps=max_denoising_steps)"
+            raise ValueError(f"{error}, {fix}") from None
         self._canvases = select_indices(canvases, max_canvases, "canvases", "canvases (max_new_tokens / canvas_length)")
         self._positions = select_indices(positions, canvas_length, "positions", "canvas positions (canvas_length)")
         self.backend = make_storage(storage, path, overwrite) if isinstance(storage, str) else storage
