@@ -1,18 +1,18 @@
 """diffusionlens: mechanistic interpretability for DiffusionGemma, with a step axis."""
 
 from diffusionlens.bottleneck import TokenBottleneck
-from diffusionlens.cache import ActivationCache
+from diffusionlens.cache.activation import ActivationCache
+from diffusionlens.cache.denoising import CacheBudgetError, CacheIntegrityError, DenoisingCache, RecordSpec
 from diffusionlens.causal_lm import HookedGemma4CausalLM
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.denoising_cache import CacheBudgetError, CacheIntegrityError, DenoisingCache, RecordSpec
-from diffusionlens.factored_matrix import FactoredMatrix
-from diffusionlens.hook_points import HookContext, HookedRootModule, HookError, HookPoint
-from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
+from diffusionlens.hooks.points import HookContext, HookedRootModule, HookError, HookPoint
+from diffusionlens.hooks.shapes import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.sampling import GenerationResult, GenerationSettings, ReplayNoise, RowReplayNoise, TorchRNGNoise
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
-from diffusionlens.weights import BlockWeights, ModelWeights, block_weights, model_weights
+from diffusionlens.weights.factored_matrix import FactoredMatrix
+from diffusionlens.weights.tl_weights import BlockWeights, ModelWeights, block_weights, model_weights
 
 __version__ = "0.1.0"
 

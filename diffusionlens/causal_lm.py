@@ -31,9 +31,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusionlens.components.stacks import EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig, config_dict
-from diffusionlens.hook_points import HookedRootModule, HookPoint, NameFilter
-from diffusionlens.loading import (
+from diffusionlens.hooks.points import HookedRootModule, HookPoint, NameFilter
+from diffusionlens.prompt_state import PromptState
+from diffusionlens.tokens import check_token_ids, checked_attention_mask
+from diffusionlens.weights.checkpoint import (
     CheckpointError,
     assign_checkpoint,
     attach_tokenizer,
@@ -44,12 +47,9 @@ from diffusionlens.loading import (
     materialize_derived_buffers,
     write_config_files,
 )
-from diffusionlens.prompt_state import PromptState
-from diffusionlens.stacks import EncoderStack
-from diffusionlens.tokens import check_token_ids, checked_attention_mask
 
 if TYPE_CHECKING:
-    from diffusionlens.cache import ActivationCache
+    from diffusionlens.cache.activation import ActivationCache
 
 CAUSAL_MODEL_TYPE = "gemma4_text"
 CAUSAL_ARCHITECTURE = "Gemma4ForCausalLM"
@@ -253,7 +253,7 @@ class HookedGemma4CausalLM(HookedRootModule):
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run `self(*args, **kwargs)` and return (logits, ActivationCache of the matching hooks)."""
-        from diffusionlens.cache import ActivationCache
+        from diffusionlens.cache.activation import ActivationCache
 
         store: dict[str, torch.Tensor] = {}
         out = self.run_with_hooks(
@@ -309,7 +309,7 @@ class HookedGemma4CausalLM(HookedRootModule):
         **kwargs: Any,
     ) -> tuple[Int[torch.Tensor, "batch total"], list[ActivationCache]]:
         """`generate` plus one `ActivationCache` per forward pass (index = token produced)."""
-        from diffusionlens.cache import ActivationCache
+        from diffusionlens.cache.activation import ActivationCache
 
         stores: list[dict[str, torch.Tensor]] = []
         keep = self.caching_hooks({}, names_filter)
@@ -344,7 +344,7 @@ def _as_ids(value: int | Iterable[int]) -> list[int]:
 
 
 def _resolve_directory(source: str | Path) -> Path:
-    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+    from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
 
     if isinstance(source, str) and source in SHIPPED_CHECKPOINTS:
         source = SHIPPED_CHECKPOINTS[source]

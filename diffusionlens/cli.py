@@ -168,7 +168,7 @@ def _trace(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.cache:
-        from diffusionlens.cache_storage import check_target
+        from diffusionlens.cache.storage import check_target
 
         try:
             check_target(out / "cache", args.overwrite)  # before the model loads
@@ -244,7 +244,7 @@ def _view(argv: list[str]) -> None:
 def _tokenizer_only(model_name: str):
     from transformers import AutoTokenizer
 
-    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+    from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
 
     return AutoTokenizer.from_pretrained(str(SHIPPED_CHECKPOINTS.get(model_name, model_name)))
 

@@ -6,7 +6,6 @@ Read top to bottom: construction and weight tying, the three passes (`encode`, `
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -16,24 +15,24 @@ from jaxtyping import Bool, Float, Int
 from diffusionlens.components.attention import Attention
 from diffusionlens.components.moe import MoE
 from diffusionlens.components.sampler_hooks import SamplerHooks
+from diffusionlens.components.stacks import DecoderStack, EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hook_points import HookedRootModule, NameFilter
+from diffusionlens.hooks.points import HookedRootModule, NameFilter
 from diffusionlens.indexing import check_selector, resolve_layer
-from diffusionlens.loading import init_random_weights, load_pretrained
-from diffusionlens.loading import save_pretrained as _save_pretrained
 from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
 from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type
 from diffusionlens.prompt_state import PromptState
 from diffusionlens.replay import replay_step as _replay_step
 from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
-from diffusionlens.stacks import DecoderStack, EncoderStack
 from diffusionlens.tokens import TokenHelpers, check_token_ids, checked_attention_mask
+from diffusionlens.weights.checkpoint import init_random_weights, load_pretrained
+from diffusionlens.weights.checkpoint import save_pretrained as _save_pretrained
 
 if TYPE_CHECKING:
-    from diffusionlens.cache import ActivationCache
+    from diffusionlens.cache.activation import ActivationCache
     from diffusionlens.indexing import Selector
-    from diffusionlens.weights import ModelWeights
+    from diffusionlens.weights.tl_weights import ModelWeights
 
 
 class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
@@ -80,7 +79,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         init_random_weights(model, seed)
         return model.to(dtype=dtype, device=device)
 
-    # Loading and saving are `diffusionlens.loading`'s functions bound as methods: one explicit,
+    # Loading and saving are `diffusionlens.weights.checkpoint`'s functions bound as methods: one explicit,
     # documented signature each (transformers checkpoint directories, in-memory models, hub ids,
     # device_map / max_memory placement; sharded safetensors out).
     from_pretrained = classmethod(load_pretrained)
@@ -305,7 +304,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         (start, stop[, step]) tuple, list or tensor; queries for attention patterns). The output is
         not sliced.
         """
-        from diffusionlens.cache import ActivationCache
+        from diffusionlens.cache.activation import ActivationCache
 
         check_selector(pos_slice, "pos_slice")  # refuse before the run, not after it
         if not isinstance(remove_batch_dim, bool):
@@ -351,8 +350,8 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         return self.decoder.embed.W_E[ids]
 
     def weights(self, stack: str = "decoder", fold_norm_gains: bool = False) -> ModelWeights:
-        """Every weight of `stack` in TransformerLens' shapes: `diffusionlens.weights.model_weights`."""
-        from diffusionlens.weights import model_weights
+        """Every weight of `stack` in TransformerLens' shapes: `diffusionlens.weights.tl_weights.model_weights`."""
+        from diffusionlens.weights.tl_weights import model_weights
 
         return model_weights(self, stack, fold_norm_gains=fold_norm_gains)
 
@@ -383,20 +382,3 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
     # The decoder logits of one recorded step recomputed with an autograd graph, bit-identical to what
     # `generate` computed: `diffusionlens.replay.replay_step`, bound as a method.
     replay_step = _replay_step
-
-    # ------------------------------------------------------------------ deprecated names
-    def _check_tokens(self, ids: torch.Tensor, name: str) -> torch.Tensor:
-        _deprecated("_check_tokens", "check_tokens")
-        return self.check_tokens(ids, name)
-
-    def _need_tokenizer(self) -> Any:
-        _deprecated("_need_tokenizer", "need_tokenizer")
-        return self.need_tokenizer()
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"HookedDiffusionGemma.{old} is now {new}; the old name goes away in the next release",
-        DeprecationWarning,
-        stacklevel=3,
-    )

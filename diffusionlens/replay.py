@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
-from diffusionlens.fingerprint import fingerprint_mismatch, model_fingerprint
 from diffusionlens.trace import DenoisingTrace
+from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
 
 if TYPE_CHECKING:
-    from diffusionlens.cache import ActivationCache
-    from diffusionlens.hook_points import HookPoint, NameFilter
+    from diffusionlens.cache.activation import ActivationCache
+    from diffusionlens.hooks.points import HookPoint, NameFilter
     from diffusionlens.model import HookedDiffusionGemma
     from diffusionlens.prompt_state import PromptState
 
@@ -39,7 +39,7 @@ def run_with_gradient_cache(
 ) -> tuple[Any, ActivationCache]:
     """`run_with_cache(..., incl_bwd=True)`: forward, `.backward()` on the (scalar) output or on
     `loss_fn(output)`, and a cache holding each matching value and its gradient as `name + "_grad"`."""
-    from diffusionlens.cache import ActivationCache
+    from diffusionlens.cache.activation import ActivationCache
 
     _refuse_inference_mode("run_with_cache(incl_bwd=True)")
     store: dict[str, torch.Tensor] = {}

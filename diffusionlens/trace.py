@@ -91,7 +91,7 @@ class DenoisingTrace:
     """Per-canvas traces of one `generate` call plus the settings that produced them.
 
     model_fingerprint: digests of the config and weights of the model that generated it, and its dtype
-    (`diffusionlens.fingerprint`); `replay_step` refuses a trace whose fingerprint is not the model's.
+    (`diffusionlens.weights.fingerprint`); `replay_step` refuses a trace whose fingerprint is not the model's.
     None for a trace built by hand or saved before fingerprints were recorded."""
 
     canvases: list[CanvasTrace]

@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from diffusionlens import DiffusionGemmaConfig
-from diffusionlens.device_map import describe, plan_device_map, unit_bytes
-from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
+from diffusionlens.hooks.shapes import estimate_cache_bytes, hook_specs
+from diffusionlens.weights.device_map import describe, plan_device_map, unit_bytes
 
 REAL_CONFIG = "diffusionlens/serial_depth/diffusiongemma_26b_a4b_text.json"
 GB = 1e9

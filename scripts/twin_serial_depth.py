@@ -25,8 +25,8 @@ from torch import nn
 
 from diffusionlens import HookedDiffusionGemma, HookedGemma4CausalLM
 from diffusionlens.components.moe import MoE
+from diffusionlens.components.stacks import Stack
 from diffusionlens.serial_depth import report, serial_depth
-from diffusionlens.stacks import Stack
 from diffusionlens.toy.evaluate import evaluate
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import build_tokenizer, encode_prompt

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from jaxtyping import Float
 
-from diffusionlens.cache import ActivationCache
-from diffusionlens.decomposition import SWITCHES
+from diffusionlens.cache.activation import ActivationCache
+from diffusionlens.cache.decomposition import SWITCHES
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.model import HookedDiffusionGemma
 
 Granularity = Literal["block", "component"]

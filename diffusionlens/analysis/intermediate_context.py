@@ -24,7 +24,7 @@ from einops import einsum
 from jaxtyping import Bool, Float, Int
 
 from diffusionlens.analysis.commit_order import resolve_mask
-from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.cache.denoising import DenoisingCache
 from diffusionlens.indexing import resolve_layers
 from diffusionlens.trace import CanvasTrace
 

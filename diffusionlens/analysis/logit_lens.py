@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
+from diffusionlens.cache.denoising import DenoisingCache
 from diffusionlens.components.unembed import unembed
-from diffusionlens.denoising_cache import DenoisingCache
 from diffusionlens.trace import CanvasTrace
 
 if TYPE_CHECKING:

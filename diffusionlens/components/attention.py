@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from diffusionlens.components.norms import RMSNorm
 from diffusionlens.components.rope import apply_rotary
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
 
 class Attention(nn.Module):

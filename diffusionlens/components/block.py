@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from jaxtyping import Float
 from torch import nn
@@ -13,27 +11,12 @@ from diffusionlens.components.mlp import GatedMLP
 from diffusionlens.components.moe import MoE
 from diffusionlens.components.norms import RMSNorm
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
-#: The block's RMSNorms, in the order it applies them (their checkpoint names: `loading.py`).
+#: The block's RMSNorms, in the order it applies them (their checkpoint names: `weights/checkpoint.py`).
 NORMS = ("ln1", "ln1_post", "ln2", "ln2_post_mlp", "ln2_moe", "ln2_post_moe", "ln2_post")
 #: The norms whose output joins the residual stream; each has a `hook_scale` (1/rms, `[batch, pos, 1]`).
 SCALED_NORMS = ("ln1_post", "ln2_post_mlp", "ln2_post_moe", "ln2_post")
-
-
-def __getattr__(name: str):
-    # NORM_NAMES (our norm → transformers' name) moved into loading.py's one checkpoint-name table.
-    if name == "NORM_NAMES":
-        warnings.warn(
-            "diffusionlens.components.block.NORM_NAMES is deprecated: the checkpoint names live in "
-            "diffusionlens.loading (block_checkpoint_name); iterate NORMS for the block's norms",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from diffusionlens.loading import block_checkpoint_name
-
-        return {norm: block_checkpoint_name(f"{norm}.weight").removesuffix(".weight") for norm in NORMS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Block(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
 
 def activation(name: str):

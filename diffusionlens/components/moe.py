@@ -9,7 +9,7 @@ from torch import nn
 from diffusionlens.components.mlp import activation
 from diffusionlens.components.norms import rms_normalize
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
 # The shapes of the experts' interface, which route() and both ways of running the experts share.
 Hidden = Float[torch.Tensor, "batch pos d_model"]

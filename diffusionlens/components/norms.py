@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
 #: The dtype every RMS norm computes in, as the reference does (float64 checks of exact linear maps
 #: patch it to torch.float64).

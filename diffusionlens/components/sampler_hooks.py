@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
 SAMPLER_HOOKS = {
     "logits": "temperature-scaled logits the sampler draws from [batch, canvas, vocab]",

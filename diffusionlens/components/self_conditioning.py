@@ -10,7 +10,7 @@ from diffusionlens.components.embed import Embed
 from diffusionlens.components.mlp import GatedMLP
 from diffusionlens.components.norms import RMSNorm
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 
 
 class SelfConditioning(nn.Module):

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffusionlens.analysis.seeds import SeededBatch, seed_batches
-from diffusionlens.cache_storage import check_target
+from diffusionlens.cache.storage import check_target
 from diffusionlens.distributed.pool import ModelPool
 from diffusionlens.patching.sweep import SweepResult
 from diffusionlens.patching.sweep_spec import SweepSpec, record_spec_runs, sweep_recorded_spec
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.model import HookedDiffusionGemma
 
 

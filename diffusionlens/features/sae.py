@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from diffusionlens.denoising_cache import DenoisingCache
-from diffusionlens.hook_reference import SAE_ACTS_SUFFIX, hook_specs
+from diffusionlens.cache.denoising import DenoisingCache
+from diffusionlens.hooks.shapes import SAE_ACTS_SUFFIX, hook_specs
 from diffusionlens.sampling.settings import settings_of
 
 if TYPE_CHECKING:

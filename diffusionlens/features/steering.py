@@ -16,8 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from diffusionlens.denoising_cache import DenoisingCache
-from diffusionlens.hook_reference import hook_specs
+from diffusionlens.cache.denoising import DenoisingCache
+from diffusionlens.hooks.shapes import hook_specs
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma

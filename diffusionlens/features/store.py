@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from diffusionlens.hook_reference import hook_specs
+from diffusionlens.hooks.shapes import hook_specs
 from diffusionlens.indexing import Selector, select_indices
 from diffusionlens.sampling.noise import RowReplayNoise
 from diffusionlens.sampling.settings import SAMPLER_FIELDS, settings_of

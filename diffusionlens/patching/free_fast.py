@@ -28,7 +28,6 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from diffusionlens.fingerprint import model_fingerprint
 from diffusionlens.patching.frozen_fast import (
     block_bytes_per_position,
     cells_per_chunk,
@@ -44,6 +43,7 @@ from diffusionlens.sampling.noise import NoiseSource, ReplayNoise, RowReplayNois
 from diffusionlens.sampling.sampler import StableAndConfident
 from diffusionlens.sampling.settings import GenerationSettings
 from diffusionlens.trace import DenoisingTrace
+from diffusionlens.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
-from diffusionlens.denoising_cache import DenoisingCache
+from diffusionlens.cache.denoising import DenoisingCache
 from diffusionlens.patching.spec import Patch, patch_hooks
 from diffusionlens.sampling.generate import ForkState, run_settings
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise

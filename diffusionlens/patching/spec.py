@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffusionlens.denoising_cache import DenoisingCache
-from diffusionlens.hook_reference import position_axis
+from diffusionlens.cache.denoising import DenoisingCache
+from diffusionlens.hooks.shapes import position_axis
 from diffusionlens.indexing import Selector, select_indices
 
 if TYPE_CHECKING:
-    from diffusionlens.hook_points import HookPoint
+    from diffusionlens.hooks.points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
 
 

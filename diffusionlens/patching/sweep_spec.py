@@ -357,8 +357,8 @@ def check_before_load(spec: SweepSpec) -> bool:
     import torch
 
     from diffusionlens.config import DiffusionGemmaConfig
-    from diffusionlens.loading import SHIPPED_CHECKPOINTS
     from diffusionlens.model import HookedDiffusionGemma
+    from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
 
     directory = SHIPPED_CHECKPOINTS.get(spec.model, Path(spec.model))
     if not directory.exists():

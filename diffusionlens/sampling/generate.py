@@ -18,7 +18,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from diffusionlens.fingerprint import model_fingerprint
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.sampler import (
     StableAndConfident,
@@ -29,12 +28,13 @@ from diffusionlens.sampling.sampler import (
 from diffusionlens.sampling.settings import NOT_GIVEN, GenerationSettings, merge_settings
 from diffusionlens.tokens import checked_attention_mask
 from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from diffusionlens.denoising_cache import DenoisingCache, RecordSpec
-    from diffusionlens.hook_points import NameFilter
+    from diffusionlens.cache.denoising import DenoisingCache, RecordSpec
+    from diffusionlens.hooks.points import NameFilter
     from diffusionlens.indexing import Selector
     from diffusionlens.model import HookedDiffusionGemma
 
@@ -490,7 +490,7 @@ def generate_with_cache(
     cache or any file is refused before the run unless `overwrite=True`. `max_bytes` refuses before
     the run, with the estimate, if the request would not fit.
     """
-    from diffusionlens.denoising_cache import RecordSpec, build_cache
+    from diffusionlens.cache.denoising import RecordSpec, build_cache
 
     record = RecordSpec.merged(
         record,

@@ -4,24 +4,10 @@ acceptance and the stable-and-confident stopping rule. Each computes exactly wha
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from jaxtyping import Bool, Float, Int
 
 from diffusionlens.sampling.settings import GenerationSettings
-
-
-def __getattr__(name: str) -> object:
-    if name == "SamplerSettings":
-        warnings.warn(
-            "SamplerSettings is now GenerationSettings (diffusionlens.sampling.settings); the old name "
-            "goes away in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return GenerationSettings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def temperature(t: int, settings: GenerationSettings, device: torch.device) -> torch.Tensor:

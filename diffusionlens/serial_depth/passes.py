@@ -1,7 +1,7 @@
 """The passes whose depth the report measures, run by the real :class:`HookedDiffusionGemma` on the meta device.
 
 There is no second model here: each pass calls the library's own encoder and decoder stacks
-(``diffusionlens/stacks.py``, ``diffusionlens/components/``), built from a :class:`DiffusionGemmaConfig` on the
+(``diffusionlens/components/``, stacks included), built from a :class:`DiffusionGemmaConfig` on the
 meta device (no weight memory, any size), so the traced graph is the computation users run. Two switches on
 those modules select the form the depth measurement wants, both documented where they live:
 
@@ -27,11 +27,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from diffusionlens.components.moe import MoE
+from diffusionlens.components.stacks import Stack
 from diffusionlens.components.unembed import unembed
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.prompt_state import PromptState
-from diffusionlens.stacks import Stack
 
 __all__ = [
     "DEFAULT_CONFIG",

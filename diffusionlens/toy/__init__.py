@@ -60,7 +60,7 @@ __all__ = [
 def checkpoint_path(name: str = "toy"):
     """Directory of a shipped checkpoint (config.json, model.safetensors, tokenizer.json): "toy", the
     diffusion toy, or "toy-ar", its autoregressive twin (a Gemma4ForCausalLM)."""
-    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+    from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
 
     if name not in SHIPPED_CHECKPOINTS:
         raise KeyError(f"No shipped checkpoint {name!r}; choose one of {sorted(SHIPPED_CHECKPOINTS)}")

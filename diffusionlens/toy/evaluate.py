@@ -177,7 +177,7 @@ def _is_causal_lm(model: str) -> bool:
     import json
     from pathlib import Path
 
-    from diffusionlens.loading import SHIPPED_CHECKPOINTS
+    from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
 
     path = Path(SHIPPED_CHECKPOINTS.get(model, model)) / "config.json"
     return path.exists() and json.loads(path.read_text()).get("model_type") == "gemma4_text"

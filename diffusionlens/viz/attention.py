@@ -20,7 +20,7 @@ from diffusionlens.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder, check_row, token_texts, visible
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.model import HookedDiffusionGemma
 
 PROMPT, CANVAS = "prompt", "canvas"

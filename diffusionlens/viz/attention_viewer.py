@@ -15,10 +15,10 @@ from diffusionlens.indexing import resolve_layers
 from diffusionlens.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder
 from diffusionlens.viz.attention import labelled_pattern, pattern_hook
-from diffusionlens.viz.html_page import page_header, page_script, render_page, write_page
+from diffusionlens.viz.html_page import page_header, page_script, read_asset, render_page, write_page
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.model import HookedDiffusionGemma
 
 
@@ -121,151 +121,11 @@ def write_attention_viewer(
     return write_page(path, render_attention_viewer(model, cache, trace, **kw))
 
 
-_BODY = """<section id="controls">
-<label for="layer-select">layer</label> <select id="layer-select"></select>
-<label for="head-select">head</label> <select id="head-select"></select>
-<label for="step-slider">step</label>
-<input type="range" id="step-slider" min="0" max="@MAX_STEP@" value="0" step="1" aria-label="denoising step">
-<span id="step-label"></span>
-</section>
-<div id="layer-info"></div>
-<div id="pattern-wrap"><table id="pattern"></table></div>
-"""
+_BODY = read_asset("attention.html")
 
-_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.2em; color: #222; }
-h1 { font-size: 1.2em; margin: 0 0 0.2em 0; white-space: pre-wrap; }
-#meta, #layer-info { color: #555; font-size: 0.85em; margin: 0.2em 0; }
-#controls { display: flex; align-items: center; gap: 0.5em; flex-wrap: wrap; margin: 0.6em 0; }
-#step-label { font-weight: 600; min-width: 6em; font-variant-numeric: tabular-nums; }
-#pattern-wrap { overflow: auto; max-height: 80vh; }
-#pattern { border-collapse: collapse; font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 10px; }
-#pattern td, #pattern th { padding: 0; }
-.key-label { writing-mode: vertical-rl; white-space: pre; font-weight: normal; padding: 2px 0; cursor: default; }
-.key-label.prompt { color: #6a3d9a; }
-.key-label.padding { color: #bbb; text-decoration: line-through; }
-.key-label.first-canvas, .att-cell.first-canvas { border-left: 2px solid #444; }
-.query-label { white-space: pre; text-align: right; padding-right: 4px; }
-.att-cell { width: 11px; height: 11px; border: 1px solid #f4f4f4; }
-#tooltip { position: absolute; background: #fff; border: 1px solid #888; border-radius: 4px; padding: 0.4em 0.6em;
-  font-size: 0.8em; box-shadow: 0 2px 6px rgba(0,0,0,0.2); z-index: 10; pointer-events: none; white-space: pre; }
-"""
+_STYLE = read_asset("attention.css")
 
 _SCRIPT = page_script(
     "attention-data",
-    """  var layerSelect = document.getElementById("layer-select");
-  var headSelect = document.getElementById("head-select");
-  var slider = document.getElementById("step-slider");
-  var table = document.getElementById("pattern");
-  var cells = [];
-
-  function layer() { return layerSelect.value; }
-  function stepIndex() { return Number(slider.value); }
-  function keyOf(k) {
-    var pk = data.prompt_keys[layer()];
-    if (k < pk.texts.length) {
-      return { kind: "prompt", position: pk.positions[k], text: pk.texts[k], padding: pk.padding[k] };
-    }
-    var q = k - pk.texts.length;
-    return { kind: "canvas", position: q, text: data.canvas_texts[stepIndex()][q], padding: false };
-  }
-  function describe(key) {
-    return key.kind + " " + key.position + " " + JSON.stringify(key.text) + (key.padding ? " (padding)" : "");
-  }
-  function colour(w) {
-    var x = Math.min(1, Math.max(0, w));
-    return "rgb(" + Math.round(255 - 247 * x) + "," + Math.round(255 - 174 * x) + "," + Math.round(255 - 99 * x) + ")";
-  }
-
-  document.getElementById("meta").textContent = "canvas " + data.canvas + ", row " + data.row + ", layers " +
-    data.layers.join(", ") + ", steps " + data.steps.join(", ");
-  data.layers.forEach(function (l) { layerSelect.appendChild(el("option", "", "layer " + l)).value = String(l); });
-
-  function build() {
-    var l = layer(), heads = data.heads[l], previous = headSelect.value;
-    clear(headSelect);
-    for (var h = 0; h < heads; h++) { headSelect.appendChild(el("option", "", "head " + h)).value = String(h); }
-    if (previous !== "" && Number(previous) < heads) { headSelect.value = previous; }
-    var pk = data.prompt_keys[l], nPrompt = pk.texts.length, nCanvas = data.canvas_texts[0].length;
-    document.getElementById("layer-info").textContent = (data.sliding[l] ? "sliding" : "full") +
-      " attention: " + nPrompt + " prompt keys kept, then " + nCanvas + " canvas keys";
-    clear(table);
-    cells = [];
-    var head = el("tr");
-    head.appendChild(el("th"));
-    for (var k = 0; k < nPrompt + nCanvas; k++) {
-      var th = el("th", "key-label");
-      th.dataset.key = String(k);
-      th.classList.add(k < nPrompt ? "prompt" : "canvas");
-      if (k < nPrompt && pk.padding[k]) { th.classList.add("padding"); }
-      if (k === nPrompt) { th.classList.add("first-canvas"); }
-      th.addEventListener("mouseenter", (function (key) { return function (e) { show(e.target, null, key); }; })(k));
-      th.addEventListener("mouseleave", hide);
-      head.appendChild(th);
-    }
-    table.appendChild(head);
-    for (var q = 0; q < nCanvas; q++) {
-      var tr = el("tr");
-      var label = el("td", "query-label");
-      label.dataset.query = String(q);
-      tr.appendChild(label);
-      var rowCells = [];
-      for (var k2 = 0; k2 < nPrompt + nCanvas; k2++) {
-        var td = el("td", k2 === nPrompt ? "att-cell first-canvas" : "att-cell");
-        td.dataset.query = String(q);
-        td.dataset.key = String(k2);
-        td.addEventListener("mouseenter", (function (qq, kk) {
-          return function (e) { show(e.target, qq, kk); };
-        })(q, k2));
-        td.addEventListener("mouseleave", hide);
-        tr.appendChild(td);
-        rowCells.push(td);
-      }
-      cells.push(rowCells);
-      table.appendChild(tr);
-    }
-    render();
-  }
-
-  function render() {
-    var l = layer(), s = stepIndex(), h = Number(headSelect.value);
-    var pattern = data.patterns[l][s][h], texts = data.canvas_texts[s];
-    document.getElementById("step-label").textContent = "step " + data.steps[s];
-    var labels = table.querySelectorAll(".key-label");
-    for (var k = 0; k < labels.length; k++) { labels[k].textContent = keyOf(k).text; }
-    var queries = table.querySelectorAll(".query-label");
-    for (var q = 0; q < cells.length; q++) {
-      queries[q].textContent = q + " " + texts[q];
-      for (var k2 = 0; k2 < cells[q].length; k2++) {
-        var w = pattern[q][k2];
-        cells[q][k2].style.backgroundColor = colour(w);
-        cells[q][k2].dataset.weight = String(w);
-      }
-    }
-    table.dataset.layer = l;
-    table.dataset.head = String(h);
-    table.dataset.step = String(data.steps[s]);
-  }
-
-  function show(target, q, k) {
-    var lines = [];
-    if (q !== null) {
-      lines.push("query: canvas " + q + " " + JSON.stringify(data.canvas_texts[stepIndex()][q]));
-    }
-    lines.push("key: " + describe(keyOf(k)));
-    if (q !== null) {
-      lines.push("weight " + Number(data.patterns[layer()][stepIndex()][Number(headSelect.value)][q][k]).toFixed(4));
-    }
-    clear(tooltip);
-    lines.forEach(function (line) { tooltip.appendChild(el("div", "tip-line", line)); });
-    showTooltipBelow(target);
-  }
-  function hide() { tooltip.hidden = true; }
-
-  layerSelect.addEventListener("change", build);
-  headSelect.addEventListener("change", render);
-  slider.addEventListener("input", render);
-  slider.addEventListener("change", render);
-  build();
-""",
+    read_asset("attention.js"),
 )

@@ -4,7 +4,8 @@ self-contained file with inline CSS, JS and JSON and no network access.
 The safety rules live here, once: the data travel as JSON inside a `<script type="application/json">`
 whose `<`, `>` and `&` are `\\u` escapes (so no token can close the script element), the page builds
 every element with `textContent` (`el` below), and a Content-Security-Policy allows no network access
-and only the page's own script (by hash). Each page brings its body, style, script and data.
+and only the page's own script (by hash). Each page brings its body, style, script and data; the
+markup, style and script themselves are files under `viz/assets/`.
 """
 
 from __future__ import annotations
@@ -14,58 +15,26 @@ import hashlib
 import html
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-_HEAD = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="@CSP@">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>@TITLE@</title>
-<style>@STYLE@</style>
-</head>
-<body>
-<header>
-<h1 id="title">@TITLE@</h1>
-<div id="meta"></div>
-</header>
-"""
 
-_TAIL = """<div id="tooltip" role="tooltip" hidden></div>
-<script type="application/json" id="@DATA_ID@">@DATA@</script>
-<script>@SCRIPT@</script>
-</body>
-</html>
-"""
+def read_asset(name: str) -> str:
+    """The text of `diffusionlens/viz/assets/<name>`: a page's HTML, CSS or JS, kept as package data (files an
+    editor and a linter read as what they are) and shipped in the wheel by pyproject's package-data."""
+    return files("diffusionlens.viz").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
+
+
+_HEAD = read_asset("page_head.html")
+
+_TAIL = read_asset("page_tail.html")
 
 # The script's opening: strict mode, the page's data, and the helpers every page uses. `el` is the only
 # way a page makes an element, so token text reaches the DOM as `textContent`, never as markup.
-_SCRIPT_START = """
-(function () {
-  "use strict";
-  var data = JSON.parse(document.getElementById("@DATA_ID@").textContent);
-  var tooltip = document.getElementById("tooltip");
+_SCRIPT_START = read_asset("page_script_start.js")
 
-  function el(tag, cls, content) {
-    var node = document.createElement(tag);
-    if (cls) { node.className = cls; }
-    if (content !== undefined) { node.textContent = content; }
-    return node;
-  }
-  function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
-  function showTooltipBelow(target) {
-    var r = target.getBoundingClientRect();
-    tooltip.style.left = Math.max(0, r.left + window.scrollX) + "px";
-    tooltip.style.top = (r.bottom + window.scrollY + 4) + "px";
-    tooltip.hidden = false;
-  }
-"""
-
-_SCRIPT_END = """  document.body.dataset.ready = "1";
-})();
-"""
+_SCRIPT_END = read_asset("page_script_end.js")
 
 
 def script_safe_json(data: Any) -> str:

@@ -18,7 +18,7 @@ from diffusionlens.viz._common import (
 )
 
 if TYPE_CHECKING:
-    from diffusionlens.denoising_cache import DenoisingCache
+    from diffusionlens.cache.denoising import DenoisingCache
 
 
 def plot_logit_lens(

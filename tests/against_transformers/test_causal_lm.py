@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, Gemma4ForCausalLM, Gemma4TextConf
 
 from diffusionlens import HookedDiffusionGemma, HookedGemma4CausalLM
 from diffusionlens.causal_lm import REQUIRED_FLAGS, causal_config_from_hf, causal_config_to_hf
-from diffusionlens.loading import CheckpointError
 from diffusionlens.toy import checkpoint_path
 from diffusionlens.toy.tasks import Example
 from diffusionlens.toy.tokenizer import build_tokenizer
 from diffusionlens.toy.train import toy_config
 from diffusionlens.toy.train_ar import IGNORE, make_ar_batch
+from diffusionlens.weights.checkpoint import CheckpointError
 
 
 def text_config(name: str) -> Gemma4TextConfig:

@@ -10,9 +10,9 @@ from accelerate.hooks import AlignDevicesHook
 from reference import CANVAS, CONFIGS, build_pair
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma, ReplayNoise
-from diffusionlens.device_map import DeviceMapError, placed_bytes, plan_device_map
 from diffusionlens.patching import Patch
 from diffusionlens.sampling.settings import GenerationSettings
+from diffusionlens.weights.device_map import DeviceMapError, placed_bytes, plan_device_map
 
 REAL_CONFIG = "diffusionlens/serial_depth/diffusiongemma_26b_a4b_text.json"
 NAME = "mixed"
@@ -156,3 +156,16 @@ def test_toy_split_over_cuda_and_cpu_gives_the_cpu_tokens(device_map):
         for name in cache_cpu:
             assert cache.get(name).device.type == "cpu"
             torch.testing.assert_close(cache.get(name), cache_cpu.get(name), atol=1e-4, rtol=1e-4)
+
+
+def test_planning_tree_has_the_models_modules():
+    # The planner builds the module tree from the stacks, without the model class (which loads through it):
+    # a module added to the model but not to the tree would make valid maps "name modules that do not exist".
+    from diffusionlens.weights.device_map import empty_module_tree, unit_bytes
+
+    cfg = DiffusionGemmaConfig.from_hf(CONFIGS[NAME])
+    model = HookedDiffusionGemma.from_config(cfg)
+    assert [name for name, _ in empty_module_tree(cfg).named_modules()] == [n for n, _ in model.named_modules()]
+    sizes = unit_bytes(cfg, torch.float32)
+    real = {name: sum(p.numel() * 4 for p in [*m.parameters(), *m.buffers()]) for name, m in model.named_modules()}
+    assert sizes == {unit: real[unit] for unit in sizes}

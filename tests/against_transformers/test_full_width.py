@@ -25,7 +25,7 @@ from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from diffusionlens import HookedDiffusionGemma
-from diffusionlens.loading import canonical_name
+from diffusionlens.weights.checkpoint import canonical_name
 
 pytestmark = pytest.mark.full_width
 

@@ -10,6 +10,7 @@ model it was saved from; the tests assert exactly that.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import pickle
@@ -23,7 +24,7 @@ from transformers import DiffusionGemmaConfig as HFConfig
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma
-from diffusionlens.loading import CheckpointError
+from diffusionlens.weights.checkpoint import CheckpointError
 
 NAME = "mixed"
 RTOL = 1e-5  # in-memory vs loaded-from-disk (see the module docstring)
@@ -279,7 +280,7 @@ def test_loading_builds_a_single_model(monkeypatch):
 def test_block_norms_map_through_the_one_checkpoint_table():
     from diffusionlens.components import RMSNorm
     from diffusionlens.components.block import NORMS, Block
-    from diffusionlens.loading import block_checkpoint_name
+    from diffusionlens.weights.checkpoint import block_checkpoint_name
 
     cfg = DiffusionGemmaConfig.from_hf(build_reference("mixed").config)
     block = Block(cfg, 0)
@@ -288,9 +289,8 @@ def test_block_norms_map_through_the_one_checkpoint_table():
     names = {norm: block_checkpoint_name(f"{norm}.weight") for norm in NORMS}
     assert names["ln1"] == "input_layernorm.weight" and names["ln2_post_mlp"] == "post_feedforward_layernorm_1.weight"
     assert len(set(names.values())) == len(NORMS)
-    with pytest.warns(DeprecationWarning, match="NORM_NAMES"):
-        from diffusionlens.components.block import NORM_NAMES
-    assert NORM_NAMES == {norm: name.removesuffix(".weight") for norm, name in names.items()}
+    # one table of checkpoint names (weights/checkpoint.py), no second copy kept on the block module
+    assert not hasattr(importlib.import_module("diffusionlens.components.block"), "NORM_NAMES")
 
 
 def test_flat_config_dict_may_carry_canvas_length():

@@ -16,11 +16,11 @@ from torch.nn import functional as F
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 from diffusionlens.cli import main
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.loading import SHIPPED_CHECKPOINTS
 from diffusionlens.losses import IGNORE_INDEX, denoising_loss
 from diffusionlens.patching import LogitDiff, TargetProb, patch_sweep, record_run
 from diffusionlens.patching.runs import fork_state, run_patched
 from diffusionlens.patching.sweep_spec import MAX_AXIS_LABELS, SpecError, SweepSpec
+from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
 
 PROMPT = "squares 400 800:"
 
@@ -282,7 +282,7 @@ def test_a_bad_config_json_is_refused_before_the_weights_are_read(tmp_path, monk
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(SHIPPED_CHECKPOINTS["toy"], checkpoint)
     (checkpoint / "config.json").write_text(json.dumps(_bad_config("zero num_key_value_heads")))
-    import diffusionlens.loading as loading
+    import diffusionlens.weights.checkpoint as loading
 
     monkeypatch.setattr(loading, "iter_safetensors", lambda *a, **k: pytest.fail("weights read"))
     with pytest.raises(ValueError, match="num_key_value_heads must be a positive integer, got 0"):

@@ -10,7 +10,7 @@ import pytest
 from reference import build_pair
 
 from diffusionlens import HookedDiffusionGemma
-from diffusionlens.loading import CheckpointError
+from diffusionlens.weights.checkpoint import CheckpointError
 
 INSIDE_ONLY = "reads only files inside its own directory"
 
@@ -44,7 +44,7 @@ def _point_first_shard_at(directory: Path, target: str) -> str:
 
 def _refusal(directory: Path, monkeypatch) -> str:
     opened = []
-    import diffusionlens.loading as loading
+    import diffusionlens.weights.checkpoint as loading
 
     real = loading.safe_open
     monkeypatch.setattr(loading, "safe_open", lambda path, **kw: opened.append(path) or real(path, **kw))

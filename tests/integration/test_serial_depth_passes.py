@@ -11,11 +11,11 @@ import torch
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.components.attention import Attention
 from diffusionlens.components.moe import MoE
+from diffusionlens.components.stacks import Stack
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.serial_depth import serial_depth
 from diffusionlens.serial_depth.passes import CausalLMPass, DiffusionStepPass, build_depth_model, load_config
 from diffusionlens.serial_depth.trace import MODULE_META_KEY, trace
-from diffusionlens.stacks import Stack
 
 META = torch.device("meta")
 

@@ -12,7 +12,7 @@ import torch
 from reference import build_pair
 
 from diffusionlens import DenoisingTrace, HookedDiffusionGemma
-from diffusionlens.fingerprint import model_fingerprint
+from diffusionlens.weights.fingerprint import model_fingerprint
 
 FIX = "Replay it on the model that generated it"
 

@@ -9,7 +9,7 @@ import torch
 from reference import CANVAS
 
 from diffusionlens import DenoisingCache, RecordSpec, ReplayNoise
-from diffusionlens.cache_storage import CACHE_FORMAT_VERSION, CpuStorage, DiskStorage, MemoryStorage
+from diffusionlens.cache.storage import CACHE_FORMAT_VERSION, CpuStorage, DiskStorage, MemoryStorage
 
 GEN = dict(max_denoising_steps=5, noise=ReplayNoise(4), progress=False, eos_token_id=None)
 NAMES = ["encoder.hook_embed", "decoder.blocks.1.hook_resid_post", "sampler.hook_entropy", "decoder.hook_logits"]

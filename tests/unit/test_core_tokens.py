@@ -50,7 +50,7 @@ def test_token_helpers_and_checkpoint_tokenizer(tmp_path):
 def test_docs_hook_reference_lists_exactly_the_hook_dict():
     from pathlib import Path
 
-    from diffusionlens.hook_reference import hook_reference_markdown
+    from diffusionlens.hooks.shapes import hook_reference_markdown
     from diffusionlens.toy.train import toy_config
 
     page = (Path(__file__).parents[2] / "docs" / "hook_reference.md").read_text()

@@ -51,6 +51,19 @@ def test_step_axis_and_single_pass_agreement(model, ids):
         cache["decoder.blocks.0.hook_resid_psot"]
 
 
+def test_hand_built_cache_counts_steps_back_from_the_runs_length_only(model, ids):
+    # Without the run's step count a cache cannot know which step -1 is; it once read it as step 47 of the
+    # default 48 and recorded nothing on a 6-step run.
+    name = "decoder.hook_logits"
+    with pytest.raises(ValueError, match=r"max_steps=max_denoising_steps"):
+        DenoisingCache([name], steps=-1)
+    cache = DenoisingCache([name], steps=slice(-3, None), max_steps=GEN["max_denoising_steps"])
+    result = model.generate(ids, max_new_tokens=CANVAS["mixed"], cache=cache, **GEN)
+    n = result.trace.steps(0)
+    assert n > 3 and cache.steps(0) == [s for s in (3, 4, 5) if s < n]
+    assert DenoisingCache([name], steps=[0, 2]).canvases() == []  # counting from 0 needs no step count
+
+
 def test_multi_canvas_get_and_encoder_values(model, ids):
     result, cache = model.generate_with_cache(
         ids, names_filter=["encoder.hook_embed", "sampler.hook_entropy"], max_new_tokens=CANVAS["mixed"] * 2, **GEN

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionlens.factored_matrix import FactoredMatrix
+from diffusionlens.weights.factored_matrix import FactoredMatrix
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 

@@ -60,7 +60,7 @@ def record_all(s, self_cond):
 
 
 def expected_shape(name: str, cfg, batch: int, prompt: int) -> tuple[int, ...]:
-    """Shapes by the DESIGN conventions, derived independently of diffusionlens.hook_reference."""
+    """Shapes by the DESIGN conventions, derived independently of diffusionlens.hooks.shapes."""
     canvas, d = cfg.canvas_length, cfg.hidden_size
     stack = name.split(".")[0]
     pos = prompt if stack == "encoder" else canvas

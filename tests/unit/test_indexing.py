@@ -19,7 +19,7 @@ from diffusionlens import HookedDiffusionGemma, HookedGemma4CausalLM, ReplayNois
 from diffusionlens.indexing import check_stack, index_axis, resolve_layer, resolve_selector, select_indices
 from diffusionlens.patching import Patch
 from diffusionlens.viz.attention import attention_pattern
-from diffusionlens.weights import block_weights
+from diffusionlens.weights.tl_weights import block_weights
 
 N = CFG.num_hidden_layers
 

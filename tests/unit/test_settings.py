@@ -154,16 +154,11 @@ def test_cli_typos_exit_naming_the_nearest_hook(tmp_path, capsys):
     )
 
 
-# ---------------------------------------------------------------------- deprecated names
-def test_renamed_names_keep_deprecated_aliases(model, ids):
+# ---------------------------------------------------------------------- renamed names
+def test_renamed_names_have_no_aliases_left(model):
+    # The package was never released: old names are gone, not kept as deprecation shims.
     import diffusionlens.sampling as sampling
     from diffusionlens.sampling import sampler
 
-    with pytest.warns(DeprecationWarning, match="GenerationSettings"):
-        assert sampling.SamplerSettings(6, 0.1) == GenerationSettings(max_denoising_steps=6, entropy_bound=0.1)
-    with pytest.warns(DeprecationWarning, match="GenerationSettings"):
-        assert sampler.SamplerSettings is GenerationSettings
-    with pytest.warns(DeprecationWarning, match="check_tokens"):
-        assert torch.equal(model._check_tokens(ids[0], "ids"), ids[:1])
-    with pytest.warns(DeprecationWarning, match="need_tokenizer"), pytest.raises(ValueError, match="no tokenizer"):
-        model._need_tokenizer()
+    assert not hasattr(sampling, "SamplerSettings") and not hasattr(sampler, "SamplerSettings")
+    assert not hasattr(model, "_check_tokens") and not hasattr(model, "_need_tokenizer")

@@ -12,7 +12,7 @@ import torch
 from tolerance import readout_atol, summed_parts_atol
 
 from diffusionlens import ActivationCache, DenoisingCache, ReplayNoise, hook_specs
-from diffusionlens.utils import get_act_name
+from diffusionlens.hooks.names import get_act_name
 
 GEN = dict(max_denoising_steps=4, noise=ReplayNoise(1), progress=False, eos_token_id=None)
 RESIDS = ["*.blocks.*.hook_resid_pre", "*.blocks.*.hook_resid_mid", "*.blocks.*.hook_resid_post"]

@@ -49,7 +49,7 @@ ROWS = [
     (
         "short names",
         "utils.get_act_name('pattern', 2)",
-        "diffusionlens.utils.get_act_name('pattern', 2, stack='decoder')",
+        "diffusionlens.hooks.names.get_act_name('pattern', 2, stack='decoder')",
     ),
     ("iterate a cache", "cache.keys(), cache.items()", "list(cache.keys()); dict(cache.items())"),
     (

@@ -14,7 +14,7 @@ from diffusionlens.components import moe as moe_module
 from diffusionlens.components import norms as norms_module
 from diffusionlens.components.mlp import activation
 from diffusionlens.components.rope import apply_rotary
-from diffusionlens.weights import block_weights, model_weights
+from diffusionlens.weights.tl_weights import block_weights, model_weights
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 

@@ -438,7 +438,8 @@ def _check_entry(path: Path, entry: Any, record: dict[str, Any], redo: str) -> t
             f"; refusing to open it: {redo}"
         )
     steps, canvases = record["steps"], record["canvases"]
-    step_ok = step == ENCODER or (0 <= step < record["max_steps"] and (steps is None or step in steps))
+    step_in_run = 0 <= step and (record["max_steps"] is None or step < record["max_steps"])
+    step_ok = step == ENCODER or (step_in_run and (steps is None or step in steps))
     canvas_ok = 0 <= canvas < record["max_canvases"] and (canvases is None or canvas in canvases)
     if not (step_ok and canvas_ok):
         raise CacheIntegrityError(f"{where} lists {fname}, a canvas/step this cache was not recording; {redo}")

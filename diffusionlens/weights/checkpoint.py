@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.device_map import device_for_tensor, dispatch, plan_device_map, planning_dtype
+from diffusionlens.weights.device_map import device_for_tensor, dispatch, plan_device_map, planning_dtype
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -204,9 +204,9 @@ def _iter_module_state(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 # Short names for checkpoints shipped inside the package.
 SHIPPED_CHECKPOINTS = {
-    "toy": Path(__file__).parent / "toy" / "checkpoint",
+    "toy": Path(__file__).parents[1] / "toy" / "checkpoint",
     # the toy's autoregressive twin, a Gemma4ForCausalLM: load it with HookedGemma4CausalLM
-    "toy-ar": Path(__file__).parent / "toy" / "checkpoint_ar",
+    "toy-ar": Path(__file__).parents[1] / "toy" / "checkpoint_ar",
 }
 
 
@@ -273,7 +273,7 @@ def load_pretrained(
     hub id (resolved with huggingface_hub when the string is not a local path; needs network).
 
     `device_map` ("auto" or {module: device}) and/or `max_memory` spread the blocks over several
-    devices; see `diffusionlens.device_map` (planned and checked before any tensor is read).
+    devices; see `diffusionlens.weights.device_map` (planned and checked before any tensor is read).
 
     A transformers model object is read where it sits: without `device`, ours is built on the device
     of its parameters and aliases them (no copy) when `dtype` matches too."""

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusionlens.hook_context import HookPointContext
+from diffusionlens.hooks.point_context import HookPointContext
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Callable[[str], bool] | Sequence[str] | None
@@ -417,7 +417,7 @@ class HookedRootModule(nn.Module):
 
     # ------------------------------------------------------------------ name resolution
     def resolve_hook_names(self, names: NameFilter) -> list[str]:
-        """Hook names matched by `names`: see `diffusionlens.hook_points.resolve_hook_names` (None = all;
+        """Hook names matched by `names`: see `diffusionlens.hooks.points.resolve_hook_names` (None = all;
         exact, glob, regex, list, predicate; matching nothing raises a KeyError naming the nearest)."""
         return resolve_hook_names(names, self.hook_dict)
 

@@ -2,7 +2,7 @@
 
 Recording is filtered by name, step, canvas position and canvas at record time, so memory grows
 with the request, never with the model. What to record is a `RecordSpec`; where the values go is a
-`CacheStorage` (diffusionlens.cache_storage: memory, cpu or a directory of safetensors shards).
+`CacheStorage` (diffusionlens.cache.storage: memory, cpu or a directory of safetensors shards).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
 
-from diffusionlens.cache import ActivationCache
-from diffusionlens.cache_storage import (
+from diffusionlens.cache.activation import ActivationCache
+from diffusionlens.cache.storage import (
     CACHE_FORMAT_VERSION,
     ENCODER,
     STORAGE_KINDS,
@@ -29,14 +29,13 @@ from diffusionlens.cache_storage import (
     encode_dtype,
     make_storage,
 )
-from diffusionlens.hook_points import NameFilter
-from diffusionlens.hook_reference import estimate_cache_bytes, hook_specs
+from diffusionlens.hooks.names import resolve_act_key
+from diffusionlens.hooks.points import NameFilter
+from diffusionlens.hooks.shapes import estimate_cache_bytes, hook_specs
 from diffusionlens.indexing import Selector, check_selector, select_indices
-from diffusionlens.sampling.settings import GenerationSettings
-from diffusionlens.utils import resolve_act_key
 
 if TYPE_CHECKING:
-    from diffusionlens.hook_points import HookPoint
+    from diffusionlens.hooks.points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
 
 __all__ = ["CACHE_FORMAT_VERSION", "ENCODER", "CacheBudgetError", "CacheIntegrityError", "DenoisingCache", "RecordSpec"]
@@ -122,6 +121,11 @@ class DenoisingCache:
     `cache.step_cache(s, canvas=c)` is an `ActivationCache` of one step, so every single-pass helper
     (accumulated_resid, logit_lens, …) works at any step. `storage` is a kind ("memory", "cpu",
     "disk" with `path`) or a `CacheStorage`; `cache.backend` is the storage in use.
+
+    `max_steps`, `max_canvases` and `canvas_length` are the most the run can reach, which the `steps`,
+    `canvases` and `positions` selectors are checked against. `generate_with_cache` passes the run's
+    settings; a cache built by hand without `max_steps` does not know the step count, so it refuses a
+    step selector that counts back from the end (`steps=-1`) rather than guess one.
     """
 
     def __init__(
@@ -135,13 +139,19 @@ class DenoisingCache:
         storage: str | CacheStorage = "memory",
         path: str | Path | None = None,
         overwrite: bool = False,
-        max_steps: int = GenerationSettings.max_denoising_steps,
+        max_steps: int | None = None,
         max_canvases: int = 1,
         canvas_length: int = 256,
         pos_axes: dict[str, int | None] | None = None,
     ) -> None:
         # Checked against the most the run can reach, before a storage directory is made.
-        self._steps = select_indices(steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
+        try:
+            self._steps = select_indices(steps, max_steps, "steps", "denoising steps (max_denoising_steps)")
+        except ValueError as error:
+            if max_steps is not None:
+                raise
+            fix = "or give the cache the run's step count (max_steps=max_denoising_steps)"
+            raise ValueError(f"{error}, {fix}") from None
         self._canvases = select_indices(canvases, max_canvases, "canvases", "canvases (max_new_tokens / canvas_length)")
         self._positions = select_indices(positions, canvas_length, "positions", "canvas positions (canvas_length)")
         self.backend = make_storage(storage, path, overwrite) if isinstance(storage, str) else storage
@@ -443,7 +453,7 @@ def build_cache(
     *,
     batch: int = 1,
     prompt_len: int = 1,
-    max_steps: int = GenerationSettings.max_denoising_steps,
+    max_steps: int,
     n_canvases: int = 1,
 ) -> DenoisingCache:
     """The cache `record` asks for, its names filter resolved against the model (a filter that

@@ -19,7 +19,10 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from diffusionlens.components.sampler_hooks import SamplerHooks
+from diffusionlens.components.stacks import DecoderStack, EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig
 
 if TYPE_CHECKING:
@@ -41,21 +44,26 @@ def placement_units(cfg: DiffusionGemmaConfig) -> list[str]:
     return [*MAIN_UNITS, *(f"decoder.blocks.{i}" for i in range(cfg.num_hidden_layers))]
 
 
-@functools.lru_cache(maxsize=2)  # a plan sizes the same meta model several times; never mutated
-def _empty_model(cfg: DiffusionGemmaConfig) -> HookedDiffusionGemma:
+@functools.lru_cache(maxsize=2)  # a plan sizes the same meta tree several times; never mutated
+def empty_module_tree(cfg: DiffusionGemmaConfig) -> nn.Module:
+    """HookedDiffusionGemma's module tree (encoder, decoder, sampler hooks) on the meta device, from the
+    stacks the model is built of: planning names and sizes units without importing the model, which
+    loads checkpoints through this module (a test checks the two trees have the same module names)."""
     from accelerate import init_empty_weights
 
-    from diffusionlens.model import HookedDiffusionGemma
-
     with init_empty_weights():
-        return HookedDiffusionGemma(cfg)
+        tree = nn.Module()
+        tree.encoder = EncoderStack(cfg)
+        tree.decoder = DecoderStack(cfg)
+        tree.sampler = SamplerHooks()
+    return tree
 
 
 def unit_bytes(cfg: DiffusionGemmaConfig, dtype: torch.dtype) -> dict[str, int]:
     """Bytes of parameters and buffers in every placement unit, at `dtype` (no tensor is allocated)."""
     from accelerate.utils import compute_module_sizes
 
-    sizes = compute_module_sizes(_empty_model(cfg).decoder, dtype=dtype)
+    sizes = compute_module_sizes(empty_module_tree(cfg).decoder, dtype=dtype)
     return {unit: sizes[unit.removeprefix("decoder.")] for unit in placement_units(cfg)}
 
 
@@ -116,7 +124,7 @@ def _plan_auto(
             f"max_memory holds {available / GB:.2f} GB but the weights need {total / GB:.2f} GB at {dtype}: "
             f"{(total - available) / GB:.2f} GB short. Add devices, raise max_memory or load in a smaller dtype."
         )
-    decoder = _empty_model(cfg).decoder
+    decoder = empty_module_tree(cfg).decoder
     if sum(1 for d in budget if d not in ("cpu", "mps")) > 1:
         budget = get_balanced_memory(decoder, budget, no_split_module_classes=NO_SPLIT_CLASSES, dtype=dtype)
     # The main units must share one device; the first device accelerate fills gets them, so plan with
@@ -159,7 +167,7 @@ def _check_budget(sizes: dict[str, int], decoder_map: dict[str, Device], budget:
 
 
 def _check_explicit(cfg: DiffusionGemmaConfig, device_map: dict[str, Device]) -> dict[str, Device]:
-    model = _empty_model(cfg)
+    model = empty_module_tree(cfg)
     modules = dict(model.named_modules())
     units = placement_units(cfg)
     unknown = sorted(k for k in device_map if k not in modules)

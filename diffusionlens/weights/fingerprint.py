@@ -77,7 +77,7 @@ def _weights(model: HookedDiffusionGemma) -> list[tuple[str, torch.Tensor]]:
     memo = _MEMO.setdefault(model, {})
     names = memo.get("names")
     if names is None:
-        from diffusionlens.loading import owned_names
+        from diffusionlens.weights.checkpoint import owned_names
 
         names = [(name, name.split(".")) for name in owned_names(model)]
         memo["names"] = names

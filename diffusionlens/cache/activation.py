@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float
 
+from diffusionlens.cache.decomposition import ResidDecompositionMixin
 from diffusionlens.components.unembed import unembed
-from diffusionlens.decomposition import ResidDecompositionMixin
-from diffusionlens.hook_reference import position_axis
+from diffusionlens.hooks.names import resolve_act_key
+from diffusionlens.hooks.shapes import position_axis
 from diffusionlens.indexing import Selector, check_selector, check_stack, index_axis
-from diffusionlens.utils import resolve_act_key
 
 #: What accumulated_resid and decompose_resid return: the stacked residual parts, with labels if asked.
 ResidStack = (

@@ -34,8 +34,8 @@ import torch
 from jaxtyping import Float
 
 from diffusionlens.components.block import NORMS
-from diffusionlens.factored_matrix import FactoredMatrix
 from diffusionlens.indexing import check_stack, resolve_layer
+from diffusionlens.weights.factored_matrix import FactoredMatrix
 
 # Norms whose gain feeds a weight matrix directly, and so folds exactly into it.
 FOLDABLE_NORMS = ("ln1", "ln2", "ln2_moe")

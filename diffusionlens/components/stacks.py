@@ -10,7 +10,7 @@ from torch import nn
 from diffusionlens.components import Block, Embed, RMSNorm, RotaryEmbedding, SelfConditioning
 from diffusionlens.components.unembed import unembed
 from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
-from diffusionlens.hook_points import HookPoint
+from diffusionlens.hooks.points import HookPoint
 from diffusionlens.prompt_state import PromptState
 
 
