@@ -108,6 +108,18 @@ class DenoisingTrace:
     def steps(self, canvas: int = 0) -> int:
         return self.canvases[canvas].n_steps
 
+    def pass_index(self, canvas: int, step: int) -> int:
+        """Which decoder pass of the generation ran (canvas, step), counting from 0 across canvases:
+        the call index of a decoder hook point or module, as nnsight's `tracer.iter[i]` counts them.
+        Canvases run one after another, each for `steps(canvas)` passes, so the index is the steps of
+        the earlier canvases plus `step`. (Not for a generation started with `resume=`, whose first
+        canvas runs only the steps after the fork.)"""
+        if not 0 <= canvas < len(self.canvases):
+            raise IndexError(f"canvas {canvas} is out of range: this generation ran {len(self.canvases)} canvases")
+        if not 0 <= step < self.steps(canvas):
+            raise IndexError(f"step {step} is out of range: canvas {canvas} ran {self.steps(canvas)} steps")
+        return sum(self.steps(earlier) for earlier in range(canvas)) + step
+
     def summary(self, canvas: int = 0, row: int = 0) -> str:
         """A short text summary: steps, tokens accepted per step, commit order."""
         trace = self.canvases[canvas]

@@ -279,6 +279,20 @@ class HookPoint(nn.Module):
             if type(self) in (HookPoint, RunHookedHookPoint):
                 self.__class__ = TorchHookedHookPoint
 
+    def use_module_call(self, enabled: bool) -> None:
+        """Call this point through `nn.Module.__call__` (enabled) or the fast path that skips it (the
+        default). Tools that wrap a module's `forward` or its torch hooks (nnsight) see the point only
+        on the module call. Disabling keeps the module call while torch hooks are registered here, as
+        they would otherwise stop firing without a word."""
+        _check_flag(enabled, "enabled")
+        if enabled:
+            self._use_torch_call()
+            return
+        torch_hooks = (self._forward_hooks, self._forward_pre_hooks, self._backward_hooks, self._backward_pre_hooks)
+        with _COUNT_LOCK:
+            if type(self) is TorchHookedHookPoint and not any(torch_hooks):
+                self.__class__ = RunHookedHookPoint if self.run_hook_count else HookPoint
+
     def clear_context(self) -> None:
         """Empty this point's `ctx` dict (TransformerLens' name); step/canvas/t are unaffected."""
         self.ctx.clear()
@@ -485,6 +499,15 @@ class HookedRootModule(nn.Module):
                 _detach_all(point, run_kinds)
             if clear_contexts:
                 point.clear_context()
+
+    def set_module_call_hook_points(self, enabled: bool) -> None:
+        """Route every hook point through `nn.Module.__call__` (True) or back to the fast path (False,
+        the default). nnsight reads and writes a module's value by wrapping its `forward`, which the
+        fast path never calls: turn this on before `NNsight(model)` traces hook points (docs/features.md).
+        It costs an `nn.Module.__call__` per point per pass; our own hooks fire the same either way."""
+        _check_flag(enabled, "enabled")
+        for point in self.hook_dict.values():
+            point.use_module_call(enabled)
 
     @property
     def has_hooks(self) -> bool:
