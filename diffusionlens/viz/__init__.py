@@ -4,8 +4,9 @@ Every figure function returns a `matplotlib.figure.Figure` (save it with `fig.sa
 pyplot runs on the headless Agg backend unless you chose another backend first.
 """
 
-from diffusionlens.viz.attention import AttentionKeys, attention_circuitsvis, attention_labels, attention_pattern
+from diffusionlens.viz.attention import AttentionKeys, attention_labels, attention_pattern
 from diffusionlens.viz.attention_viewer import render_attention_viewer, write_attention_viewer
+from diffusionlens.viz.circuitsvis_export import attention_circuitsvis, write_attention_circuitsvis
 from diffusionlens.viz.dla import plot_dla_by_step
 from diffusionlens.viz.feature_panel import FeaturePanel
 from diffusionlens.viz.heatmaps import plot_sweep
@@ -21,6 +22,7 @@ __all__ = [
     "attention_pattern",
     "render_attention_viewer",
     "write_attention_viewer",
+    "write_attention_circuitsvis",
     "plot_commit_order",
     "plot_dla_by_step",
     "plot_entropy",

@@ -1,5 +1,5 @@
 """Decoder attention patterns with labelled keys: which prompt tokens and which canvas tokens each canvas
-query reads at one denoising step, for the HTML attention viewer and for circuitsvis in notebooks.
+query reads at one denoising step, for the HTML attention viewer and for circuitsvis (viz/circuitsvis_export.py).
 
 A decoder layer's keys are `[prompt keys this layer keeps ; the canvas the step read]`. Full-attention
 layers keep every encoded position (the prompt, plus earlier canvases for canvas > 0); sliding layers
@@ -10,7 +10,7 @@ labels differ from layer to layer. Prompt padding stays among the keys, masked: 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -166,40 +166,6 @@ def labelled_pattern(
             f"{len(keys)} keys: record every canvas position, and pass the tokens/trace of this generation"
         )
     return pattern, keys
-
-
-def attention_circuitsvis(
-    cache: DenoisingCache,
-    trace: DenoisingTrace,
-    *,
-    step: int,
-    layer: int,
-    model: HookedDiffusionGemma | None = None,
-    tokens: Int[torch.Tensor, "batch length"],
-    attention_mask: Bool[torch.Tensor, "batch prompt"] | Int[torch.Tensor, "batch prompt"] | None = None,
-    canvas: int = 0,
-    row: int = 0,
-    tokenizer: TokenDecoder = None,
-) -> Any:
-    """circuitsvis's `attention_patterns` view of one decoder layer at one step (display it in a notebook,
-    or `str()` it for its HTML).
-
-    circuitsvis draws square patterns over one token list, so the tokens are the labelled keys (`p12:a`
-    prompt, `c3:4` canvas) and each canvas query is the row of its own canvas key; rows of prompt keys
-    are zero (the decoder asks no questions from the prompt). `model` defaults to the cache's.
-    """
-    try:
-        from circuitsvis.attention import attention_patterns
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("attention_circuitsvis needs circuitsvis: pip install 'diffusionlens[viz]'") from err
-    model = model if model is not None else cache.model
-    if model is None:
-        raise ValueError("pass model=: this cache does not hold its model")
-    pattern, keys = labelled_pattern(
-        model, cache, trace, step, layer, tokens=tokens, attention_mask=attention_mask, canvas=canvas, row=row,
-        tokenizer=tokenizer,
-    )  # fmt: skip
-    return attention_patterns(tokens=keys.labels(), attention=square_attention(pattern, keys))
 
 
 def square_attention(

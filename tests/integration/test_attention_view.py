@@ -1,5 +1,6 @@
 """Attention patterns with labelled keys: the labels match the keys each decoder layer really has (padding,
-sliding windows, earlier canvases), the circuitsvis export, and the HTML attention page in headless Chromium."""
+sliding windows, earlier canvases), and the HTML attention page in headless Chromium (the circuitsvis export:
+test_circuitsvis.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from test_viewer import HOSTILE, open_page
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
-from diffusionlens.viz import attention_circuitsvis, attention_labels, attention_pattern, write_attention_viewer
-from diffusionlens.viz.attention import labelled_pattern, square_attention
+from diffusionlens.viz import attention_labels, attention_pattern, write_attention_viewer
+from diffusionlens.viz.attention import labelled_pattern
 
 SLIDING_LAYER, FULL_LAYER = 0, 2
 PATTERNS = lambda name: name.startswith("decoder.") and name.endswith("attn.hook_pattern")  # noqa: E731
@@ -112,21 +113,6 @@ def test_arguments_and_missing_recordings_are_refused(model, padded):
     )
     with pytest.raises(KeyError, match=r"decoder\.blocks\.0\.attn\.hook_pattern"):
         attention_pattern(unrecorded, 0, 0)
-
-
-def test_circuitsvis_export_places_canvas_queries_on_their_keys(model, padded):
-    ids, mask, result, cache = padded
-    view = attention_circuitsvis(cache, result.trace, step=1, layer=FULL_LAYER, tokens=ids, attention_mask=mask, row=1)
-    page = str(view)
-    keys = attention_labels(model, result.trace, 1, FULL_LAYER, tokens=ids, attention_mask=mask, row=1)
-    assert "<div" in page and keys.labels()[2] in page and "(pad)" in page
-    # the square given to circuitsvis: prompt rows empty, canvas rows the recorded pattern, each row sums to 1
-    pattern = attention_pattern(cache, 1, FULL_LAYER, row=1)
-    square = square_attention(pattern, keys)
-    assert square.shape == (pattern.shape[0], len(keys), len(keys))
-    assert bool((square[:, : keys.n_prompt] == 0).all())
-    assert torch.equal(square[:, keys.n_prompt :], pattern)
-    assert torch.allclose(square[:, keys.n_prompt :].sum(-1), torch.ones(1), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- in a browser
