@@ -6,11 +6,13 @@ SAELens is an optional extra (`pip install diffusionlens[sae]`), imported only w
 from diffusionlens.features.causal_rows import CAUSAL_LABEL_FIELDS, CausalRows
 from diffusionlens.features.probes import ProbeResult, split_prompts, train_probe
 from diffusionlens.features.sae import (
+    ARCHITECTURES,
     FeatureExamples,
     check_sae,
     generate_with_sae,
     sae_hooks,
     sae_metrics,
+    sae_width,
     top_activations,
     train_sae,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "FeatureExamples",
     "ProbeResult",
     "StoreMismatchError",
+    "ARCHITECTURES",
     "check_sae",
     "config_hash",
     "generate_with_sae",
@@ -38,6 +41,7 @@ __all__ = [
     "mean_difference",
     "sae_hooks",
     "sae_metrics",
+    "sae_width",
     "schedule_scale",
     "split_prompts",
     "steering_hooks",

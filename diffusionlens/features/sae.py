@@ -1,8 +1,9 @@
 """Sparse autoencoders on a denoising model, with SAELens 6 doing the SAE work.
 
-Training uses SAELens's own `SAETrainer` and `StandardTrainingSAE`, fed by an `ActivationStore`
-(the trainer takes any iterator of `[batch, d_in]` tensors). Splicing works with anything that has
-SAELens's `encode`/`decode` interface; the hooks can be limited to chosen denoising steps, and the
+Training uses SAELens's own `SAETrainer` and training SAEs (standard, top-k, JumpReLU, batch top-k), fed by
+an `ActivationStore` (the trainer takes any iterator of `[batch, d_in]` tensors). Splicing works with anything
+that has SAELens's `encode`/`decode` interface, on hooks with a head axis (`hook_z`) too, flattened to
+`[..., heads × d_head]` as SAELens does; the hooks can be limited to chosen denoising steps, and the
 feature activations of every step are recorded into a `DenoisingCache` under
 `<hook>.hook_sae_acts_post`. SAELens is an optional extra, imported on first use.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,61 +66,64 @@ def _quiet_trainer(progress: bool):
             module.tqdm = original
 
 
+ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
+"""The SAELens training architectures `train_sae` takes (SAELens's registry names)."""
+
+# SAETrainerConfig fields train_sae sets from its own keywords; the rest may come through `trainer`.
+_TRAINER_KEYWORDS = {"total_training_samples": "training_samples", "train_batch_size_samples": "batch_size", "lr": "lr"}
+
+
 def train_sae(
     store: ActivationStore,
     hook_name: str,
     *,
     d_sae: int,
-    l1_coefficient: float = 1.0,
+    architecture: str = "standard",
     training_samples: int = 200_000,
     batch_size: int = 1024,
     lr: float = 3e-4,
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    trainer: dict[str, Any] | None = None,
     **config: Any,
 ) -> Any:
-    """Train a SAELens `StandardTrainingSAE` on `hook_name` rows of `store` with SAELens's `SAETrainer`.
+    """Train a SAELens SAE of `architecture` ("standard", "topk", "jumprelu" or "batchtopk") on `hook_name`
+    rows of `store` with SAELens's `SAETrainer`.
+
+    `config` goes to the architecture's SAELens training config (`StandardTrainingSAEConfig`: `l1_coefficient`,
+    default 1.0 here; `TopKTrainingSAEConfig` / `BatchTopKTrainingSAEConfig`: `k`, `aux_loss_coefficient`;
+    `JumpReLUTrainingSAEConfig`: `l0_coefficient`, `jumprelu_init_threshold`, ...). `trainer` goes to
+    `SAETrainerConfig` (`adam_beta1`, `lr_scheduler_name`, `n_checkpoints`, `checkpoint_path`, ...) over the
+    schedule set here; the sample count, batch size and rate come from `training_samples`, `batch_size`, `lr`.
+    Unknown names are refused, naming the fields. Rows of a hook with a head axis (`hook_z`) are flattened
+    to `[heads × d_head]` by the store, as SAELens flattens them.
 
     Activations are normalised by SAELens's `expected_average_only_in` scaling (folded into the
     weights at the end). The result is saved in SAELens's inference format under `out` (a temporary
     directory if None) and loaded back with `SAE.load_from_disk`, so what is returned is exactly what
-    SAELens alone reads from disk. `config` goes to `StandardTrainingSAEConfig`.
+    SAELens alone reads from disk.
     """
     require_sae_lens()
-    from sae_lens import SAE, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+    from sae_lens import SAE, SAETrainer
     from sae_lens.saes.sae import SAEMetadata
 
     from diffusionlens.features.store import config_hash
 
     if hook_name not in store.widths:
         raise KeyError(f"{hook_name!r} is not in this store; it holds {store.hooks}")
-    d_in = store.widths[hook_name]
+    sae_class, sae_config_class = _training_classes(architecture)
+    if architecture == "standard":
+        config.setdefault("l1_coefficient", 1.0)
+    config.setdefault("normalize_activations", "expected_average_only_in")
+    _check_fields(sae_config_class, config, f"architecture {architecture!r}", reserved={"d_in", "d_sae", "metadata"})
     metadata = SAEMetadata(model_name=f"diffusionlens:{config_hash(store.model)}", hook_name=hook_name)
-    sae_config = StandardTrainingSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        l1_coefficient=l1_coefficient,
-        normalize_activations=config.pop("normalize_activations", "expected_average_only_in"),
-        metadata=metadata,
-        **config,
-    )
-    trainer_config = SAETrainerConfig(
-        total_training_samples=training_samples,
-        train_batch_size_samples=batch_size,
-        lr=lr,
-        lr_end=lr / 10,
-        lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=max(1, training_samples // batch_size // 20),
-        n_batches_for_norm_estimate=20,
-        dead_feature_window=max(1, training_samples // batch_size // 4),
-        feature_sampling_window=max(1, training_samples // batch_size // 2),
-    )
+    sae_config = sae_config_class(d_in=store.widths[hook_name], d_sae=d_sae, metadata=metadata, **config)
+    trainer_config = _trainer_config(training_samples, batch_size, lr, trainer or {})
     # SAELens initialises with torch's global RNG; fork it so training is seeded and leaves it as it was.
     with torch.random.fork_rng(), _quiet_trainer(progress):
         torch.manual_seed(seed)
-        sae = StandardTrainingSAE(sae_config)
+        sae = sae_class(sae_config)
         data = store.batches(hook_name, batch_size, seed=seed, epochs=None)
         SAETrainer(trainer_config, sae, data_provider=data).fit()
     if out is None:
@@ -128,12 +132,64 @@ def train_sae(
     return SAE.load_from_disk(out)
 
 
+def _training_classes(architecture: str) -> tuple[type, type]:
+    from sae_lens.registry import get_sae_training_class
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    return get_sae_training_class(architecture)
+
+
+def _check_fields(config_class: type, given: dict[str, Any], what: str, reserved: set[str]) -> None:
+    names = {f.name for f in fields(config_class)} - reserved
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"{unknown} are not settings of {what} ({config_class.__name__}); it takes {sorted(names)}")
+
+
+def _trainer_config(training_samples: int, batch_size: int, lr: float, trainer: dict[str, Any]) -> Any:
+    """SAELens's `SAETrainerConfig`: a cosine schedule scaled to the run, then `trainer`'s settings over it."""
+    from sae_lens.config import SAETrainerConfig
+
+    clashing = sorted(set(trainer) & set(_TRAINER_KEYWORDS))
+    if clashing:
+        fixes = ", ".join(f"{_TRAINER_KEYWORDS[name]}=" for name in clashing)
+        raise ValueError(f"trainer sets {clashing}, which train_sae takes as {fixes}; pass them there")
+    _check_fields(SAETrainerConfig, trainer, "the trainer", reserved=set(_TRAINER_KEYWORDS))
+    batches = training_samples // batch_size
+    schedule = {
+        "lr_end": lr / 10,
+        "lr_scheduler_name": "cosineannealing",
+        "lr_warm_up_steps": max(1, batches // 20),
+        "n_batches_for_norm_estimate": 20,
+        "dead_feature_window": max(1, batches // 4),
+        "feature_sampling_window": max(1, batches // 2),
+    }
+    return SAETrainerConfig(
+        total_training_samples=training_samples, train_batch_size_samples=batch_size, lr=lr, **{**schedule, **trainer}
+    )
+
+
+def sae_width(model: HookedDiffusionGemma, hook_name: str) -> int:
+    """The `d_in` an SAE on `hook_name` reads: the last axis, or `heads × d_head` for a hook whose value is
+    `[batch, pos, head, d_head]` (`hook_z`, `hook_q`, ...), flattened as SAELens flattens them."""
+    spec = hook_specs(model.cfg)[hook_name]
+    return spec.shape[-2] * spec.shape[-1] if _has_head_axis(spec.shape, spec.pos_axis) else spec.shape[-1]
+
+
+def _has_head_axis(shape: tuple[int, ...], pos_axis: int | None) -> bool:
+    # [batch, pos, head, d]; attention patterns are [batch, head, query, key] (their pos_axis is 2)
+    return len(shape) == 4 and pos_axis == 1
+
+
 def check_sae(model: HookedDiffusionGemma, sae: Any, hook_name: str) -> None:
     """Refuse an SAE whose `d_in` or recorded hook does not fit `hook_name` of `model`."""
     if hook_name not in model.hook_dict:
         raise KeyError(model.unknown_hook_message(hook_name))
     spec = hook_specs(model.cfg)[hook_name]
-    width = spec.shape[-1]
+    if len(spec.shape) == 4 and spec.pos_axis != 1:
+        raise ValueError(f"{hook_name} is [batch, head, query, key]: SAEs splice on [batch, pos, ...] values")
+    width = sae_width(model, hook_name)
     d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
     if d_in is not None and d_in != width:
         raise ValueError(f"the SAE reads d_in={d_in} values but {hook_name} has {width} per position")
@@ -148,7 +204,7 @@ def sae_hooks(
     hook_name: str,
     *,
     steps: Iterable[int] | None = None,
-    use_error_term: bool = False,
+    use_error_term: bool | None = None,
     feature_edit: FeatureEdit | None = None,
     on_feature_acts: Callable[[torch.Tensor, Any], None] | None = None,
     model: HookedDiffusionGemma | None = None,
@@ -157,30 +213,40 @@ def sae_hooks(
 
     Without the error term the site's value becomes the reconstruction `decode(encode(x))`. With
     it, the value is `x + decode(edited) - decode(acts)`: the reconstruction plus the SAE's error,
-    written so that without a `feature_edit` it is `x` bit for bit. `feature_edit(acts, hook)` may
-    change the feature activations (ablate, clamp, add); `on_feature_acts(acts, hook)` sees them.
+    written so that without a `feature_edit` it is `x` bit for bit. `use_error_term=None` (the default)
+    takes the SAE's own `sae.use_error_term` (SAELens's switch; False for an SAE without one).
+    `feature_edit(acts, hook)` may change the feature activations (ablate, clamp, add);
+    `on_feature_acts(acts, hook)` sees them (`[batch, pos, d_sae]`).
+
+    A value with a head axis (`hook_z`: `[batch, pos, head, d_head]`) is flattened to `[batch, pos, head ×
+    d_head]` for the SAE and its reconstruction unflattened, as SAELens does; an SAE whose own hook_z
+    reshaping is on (`sae.hook_z_reshaping_mode`) is given the value unflattened and reshapes it itself.
     Pass `model` to have the SAE checked against the hook before anything runs.
     """
     if model is not None:
         check_sae(model, sae, hook_name)
     wanted = None if steps is None else set(steps)
     d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
+    error_term = bool(getattr(sae, "use_error_term", False)) if use_error_term is None else use_error_term
 
     def splice(x: torch.Tensor, hook: Any) -> torch.Tensor:
-        step = hook.ctx.step
-        if wanted is not None and step not in wanted:
+        if wanted is not None and hook.ctx.step not in wanted:
             return x
-        if d_in is not None and x.shape[-1] != d_in:
-            raise ValueError(f"the SAE reads d_in={d_in} values but {hook.name} has {x.shape[-1]} per position")
-        acts = sae.encode(x)
+        flatten = x.dim() == 4 and not getattr(sae, "hook_z_reshaping_mode", False)
+        site = x.flatten(-2) if flatten else x
+        width = x.shape[-2] * x.shape[-1] if x.dim() == 4 else x.shape[-1]
+        if d_in is not None and width != d_in:
+            raise ValueError(f"the SAE reads d_in={d_in} values but {hook.name} has {width} per position")
+        acts = sae.encode(site)
         if on_feature_acts is not None:
             on_feature_acts(acts, hook)
         edited = feature_edit(acts, hook) if feature_edit is not None else acts
-        if not use_error_term:
-            return sae.decode(edited).to(x.dtype)
-        if feature_edit is None:
+        if error_term and feature_edit is None:
             return x
-        return (x + (sae.decode(edited) - sae.decode(acts))).to(x.dtype)
+        out = sae.decode(edited)
+        if error_term:
+            out = site + (out - sae.decode(acts))
+        return (out.unflatten(-1, x.shape[-2:]) if flatten else out).to(x.dtype)
 
     return [(hook_name, splice)]
 
@@ -192,7 +258,7 @@ def generate_with_sae(
     hook_name: str,
     *,
     steps: Iterable[int] | None = None,
-    use_error_term: bool = False,
+    use_error_term: bool | None = None,
     feature_edit: FeatureEdit | None = None,
     positions: Any = None,
     names_filter: Any = (),
@@ -201,7 +267,8 @@ def generate_with_sae(
     """`generate_with_cache` with `sae` spliced in; returns (result, cache of `names_filter`,
     feature cache) where `feature_cache[hook_name + ".hook_sae_acts_post"]` is `[step, batch, pos, d_sae]`.
 
-    The SAE is checked against the model before generation starts.
+    The SAE is checked against the model before generation starts; `use_error_term=None` takes the SAE's
+    own (see `sae_hooks`).
     """
     check_sae(model, sae, hook_name)
     acts_name = hook_name + SAE_ACTS_SUFFIX

@@ -1,5 +1,7 @@
 """SAEs through SAELens: trained by SAETrainer from a store, spliced per step, saved and reloaded by SAELens."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -88,3 +90,107 @@ def test_top_examples_and_refusals(model, trained):
     ids, mask = model.to_tokens_and_mask(prompts[:1])
     with pytest.raises(ValueError, match="d_in=96"):
         generate_with_sae(model, ids, narrow, HOOK, attention_mask=mask, progress=False)
+
+
+def test_sae_own_use_error_term_is_honoured_unless_overridden(model, trained):
+    _, sae, _, prompts = trained
+    ids, mask = model.to_tokens_and_mask(prompts[:2])
+    kwargs = {"attention_mask": mask, "noise": ReplayNoise(3), "progress": False}
+    clean = model.generate(ids, **kwargs)
+    spliced = model.generate(ids, fwd_hooks=sae_hooks(sae, HOOK), **kwargs)
+    assert not torch.equal(spliced.sequences, clean.sequences)  # the reconstruction alone changes the run
+    with warnings.catch_warnings():  # SAELens 6.54 asks for HookedSAETransformer.add_sae; the attribute still counts
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sae.use_error_term = True
+    try:
+        own = model.generate(ids, fwd_hooks=sae_hooks(sae, HOOK), **kwargs)
+        overridden = model.generate(ids, fwd_hooks=sae_hooks(sae, HOOK, use_error_term=False), **kwargs)
+        recorded, _, _ = generate_with_sae(model, ids, sae, HOOK, **kwargs)
+    finally:
+        sae.use_error_term = False
+    assert torch.equal(own.sequences, clean.sequences) and torch.equal(recorded.sequences, clean.sequences)
+    assert torch.equal(overridden.sequences, spliced.sequences)
+
+
+Z_HOOK = "decoder.blocks.2.attn.hook_z"
+
+
+def hook_z_sae(model, reshape: str):
+    """A seeded random SAELens SAE on Z_HOOK ([batch, pos, head, d_head]), with SAELens's hook_z reshaping on or off."""
+    heads, d_head = model.cfg.num_attention_heads, model.cfg.layer_head_dim(2)
+    metadata = sae_lens.saes.sae.SAEMetadata(hook_name=Z_HOOK)
+    torch.manual_seed(0)
+    config = sae_lens.StandardSAEConfig(d_in=heads * d_head, d_sae=32, reshape_activations=reshape, metadata=metadata)
+    return sae_lens.StandardSAE(config)
+
+
+def test_hook_z_sae_is_spliced_on_the_flattened_heads(model):
+    from diffusionlens.features import sae_width
+
+    heads, d_head = model.cfg.num_attention_heads, model.cfg.layer_head_dim(2)
+    assert sae_width(model, Z_HOOK) == heads * d_head
+    flat_sae, reshaping_sae = hook_z_sae(model, "none"), hook_z_sae(model, "hook_z")
+    assert reshaping_sae.hook_z_reshaping_mode and not flat_sae.hook_z_reshaping_mode
+    ids = model.to_tokens("squares 4 8:")
+    kwargs = {"noise": ReplayNoise(1), "progress": False, "steps": [0], "canvases": [0], "names_filter": [Z_HOOK]}
+    _, clean = model.generate_with_cache(ids, **kwargs)
+    z = clean.get(Z_HOOK, canvas=0, step=0)
+    assert z.shape[-2:] == (heads, d_head)
+    expected = flat_sae.decode(flat_sae.encode(z.flatten(-2))).unflatten(-1, (heads, d_head))
+    spliced = {}
+    for name, sae in (("flat", flat_sae), ("reshaping", reshaping_sae)):
+        hooks = sae_hooks(sae, Z_HOOK, steps=[0], model=model)
+        _, spliced[name] = model.generate_with_cache(ids, fwd_hooks=hooks, **kwargs)
+    # the SAE's own reshaping and our flattening are the same rearrangement of the same values
+    assert torch.equal(
+        spliced["flat"].get(Z_HOOK, canvas=0, step=0), spliced["reshaping"].get(Z_HOOK, canvas=0, step=0)
+    )
+    torch.testing.assert_close(spliced["flat"].get(Z_HOOK, canvas=0, step=0), expected)
+    # with the error term and no edit the site keeps its value
+    with_error = sae_hooks(flat_sae, Z_HOOK, steps=[0], use_error_term=True)
+    _, kept = model.generate_with_cache(ids, fwd_hooks=with_error, **kwargs)
+    assert torch.equal(kept.get(Z_HOOK, canvas=0, step=0), z)
+    per_head = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=d_head, d_sae=8))
+    with pytest.raises(ValueError, match=f"d_in={d_head} values but {Z_HOOK} has {heads * d_head}"):
+        sae_hooks(per_head, Z_HOOK, model=model)
+    with pytest.raises(ValueError, match=r"\[batch, head, query, key\]"):
+        sae_hooks(per_head, "decoder.blocks.2.attn.hook_pattern", model=model)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "settings", "inference_class"),
+    [
+        ("topk", {"k": 4}, "TopKSAE"),
+        ("jumprelu", {"l0_coefficient": 0.5}, "JumpReLUSAE"),
+        ("batchtopk", {"k": 4}, "JumpReLUSAE"),
+    ],
+)
+def test_train_sae_passes_architecture_and_settings_to_sae_lens(
+    trained, tmp_path, architecture, settings, inference_class
+):
+    store = trained[0]
+    checkpoints = tmp_path / "checkpoints"
+    sae = train_sae(
+        store, HOOK, d_sae=32, architecture=architecture, training_samples=1024, batch_size=256, lr=3e-3,
+        out=tmp_path / "sae", progress=False, trainer={"n_checkpoints": 1, "checkpoint_path": str(checkpoints)},
+        **settings,
+    )  # fmt: skip
+    assert type(sae).__name__ == inference_class
+    reloaded = sae_lens.SAE.load_from_disk(tmp_path / "sae")
+    assert type(reloaded).__name__ == inference_class and reloaded.cfg.metadata.hook_name == HOOK
+    assert any(checkpoints.rglob("*.safetensors"))  # the trainer setting reached SAETrainer
+    if architecture == "topk":
+        acts = sae.encode(store.activations(HOOK)[:64])
+        assert bool(((acts > 0).sum(-1) <= 4).all()) and int((acts > 0).sum(-1).max()) == 4
+
+
+def test_train_sae_refuses_unknown_settings(trained):
+    store = trained[0]
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        train_sae(store, HOOK, d_sae=8, architecture="gated", progress=False)
+    with pytest.raises(ValueError, match=r"\['l1_coefficient'\] are not settings of architecture 'topk'"):
+        train_sae(store, HOOK, d_sae=8, architecture="topk", l1_coefficient=1.0, progress=False)
+    with pytest.raises(ValueError, match="lr="):
+        train_sae(store, HOOK, d_sae=8, trainer={"lr": 1.0}, progress=False)
+    with pytest.raises(ValueError, match=r"\['adam_beta3'\] are not settings of the trainer"):
+        train_sae(store, HOOK, d_sae=8, trainer={"adam_beta3": 0.9}, progress=False)
