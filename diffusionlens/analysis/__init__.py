@@ -18,7 +18,13 @@ from diffusionlens.analysis.intermediate_context import (
     intermediate_mask,
     intermediate_tokens,
 )
-from diffusionlens.analysis.logit_lens import LogitLensByStep, logit_lens_by_step, logit_lens_rows
+from diffusionlens.analysis.logit_lens import (
+    LensTokenScores,
+    LogitLensByStep,
+    logit_lens_by_step,
+    logit_lens_rows,
+    logit_lens_token_scores,
+)
 from diffusionlens.analysis.seeds import RowReplayNoise, SeededBatch, generate_over_seeds
 from diffusionlens.analysis.self_correction import (
     CorrectionEvent,
@@ -51,6 +57,7 @@ __all__ = [
     "FoundCorrection",
     "IntermediateAttention",
     "IntermediateToken",
+    "LensTokenScores",
     "LogitLensByStep",
     "RowReplayNoise",
     "SeededBatch",
@@ -71,6 +78,7 @@ __all__ = [
     "kendall_tau_b",
     "logit_lens_by_step",
     "logit_lens_rows",
+    "logit_lens_token_scores",
     "out_of_order_share",
     "search_corrections",
     "sequence_smearing",

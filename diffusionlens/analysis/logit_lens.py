@@ -131,3 +131,87 @@ def logit_lens_rows(
             x = norm(resid[start : start + chunk].to(device=W_E.device, dtype=W_E.dtype))
             out.append(unembed(x, W_E, model.cfg.final_logit_softcapping).argmax(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+LENS_METRICS = ("prob", "logit_diff")
+
+
+@dataclass
+class LensTokenScores:
+    """The logit lens of chosen tokens at one canvas position, by step and layer.
+
+    values: `[step, layer]`; layer axis as `LogitLensByStep` (residual before block 0 … after the last).
+    metric "prob": the lens probability of `tokens` (summed over them); "logit_diff": the lens logit of
+    `tokens[0]` minus that of `tokens[1]` (soft-capped logits, as the model's output).
+    """
+
+    steps: list[int]
+    values: Float[torch.Tensor, "step layer"]
+    tokens: list[int]
+    metric: str
+    position: int
+    canvas: int = 0
+    row: int = 0
+
+
+def logit_lens_token_scores(
+    cache: DenoisingCache,
+    position: int,
+    tokens: Sequence[int] | int,
+    *,
+    metric: str = "prob",
+    canvas: int = 0,
+    row: int = 0,
+    model: HookedDiffusionGemma | None = None,
+) -> LensTokenScores:
+    """The logit lens of `tokens` at canvas `position` of batch `row`, at every recorded step and layer:
+    the probability of the tokens (`metric="prob"`, one or more tokens) or the logit difference of two
+    (`metric="logit_diff"`). The cache needs what `logit_lens_by_step` needs, at that position."""
+    model = model if model is not None else cache.model
+    if model is None:
+        raise ValueError("this cache has no model attached (reopened from disk?); pass model=")
+    tokens = [tokens] if isinstance(tokens, int) else [int(t) for t in tokens]
+    if metric not in LENS_METRICS:
+        raise ValueError(f"metric must be one of {LENS_METRICS}, got {metric!r}")
+    if metric == "logit_diff" and len(tokens) != 2:
+        raise ValueError(f"metric='logit_diff' takes two tokens (good, bad), got {len(tokens)}")
+    if not tokens:
+        raise ValueError("give at least one token")
+    vocab = model.cfg.vocab_size
+    if any(not 0 <= t < vocab for t in tokens):
+        raise ValueError(f"tokens {tokens} out of range: the vocabulary has {vocab} ids")
+    steps = cache.steps(canvas)
+    if not steps:
+        raise ValueError(f"the cache recorded no steps for canvas {canvas}")
+    length = model.cfg.canvas_length
+    recorded = list(range(length)) if cache.positions is None else list(cache.positions)
+    if position % length not in recorded:
+        raise ValueError(f"position {position} was not recorded; the cache holds positions {recorded}")
+    column = recorded.index(position % length)
+    index = torch.tensor(tokens)
+    with torch.no_grad():
+        rows = [_lens_scores_at(cache, model, step, canvas, row, column, index, metric) for step in steps]
+    return LensTokenScores(steps, torch.stack(rows), tokens, metric, position % length, canvas, row)
+
+
+def _lens_scores_at(
+    cache: DenoisingCache,
+    model: HookedDiffusionGemma,
+    step: int,
+    canvas: int,
+    row: int,
+    column: int,
+    index: torch.Tensor,
+    metric: str,
+) -> Float[torch.Tensor, " layer"]:
+    """One step's row of `logit_lens_token_scores`."""
+    view = cache.step_cache(step, canvas)
+    view.model = model
+    resid = view.accumulated_resid(apply_ln=True, stack="decoder")  # [layer, batch, pos, d_model]
+    if not 0 <= row < resid.shape[1]:
+        raise IndexError(f"row {row} out of range: the cache has batch size {resid.shape[1]}")
+    logits = unembed(resid[:, row, column], model.decoder.embed.W_E, model.cfg.final_logit_softcapping)
+    logits = logits.float().cpu()  # [layer, vocab]
+    if metric == "prob":
+        return torch.softmax(logits, dim=-1)[:, index].sum(-1)
+    return logits[:, index[0]] - logits[:, index[1]]

@@ -39,10 +39,22 @@ MODES = ("accepted", "stable")
 @dataclass(frozen=True)
 class CorrectionEvent:
     """Position `position` of row `row` held `old_token` from `step_held` (accepted there, or the first
-    step of its stable run) until step `step_replaced`, whose argmax was `new_token`. `final_token` is
-    the token the canvas ended with at that position. `held_was_argmax` is False when the accepted token
-    was a sampled token other than that step's argmax (the sampler's draw was overruled, not the model's
-    own draft); always True in "stable" mode."""
+    step of its stable run) until step `step_replaced`, whose argmax was `new_token`.
+
+    Fields (steps are 0-based denoising steps in execution order, as `hook.ctx.step` and the trace's step
+    axis; positions are canvas positions, 0 … canvas_length - 1):
+
+    - row: the batch row of the trace searched (0 in a `CorrectionSearch`, whose runs are generated alone).
+    - position: the canvas position where the held token was overturned.
+    - step_held: the step the old token began to be held: accepted into the canvas there ("accepted"), or
+      the first step of its run of `min_stable` equal argmaxes ("stable").
+    - step_replaced: the first step whose argmax at `position` was not the held token.
+    - old_token / new_token: the held token id, and that step's argmax id that replaced it.
+    - final_token: the token the canvas ended with at `position` (the last step's argmax).
+    - held_was_argmax: False when the accepted token was a sampled token other than that step's argmax (the
+      sampler's draw was overruled, not the model's own draft); always True in "stable" mode.
+    - persisted (property): `new_token == final_token`, the correction stuck.
+    """
 
     row: int
     position: int
@@ -127,8 +139,14 @@ def correction_counts(events: Iterable[CorrectionEvent], canvas_length: int) -> 
 
 @dataclass(frozen=True)
 class FoundCorrection:
-    """A self-correction event of the run (prompt, seed), in canvas `canvas` of that run; `event.row` is 0,
-    the row of that run generated alone."""
+    """One self-correction event found by `search_corrections`.
+
+    - prompt, seed: the run: `model.generate(model.to_tokens(prompt), noise=ReplayNoise(seed), ...)` with the
+      search's generate keywords reproduces it.
+    - canvas: the canvas of that run the event happened in (0 for the first `canvas_length` tokens).
+    - event: the `CorrectionEvent` (its `row` is 0, the row of that run generated alone; its steps count
+      within `canvas`, so patch or cache it with `canvas=canvas`, `step=event.step_replaced`).
+    """
 
     prompt: str
     seed: int
@@ -140,8 +158,16 @@ class FoundCorrection:
 class CorrectionSearch:
     """Events collected by `search_corrections` over `prompts` × `seeds`.
 
-    finals: per (prompt, seed), the generated tokens after the prompt (`result.new_tokens()` of that
-    row, pad after eos).
+    - prompts, seeds: what was searched, in the order given (`n_runs` = their product).
+    - canvas_length: the model's canvas length (the length of `counts_by_position()`).
+    - mode: "accepted" or "stable", the hold rule the events were found with (see the module docstring).
+    - events: every `FoundCorrection`, ordered by run (prompts × seeds in generation order), then canvas,
+      then (step replaced, position).
+    - finals: per (prompt, seed), the generated tokens after the prompt (`result.new_tokens()` of that
+      row, pad after eos), to read what a run ended with without generating it again.
+
+    Queries: `where(position, prompt)` (events), `counts_by_position()`, `counts_by_prompt()`,
+    `runs_with_event(position, prompt)` (runs with at least one event).
     """
 
     prompts: list[str]

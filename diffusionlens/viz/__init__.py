@@ -9,8 +9,8 @@ from diffusionlens.viz.attention_viewer import render_attention_viewer, write_at
 from diffusionlens.viz.circuitsvis_export import attention_circuitsvis, write_attention_circuitsvis
 from diffusionlens.viz.dla import plot_dla_by_step
 from diffusionlens.viz.feature_panel import FeaturePanel
-from diffusionlens.viz.heatmaps import plot_sweep
-from diffusionlens.viz.lens import plot_logit_lens
+from diffusionlens.viz.heatmaps import plot_sweep, plot_sweeps
+from diffusionlens.viz.lens import plot_logit_lens, plot_logit_lens_by_step
 from diffusionlens.viz.trajectory import plot_commit_order, plot_entropy, plot_token_grid
 from diffusionlens.viz.viewer import render_viewer, write_viewer
 
@@ -27,7 +27,9 @@ __all__ = [
     "plot_dla_by_step",
     "plot_entropy",
     "plot_logit_lens",
+    "plot_logit_lens_by_step",
     "plot_sweep",
+    "plot_sweeps",
     "plot_token_grid",
     "render_viewer",
     "write_viewer",

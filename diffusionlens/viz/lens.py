@@ -1,11 +1,14 @@
-"""Logit-lens figure: the top token at every decoder layer and canvas position, at one denoising step."""
+"""Logit-lens figures: the top token at every decoder layer and canvas position at one denoising step, and
+the lens of chosen tokens at one position by step and layer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from diffusionlens.analysis.logit_lens import logit_lens_token_scores
 from diffusionlens.indexing import Selector
 from diffusionlens.viz._common import (
     TokenDecoder,
@@ -19,6 +22,7 @@ from diffusionlens.viz._common import (
 
 if TYPE_CHECKING:
     from diffusionlens.cache.denoising import DenoisingCache
+    from diffusionlens.model import HookedDiffusionGemma
 
 
 def plot_logit_lens(
@@ -84,3 +88,50 @@ def plot_logit_lens(
     ax.set_ylabel("residual stream")
     fig.colorbar(image, ax=ax, label="top-token probability")
     return finish_figure(fig, ax, title or f"logit lens at step {step} (canvas {canvas}, row {row})")
+
+
+def plot_logit_lens_by_step(
+    cache: DenoisingCache,
+    position: int,
+    tokens: Sequence[int] | int,
+    tokenizer: TokenDecoder = None,
+    *,
+    metric: str = "prob",
+    canvas: int = 0,
+    row: int = 0,
+    model: HookedDiffusionGemma | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Step × layer grid of the logit lens of chosen `tokens` at one canvas `position`: the probability of
+    the tokens (`metric="prob"`, colour 0 … 1) or the logit difference of two (`metric="logit_diff"`,
+    `tokens=(good, bad)`, a diverging scale centred on 0). Rows are the recorded steps, columns the
+    residual before each block and after the last. The numbers are `logit_lens_token_scores(...)`'s
+    (the figure's `.lens_scores`); needs what `logit_lens_by_step` needs. Returns the Figure.
+    """
+    scores = logit_lens_token_scores(
+        cache, position, tokens, metric=metric, canvas=canvas, row=row, model=model
+    )  # fmt: skip
+    values = scores.values
+    n_steps, n_layers = values.shape
+    fig, ax = new_axes(ax, (max(4.0, 0.5 * n_layers + 3.0), max(2.5, 0.3 * n_steps + 1.6)))
+    if metric == "prob":
+        image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    else:
+        bound = float(values.abs().max()) or 1.0
+        image = ax.imshow(
+            values.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest"
+        )  # fmt: skip
+    names = [visible(text) for text in token_texts(tokenizer, scores.tokens)]
+    layers = [f"block {i} in" for i in range(n_layers - 1)] + [f"block {n_layers - 2} out"]
+    ax.set_xticks(range(n_layers), layers, fontsize=7, rotation=45, ha="right")
+    stride = max(1, n_steps // 32)
+    ax.set_yticks(range(0, n_steps, stride), [str(s) for s in scores.steps[::stride]], fontsize=7)
+    no_math(ax.get_xticklabels())
+    ax.set_xlabel("residual stream")
+    ax.set_ylabel("denoising step")
+    label = f"P({' or '.join(names)})" if metric == "prob" else f"logit({names[0]}) - logit({names[1]})"
+    fig.colorbar(image, ax=ax, label=label.replace("$", r"\$"))
+    fig.lens_scores = scores
+    default = f"logit lens at position {scores.position} by step (canvas {canvas}, row {row})"
+    return finish_figure(fig, ax, title or default)

@@ -11,6 +11,7 @@ what an earlier one defined. Two HTML comments, invisible in the rendered docs, 
 
 from __future__ import annotations
 
+import linecache
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,10 @@ def test_page_code_runs(page: Path, tmp_path, monkeypatch, capsys):
             skipped.append(f"{block.page}:{block.line} ({block.skip_reason})")
             continue
         source = block.setup + "\n" + block.code if block.setup else block.code
-        exec(compile(source, f"{block.page}:{block.line}", "exec"), namespace)
+        filename = f"{block.page}:{block.line}"
+        # as a file's code: tools that read their caller's source (nnsight's `with` blocks) find it here
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+        exec(compile(source, filename, "exec"), namespace)
         ran += 1
     if ran == 0:
         pytest.skip("every block is marked: " + "; ".join(skipped))

@@ -13,13 +13,16 @@ from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma, ReplayNoise  # noqa: E402
+from diffusionlens.patching.sweep import SweepResult  # noqa: E402
 from diffusionlens.toy import build_tokenizer  # noqa: E402
 from diffusionlens.trace import CanvasTrace, DenoisingTrace  # noqa: E402
 from diffusionlens.viz import (  # noqa: E402
     plot_commit_order,
     plot_entropy,
     plot_logit_lens,
+    plot_logit_lens_by_step,
     plot_sweep,
+    plot_sweeps,
     plot_token_grid,
 )
 from diffusionlens.viz._common import visible  # noqa: E402
@@ -211,3 +214,87 @@ def test_logit_lens_on_a_position_filtered_cache(lens_runs):
     assert cell_texts(fig) == want
     with pytest.raises(ValueError, match="not recorded"):
         plot_logit_lens(cache, 0, model.tokenizer, positions=[0])
+
+
+@pytest.mark.parametrize("metric", ["prob", "logit_diff"])
+def test_logit_lens_by_step_grid(lens_runs, metric, tmp_path):
+    model, cache, _ = lens_runs
+    position, tokens = 3, [5, 9]
+    chosen = tokens[:1] if metric == "prob" else tokens
+    fig = plot_logit_lens_by_step(cache, position, chosen, model.tokenizer, metric=metric)
+    steps, n_layers = cache.steps(0), model.cfg.num_hidden_layers + 1
+    want = []
+    for step in steps:
+        lens = cache.logit_lens(step)[:, 0, position].float()  # [layer, vocab]
+        if metric == "prob":
+            want.append(torch.softmax(lens, -1)[:, tokens[0]])
+        else:
+            want.append(lens[:, tokens[0]] - lens[:, tokens[1]])
+    want = torch.stack(want)
+    assert want.shape == (len(steps), n_layers)
+    torch.testing.assert_close(fig.lens_scores.values, want)
+    torch.testing.assert_close(torch.tensor(image(fig).get_array().tolist()), want)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [str(s) for s in steps]
+    assert len(fig.axes[0].get_xticklabels()) == n_layers
+    low, high = image(fig).get_clim()
+    assert (low, high) == (0, 1) if metric == "prob" else low == -high
+    names = [visible(model.tokenizer.decode([t])) for t in chosen]
+    assert names[0] in fig.axes[1].get_ylabel()
+    assert_saves(fig, tmp_path, f"lens_by_step_{metric}")
+
+
+def test_logit_lens_by_step_refusals(lens_runs):
+    model, _, some = lens_runs
+    with pytest.raises(ValueError, match="two tokens"):
+        plot_logit_lens_by_step(some, 3, [5], metric="logit_diff")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        plot_logit_lens_by_step(some, 3, [5], metric="kl")
+    with pytest.raises(ValueError, match="position 0 was not recorded"):
+        plot_logit_lens_by_step(some, 0, [5])
+    with pytest.raises(ValueError, match="out of range"):
+        plot_logit_lens_by_step(some, 3, [model.cfg.vocab_size])
+
+
+def sweep(values: torch.Tensor, steps: list[int], hook: str) -> SweepResult:
+    labels = {"step": steps, "position": list(range(values.shape[1]))}
+    return SweepResult(values, ("step", "position"), labels, {"hook": hook, "mode": "frozen"})
+
+
+def test_sweeps_share_one_colour_scale_with_a_per_step_baseline(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    small = sweep(torch.rand(3, 5, generator=g), [0, 2, 4], "decoder.blocks.0.hook_resid_post")
+    large = sweep(4 * torch.rand(3, 5, generator=g) - 2, [0, 2, 4], "decoder.blocks.1.hook_resid_post")
+    baseline = {0: 0.5, 2: -1.0, 4: 2.0}
+    fig = plot_sweeps([small, large], baseline=baseline, titles=["block 0", "block 1"], label="logit diff")
+    panels = fig.axes[:2]
+    assert [p.get_title() for p in panels] == ["block 0", "block 1"]
+    shift = torch.tensor([0.5, -1.0, 2.0])[:, None]
+    drawn = [torch.tensor(p.get_images()[0].get_array().tolist()) for p in panels]
+    torch.testing.assert_close(drawn[0], small.values - shift)
+    torch.testing.assert_close(drawn[1], large.values - shift)
+    bound = max(float(d.abs().max()) for d in drawn)
+    assert all(p.get_images()[0].get_clim() == (-bound, bound) for p in panels)
+    assert len(fig.axes) == 3 and "baseline" in fig.axes[2].get_ylabel()  # one colour bar for both
+    assert_saves(fig, tmp_path, "sweeps")
+    # a baseline per sweep (None: drawn as is); without a baseline each plot_sweep keeps its own scale
+    fig = plot_sweeps([small, large], baseline=[None, [0.0, 0.0, 1.0, 0.0, 3.0]])
+    torch.testing.assert_close(torch.tensor(fig.axes[0].get_images()[0].get_array().tolist()), small.values)
+    torch.testing.assert_close(
+        torch.tensor(fig.axes[1].get_images()[0].get_array().tolist()),
+        large.values - torch.tensor([0.0, 1.0, 3.0])[:, None],
+    )
+    alone = plot_sweep(small)
+    assert image(alone).get_clim() == (-float(small.values.abs().max()), float(small.values.abs().max()))
+
+
+def test_sweep_baseline_refusals():
+    values = torch.zeros(2, 3)
+    with pytest.raises(KeyError, match="no value for step 2"):
+        plot_sweep(sweep(values, [0, 2], "h"), baseline={0: 1.0})
+    with pytest.raises(KeyError, match="none for step 2"):
+        plot_sweep(sweep(values, [0, 2], "h"), baseline=[1.0])
+    by_layer = SweepResult(values, ("layer", "position"), {"layer": [0, 1], "position": [0, 1, 2]})
+    with pytest.raises(ValueError, match="needs a sweep over steps"):
+        plot_sweep(by_layer, baseline=[1.0])
+    with pytest.raises(ValueError, match="2 titles for 1 sweeps"):
+        plot_sweeps([by_layer], titles=["a", "b"])
