@@ -14,6 +14,7 @@ import torch
 from diffusionlens.components.block import NORMS, SCALED_NORMS
 from diffusionlens.components.sampler_hooks import SAMPLER_HOOKS
 from diffusionlens.config import DiffusionGemmaConfig
+from diffusionlens.sampling.settings import GenerationSettings
 
 SAE_ACTS_SUFFIX = ".hook_sae_acts_post"
 """An SAE spliced at hook `h` records its feature activations as `h + SAE_ACTS_SUFFIX` (SAELens's name)."""
@@ -115,7 +116,7 @@ def estimate_cache_bytes(
     *,
     batch: int = 1,
     prompt_len: int = 1,
-    steps: int = 48,
+    steps: int = GenerationSettings.max_denoising_steps,
     canvases: int = 1,
     positions: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
