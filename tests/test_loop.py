@@ -142,3 +142,33 @@ def test_no_underscore_name_is_imported_across_modules():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusionlens"):
                 crossing += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not crossing, f"make these public or keep them in their module: {crossing}"
+
+
+def test_a_lane_that_ends_in_a_later_canvas_leaves_the_others_running(model, prompt):
+    """In the second canvas one lane's logits are made certain of eos: it stops after two steps (its
+    draft is stable and confident) and leaves the step loop, and ends there (eos). The other lane goes on
+    with its own rows of the encoded prompt state, into the third canvas."""
+    eos, length = 5, model.cfg.canvas_length
+    settings = SETTINGS.replace(max_new_tokens=3 * length, eos_token_id=eos, pad_token_id=0)
+
+    def certain_of_eos_in_second_canvas(value, hook):
+        if hook.ctx.canvas != 1:
+            return None
+        certain = torch.full_like(value, -100.0)
+        certain[..., eos] = 100.0
+        return certain
+
+    noise = ReplayNoise(1)
+    alone = model.generate(prompt, settings=settings, noise=noise, progress=False)
+    lanes = [Lane(prompt), Lane(prompt, hooks={"sampler.hook_logits": certain_of_eos_in_second_canvas})]
+    with torch.inference_mode():
+        state = model.encode(prompt)
+        loop = DenoisingLoop(model, LoopRun(settings, PerCellNoise(noise, prompt.shape[0])), lanes)
+        with model.hooks_for_run(fwd_hooks=loop.lane_hooks()):
+            loop.run_all(state)
+    model.hook_ctx.reset()
+    assert len(alone.trace) == 3 and alone.trace.steps(1) > 2, "the unhooked lane must run on for this test"
+    assert [len(lane.canvases) for lane in lanes] == [3, 2]
+    assert lanes[1].canvases[1].n_steps == 2 and lanes[0].canvases[1].n_steps > 2
+    assert lanes[1].done and lanes[1].sequences.shape[1] == prompt.shape[1] + 2 * length
+    assert torch.equal(lanes[0].canvases[2].input_canvas[0], alone.trace[2].input_canvas[0])

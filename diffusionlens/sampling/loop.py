@@ -125,7 +125,15 @@ class LaneRows:
             return None
         return slice(i * self.rows_per_lane, (i + 1) * self.rows_per_lane)
 
-    def add(self, lane: Lane, canvas, self_cond, argmax, finished, history) -> None:
+    def add(
+        self,
+        lane: Lane,
+        canvas: Int[torch.Tensor, "rows canvas"],
+        self_cond: Float[torch.Tensor, "rows canvas vocab"] | None,
+        argmax: Int[torch.Tensor, "rows canvas"],
+        finished: Bool[torch.Tensor, " rows"],
+        history: Int[torch.Tensor, "threshold rows canvas"] | None,
+    ) -> None:
         """Append `lane`'s rows: it joins the step loop."""
         values = (canvas, self_cond, argmax, finished, history)
         if not self.lanes:
@@ -222,7 +230,9 @@ class DenoisingLoop:
                 if not still:
                     break
                 if canvas_index > 0 and len(still) < len(live):
-                    canvas_state = canvas_state.select(self.rows.index_of(still, live).to(canvas_state.device))
+                    canvas_state = canvas_state.select(
+                        self.rows.index_of(still, live).to(canvas_state.attention_mask.device)
+                    )
                 live = still
         finally:
             bar.close()
@@ -277,7 +287,7 @@ class DenoisingLoop:
             lane.final_argmax = rows.argmax if rows.part(i) is None else rows.argmax[rows.part(i)]
         rows.keep([])
 
-    def step(self, canvas_index: int, step: int, t: int, state: PromptState, stopper: StableAndConfident):
+    def step(self, canvas_index: int, step: int, t: int, state: PromptState, stopper: StableAndConfident) -> StepOutput:
         """One denoising step of every lane in the loop, recorded per lane."""
         rows, model = self.rows, self.model
         for i, lane in enumerate(rows.lanes):
