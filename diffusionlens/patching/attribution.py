@@ -17,6 +17,7 @@ from diffusionlens.indexing import resolve_layers
 from diffusionlens.patching.metrics import with_token_ids
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.sweep import SweepResult
+from diffusionlens.sampling.recorded import rerun_recorded_pass
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -68,14 +69,13 @@ def attribution_patch(
 
     try:
         for j, step in enumerate(steps):
-            ctx.canvas, ctx.step = canvas, step
             leaves.clear()
             self_cond = corrupted.cache.get(SELF_COND, canvas=canvas, step=step) if step > 0 else None
             with (
                 torch.enable_grad(),
                 model.hooks_for_run(fwd_hooks=[(root, start_graph), *((n, keep) for n in names if n != root)]),
             ):
-                logits = model.denoise(corrupted.trace[canvas].input_canvas[step], state, self_cond)
+                logits = rerun_recorded_pass(model, corrupted.trace, state, self_cond, canvas=canvas, step=step)
                 grads = torch.autograd.grad(metric.on_logits(logits), [leaves[n] for n in names], allow_unused=True)
             for i, (name, grad) in enumerate(zip(names, grads, strict=True)):
                 if grad is None:
