@@ -181,8 +181,9 @@ class ActivationCache(ResidDecompositionMixin):
         self-conditioned embedding), then each earlier block's "{i}_attn_out" and "{i}_ffn_out"
         (`mode` "attn" / "mlp" keeps one kind). DiffusionGemma multiplies each block's output by
         `layer_scalar`, so earlier terms are rescaled by the product of later scalars; with every
-        component the parts sum to the residual exactly. `apply_ln` applies the final norm to each part
-        (a logit-lens view, not a linear split); `return_labels` adds the labels."""
+        component the parts sum to the residual exactly. `apply_ln` (final residual only) applies the final
+        norm with its cached scale (`ln_final.hook_scale`), as TransformerLens: a linear map, so the parts
+        then sum to `ln_final`'s output; `return_labels` adds the labels."""
         stack = check_stack(stack, self.model)
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
@@ -209,7 +210,12 @@ class ActivationCache(ResidDecompositionMixin):
             raise ValueError("decompose_resid(layer=0, incl_embeds=False) has no components; pass incl_embeds=True")
         resid = torch.stack([index_axis(p, pos_slice, -2, "pos_slice", "positions") for p in parts])
         if apply_ln:
-            resid = self._final_norm(resid, stack)
+            if upto != self._model().cfg.num_hidden_layers:
+                raise ValueError(
+                    "decompose_resid(apply_ln=True) applies the final norm with its cached scale, so that the "
+                    f"parts sum to ln_final's output; it needs the final residual (layer=None), not layer={layer}"
+                )
+            resid = self.apply_ln_to_stack(resid, None, pos_slice=pos_slice, stack=stack)
         return (resid, labels) if return_labels else resid
 
     def logit_lens(
