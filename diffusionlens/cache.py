@@ -100,13 +100,16 @@ class ActivationCache(ResidDecompositionMixin):
         self.has_batch_dim = False
         return self
 
-    def apply_pos_slice(self, pos_slice: Selector) -> ActivationCache:
-        """Index every value's position axis (queries, for attention patterns) by `pos_slice`, in place."""
+    def apply_pos_slice(self, pos_slice: Selector, stacks: tuple[str, ...] | None = None) -> ActivationCache:
+        """Index every value's position axis (queries, for attention patterns) by `pos_slice`, in place
+        (an int drops the axis); `stacks` limits it to the values of those stacks (None: every value)."""
         check_selector(pos_slice, "pos_slice")
         if pos_slice is not None:
             offset = 0 if self.has_batch_dim else -1
             self._store = {
-                k: index_axis(
+                k: v
+                if stacks is not None and k.partition(".")[0] not in stacks
+                else index_axis(
                     v, pos_slice, position_axis(k.removesuffix("_grad")) + offset, "pos_slice", f"{k} positions"
                 )
                 for k, v in self._store.items()

@@ -18,7 +18,7 @@ from diffusionlens.components.moe import MoE
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hook_points import HookedRootModule, NameFilter
-from diffusionlens.indexing import check_selector, resolve_layer
+from diffusionlens.indexing import axis_keeping, check_selector, resolve_layer
 from diffusionlens.loading import init_random_weights, load_pretrained
 from diffusionlens.loading import save_pretrained as _save_pretrained
 from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
@@ -301,9 +301,10 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         `lambda logits: logits[0, 3, token]`). Works on a frozen model: the graph starts at the hook
         points, parameters get no `.grad`.
         remove_batch_dim: as TransformerLens, drop the batch axis of a batch-1 run's values.
-        pos_slice: as TransformerLens, keep these positions of every value (an int, slice,
-        (start, stop[, step]) tuple, list or tensor; queries for attention patterns). The output is
-        not sliced.
+        pos_slice: as TransformerLens, keep these canvas positions of every decoder value (an int,
+        slice, (start, stop[, step]) tuple, list or tensor; queries for attention patterns). An int
+        keeps a size-1 position axis, as TransformerLens. The encoder's values keep their prompt
+        positions (another axis), and the output is not sliced.
         """
         from diffusionlens.cache import ActivationCache
 
@@ -321,7 +322,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
             hooks = [*fwd_hooks, *self.caching_hooks(store, names_filter, device)]
             out = self.run_with_hooks(*args, fwd_hooks=hooks, **kwargs)
             cache = ActivationCache(store, self)
-        cache.apply_pos_slice(pos_slice)
+        cache.apply_pos_slice(axis_keeping(pos_slice)[0], stacks=("decoder",))
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
     # ------------------------------------------------------------------ attribution

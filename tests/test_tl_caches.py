@@ -151,12 +151,26 @@ def test_run_with_cache_remove_batch_dim_and_pos_slice(toy_pass, one_pass):
         _, window = model.run_with_cache(ids, canvas, pos_slice=(2, 5), remove_batch_dim=True)
     torch.testing.assert_close(out, logits)
     assert torch.equal(squeezed["resid_post", 1], full["resid_post", 1][0])
-    assert torch.equal(last["resid_post", 1], full["resid_post", 1][:, -1])
-    assert torch.equal(last["encoder.hook_embed"], full["encoder.hook_embed"][:, -1])
+    # An int keeps a size-1 position axis, as TransformerLens.
+    assert torch.equal(last["resid_post", 1], full["resid_post", 1][:, -1:])
+    # The encoder's values index prompt positions, another axis: pos_slice leaves them whole.
+    assert torch.equal(last["encoder.hook_embed"], full["encoder.hook_embed"])
     # Attention patterns keep every key and slice the queries, as TransformerLens.
-    assert torch.equal(last["pattern", 1], full["pattern", 1][:, :, -1])
+    assert torch.equal(last["pattern", 1], full["pattern", 1][:, :, -1:])
     assert torch.equal(window["pattern", 1], full["pattern", 1][0, :, 2:5])
     assert torch.equal(window["q", 1], full["q", 1][0, 2:5])
+
+
+def test_run_with_cache_pos_slice_past_the_prompt_length(toy_pass, one_pass):
+    """A canvas position the prompt does not reach (TransformerLens's size-1 axis, the prompt untouched)."""
+    model, ids, canvas = toy_pass
+    _, full = one_pass
+    position = ids.shape[1] + 3
+    assert position < canvas.shape[1]
+    with torch.no_grad():
+        _, sliced = model.run_with_cache(ids, canvas, pos_slice=position)
+    assert torch.equal(sliced["resid_pre", 2], full["resid_pre", 2][:, position : position + 1])
+    assert torch.equal(sliced["resid_pre", 2, "encoder"], full["resid_pre", 2, "encoder"])
 
 
 def test_run_with_cache_pos_slice_with_gradients(toy_pass):

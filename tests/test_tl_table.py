@@ -229,9 +229,7 @@ CHECKS = {
     "logit lens at a step": lambda env, v: v.shape[0] == env["model"].cfg.num_hidden_layers + 1,
 }
 # Known differences from TransformerLens, each to be fixed (issue #33), not silently tolerated.
-KNOWN_DIFFERENCES = {
-    "keep some positions": "run_with_cache(pos_slice=int) drops the position axis; TransformerLens keeps a size-1 axis",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 def test_every_row_has_a_check():
