@@ -333,6 +333,19 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
             if isinstance(module, Attention):
                 module.use_attn_result = use_attn_result
 
+    def switch_needed(self, name: str) -> str | None:
+        """`model.set_use_attn_result(True)` for an `attn.hook_result` that is switched off (likewise
+        `set_use_expert_outputs` for `moe.hook_expert_out`): a hook there would never fire, so adding one
+        raises, as TransformerLens's `check_hooks_to_add`."""
+        for suffix, flag, switch in (
+            (".attn.hook_result", "use_attn_result", "model.set_use_attn_result(True)"),
+            (".moe.hook_expert_out", "use_expert_outputs", "model.set_use_expert_outputs(True)"),
+        ):
+            if name.endswith(suffix):
+                module = self.get_submodule(name.rpartition(".")[0])  # the attention / MoE module
+                return None if getattr(module, flag) else switch
+        return None
+
     def set_use_expert_outputs(self, use_expert_outputs: bool) -> None:
         """Fire every `moe.hook_expert_out` (each chosen expert's weighted output, `[batch, pos, top_k,
         d_model]`). Off by default: it costs memory."""
