@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from diffusionlens.hook_context import HookPointContext
+from diffusionlens.hook_point_handles import HookPointHandles
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Callable[[str], bool] | Sequence[str] | None
@@ -203,8 +204,9 @@ def _switching_to_torch_call(register: Callable[..., Any]) -> Callable[..., Any]
     return register_and_switch
 
 
-class HookPoint(nn.Module):
-    """Identity module marking a named intermediate value."""
+class HookPoint(HookPointHandles, nn.Module):
+    """Identity module marking a named intermediate value. TransformerLens's per-point methods
+    (`add_hook`, `remove_hooks`, `has_hooks`, `fwd_hooks`, `bwd_hooks`) come from `HookPointHandles`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -318,6 +320,8 @@ class HookPoint(nn.Module):
     def _run_backward(self, grad: torch.Tensor, fns: Sequence[HookFn]) -> torch.Tensor:
         for fn in fns:
             out = fn(grad, self)
+            if isinstance(out, tuple) and len(out) == 1:
+                out = out[0]  # TransformerLens's backward hooks may return (grad,), as torch's module hooks do
             if out is not None:
                 grad = self._checked(out, grad)
         return grad
@@ -495,6 +499,7 @@ class HookedRootModule(nn.Module):
                     kept = [] if including_permanent else [fn for d, fn in point.permanent_fns if d == dir_name]
                     fns[:] = [fn for fn in fns if _take(kept, fn)]
                     point.permanent_fns[:] = [(d, fn) for d, fn in point.permanent_fns if d != dir_name or fn in fns]
+            point.forget_removed_levels()
             if point.run_hook_count:
                 _detach_all(point, run_kinds)
             if clear_contexts:

@@ -29,6 +29,7 @@ from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
 from diffusionlens.stacks import DecoderStack, EncoderStack
 from diffusionlens.tokens import TokenHelpers, check_token_ids, checked_attention_mask
+from diffusionlens.weights import StackedWeights
 
 if TYPE_CHECKING:
     from diffusionlens.cache import ActivationCache
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from diffusionlens.weights import ModelWeights
 
 
-class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
+class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
     """Encoder (causal, writes the prompt's keys/values) + decoder (bidirectional over prompt and
     canvas, self-conditioned on the previous step's logits) + soft-capped tied LM head.
 

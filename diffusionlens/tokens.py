@@ -99,6 +99,13 @@ class TokenHelpers:
 
     tokenizer: Any
     device: torch.device
+    #: What `prepend_bos=None` means (TransformerLens's `cfg.default_prepend_bos`): None = as the tokenizer
+    #: does by itself (Gemma's adds `<bos>`), True / False = with / without one. Set it on the model.
+    default_prepend_bos: bool | None = None
+    #: What `padding_side=None` means (TransformerLens's `cfg.default_padding_side`). Left by default:
+    #: `generate` writes the canvas right after each prompt's last token. The tokenizer's own
+    #: `padding_side` is not read, for that reason.
+    default_padding_side: PaddingSide = "left"
 
     # ------------------------------------------------------------------ text -> ids
     def to_tokens(
@@ -109,8 +116,9 @@ class TokenHelpers:
     ) -> Int[torch.Tensor, "batch pos"]:
         """Token ids `[batch, pos]` of a string or list of strings (padded; see `to_tokens_and_mask`).
 
-        prepend_bos: None = as the tokenizer does by itself; True/False = with/without one `<bos>`
-        (the tokenizer's own special tokens are then not added). padding_side: None = left.
+        prepend_bos: None = `self.default_prepend_bos` (itself None by default: as the tokenizer does by
+        itself); True/False = with/without one `<bos>` (the tokenizer's own special tokens are then not
+        added). padding_side: None = `self.default_padding_side` (left).
         """
         return self.to_tokens_and_mask(input, prepend_bos, padding_side)[0]
 
@@ -134,7 +142,7 @@ class TokenHelpers:
         Rows are padded (left unless `padding_side="right"`) with the tokenizer's pad id; the mask
         is 1 on tokens, 0 on padding.
         """
-        side = _padding_side(padding_side)
+        side = _padding_side(self.default_padding_side if padding_side is None else padding_side)
         if (input is None) == (chat is None):
             raise ValueError("pass either input (text or token ids) or chat= (messages), exactly one of them")
         if chat is not None:
@@ -152,6 +160,8 @@ class TokenHelpers:
 
     def _text_ids(self, text: str, prepend_bos: bool | None) -> list[int]:
         tok = self.need_tokenizer()
+        if prepend_bos is None:
+            prepend_bos = self.default_prepend_bos
         if prepend_bos is None:
             return list(tok(text)["input_ids"])
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
@@ -223,6 +233,12 @@ class TokenHelpers:
             pieces = [tok.decode([i]) for i in ids]
             raise ValueError(f"{string!r} is {len(ids)} tokens {pieces}, not one; pick a string that is a single token")
         return ids[0]
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (TransformerLens's method of the same name)."""
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(f"int_token must be one token id (an int), got {int_token!r}; use to_str_tokens for several")
+        return self.to_str_tokens([int_token])[0]
 
     def get_token_position(
         self,

@@ -132,8 +132,9 @@ def test_remove_batch_dim_and_to(toy_pass):
     assert cache.remove_batch_dim() is cache and not cache.has_batch_dim
     assert torch.equal(cache["resid_post", 2], full[0])
     assert cache.accumulated_resid().shape == (model.cfg.num_hidden_layers + 1, *full.shape[1:])
-    with pytest.raises(ValueError, match="already removed"):
-        cache.remove_batch_dim()
+    with pytest.warns(UserWarning, match="already removed"):  # TransformerLens: a warning, nothing changes
+        assert cache.remove_batch_dim() is cache
+    assert torch.equal(cache["resid_post", 2], full[0])
     assert cache.to("cpu") is cache and cache["resid_post", 2].device.type == "cpu"
     with torch.no_grad():
         _, batched = model.run_with_cache(ids.repeat(2, 1), canvas.repeat(2, 1), names_filter=RESIDS)
