@@ -139,7 +139,9 @@ class ResidDecompositionMixin:
                     W_O = self._module(name, f"blocks.{layer}.attn").W_O
                     self._store[f"{prefix}.hook_result"] = head_results(self[f"{prefix}.hook_z"], W_O)  # type: ignore[attr-defined,index]
 
-    def _head_results(self, stack: str, block: int, pos_slice: Selector) -> Float[torch.Tensor, "batch pos head d_model"]:
+    def _head_results(
+        self, stack: str, block: int, pos_slice: Selector
+    ) -> Float[torch.Tensor, "batch pos head d_model"]:
         """A block's `attn.hook_result` at `pos_slice`: the cached one, else computed on demand from the
         cached `attn.hook_z` (as TransformerLens's cache does), for these positions only."""
         prefix = f"{stack}.blocks.{block}.attn"
@@ -203,7 +205,9 @@ class ResidDecompositionMixin:
             raise ValueError(f"by must be 'expert' or 'slot', not {by!r}")
         # Each token's slot k holds expert indices[b, p, k]: scatter the slots onto expert rows (an
         # expert a token did not choose contributes zero there).
-        indices = rearrange(self._hook(f"{prefix}.hook_expert_indices", pos_slice), "b p k -> k b p").to(per_slot.device)
+        indices = rearrange(self._hook(f"{prefix}.hook_expert_indices", pos_slice), "b p k -> k b p").to(
+            per_slot.device
+        )
         n_experts = self._model().cfg.num_experts
         experts = per_slot.new_zeros(n_experts, *per_slot.shape[1:])
         experts.scatter_add_(0, indices[..., None].expand_as(per_slot), per_slot)

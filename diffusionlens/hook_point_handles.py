@@ -46,25 +46,34 @@ def _take(pool: list, item: Any) -> bool:
 
 
 class HookPointHandles:
-    """Mixed into `HookPoint`: TransformerLens's hook methods of a single point."""
+    """Mixed into `HookPoint`: TransformerLens's hook methods of a single point.
+
+    Each hook added here leaves a record `(dir, fn, is_permanent, level)`; a function on the point without
+    one (added by `model.add_hook`) is listed from the point's `permanent_fns`, with no level.
+    """
 
     fwd_fns: list[HookFn]
     bwd_fns: list[HookFn]
     permanent_fns: list[tuple[str, HookFn]]
 
-    def _levels(self) -> list[tuple[str, HookFn, int]]:
-        # Created on first use: points unpickled from before levels existed have none.
-        if "hook_levels" not in self.__dict__:
-            self.__dict__["hook_levels"] = []
-        return self.__dict__["hook_levels"]
+    def _records(self) -> list[tuple[str, HookFn, bool, int | None]]:
+        # Created on first use: points unpickled from before records existed have none.
+        if "hook_records" not in self.__dict__:
+            self.__dict__["hook_records"] = []
+        return self.__dict__["hook_records"]
 
-    def forget_removed_levels(self) -> None:
-        """Drop the level tags of hooks no longer on this point (after `model.reset_hooks()`)."""
+    def forget_removed_records(self) -> None:
+        """Drop the records of hooks no longer on this point (after `model.reset_hooks()`)."""
         live = {"fwd": list(self.fwd_fns), "bwd": list(self.bwd_fns)}
-        self._levels()[:] = [(d, fn, level) for d, fn, level in self._levels() if _take(live[d], fn)]
+        self._records()[:] = [record for record in self._records() if _take(live[record[0]], record[1])]
 
     def add_hook(
-        self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None, prepend: bool = False
+        self,
+        hook: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
     ) -> None:
         """Attach `hook(tensor, hook_point)` to this point (TransformerLens's `HookPoint.add_hook`):
         `prepend` runs it before the hooks already here, `is_permanent` keeps it through `remove_hooks()`
@@ -81,21 +90,22 @@ class HookPointHandles:
         fns.insert(0, hook) if prepend else fns.append(hook)
         if is_permanent:
             self.permanent_fns.append((dir, hook))
-        if level is not None:
-            self._levels().append((dir, hook, level))
+        self._records().append((dir, hook, is_permanent, level))
 
     def _handles(self, dir: str) -> list[LensHandle]:
-        permanent = [fn for d, fn in self.permanent_fns if d == dir]
-        levelled = [(fn, level) for d, fn, level in self._levels() if d == dir]
+        records = [(fn, permanent, level) for d, fn, permanent, level in self._records() if d == dir]
+        unrecorded_permanent = [fn for d, fn in self.permanent_fns if d == dir]
+        for fn, permanent, _ in records:
+            if permanent:
+                _take(unrecorded_permanent, fn)
         handles = []
         for fn in self.fwd_fns if dir == "fwd" else self.bwd_fns:
-            level = None
-            for i, (levelled_fn, levelled_at) in enumerate(levelled):
-                if levelled_fn is fn:
-                    level = levelled_at
-                    del levelled[i]
-                    break
-            handles.append(LensHandle(fn, _take(permanent, fn), level))
+            index = next((i for i, record in enumerate(records) if record[0] is fn), None)
+            if index is None:
+                handles.append(LensHandle(fn, _take(unrecorded_permanent, fn), None))
+            else:
+                _, permanent, level = records.pop(index)
+                handles.append(LensHandle(fn, permanent, level))
         return handles
 
     @property
@@ -122,9 +132,8 @@ class HookPointHandles:
             fns[:] = [h.hook for h in kept]
             others = [(d, fn) for d, fn in self.permanent_fns if d != direction]
             self.permanent_fns[:] = others + [(direction, h.hook) for h in kept if h.is_permanent]
-            levels = [entry for entry in self._levels() if entry[0] != direction]
-            levels += [(direction, h.hook, h.context_level) for h in kept if h.context_level is not None]
-            self._levels()[:] = levels
+            records = [record for record in self._records() if record[0] != direction]
+            self._records()[:] = records + [(direction, h.hook, h.is_permanent, h.context_level) for h in kept]
 
     def has_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> bool:
         """Whether this point has model-level hooks of direction `dir` (TransformerLens's filters:

@@ -499,7 +499,7 @@ class HookedRootModule(nn.Module):
                     kept = [] if including_permanent else [fn for d, fn in point.permanent_fns if d == dir_name]
                     fns[:] = [fn for fn in fns if _take(kept, fn)]
                     point.permanent_fns[:] = [(d, fn) for d, fn in point.permanent_fns if d != dir_name or fn in fns]
-            point.forget_removed_levels()
+            point.forget_removed_records()
             if point.run_hook_count:
                 _detach_all(point, run_kinds)
             if clear_contexts:

@@ -237,7 +237,9 @@ class TokenHelpers:
     def to_single_str_token(self, int_token: int) -> str:
         """The string of one token id (TransformerLens's method of the same name)."""
         if isinstance(int_token, bool) or not isinstance(int_token, int):
-            raise TypeError(f"int_token must be one token id (an int), got {int_token!r}; use to_str_tokens for several")
+            raise TypeError(
+                f"int_token must be one token id (an int), got {int_token!r}; use to_str_tokens for several"
+            )
         return self.to_str_tokens([int_token])[0]
 
     def get_token_position(

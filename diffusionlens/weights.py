@@ -324,7 +324,9 @@ class StackedWeights:
     b_K = property(lambda self: self._attention("b_K"), doc="`[layer, head, d_head]` (zeros without biases)")
     b_V = property(lambda self: self._attention("b_V"), doc="`[layer, head, d_head]` (zeros without biases)")
     b_O = property(lambda self: self._attention("b_O"), doc="`[layer, d_model]` (zeros without biases)")
-    W_in = property(lambda self: self._stacked("W_in", [b.W_in for b in self._blocks()]), doc="`[layer, d_model, d_mlp]`")
+    W_in = property(
+        lambda self: self._stacked("W_in", [b.W_in for b in self._blocks()]), doc="`[layer, d_model, d_mlp]`"
+    )
     W_gate = property(
         lambda self: self._stacked("W_gate", [b.W_gate for b in self._blocks()]), doc="`[layer, d_model, d_mlp]`"
     )

@@ -282,8 +282,11 @@ def test_pos_slice_selects_before_building_and_an_int_drops_the_axis(setup):
     full, labels = s.cache.get_full_resid_decomposition(expand_neurons=True, return_labels=True)
     for pos_slice, expected in ((2, full[:, :, 2]), (-1, full[:, :, -1]), ([4, 0], full[:, :, [4, 0]])):
         close(s.cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=pos_slice), expected, s.tol)
-    close(s.cache.stack_expert_results(pos_slice=1, incl_remainder=True), s.cache.stack_expert_results(
-        incl_remainder=True)[:, :, 1], s.tol)
+    close(
+        s.cache.stack_expert_results(pos_slice=1, incl_remainder=True),
+        s.cache.stack_expert_results(incl_remainder=True)[:, :, 1],
+        s.tol,
+    )
     # Built from sliced values: every stack the helper concatenates already has one position.
     built = []
     original_cat = torch.cat
