@@ -137,7 +137,7 @@ class ActivationCache(ResidDecompositionMixin):
         Layers whose shapes differ (local and global head sizes) cannot stack: index them one by one."""
         n = self._model().cfg.num_hidden_layers
         upto = n if layer == -1 else resolve_layer(layer, n, kind="residual")
-        keys = [(activation_name, l, *((sublayer_type,) if sublayer_type else ()), stack) for l in range(upto)]
+        keys = [(activation_name, i, *((sublayer_type,) if sublayer_type else ()), stack) for i in range(upto)]
         values = [self[key] for key in keys]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
