@@ -92,14 +92,20 @@ class HookPointHandles:
             self.permanent_fns.append((dir, hook))
         self._records().append((dir, hook, is_permanent, level))
 
-    def _handles(self, dir: str) -> list[LensHandle]:
+    def thread_hooks(self, dir: str) -> list[HookFn]:  # HookPoint's: this thread's hooks in firing order
+        raise NotImplementedError
+
+    def _handles(self, dir: str, with_run_hooks: bool = True) -> list[LensHandle]:
+        """The hooks of direction `dir` in firing order: with `with_run_hooks`, this thread's temporary
+        ones (from `model.hooks()` / `run_with_hooks`) among them, as TransformerLens lists a context's hooks."""
         records = [(fn, permanent, level) for d, fn, permanent, level in self._records() if d == dir]
         unrecorded_permanent = [fn for d, fn in self.permanent_fns if d == dir]
         for fn, permanent, _ in records:
             if permanent:
                 _take(unrecorded_permanent, fn)
         handles = []
-        for fn in self.fwd_fns if dir == "fwd" else self.bwd_fns:
+        model_level = self.fwd_fns if dir == "fwd" else self.bwd_fns
+        for fn in self.thread_hooks(dir) if with_run_hooks else model_level:
             index = next((i for i, record in enumerate(records) if record[0] is fn), None)
             if index is None:
                 handles.append(LensHandle(fn, _take(unrecorded_permanent, fn), None))
@@ -110,22 +116,23 @@ class HookPointHandles:
 
     @property
     def fwd_hooks(self) -> list[LensHandle]:
-        """This point's forward hooks in firing order (model-level; a run's temporary hooks are not listed)."""
+        """This point's forward hooks in firing order, this thread's temporary ones included."""
         return self._handles("fwd")
 
     @property
     def bwd_hooks(self) -> list[LensHandle]:
-        """This point's backward hooks in firing order (model-level)."""
+        """This point's backward hooks in firing order, this thread's temporary ones included."""
         return self._handles("bwd")
 
     def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
-        """Remove this point's hooks of direction `dir` ("fwd", "bwd" or "both"), as TransformerLens:
-        permanent ones stay unless `including_permanent`; with `level`, only the hooks added at that level."""
+        """Remove this point's model-level hooks of direction `dir` ("fwd", "bwd" or "both"), as
+        TransformerLens: permanent ones stay unless `including_permanent`; with `level`, only the hooks added
+        at that level. A run's temporary hooks leave with their run (or `model.reset_hooks()`)."""
         _flag(including_permanent, "including_permanent")
         for direction in _directions(dir):
             kept = [
                 h
-                for h in self._handles(direction)
+                for h in self._handles(direction, with_run_hooks=False)
                 if (h.is_permanent and not including_permanent) or (level is not None and h.context_level != level)
             ]
             fns = self.fwd_fns if direction == "fwd" else self.bwd_fns
@@ -136,7 +143,7 @@ class HookPointHandles:
             self._records()[:] = records + [(direction, h.hook, h.is_permanent, h.context_level) for h in kept]
 
     def has_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> bool:
-        """Whether this point has model-level hooks of direction `dir` (TransformerLens's filters:
+        """Whether this point has hooks of direction `dir` in this thread (TransformerLens's filters:
         `including_permanent=False` ignores permanent ones, `level` counts only that level's)."""
         _flag(including_permanent, "including_permanent")
         return any(

@@ -505,6 +505,17 @@ class HookedRootModule(nn.Module):
             if clear_contexts:
                 point.clear_context()
 
+    def remove_all_hook_fns(
+        self, direction: str = "both", including_permanent: bool = False, level: int | None = None
+    ) -> None:
+        """TransformerLens's name: remove hooks as `reset_hooks` does, leaving every `ctx` as it is; with
+        `level`, only the hooks added at that level (`HookPoint.add_hook(..., level=)`)."""
+        if level is None:
+            self.reset_hooks(clear_contexts=False, direction=direction, including_permanent=including_permanent)
+            return
+        for point in self.hook_dict.values():
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
     @property
     def has_hooks(self) -> bool:
         """Whether any hook fires in this thread: a model-level hook, or a run hook of this thread."""
