@@ -2,11 +2,11 @@
 4cd36aaeb5dad931d085bd5d46a12b402fe15272), assertions unchanged.
 
 Adaptations: hook names carry the `decoder.` prefix; TL's attention-only `HookedTransformerConfig` becomes
-a one-layer random `DiffusionGemmaConfig` of the same attention sizes (DiffusionGemma has no attention-only variant; its MLP and experts are left
-as they are); `model(x)` becomes `model(x, x)` (prompt, canvas). TL's `hook_attn_out` is the attention's
-output; here `hook_attn_out` is that output after the block's post-attention norm `ln1_post`, so the head
-sum is compared through `ln1_post`. Plus one test of TL's `check_hooks_to_add`: a hook on `hook_result`
-while the switch is off is refused.
+a one-layer random `DiffusionGemmaConfig` of the same attention sizes (DiffusionGemma has no attention-only
+variant; its MLP and experts are left as they are); `model(x)` becomes `model(x, x)` (prompt, canvas). TL's
+`hook_attn_out` is the attention's output; here `hook_attn_out` is that output after the block's
+post-attention norm `ln1_post`, so the head sum is compared through `ln1_post`. Plus one test of TL's
+`check_hooks_to_add`: a hook on `hook_result` while the switch is off is refused.
 """
 
 import pytest
