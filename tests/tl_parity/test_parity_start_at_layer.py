@@ -10,7 +10,7 @@ embeddings, which this model does not have) keeps its claim, that a pass started
 embedding gives the same loss as the plain pass, with a left-padded prompt and its attention mask.
 """
 
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ def decoder_keys(cache):
 
 
 @pytest.fixture
-def setup_data() -> Dict[str, Any]:
+def setup_data() -> dict[str, Any]:
     model = make_model()
     rand_input = torch.randint(0, 20, (2, 10))
     canvas = torch.randint(0, 20, (2, 10))
@@ -53,7 +53,7 @@ def setup_data() -> Dict[str, Any]:
     return {"model": model, "rand_input": rand_input, "canvas": canvas, "rand_embed": rand_embed}
 
 
-def test_start_at_layer_1(setup_data: Dict[str, Any]):
+def test_start_at_layer_1(setup_data: dict[str, Any]):
     model, prompt, rand_embed = setup_data["model"], setup_data["rand_input"], setup_data["rand_embed"]
     output, cache = model.run_with_cache(prompt, rand_embed, start_at_layer=1)
 
@@ -65,7 +65,7 @@ def test_start_at_layer_1(setup_data: Dict[str, Any]):
     assert "ln_final.hook_normalized" in keys
 
 
-def test_run_with_hooks(setup_data: Dict[str, Any]):
+def test_run_with_hooks(setup_data: dict[str, Any]):
     model, prompt, rand_embed = setup_data["model"], setup_data["rand_input"], setup_data["rand_embed"]
 
     counting_list = []
@@ -91,7 +91,7 @@ def test_run_with_hooks(setup_data: Dict[str, Any]):
     assert len(counting_list) == 3
 
 
-def test_manual_hooks(setup_data: Dict[str, Any]):
+def test_manual_hooks(setup_data: dict[str, Any]):
     model, prompt, rand_embed = setup_data["model"], setup_data["rand_input"], setup_data["rand_embed"]
     counting_list = []
 
@@ -109,7 +109,7 @@ def test_manual_hooks(setup_data: Dict[str, Any]):
     assert len(counting_list) == 2
 
 
-def test_start_at_final(setup_data: Dict[str, Any]):
+def test_start_at_final(setup_data: dict[str, Any]):
     model, prompt, rand_embed = setup_data["model"], setup_data["rand_input"], setup_data["rand_embed"]
     output, cache = model.run_with_cache(prompt, rand_embed, start_at_layer=-1)
 
@@ -126,7 +126,7 @@ def test_start_at_final(setup_data: Dict[str, Any]):
     assert "ln_final.hook_normalized" in keys
 
 
-def test_no_start_logit_output(setup_data: Dict[str, Any]):
+def test_no_start_logit_output(setup_data: dict[str, Any]):
     model, rand_input, canvas = setup_data["model"], setup_data["rand_input"], setup_data["canvas"]
     output, cache = model.run_with_cache(rand_input, canvas, start_at_layer=None)
 
@@ -145,7 +145,7 @@ def test_no_start_logit_output(setup_data: Dict[str, Any]):
     assert "ln_final.hook_normalized" in keys
 
 
-def test_no_start_none_output(setup_data: Dict[str, Any]):
+def test_no_start_none_output(setup_data: dict[str, Any]):
     model, rand_input, canvas = setup_data["model"], setup_data["rand_input"], setup_data["canvas"]
     output, cache = model.run_with_cache(rand_input, canvas, start_at_layer=None, return_type=None)
 
@@ -161,7 +161,7 @@ def test_no_start_none_output(setup_data: Dict[str, Any]):
     assert "ln_final.hook_normalized" in keys
 
 
-def test_start_and_stop(setup_data: Dict[str, Any]):
+def test_start_and_stop(setup_data: dict[str, Any]):
     model, prompt, rand_embed = setup_data["model"], setup_data["rand_input"], setup_data["rand_embed"]
     output, cache = model.run_with_cache(prompt, rand_embed, start_at_layer=1, stop_at_layer=2)
 

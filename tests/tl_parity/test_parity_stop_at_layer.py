@@ -124,7 +124,7 @@ def test_stop_at_layer_1():
         elif key in ["hook_embed"] or key.startswith("self_cond."):
             continue
         else:
-            assert False, f"Unexpected key {key} in cache."
+            raise AssertionError(f"Unexpected key {key} in cache.")
 
 
 def test_stop_at_final():
