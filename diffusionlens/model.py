@@ -356,13 +356,15 @@ class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction whose dot product with the final-normed residual is a token's logit
-        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`, for ids of any shape `[...]`. A string
-        must be one token. (Typed as any tensor so that a float tensor gets this check's message.)"""
+        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`, for ids of any shape `[...]`; a
+        single token (an int, a string of one token, or a one-element tensor) gives one `[d_model]`. (Typed as any tensor so that a float tensor gets this check's message.)"""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         ids = torch.as_tensor(tokens, device=self.decoder.embed.W_E.device)
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"tokens must be ids (int or an integer tensor), not {ids.dtype}")
+        if ids.numel() == 1:  # one token, whatever its shape: one direction, as TransformerLens
+            ids = ids.reshape(())
         return self.decoder.embed.W_E[ids]
 
     def weights(self, stack: str = "decoder", fold_norm_gains: bool = False) -> ModelWeights:
