@@ -357,7 +357,8 @@ class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction whose dot product with the final-normed residual is a token's logit
         (before the soft-cap): a row of the tied embedding, `W_U[:, token]`, for ids of any shape `[...]`; a
-        single token (an int, a string of one token, or a one-element tensor) gives one `[d_model]`. (Typed as any tensor so that a float tensor gets this check's message.)"""
+        single token (an int, a string of one token, or a one-element tensor) gives one `[d_model]`. (Typed as
+        any tensor so that a float tensor gets this check's message.)"""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         ids = torch.as_tensor(tokens, device=self.decoder.embed.W_E.device)
