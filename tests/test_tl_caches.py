@@ -346,3 +346,13 @@ def test_disk_denoising_cache_pickles_as_a_reference_to_its_directory(toy_pass, 
     torch.testing.assert_close(again.step_cache(1).logit_lens(), cache.step_cache(1).logit_lens())
     with pytest.raises(ValueError, match="step_cache"):
         cache.to("cpu")
+
+
+def test_stack_activation_refuses_layers_of_different_shapes(one_pass):
+    """The toy's full-attention layers have twice the sliding layers' head size: their queries do not stack."""
+    _, cache = one_pass
+    stacked = cache.stack_activation("resid_post")
+    assert torch.equal(stacked[3], cache["resid_post", 3]) and stacked.shape[0] == 6
+    assert torch.equal(cache.stack_activation("q", 2)[1], cache["q", 1])
+    with pytest.raises(ValueError, match="different shapes.*cache\\[name, layer\\]"):
+        cache.stack_activation("q")

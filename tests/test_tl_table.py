@@ -88,7 +88,7 @@ ROWS = [
         "model.denoise(cache['resid_pre', 2], model.encode(ids), start_at_layer=2)",
     ),
     ("weights", "model.W_Q[l]", "block_weights(model, 2).W_Q"),
-    ("QK / OV circuits", "model.OV[l] (FactoredMatrix)", "block_weights(model, 2).OV"),
+    ("QK / OV circuits", "model.OV[l] (FactoredMatrix)", "model.OV[2]"),
     ("generate", "model.generate(tokens)", "model.generate(ids, noise=ReplayNoise(0), progress=False)"),
     (
         "a generation with a cache",
