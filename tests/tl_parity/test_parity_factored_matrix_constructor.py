@@ -2,7 +2,8 @@
 (TransformerLensOrg/TransformerLens at commit 4cd36aaeb5dad931d085bd5d46a12b402fe15272), assertions unchanged.
 
 Adaptations: the import; ValueError (naming the fix) where TL raises AssertionError or RuntimeError;
-`utils.transpose(x)` is `x.mT`.
+`utils.transpose(x)` is `x.mT`. TL skips `test_factored_matrix_inner_mismatch` (its jaxtyping checks
+pre-empt the error); here it runs.
 """
 
 import pytest
@@ -58,14 +59,6 @@ def test_factored_matrix_broadcast_mismatch():
         FactoredMatrix(A, B)
 
 
-@pytest.mark.skip(
-    """
-    ValueError will not be reached due to jaxtyping argument consistency
-    checks, which are enabled at test time but not run time.
-
-    See https://github.com/TransformerLensOrg/TransformerLens/issues/190
-    """
-)
 def test_factored_matrix_inner_mismatch():
     A = torch.ones((2, 3, 4))
     B = torch.ones((2, 3, 5))
