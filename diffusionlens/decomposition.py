@@ -192,11 +192,29 @@ class ResidDecompositionMixin:
         neurons = torch.einsum("bpn,nd->nbpd", post.to(factor.dtype), W_out.to(factor.device, factor.dtype))
         return [neurons * factor], [f"L{block}N{int(n)}" for n in ids]
 
+    def _expert_outputs(self, stack: str, block: int, pos_slice: Selector) -> Float[torch.Tensor, "batch pos k d_model"]:
+        """A block's `moe.hook_expert_out` at `pos_slice`: the cached one, else recomputed from what the MoE
+        read (the cached `ln2_moe` output, routing weights and chosen experts) for these positions only."""
+        prefix = f"{stack}.blocks.{block}"
+        if f"{prefix}.moe.hook_expert_out" in self:  # type: ignore[operator]
+            return self._hook(f"{prefix}.moe.hook_expert_out", pos_slice)
+        inputs = [f"{prefix}.ln2_moe.hook_normalized", f"{prefix}.moe.hook_expert_weights"]
+        inputs.append(f"{prefix}.moe.hook_expert_indices")
+        if not all(name in self for name in inputs):  # type: ignore[operator]
+            raise KeyError(
+                f"'{prefix}.moe.hook_expert_out' is not in this cache: record it after "
+                f"model.set_use_expert_outputs(True), or record {', '.join(inputs)} to compute it from them."
+            )
+        x, weights, indices = (self._hook(name, pos_slice) for name in inputs)
+        moe = self._module(stack, f"blocks.{block}.moe")
+        with torch.no_grad():
+            return moe.apply_experts(x, weights, indices, per_slot=True)[1]
+
     def _experts(
         self, stack: str, block: int, layer: int, pos_slice: Selector, by: str
     ) -> tuple[list[torch.Tensor], list[str]]:
         prefix = f"{stack}.blocks.{block}.moe"
-        per_slot = self._hook(f"{prefix}.hook_expert_out", pos_slice)
+        per_slot = self._expert_outputs(stack, block, pos_slice)
         factor = self._ffn_map(stack, block, layer, "ln2_post_moe", per_slot, pos_slice)
         per_slot = rearrange(per_slot, "b p k d -> k b p d").to(factor.dtype)
         if by == "slot":
@@ -274,8 +292,9 @@ class ResidDecompositionMixin:
         stack: str = "decoder",
     ) -> ResidComponents:
         """Every expert's contribution to the residual before block `layer`: `moe.hook_expert_out`
-        (record it with `model.set_use_expert_outputs(True)`) through the cached `ln2_post_moe` and
-        `ln2_post` maps and the later `layer_scalar`s.
+        (recorded after `model.set_use_expert_outputs(True)`, else recomputed from the cached `ln2_moe`
+        output, `moe.hook_expert_weights` and `moe.hook_expert_indices` for the positions kept) through the
+        cached `ln2_post_moe` and `ln2_post` maps and the later `layer_scalar`s.
 
         by="expert": one component per expert, `L{l}E{e}` (zero where a token did not route to e);
         by="slot": one per routing slot, `L{l}_slot{k}`, as `hook_expert_indices` orders them.

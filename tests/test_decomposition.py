@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma
+from diffusionlens.cache import ActivationCache
 from diffusionlens.components import norms as norms_module
 from diffusionlens.components.moe import _grouped_mm_available
 from diffusionlens.sampling import ReplayNoise
@@ -277,6 +278,24 @@ def test_head_results_are_computed_on_demand_from_hook_z(setup):
     close(cache.get_full_resid_decomposition(), s.cache.get_full_resid_decomposition(), s.tol)
 
 
+def test_expert_outputs_are_computed_on_demand_from_the_moe_inputs(setup):
+    """Without hook_expert_out, the experts' outputs come from the cached ln2_moe output, routing weights
+    and chosen experts, run through the block's own experts."""
+    s = setup
+    store = {name: value for name, value in s.cache.items() if not name.endswith("hook_expert_out")}
+    cache = ActivationCache(store, s.model)
+    recorded, labels = s.cache.stack_expert_results(return_labels=True)
+    on_demand, same_labels = cache.stack_expert_results(return_labels=True)
+    assert same_labels == labels
+    close(on_demand, recorded, s.tol)
+    close(
+        cache.stack_expert_results(by="slot", pos_slice=[4, 2]),
+        s.cache.stack_expert_results(by="slot")[:, :, [4, 2]],
+        s.tol,
+    )
+    close(cache.get_full_resid_decomposition(), s.cache.get_full_resid_decomposition(), s.tol)
+
+
 def test_pos_slice_selects_before_building_and_an_int_drops_the_axis(setup):
     s = setup
     full, labels = s.cache.get_full_resid_decomposition(expand_neurons=True, return_labels=True)
@@ -314,11 +333,13 @@ def test_missing_hooks_and_bad_layers_say_what_to_do(setup):
     s = setup
     with torch.no_grad():
         _, cache = s.model.run_with_cache(
-            s.ids, s.canvas, names_filter=lambda n: "hook_result" not in n and not n.endswith("hook_z")
+            s.ids,
+            s.canvas,
+            names_filter=lambda n: "hook_result" not in n and not n.endswith(("hook_z", "hook_expert_weights")),
         )
     with pytest.raises(KeyError, match=r"hook_z.*set_use_attn_result\(True\)"):
         cache.stack_head_results()
-    with pytest.raises(KeyError, match=r"hook_expert_out.*set_use_expert_outputs\(True\)"):
+    with pytest.raises(KeyError, match=r"hook_expert_out.*set_use_expert_outputs\(True\).*hook_expert_weights"):
         cache.stack_expert_results()
     _, bare = s.model.run_with_cache(s.ids, s.canvas, names_filter="decoder.blocks.*.hook_resid_*")
     with pytest.raises(KeyError, match=r"ln_final.hook_scale' is not in this cache: record it"):
