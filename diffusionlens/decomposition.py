@@ -192,7 +192,9 @@ class ResidDecompositionMixin:
         neurons = torch.einsum("bpn,nd->nbpd", post.to(factor.dtype), W_out.to(factor.device, factor.dtype))
         return [neurons * factor], [f"L{block}N{int(n)}" for n in ids]
 
-    def _expert_outputs(self, stack: str, block: int, pos_slice: Selector) -> Float[torch.Tensor, "batch pos k d_model"]:
+    def _expert_outputs(
+        self, stack: str, block: int, pos_slice: Selector
+    ) -> Float[torch.Tensor, "batch pos k d_model"]:
         """A block's `moe.hook_expert_out` at `pos_slice`: the cached one, else recomputed from what the MoE
         read (the cached `ln2_moe` output, routing weights and chosen experts) for these positions only."""
         prefix = f"{stack}.blocks.{block}"
