@@ -99,6 +99,17 @@ class TokenHelpers:
 
     tokenizer: Any
     device: torch.device
+    #: What `prepend_bos=None` means (TransformerLens's `cfg.default_prepend_bos`): None = as the tokenizer
+    #: does by itself (Gemma's adds `<bos>`), True / False = with / without one. Set it on the model.
+    default_prepend_bos: bool | None = None
+    #: What `padding_side=None` means (TransformerLens's `cfg.default_padding_side`). Left by default:
+    #: `generate` writes the canvas right after each prompt's last token. The tokenizer's own
+    #: `padding_side` is not read, for that reason.
+    default_padding_side: PaddingSide = "left"
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Attach a tokenizer (TransformerLens's method; the same as `model.tokenizer = tokenizer`)."""
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ text -> ids
     def to_tokens(
@@ -106,13 +117,22 @@ class TokenHelpers:
         input: str | list[str] | TokenizedInput,
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
+        move_to_device: bool = True,
+        truncate: bool = False,
     ) -> Int[torch.Tensor, "batch pos"]:
         """Token ids `[batch, pos]` of a string or list of strings (padded; see `to_tokens_and_mask`).
 
-        prepend_bos: None = as the tokenizer does by itself; True/False = with/without one `<bos>`
-        (the tokenizer's own special tokens are then not added). padding_side: None = left.
+        prepend_bos: None = `self.default_prepend_bos` (itself None by default: as the tokenizer does by
+        itself); True/False = with/without one `<bos>` (the tokenizer's own special tokens are then not
+        added). padding_side: None = `self.default_padding_side` (left). move_to_device: False keeps the
+        ids on the CPU (TransformerLens's flag). truncate: True keeps each row's first
+        `max_position_embeddings - canvas_length` tokens, the longest prompt a pass has room for; off by
+        default (TransformerLens truncates by default), so a long prompt is never cut without asking.
         """
-        return self.to_tokens_and_mask(input, prepend_bos, padding_side)[0]
+        if not isinstance(move_to_device, bool) or not isinstance(truncate, bool):
+            raise TypeError("move_to_device and truncate must be True or False")
+        ids = self.to_tokens_and_mask(input, prepend_bos, padding_side, truncate=truncate)[0]
+        return ids if move_to_device else ids.cpu()
 
     def to_tokens_and_mask(
         self,
@@ -122,6 +142,7 @@ class TokenHelpers:
         *,
         chat: list[dict[str, Any]] | list[list[dict[str, Any]]] | None = None,
         add_generation_prompt: bool = True,
+        truncate: bool = False,
         **chat_template_kwargs: Any,
     ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
         """`(input_ids, attention_mask)` ready for `generate(input_ids, attention_mask=...)`.
@@ -132,9 +153,9 @@ class TokenHelpers:
         Or pass `chat=` messages (one conversation, or a list of them): they go through the
         tokenizer's chat template, with the generation prompt appended by default.
         Rows are padded (left unless `padding_side="right"`) with the tokenizer's pad id; the mask
-        is 1 on tokens, 0 on padding.
+        is 1 on tokens, 0 on padding. `truncate`: as in `to_tokens`.
         """
-        side = _padding_side(padding_side)
+        side = _padding_side(self.default_padding_side if padding_side is None else padding_side)
         if (input is None) == (chat is None):
             raise ValueError("pass either input (text or token ids) or chat= (messages), exactly one of them")
         if chat is not None:
@@ -148,10 +169,15 @@ class TokenHelpers:
                     "prepend_bos applies to text; these inputs are already token ids (add or drop bos yourself)"
                 )
             rows = _rows_of_ids(input)
+        if truncate:
+            cfg = self.cfg  # type: ignore[attr-defined]
+            rows = [row[: cfg.max_position_embeddings - cfg.canvas_length] for row in rows]
         return self._pad(rows, side)
 
     def _text_ids(self, text: str, prepend_bos: bool | None) -> list[int]:
         tok = self.need_tokenizer()
+        if prepend_bos is None:
+            prepend_bos = self.default_prepend_bos
         if prepend_bos is None:
             return list(tok(text)["input_ids"])
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
@@ -206,6 +232,8 @@ class TokenHelpers:
         strings or a `[batch>1, pos]` tensor. Text is tokenised without padding, one row at a time."""
         tok = self.need_tokenizer()
         _padding_side(padding_side)  # validated for symmetry with to_tokens; single rows are never padded
+        if not isinstance(input, (str, list, torch.Tensor)) and hasattr(input, "tolist"):
+            input = torch.as_tensor(input.tolist())  # numpy ids, as TransformerLens takes them
         if isinstance(input, str):
             return [tok.decode([i]) for i in self._text_ids(input, prepend_bos)]
         if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
@@ -223,6 +251,14 @@ class TokenHelpers:
             pieces = [tok.decode([i]) for i in ids]
             raise ValueError(f"{string!r} is {len(ids)} tokens {pieces}, not one; pick a string that is a single token")
         return ids[0]
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (TransformerLens's method of the same name)."""
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(
+                f"int_token must be one token id (an int), got {int_token!r}; use to_str_tokens for several"
+            )
+        return self.to_str_tokens([int_token])[0]
 
     def get_token_position(
         self,
@@ -268,8 +304,8 @@ def _rows_of_ids(encoded: TokenizedInput) -> list[list[int]]:
         ids, mask = encoded["input_ids"], encoded.get("attention_mask")
     else:
         ids = encoded
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-    mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a tensor or a numpy array
+    mask = mask.tolist() if hasattr(mask, "tolist") else mask
     if not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"expected text, token ids or a tokenizer output, got {type(encoded).__name__}")
     batched = isinstance(ids[0], Sequence)
