@@ -48,6 +48,9 @@ def _sweep_labels(model: Any, memo: dict, spec: SweepSpec) -> dict[str, list]:
 def _sweep_row(model: Any, memo: dict, task: tuple[SweepSpec, Any]) -> SweepResult:
     """One row of the sweep (one label of its first axis), through `run_sweep_spec`'s own sweep call."""
     spec, row = task
+    # Cells are chunked within one hook (one layer) and one patched step, from the first cell of the
+    # row on, so a row alone forms the same chunks as inside the whole frozen sweep; a free sweep runs
+    # one cell per chunk unless batch_size says otherwise (docs/scale.md, "Exactness").
     return sweep_recorded_spec(spec, model, _prepared(model, memo, spec), first_axis_labels=[row], progress=False)
 
 
@@ -59,15 +62,25 @@ def run_sweep_spec_distributed(
     num_workers: int = 2,
     progress: bool = True,
 ) -> SweepResult:
-    """`run_sweep_spec` with one Ray task per row of the sweep; equal to the single-process result.
+    """`run_sweep_spec` with one Ray task per row of the sweep, handed to whichever worker is free; equal
+    to the single-process result bit for bit (see `docs/scale.md`, "Exactness": workers run the driver's
+    torch thread count, and a row's cells form the same chunks as in the whole sweep). A row whose
+    worker dies is retried on a fresh worker up to `pool.max_retries` times, then `WorkItemFailed`
+    names the row.
 
     Pass a `pool` (its workers must hold `spec.model`), or let one start on `address` (None: local Ray).
     """
     own_pool = pool is None
     pool = pool or ModelPool(spec.model, num_workers=num_workers, address=address)
     try:
-        labels = pool.ray.get(pool.workers[0].run.remote(_sweep_labels, spec))
-        rows = pool.map(_sweep_row, [(spec, row) for row in labels[spec.over[0]]], progress=progress, desc="sweep rows")
+        (labels,) = pool.map(_sweep_labels, [spec], progress=False, label=lambda _: "recording the sweep's runs")
+        rows = pool.map(
+            _sweep_row,
+            [(spec, row) for row in labels[spec.over[0]]],
+            progress=progress,
+            desc="sweep rows",
+            label=lambda task: f"sweep row {spec.over[0]}={task[1]}",
+        )
     finally:
         if own_pool:
             pool.shutdown()
@@ -97,7 +110,13 @@ def generate_over_seeds_distributed(
     """`analysis.seeds.generate_over_seeds` with one Ray task per batch: the same batches (the same
     `seed_batches` split and checks, the same `run_seed_batch` on each), returned in order."""
     batches = seed_batches(prompts, seeds, batch_size, generate_kwargs)
-    return pool.map(_seed_batch, [(chunk, generate_kwargs) for chunk in batches], progress=progress, desc="batches")
+    return pool.map(
+        _seed_batch,
+        [(chunk, generate_kwargs) for chunk in batches],
+        progress=progress,
+        desc="batches",
+        label=lambda task: f"seed batch {task[0][:3]}{'…' if len(task[0]) > 3 else ''}",
+    )
 
 
 def harvest_run(
@@ -131,10 +150,14 @@ def _check_harvest_kwargs(cache_kwargs: dict[str, Any]) -> None:
 def _harvest_one(model: Any, memo: dict, task: tuple[int, str, int, str, dict]) -> str:
     index, prompt, seed, out_dir, cache_kwargs = task
     path = Path(out_dir) / f"run_{index:05d}"
-    # harvest_distributed checked every run directory up front; a task Ray retries after its worker
+    # harvest_distributed checked every run directory up front; a task retried after its worker
     # died must replace the partial cache that worker left
     harvest_run(model, prompt, path, seed, **{**cache_kwargs, "overwrite": True})
     return str(path)
+
+
+def _harvest_label(task: tuple[int, str, int, str, dict]) -> str:
+    return f"harvest run {task[0]} ({task[1]!r})"
 
 
 def harvest_distributed(
@@ -166,4 +189,5 @@ def harvest_distributed(
     for i in range(len(prompts)):
         check_target(Path(out_dir) / f"run_{i:05d}", bool(cache_kwargs.get("overwrite", False)))
     tasks = [(i, p, s, str(out_dir), cache_kwargs) for i, (p, s) in enumerate(zip(prompts, per_prompt, strict=True))]
-    return [Path(p) for p in pool.map(_harvest_one, tasks, progress=progress, desc="harvest")]
+    done = pool.map(_harvest_one, tasks, progress=progress, desc="harvest", label=_harvest_label)
+    return [Path(p) for p in done]
