@@ -38,7 +38,7 @@ from diffusionlens.distributed import (  # noqa: E402
     run_sweep_spec_distributed,
 )
 from diffusionlens.distributed.pool import CONNECT_TIMEOUT_S  # noqa: E402
-from diffusionlens.distributed.sweeps import _harvest_one, _sweep_labels, _sweep_row, harvest_run  # noqa: E402
+from diffusionlens.distributed.sweeps import _harvest_one, _sweep_labels, _sweep_rows, harvest_run, row_groups  # noqa: E402
 
 # The helpers below run on the workers, which cannot import this test module: pickle them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -125,6 +125,22 @@ def torch_threads(model, memo, item):
     return torch.get_num_threads()
 
 
+def test_row_groups_start_at_chunk_boundaries():
+    free = dict(SPEC, mode="free", batch_size=4)
+    # 6 cells per row, chunks of 4: two rows (12 cells) per task
+    assert row_groups(SweepSpec.from_dict(free), [0, 1, 2, 3, 4], 6) == [[0, 1], [2, 3], [4]]
+    # free cells run in step order: a task's rows are consecutive steps
+    step_rows = dict(free, over=["step", "position"], layers=[1], steps=[5, 0, 3])
+    assert row_groups(SweepSpec.from_dict(step_rows), [5, 0, 3], 3) == [[0, 3, 5]]
+    assert row_groups(SweepSpec.from_dict(step_rows), [5, 0, 3], 4) == [[0], [3], [5]]
+    # columns that are steps interleave every row's cells: one task
+    columns = {**{k: v for k, v in free.items() if k != "positions"}, "over": ["layer", "step"]}
+    assert row_groups(SweepSpec.from_dict(columns), [0, 1, 2], 5) == [[0, 1, 2]]
+    # frozen cells and free cells one at a time chunk within a row
+    assert row_groups(SweepSpec.from_dict(dict(SPEC, batch_size=4)), [0, 1], 6) == [[0], [1]]
+    assert row_groups(SweepSpec.from_dict(dict(SPEC, mode="free")), [0, 1], 6) == [[0], [1]]
+
+
 def test_workers_run_the_drivers_thread_count(pool):
     # Ray starts workers with OMP_NUM_THREADS=1; CPU sums depend on the thread count
     assert pool.map(torch_threads, [0, 1], progress=False) == [torch.get_num_threads()] * 2
@@ -132,21 +148,26 @@ def test_workers_run_the_drivers_thread_count(pool):
 
 @pytest.mark.parametrize(
     "extra",
-    [dict(batch_size=2), dict(over=["step", "position"], layers=[1], batch_size=2)],
-    ids=["layer-rows-in-chunks-of-2", "step-rows-in-chunks-of-2"],
+    [
+        dict(batch_size=2),
+        dict(over=["step", "position"], layers=[1], batch_size=2),
+        dict(mode="free", batch_size=2),
+        dict(mode="free", over=["step", "position"], layers=[1], steps=[1, 0], batch_size=2),
+    ],
+    ids=["frozen-layer-rows", "frozen-step-rows", "free-layer-rows", "free-step-rows"],
 )
 def test_rows_form_the_chunks_of_the_whole_sweep(extra, pool):
-    # 3 positions per row in chunks of 2: a row alone chunks its cells as the whole sweep does
+    # 3 positions per row in chunks of 2: each task chunks its cells as the whole sweep does
     spec = SweepSpec.from_dict({**SPEC, **extra})
     expected = run_sweep_spec(spec, progress=False)
-    assert expected.stats["chunks"] > expected.values.shape[0], "every row fit one chunk: no power"
+    assert expected.stats["chunks"] > 1, "the sweep ran as one chunk: no power"
     assert torch.equal(run_sweep_spec_distributed(spec, pool, progress=False).values, expected.values)
 
 
 def test_a_worker_killed_mid_sweep_loses_nothing(spec, single_process, pool, tmp_path):
     labels = pool.map(_sweep_labels, [spec], progress=False)[0]
-    tasks = [(spec, row) for row in labels["layer"]]
-    dies = DiesOnce(_sweep_row, tasks[1], str(tmp_path / "died"))
+    tasks = [(spec, [row]) for row in labels["layer"]]
+    dies = DiesOnce(_sweep_rows, tasks[1], str(tmp_path / "died"))
     rows = pool.map(dies, tasks, progress=False)
     assert (tmp_path / "died").exists(), "no worker died: the test lost its power"
     assert torch.equal(torch.cat([r.values for r in rows]), single_process.values)
