@@ -48,13 +48,17 @@ def checked_attention_mask(
     attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None,
     input_ids: Int[torch.Tensor, "batch pos"],
     fresh: bool = True,
+    left_padded: bool = True,
 ) -> Bool[torch.Tensor, "batch pos"]:
     """The boolean mask of `input_ids` on their device: all True when None.
 
     Refused, before any work: anything but a bool or integer tensor (a float mask is ambiguous), a
     shape other than the ids', integer values other than 0
     and 1 (2 or -1 would read as True), and, when `fresh` (a prompt with nothing encoded before it),
-    a row with no 1 at all: a prompt of padding only, which the decoder cannot attend to.
+    a row with no 1 at all: a prompt of padding only, which the decoder cannot attend to. With
+    `left_padded` (the diffusion model: its canvas follows the prompt's last position, so padding after
+    a token, right padding or a hole, would move the canvas away from the prompt and change every
+    logit), a fresh row whose 0s do not all come before its 1s.
     """
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
@@ -78,20 +82,40 @@ def checked_attention_mask(
     # One host sync for both checks; the details are worked out only when something is wrong.
     not_binary = (attention_mask != 0) & (attention_mask != 1) if attention_mask.dtype != torch.bool else None
     empty_rows = (attention_mask == 0).all(dim=-1) if fresh else None
-    problems = [p.any() for p in (not_binary, empty_rows) if p is not None]
+    token = attention_mask != 0
+    pad_after_token = token[:, :-1] & ~token[:, 1:] if fresh and left_padded else None
+    problems = [p.any() for p in (not_binary, empty_rows, pad_after_token) if p is not None]
     if problems and bool(torch.stack(problems).any()):
-        if not_binary is not None and bool(not_binary.any()):
-            where = tuple(int(i) for i in not_binary.nonzero()[0])
-            raise ValueError(
-                f"attention_mask{list(where)} = {int(attention_mask[where])}; a mask holds only 1 (token) and "
-                "0 (padding): pass (mask != 0) if every nonzero value means a token"
-            )
+        _raise_mask_problem(attention_mask, not_binary, empty_rows, pad_after_token)
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def _raise_mask_problem(
+    attention_mask: torch.Tensor,
+    not_binary: torch.Tensor | None,
+    empty_rows: torch.Tensor | None,
+    pad_after_token: torch.Tensor | None,
+) -> None:
+    """The error for the first problem `checked_attention_mask` found."""
+    if not_binary is not None and bool(not_binary.any()):
+        where = tuple(int(i) for i in not_binary.nonzero()[0])
+        raise ValueError(
+            f"attention_mask{list(where)} = {int(attention_mask[where])}; a mask holds only 1 (token) and "
+            "0 (padding): pass (mask != 0) if every nonzero value means a token"
+        )
+    if empty_rows is not None and bool(empty_rows.any()):
         row = int(empty_rows.nonzero()[0, 0])
         raise ValueError(
-            f"attention_mask row {row} is all 0: that prompt has no token to attend to; give every row at least "
-            "one real token (e.g. bos) or drop the row"
+            f"attention_mask row {row} is all 0: that prompt has no token to attend to; give every row at "
+            "least one real token (e.g. bos) or drop the row"
         )
-    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    row, pos = (int(i) for i in pad_after_token.nonzero()[0])
+    raise ValueError(
+        f"attention_mask row {row} has padding (0) after a token (1) at position {pos + 1}: the prompt must be "
+        "left-padded (0s, then 1s), since the canvas follows the prompt's last position and padding there "
+        "would move it; re-pad it with ids, mask = model.to_tokens_and_mask({'input_ids': ids, "
+        "'attention_mask': mask}) (left padding by default)"
+    )
 
 
 class TokenHelpers:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffusionlens.indexing import resolve_layers
-from diffusionlens.patching.metrics import with_token_ids
+from diffusionlens.patching.metrics import metric_reads, with_token_ids
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.sweep import SweepResult
 from diffusionlens.sampling.recorded import rerun_recorded_pass
@@ -38,7 +38,9 @@ def attribution_patch(
     (layer, step, position): `values[layer, step, position]`.
 
     `metric.on_logits(logits)` must be differentiable (LogitDiff and TargetProb are); at each step it
-    is applied to that step's logits, as a frozen-trajectory patch at that step would be scored.
+    is applied to that step's logits, as a frozen-trajectory patch at that step would be scored (the
+    metric's own `step` and `canvas` are not used: the step axis and `canvas` are;
+    `metadata["metric_reads"]` says so).
     """
     if not hasattr(metric, "on_logits"):
         raise TypeError("attribution needs a metric with a differentiable on_logits(logits) (LogitDiff, TargetProb)")
@@ -86,4 +88,12 @@ def attribution_patch(
     finally:
         ctx.reset()
     labels = {"layer": layers, "step": steps, "position": list(range(model.cfg.canvas_length))}
-    return SweepResult(out, ("layer", "step", "position"), labels, {"hook": hook, "mode": "attribution"})
+    reads = {
+        **metric_reads(metric),
+        "run": "corrupted, re-run with gradients",
+        "canvas": canvas,
+        "step": "each step of the step axis",
+    }
+    return SweepResult(
+        out, ("layer", "step", "position"), labels, {"hook": hook, "mode": "attribution", "metric_reads": reads}
+    )

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from diffusionlens.indexing import resolve_layers
 from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
-from diffusionlens.patching.metrics import with_token_ids
+from diffusionlens.patching.metrics import sweep_metric_reads, with_token_ids
 from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
@@ -144,7 +144,9 @@ def patch_sweep(
         "hook": hook,
         "mode": mode,
         "metric": repr(metric),
-        "metric_steps": "cell" if per_cell else read_steps,
+        # the steps a frozen cell re-runs for its metric; a free cell runs to its own end
+        "metric_steps": "cell" if per_cell else read_steps if mode == "frozen" else None,
+        "metric_reads": sweep_metric_reads(metric, mode, corrupted, per_cell),
         "path": "fast" if fast else "reference",
     }
     return SweepResult(
