@@ -5,7 +5,8 @@ Adaptations: solu-2l / attn-only-2l become the shipped toy model, TL's IOI promp
 of one length (the positions read are canvas positions of a seeded canvas, as `pos_slice` picks them), and
 `Slice(x)` is the plain selector `x`. Hook names carry the `decoder.` prefix. TL's `("scale", l, "ln1")` is
 the scale of `ln1_post` (the pre-norms have no scale hook). `remove_batch_dim` on a larger batch raises
-ValueError where TL asserts. `model.blocks[l].mlp.W_out` is `model.W_out[l]`.
+ValueError where TL asserts. `model.blocks[l].mlp.W_out` is `model.W_out[l]`. TL's `utils` module is
+`diffusionlens.hooks.names` (imported as `utils`).
 
 One marked difference: with `incl_remainder`, TL's `layer=0` reads the remainder from `resid_post` of layer
 `0 - 1`, Python's last layer; here `layer=0` is block 0's input, so the remainder is `resid_pre` of block 0.
@@ -178,7 +179,7 @@ def test_remove_batch_dim_fails_if_batch_gt_1(run):
 
 @torch.no_grad
 def test_retrieve_activations(run, cache):
-    from diffusionlens import utils
+    from diffusionlens.hooks import names as utils
 
     model = run[0]
     key = ("scale", 1, "ln1_post")
