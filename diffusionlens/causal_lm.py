@@ -214,7 +214,9 @@ class HookedGemma4CausalLM(HookedRootModule):
     ) -> CausalStep:
         """Run the stack over `input_ids` (appending to `past` if given); logits for every new position."""
         input_ids = self.check_tokens(input_ids)
-        state = self.causal(input_ids, checked_attention_mask(attention_mask, input_ids, fresh=past is None), past)
+        # a causal stack never lets a token see the padding after it: right padding is fine here
+        mask = checked_attention_mask(attention_mask, input_ids, fresh=past is None, left_padded=False)
+        state = self.causal(input_ids, mask, past)
         return CausalStep(self.head(state.last_hidden), state)
 
     def head(self, normalized: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos vocab"]:

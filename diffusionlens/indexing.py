@@ -310,3 +310,12 @@ def index_axis(
     if isinstance(resolved, slice):  # a negative step: torch slices only forwards
         resolved = list(range(tensor.shape[dim])[resolved])
     return tensor.index_select(dim, torch.as_tensor(resolved, dtype=torch.long, device=tensor.device))
+
+
+def axis_keeping(selector: Selector) -> tuple[Selector, bool]:
+    """`selector` as one that keeps its axis (a single index becomes a one-entry list), and whether the
+    original drops the axis: building from the kept form then squeezing slices before materialising."""
+    index = _as_index(selector)
+    if index is None and isinstance(selector, torch.Tensor) and selector.ndim == 0 and selector.dtype != torch.bool:
+        index = int(selector)
+    return ([index], True) if index is not None else (selector, False)

@@ -18,7 +18,7 @@ from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.components.stacks import DecoderStack, EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.hooks.points import HookedRootModule, NameFilter
-from diffusionlens.indexing import check_selector, resolve_layer
+from diffusionlens.indexing import axis_keeping, check_selector, resolve_layer
 from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
 from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type
 from diffusionlens.prompt_state import PromptState
@@ -28,6 +28,7 @@ from diffusionlens.sampling.generate import generate_with_cache as _generate_wit
 from diffusionlens.tokens import TokenHelpers, check_token_ids, checked_attention_mask
 from diffusionlens.weights.checkpoint import init_random_weights, load_pretrained
 from diffusionlens.weights.checkpoint import save_pretrained as _save_pretrained
+from diffusionlens.weights.tl_weights import StackedWeights
 
 if TYPE_CHECKING:
     from diffusionlens.cache.activation import ActivationCache
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from diffusionlens.weights.tl_weights import ModelWeights
 
 
-class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
+class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
     """Encoder (causal, writes the prompt's keys/values) + decoder (bidirectional over prompt and
     canvas, self-conditioned on the previous step's logits) + soft-capped tied LM head.
 
@@ -300,9 +301,10 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
         `lambda logits: logits[0, 3, token]`). Works on a frozen model: the graph starts at the hook
         points, parameters get no `.grad`.
         remove_batch_dim: as TransformerLens, drop the batch axis of a batch-1 run's values.
-        pos_slice: as TransformerLens, keep these positions of every value (an int, slice,
-        (start, stop[, step]) tuple, list or tensor; queries for attention patterns). The output is
-        not sliced.
+        pos_slice: as TransformerLens, keep these canvas positions of every decoder value (an int,
+        slice, (start, stop[, step]) tuple, list or tensor; queries for attention patterns). An int
+        keeps a size-1 position axis, as TransformerLens. The encoder's values keep their prompt
+        positions (another axis), and the output is not sliced.
         """
         from diffusionlens.cache.activation import ActivationCache
 
@@ -320,7 +322,7 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
             hooks = [*fwd_hooks, *self.caching_hooks(store, names_filter, device)]
             out = self.run_with_hooks(*args, fwd_hooks=hooks, **kwargs)
             cache = ActivationCache(store, self)
-        cache.apply_pos_slice(pos_slice)
+        cache.apply_pos_slice(axis_keeping(pos_slice)[0], stacks=("decoder",))
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
     # ------------------------------------------------------------------ attribution
@@ -331,6 +333,19 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
             if isinstance(module, Attention):
                 module.use_attn_result = use_attn_result
 
+    def switch_needed(self, name: str) -> str | None:
+        """`model.set_use_attn_result(True)` for an `attn.hook_result` that is switched off (likewise
+        `set_use_expert_outputs` for `moe.hook_expert_out`): a hook there would never fire, so adding one
+        raises, as TransformerLens's `check_hooks_to_add`."""
+        for suffix, flag, switch in (
+            (".attn.hook_result", "use_attn_result", "model.set_use_attn_result(True)"),
+            (".moe.hook_expert_out", "use_expert_outputs", "model.set_use_expert_outputs(True)"),
+        ):
+            if name.endswith(suffix):
+                module = self.get_submodule(name.rpartition(".")[0])  # the attention / MoE module
+                return None if getattr(module, flag) else switch
+        return None
+
     def set_use_expert_outputs(self, use_expert_outputs: bool) -> None:
         """Fire every `moe.hook_expert_out` (each chosen expert's weighted output, `[batch, pos, top_k,
         d_model]`). Off by default: it costs memory."""
@@ -340,13 +355,16 @@ class HookedDiffusionGemma(TokenHelpers, HookedRootModule):
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> Float[torch.Tensor, "... d_model"]:
         """The residual direction whose dot product with the final-normed residual is a token's logit
-        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`, for ids of any shape `[...]`. A string
-        must be one token. (Typed as any tensor so that a float tensor gets this check's message.)"""
+        (before the soft-cap): a row of the tied embedding, `W_U[:, token]`, for ids of any shape `[...]`; a
+        single token (an int, a string of one token, or a one-element tensor) gives one `[d_model]`. (Typed as
+        any tensor so that a float tensor gets this check's message.)"""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
         ids = torch.as_tensor(tokens, device=self.decoder.embed.W_E.device)
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"tokens must be ids (int or an integer tensor), not {ids.dtype}")
+        if ids.numel() == 1:  # one token, whatever its shape: one direction, as TransformerLens
+            ids = ids.reshape(())
         return self.decoder.embed.W_E[ids]
 
     def weights(self, stack: str = "decoder", fold_norm_gains: bool = False) -> ModelWeights:

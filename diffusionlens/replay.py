@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
+from diffusionlens.sampling.loop import finalize_canvas
+from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
 from diffusionlens.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
 
@@ -143,19 +145,17 @@ def replay_step(
     ctx = model.hook_ctx
     try:
         with torch.no_grad():
-            state = _prompt_state(model, sequences, input_ids, attention_mask, canvas, trace.prompt_length)
-            self_cond = _self_conditioning(model, record, state, step, self_cond_transform)
-        ctx.canvas, ctx.step, ctx.t = canvas, step, int(record.t[step])
+            state = encode_prompt(model, input_ids, attention_mask, sequences, canvas)
+            self_cond = _self_conditioning(model, trace, canvas, state, step, self_cond_transform)
         with torch.enable_grad():
             if self_cond is not None:
                 self_cond = self_cond.detach().requires_grad_(True)
             # A run hook, first at its point: another thread's passes never see it.
             with model.hooks_for_run():
                 model.add_hook("decoder.hook_embed", _start_graph, prepend=True)
-                # A trace made under inference_mode holds inference tensors, which autograd may not save (the
-                # embedding saves its token ids once parameters require grad): replay from a normal copy.
-                canvas_tokens = record.input_canvas[step].to(model.device).clone()
-                return model.denoise(canvas_tokens, state, self_cond)
+                # The embedding saves its token ids once parameters require grad: rerun_recorded_pass reads a
+                # normal copy of the trace's canvas, not an inference tensor autograd may not save.
+                return rerun_recorded_pass(model, trace, state, self_cond, canvas=canvas, step=step)
     finally:
         ctx.reset()
 
@@ -184,41 +184,21 @@ def _start_graph(embedding: torch.Tensor, hook: HookPoint) -> torch.Tensor:
     return embedding.detach().requires_grad_(True)
 
 
-def _prompt_state(
-    model: HookedDiffusionGemma,
-    sequences: Int[torch.Tensor, "batch length"],
-    input_ids: Int[torch.Tensor, "batch pos"],
-    attention_mask: torch.Tensor | None,
-    canvas: int,
-    prompt_length: int,
-) -> PromptState:
-    """Encode as generation did: the prompt at canvas 0, then each finished canvas as the next begins."""
-    ctx, length = model.hook_ctx, model.cfg.canvas_length
-    ctx.canvas, ctx.step, ctx.t = 0, None, None
-    state = model.encode(input_ids, attention_mask)
-    for index in range(1, canvas + 1):
-        ctx.canvas = index
-        start = prompt_length + (index - 1) * length
-        tokens = sequences[:, start : start + length].to(model.device)
-        state = model.encode(tokens, torch.ones_like(tokens, dtype=torch.bool), state)
-    return state
-
-
 def _self_conditioning(
     model: HookedDiffusionGemma,
-    record: Any,
+    trace: DenoisingTrace,
+    canvas: int,
     state: PromptState,
     step: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> Float[torch.Tensor, "batch canvas vocab"] | None:
     """The self-conditioning input of `step`: generation's loop body for steps 0..step-1, minus sampling
     (the trace already holds each step's input canvas and which rows had stopped)."""
-    ctx, device = model.hook_ctx, model.device
+    record, device = trace[canvas], model.device
     self_cond = None
     finished = torch.zeros(record.input_canvas.shape[1], dtype=torch.bool, device=device)
     for k in range(step):
-        ctx.step, ctx.t = k, int(record.t[k])
-        raw = model.denoise(record.input_canvas[k].to(device), state, self_cond)
+        raw = rerun_recorded_pass(model, trace, state, self_cond, canvas=canvas, step=k)
         logits = model.sampler.hook_logits(raw / record.temperature[k].to(device))
         if finished.any():
             # stopped rows keep feeding their last logits, as generation does
@@ -234,8 +214,6 @@ def _rebuild_sequences(
     model: HookedDiffusionGemma, trace: DenoisingTrace, input_ids: torch.Tensor, canvas: int
 ) -> Int[torch.Tensor, "batch length"]:
     """The tokens generation encoded before `canvas`: each canvas's final argmax, padded after eos."""
-    from diffusionlens.sampling.generate import _finalize_canvas
-
     eos_ids = trace.settings.get("eos_token_id", list(model.cfg.eos_token_ids))
     pad_id = trace.settings.get("pad_token_id", model.cfg.pad_token_id)
     eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
@@ -244,7 +222,7 @@ def _rebuild_sequences(
     for index in range(canvas):
         sequences = torch.cat([sequences, trace[index].final.to(input_ids.device)], dim=-1)
         # A canvas after this one exists, so generation had not reached max_new_tokens here: no length cap.
-        sequences, finished_rows = _finalize_canvas(
+        sequences, finished_rows = finalize_canvas(
             sequences, finished_rows, sys.maxsize, model.cfg.canvas_length, eos, pad_id
         )
     return sequences

@@ -48,13 +48,17 @@ def checked_attention_mask(
     attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None,
     input_ids: Int[torch.Tensor, "batch pos"],
     fresh: bool = True,
+    left_padded: bool = True,
 ) -> Bool[torch.Tensor, "batch pos"]:
     """The boolean mask of `input_ids` on their device: all True when None.
 
     Refused, before any work: anything but a bool or integer tensor (a float mask is ambiguous), a
     shape other than the ids', integer values other than 0
     and 1 (2 or -1 would read as True), and, when `fresh` (a prompt with nothing encoded before it),
-    a row with no 1 at all: a prompt of padding only, which the decoder cannot attend to.
+    a row with no 1 at all: a prompt of padding only, which the decoder cannot attend to. With
+    `left_padded` (the diffusion model: its canvas follows the prompt's last position, so padding after
+    a token, right padding or a hole, would move the canvas away from the prompt and change every
+    logit), a fresh row whose 0s do not all come before its 1s.
     """
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.bool)
@@ -78,20 +82,40 @@ def checked_attention_mask(
     # One host sync for both checks; the details are worked out only when something is wrong.
     not_binary = (attention_mask != 0) & (attention_mask != 1) if attention_mask.dtype != torch.bool else None
     empty_rows = (attention_mask == 0).all(dim=-1) if fresh else None
-    problems = [p.any() for p in (not_binary, empty_rows) if p is not None]
+    token = attention_mask != 0
+    pad_after_token = token[:, :-1] & ~token[:, 1:] if fresh and left_padded else None
+    problems = [p.any() for p in (not_binary, empty_rows, pad_after_token) if p is not None]
     if problems and bool(torch.stack(problems).any()):
-        if not_binary is not None and bool(not_binary.any()):
-            where = tuple(int(i) for i in not_binary.nonzero()[0])
-            raise ValueError(
-                f"attention_mask{list(where)} = {int(attention_mask[where])}; a mask holds only 1 (token) and "
-                "0 (padding): pass (mask != 0) if every nonzero value means a token"
-            )
+        _raise_mask_problem(attention_mask, not_binary, empty_rows, pad_after_token)
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def _raise_mask_problem(
+    attention_mask: torch.Tensor,
+    not_binary: torch.Tensor | None,
+    empty_rows: torch.Tensor | None,
+    pad_after_token: torch.Tensor | None,
+) -> None:
+    """The error for the first problem `checked_attention_mask` found."""
+    if not_binary is not None and bool(not_binary.any()):
+        where = tuple(int(i) for i in not_binary.nonzero()[0])
+        raise ValueError(
+            f"attention_mask{list(where)} = {int(attention_mask[where])}; a mask holds only 1 (token) and "
+            "0 (padding): pass (mask != 0) if every nonzero value means a token"
+        )
+    if empty_rows is not None and bool(empty_rows.any()):
         row = int(empty_rows.nonzero()[0, 0])
         raise ValueError(
-            f"attention_mask row {row} is all 0: that prompt has no token to attend to; give every row at least "
-            "one real token (e.g. bos) or drop the row"
+            f"attention_mask row {row} is all 0: that prompt has no token to attend to; give every row at "
+            "least one real token (e.g. bos) or drop the row"
         )
-    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    row, pos = (int(i) for i in pad_after_token.nonzero()[0])
+    raise ValueError(
+        f"attention_mask row {row} has padding (0) after a token (1) at position {pos + 1}: the prompt must be "
+        "left-padded (0s, then 1s), since the canvas follows the prompt's last position and padding there "
+        "would move it; re-pad it with ids, mask = model.to_tokens_and_mask({'input_ids': ids, "
+        "'attention_mask': mask}) (left padding by default)"
+    )
 
 
 class TokenHelpers:
@@ -99,6 +123,17 @@ class TokenHelpers:
 
     tokenizer: Any
     device: torch.device
+    #: What `prepend_bos=None` means (TransformerLens's `cfg.default_prepend_bos`): None = as the tokenizer
+    #: does by itself (Gemma's adds `<bos>`), True / False = with / without one. Set it on the model.
+    default_prepend_bos: bool | None = None
+    #: What `padding_side=None` means (TransformerLens's `cfg.default_padding_side`). Left by default:
+    #: `generate` writes the canvas right after each prompt's last token. The tokenizer's own
+    #: `padding_side` is not read, for that reason.
+    default_padding_side: PaddingSide = "left"
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Attach a tokenizer (TransformerLens's method; the same as `model.tokenizer = tokenizer`)."""
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ text -> ids
     def to_tokens(
@@ -106,13 +141,22 @@ class TokenHelpers:
         input: str | list[str] | TokenizedInput,
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
+        move_to_device: bool = True,
+        truncate: bool = False,
     ) -> Int[torch.Tensor, "batch pos"]:
         """Token ids `[batch, pos]` of a string or list of strings (padded; see `to_tokens_and_mask`).
 
-        prepend_bos: None = as the tokenizer does by itself; True/False = with/without one `<bos>`
-        (the tokenizer's own special tokens are then not added). padding_side: None = left.
+        prepend_bos: None = `self.default_prepend_bos` (itself None by default: as the tokenizer does by
+        itself); True/False = with/without one `<bos>` (the tokenizer's own special tokens are then not
+        added). padding_side: None = `self.default_padding_side` (left). move_to_device: False keeps the
+        ids on the CPU (TransformerLens's flag). truncate: True keeps each row's first
+        `max_position_embeddings - canvas_length` tokens, the longest prompt a pass has room for; off by
+        default (TransformerLens truncates by default), so a long prompt is never cut without asking.
         """
-        return self.to_tokens_and_mask(input, prepend_bos, padding_side)[0]
+        if not isinstance(move_to_device, bool) or not isinstance(truncate, bool):
+            raise TypeError("move_to_device and truncate must be True or False")
+        ids = self.to_tokens_and_mask(input, prepend_bos, padding_side, truncate=truncate)[0]
+        return ids if move_to_device else ids.cpu()
 
     def to_tokens_and_mask(
         self,
@@ -122,6 +166,7 @@ class TokenHelpers:
         *,
         chat: list[dict[str, Any]] | list[list[dict[str, Any]]] | None = None,
         add_generation_prompt: bool = True,
+        truncate: bool = False,
         **chat_template_kwargs: Any,
     ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
         """`(input_ids, attention_mask)` ready for `generate(input_ids, attention_mask=...)`.
@@ -132,9 +177,9 @@ class TokenHelpers:
         Or pass `chat=` messages (one conversation, or a list of them): they go through the
         tokenizer's chat template, with the generation prompt appended by default.
         Rows are padded (left unless `padding_side="right"`) with the tokenizer's pad id; the mask
-        is 1 on tokens, 0 on padding.
+        is 1 on tokens, 0 on padding. `truncate`: as in `to_tokens`.
         """
-        side = _padding_side(padding_side)
+        side = _padding_side(self.default_padding_side if padding_side is None else padding_side)
         if (input is None) == (chat is None):
             raise ValueError("pass either input (text or token ids) or chat= (messages), exactly one of them")
         if chat is not None:
@@ -148,10 +193,15 @@ class TokenHelpers:
                     "prepend_bos applies to text; these inputs are already token ids (add or drop bos yourself)"
                 )
             rows = _rows_of_ids(input)
+        if truncate:
+            cfg = self.cfg  # type: ignore[attr-defined]
+            rows = [row[: cfg.max_position_embeddings - cfg.canvas_length] for row in rows]
         return self._pad(rows, side)
 
     def _text_ids(self, text: str, prepend_bos: bool | None) -> list[int]:
         tok = self.need_tokenizer()
+        if prepend_bos is None:
+            prepend_bos = self.default_prepend_bos
         if prepend_bos is None:
             return list(tok(text)["input_ids"])
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
@@ -206,6 +256,8 @@ class TokenHelpers:
         strings or a `[batch>1, pos]` tensor. Text is tokenised without padding, one row at a time."""
         tok = self.need_tokenizer()
         _padding_side(padding_side)  # validated for symmetry with to_tokens; single rows are never padded
+        if not isinstance(input, (str, list, torch.Tensor)) and hasattr(input, "tolist"):
+            input = torch.as_tensor(input.tolist())  # numpy ids, as TransformerLens takes them
         if isinstance(input, str):
             return [tok.decode([i]) for i in self._text_ids(input, prepend_bos)]
         if isinstance(input, list) and input and all(isinstance(t, str) for t in input):
@@ -223,6 +275,14 @@ class TokenHelpers:
             pieces = [tok.decode([i]) for i in ids]
             raise ValueError(f"{string!r} is {len(ids)} tokens {pieces}, not one; pick a string that is a single token")
         return ids[0]
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (TransformerLens's method of the same name)."""
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(
+                f"int_token must be one token id (an int), got {int_token!r}; use to_str_tokens for several"
+            )
+        return self.to_str_tokens([int_token])[0]
 
     def get_token_position(
         self,
@@ -268,8 +328,8 @@ def _rows_of_ids(encoded: TokenizedInput) -> list[list[int]]:
         ids, mask = encoded["input_ids"], encoded.get("attention_mask")
     else:
         ids = encoded
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-    mask = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a tensor or a numpy array
+    mask = mask.tolist() if hasattr(mask, "tolist") else mask
     if not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"expected text, token ids or a tokenizer output, got {type(encoded).__name__}")
     batched = isinstance(ids[0], Sequence)

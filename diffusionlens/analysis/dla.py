@@ -23,13 +23,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
 
 from diffusionlens.cache.activation import ActivationCache
 from diffusionlens.cache.decomposition import SWITCHES
+from diffusionlens.patching.metrics import PRE_SOFTCAP
 
 if TYPE_CHECKING:
     from diffusionlens.cache.denoising import DenoisingCache
@@ -81,7 +82,10 @@ class DLAByStep:
     at `"component"`: `embed`, `self_cond`, then per layer its heads `L{l}H{h}` (and `L{l}_attn_bias`
     with attention biases), `L{l}_mlp` (or neurons `L{l}N{n}`) and experts `L{l}E{e}`.
     logit `[step]` is the logit (difference) read off the final norm's output, which the attributions
-    sum to."""
+    sum to: before the soft-cap (`logits_read`). `logit_softcapped` `[step]` is the same target (minus
+    other) on the soft-capped logits the model returns (`decoder.hook_logits`), which the patching
+    metrics read: `LogitDiff(position, target, other, step=s, canvas=canvas)` on the same run gives
+    `logit_softcapped` at step s."""
 
     attributions: Float[torch.Tensor, "step component"]
     labels: list[str]
@@ -93,6 +97,19 @@ class DLAByStep:
     canvas: int = 0
     row: int = 0
     granularity: Granularity = "block"
+    logit_softcapped: Float[torch.Tensor, " step"] | None = None
+    logits_read: ClassVar[str] = PRE_SOFTCAP
+
+    def reads(self) -> dict[str, Any]:
+        """What the table reads, in the same terms as a patching metric's `reads()`."""
+        return {
+            "metric": "dla_by_step",
+            "run": "recorded",
+            "canvas": self.canvas,
+            "row": self.row,
+            "step": list(self.steps),
+            "logits": self.logits_read,
+        }
 
     def top(self, step: int, k: int = 5) -> list[tuple[str, float]]:
         """The `k` components with the largest attribution (by absolute value) at `step`."""
@@ -161,7 +178,8 @@ def dla_by_step(
         result, cache = model.generate_with_cache(ids, names_filter=DLA_COMPONENT_NAMES)
 
     Either way each step's attributions sum to that step's pre-soft-cap logit (difference) read off
-    the final norm (`DLAByStep.logit`). Steps or hooks that were not recorded are refused, naming what
+    the final norm (`DLAByStep.logit`); `DLAByStep.logit_softcapped` is the same after the soft-cap, as
+    `LogitDiff` reads it. Steps or hooks that were not recorded are refused, naming what
     is missing and how to record it.
     """
     # `granularity` is annotated str, not Granularity, so that a runtime type checker lets this message through
@@ -182,10 +200,11 @@ def dla_by_step(
     target_id = _token_id(model, target)
     other_id = None if other is None else _token_id(model, other)
     needed = _needed(model, granularity, expand_neurons)
-    direction = model.tokens_to_residual_directions(target_id).detach().float()
-    if other_id is not None:
-        direction = direction - model.tokens_to_residual_directions(other_id).detach().float()
-    per_step, logits, labels = [], [], None
+    token_ids = [target_id] if other_id is None else [target_id, other_id]
+    directions = torch.stack([model.tokens_to_residual_directions(t).detach().float() for t in token_ids], -1)
+    direction = directions[:, 0] - (directions[:, 1] if other_id is not None else 0.0)
+    softcap = model.cfg.final_logit_softcapping
+    per_step, logits, capped, labels = [], [], [], None
     for step in steps:
         step_cache = cache.step_cache(step, canvas)
         _check_recorded(step_cache, needed, step, canvas, granularity, expand_neurons)
@@ -198,6 +217,10 @@ def dla_by_step(
         per_step.append(attrs[:, 0, 0])
         normed = one["decoder.ln_final.hook_normalized"][0, 0].float()
         logits.append(normed @ direction.to(normed.device))
+        per_token = normed @ directions.to(normed.device)  # [target(, other)] before the cap
+        if softcap is not None:
+            per_token = torch.tanh(per_token / softcap) * softcap
+        capped.append(per_token[0] - (per_token[1] if other_id is not None else 0.0))
     return DLAByStep(
         attributions=torch.stack(per_step).float().cpu(),
         labels=list(labels),
@@ -209,6 +232,7 @@ def dla_by_step(
         canvas=canvas,
         row=row,
         granularity=granularity,
+        logit_softcapped=torch.stack(capped).cpu(),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from diffusionlens.cache.decomposition import ResidDecompositionMixin
 from diffusionlens.components.unembed import unembed
 from diffusionlens.hooks.names import resolve_act_key
 from diffusionlens.hooks.shapes import position_axis
-from diffusionlens.indexing import Selector, check_selector, check_stack, index_axis
+from diffusionlens.indexing import Selector, axis_keeping, check_selector, check_stack, index_axis, resolve_layer
 
 #: What accumulated_resid and decompose_resid return: the stacked residual parts, with labels if asked.
 ResidStack = (
@@ -32,10 +33,18 @@ class ActivationCache(ResidDecompositionMixin):
     KeyError that lists the nearest cached names.
     """
 
-    def __init__(self, store: dict[str, torch.Tensor], model: HookedDiffusionGemma | None = None) -> None:
+    def __init__(
+        self, store: dict[str, torch.Tensor], model: HookedDiffusionGemma | None = None, has_batch_dim: bool = True
+    ) -> None:
         self._store = store
         self.model = model
-        self.has_batch_dim = True
+        self.has_batch_dim = has_batch_dim
+
+    @property
+    def cache_dict(self) -> dict[str, torch.Tensor]:
+        """The underlying dict from hook name to value (TransformerLens's attribute): the cache's own
+        storage, not a copy."""
+        return self._store
 
     # ------------------------------------------------------------------ mapping
     def _resolve(self, key: str | tuple) -> str:
@@ -89,7 +98,8 @@ class ActivationCache(ResidDecompositionMixin):
         """Drop the leading batch axis of every value of a batch-1 cache, in place, and return the cache
         (as TransformerLens). Positional helpers (accumulated_resid, …) keep working."""
         if not self.has_batch_dim:
-            raise ValueError("the batch axis was already removed from this cache")
+            warnings.warn("remove_batch_dim: the batch axis was already removed; nothing to do", stacklevel=2)
+            return self
         sizes = {v.shape[0] if v.ndim else None for v in self._store.values()}
         if sizes - {1}:
             raise ValueError(
@@ -100,13 +110,68 @@ class ActivationCache(ResidDecompositionMixin):
         self.has_batch_dim = False
         return self
 
-    def apply_pos_slice(self, pos_slice: Selector) -> ActivationCache:
-        """Index every value's position axis (queries, for attention patterns) by `pos_slice`, in place."""
+    def apply_slice_to_batch_dim(self, batch_slice: Selector) -> ActivationCache:
+        """A new cache with every value's batch axis indexed by `batch_slice` (as TransformerLens: an int
+        removes the axis, so the new cache has no batch axis)."""
+        check_selector(batch_slice, "batch_slice")
+        if batch_slice is None:
+            return ActivationCache(dict(self._store), self.model, self.has_batch_dim)
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch axis (remove_batch_dim was applied): there is nothing to slice")
+        sliced = {k: index_axis(v, batch_slice, 0, "batch_slice", f"{k} batch rows") for k, v in self._store.items()}
+        return ActivationCache(sliced, self.model, has_batch_dim=not axis_keeping(batch_slice)[1])
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """Switch torch's autograd on or off for the whole process (`torch.set_grad_enabled(mode)`), as
+        TransformerLens's method of the same name; prefer `with torch.no_grad():` for a scoped switch."""
+        if not isinstance(mode, bool):
+            raise TypeError(f"mode must be True or False, got {mode!r}")
+        warnings.warn(f"toggle_autodiff: autograd is now {'on' if mode else 'off'} for the whole process", stacklevel=2)
+        torch.set_grad_enabled(mode)
+
+    def stack_activation(
+        self, activation_name: str, layer: int = -1, sublayer_type: str | None = None, *, stack: str = "decoder"
+    ) -> Float[torch.Tensor, "layer *value"]:
+        """`cache[activation_name, l]` for every block l before `layer` (-1: every block), stacked on a new
+        leading axis, as TransformerLens: `stack_activation("pattern")` → `[layer, batch, head, q, k]`.
+        Layers whose shapes differ (local and global head sizes) cannot stack: index them one by one."""
+        n = self._model().cfg.num_hidden_layers
+        upto = n if layer == -1 else resolve_layer(layer, n, kind="residual")
+        keys = [(activation_name, i, *((sublayer_type,) if sublayer_type else ()), stack) for i in range(upto)]
+        values = [self[key] for key in keys]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"stack_activation({activation_name!r}): the layers' values have different shapes {sorted(shapes)} "
+                "(local and global attention differ in head size); read cache[name, layer] per layer"
+            )
+        return torch.stack(values)
+
+    def get_neuron_results(
+        self, layer: int, neuron_slice: Selector = None, pos_slice: Selector = None, *, stack: str = "decoder"
+    ) -> Float[torch.Tensor, "batch pos neuron d_model"]:
+        """Each dense-MLP neuron's output at block `layer`, `mlp.hook_post[..., n] · W_out[n]`
+        (`[batch, pos, neuron, d_model]`), before the MLP's post-norms, as TransformerLens's method (which
+        stops before any norm too); `stack_neuron_results` carries them on to the residual. Positions are
+        sliced first (an int drops the axis), then neurons."""
+        layer = resolve_layer(layer, self._model().cfg.num_hidden_layers, kind="block")
+        post = self[f"{check_stack(stack, self.model)}.blocks.{layer}.mlp.hook_post"]
+        W_out = self._model().get_submodule(f"{stack}.blocks.{layer}.mlp").down_proj.weight.detach().T
+        post = index_axis(post, pos_slice, -2, "pos_slice", "positions")
+        post = index_axis(post, neuron_slice, -1, "neuron_slice", "neurons")
+        W_out = index_axis(W_out, neuron_slice, 0, "neuron_slice", "neurons")
+        return post[..., None] * W_out.to(post.device, post.dtype)
+
+    def apply_pos_slice(self, pos_slice: Selector, stacks: tuple[str, ...] | None = None) -> ActivationCache:
+        """Index every value's position axis (queries, for attention patterns) by `pos_slice`, in place
+        (an int drops the axis); `stacks` limits it to the values of those stacks (None: every value)."""
         check_selector(pos_slice, "pos_slice")
         if pos_slice is not None:
             offset = 0 if self.has_batch_dim else -1
             self._store = {
-                k: index_axis(
+                k: v
+                if stacks is not None and k.partition(".")[0] not in stacks
+                else index_axis(
                     v, pos_slice, position_axis(k.removesuffix("_grad")) + offset, "pos_slice", f"{k} positions"
                 )
                 for k, v in self._store.items()
@@ -181,8 +246,9 @@ class ActivationCache(ResidDecompositionMixin):
         self-conditioned embedding), then each earlier block's "{i}_attn_out" and "{i}_ffn_out"
         (`mode` "attn" / "mlp" keeps one kind). DiffusionGemma multiplies each block's output by
         `layer_scalar`, so earlier terms are rescaled by the product of later scalars; with every
-        component the parts sum to the residual exactly. `apply_ln` applies the final norm to each part
-        (a logit-lens view, not a linear split); `return_labels` adds the labels."""
+        component the parts sum to the residual exactly. `apply_ln` (final residual only) applies the final
+        norm with its cached scale (`ln_final.hook_scale`), as TransformerLens: a linear map, so the parts
+        then sum to `ln_final`'s output; `return_labels` adds the labels."""
         stack = check_stack(stack, self.model)
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
@@ -209,7 +275,12 @@ class ActivationCache(ResidDecompositionMixin):
             raise ValueError("decompose_resid(layer=0, incl_embeds=False) has no components; pass incl_embeds=True")
         resid = torch.stack([index_axis(p, pos_slice, -2, "pos_slice", "positions") for p in parts])
         if apply_ln:
-            resid = self._final_norm(resid, stack)
+            if upto != self._model().cfg.num_hidden_layers:
+                raise ValueError(
+                    "decompose_resid(apply_ln=True) applies the final norm with its cached scale, so that the "
+                    f"parts sum to ln_final's output; it needs the final residual (layer=None), not layer={layer}"
+                )
+            resid = self.apply_ln_to_stack(resid, None, pos_slice=pos_slice, stack=stack)
         return (resid, labels) if return_labels else resid
 
     def logit_lens(

@@ -34,7 +34,8 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
-from diffusionlens.indexing import Selector, check_stack, index_axis, model_stacks, resolve_layer
+from diffusionlens.hooks.shapes import position_axis
+from diffusionlens.indexing import Selector, axis_keeping, check_stack, index_axis, model_stacks, resolve_layer
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -46,6 +47,13 @@ SWITCHES = {
     "attn.hook_result": "model.set_use_attn_result(True)",
     "moe.hook_expert_out": "model.set_use_expert_outputs(True)",
 }
+
+
+def head_results(
+    z: Float[torch.Tensor, "batch pos head d_head"], W_O: Float[torch.Tensor, "head d_head d_model"]
+) -> Float[torch.Tensor, "batch pos head d_model"]:
+    """Each head's output through its slice of o_proj (without the bias): what `attn.hook_result` holds."""
+    return torch.einsum("bphd,hdm->bphm", z, W_O.detach().to(z.device, z.dtype))
 
 
 def _joined(
@@ -71,10 +79,15 @@ class ResidDecompositionMixin:
             raise ValueError("This cache has no model attached; build it with model.run_with_cache")
         return self.model
 
-    def _hook(self, name: str) -> torch.Tensor:
-        """A cached hook, or a KeyError naming what to record (and the switch that makes it fire)."""
+    def _hook(self, name: str, pos_slice: Selector = None) -> torch.Tensor:
+        """A cached hook (its positions indexed by `pos_slice`), or a KeyError naming what to record
+        (and the switch that makes it fire)."""
         if name in self:  # type: ignore[operator]
-            return self[name]  # type: ignore[index]
+            value = self[name]  # type: ignore[index]
+            if pos_slice is None:
+                return value
+            axis = position_axis(name) - (0 if self.has_batch_dim else 1)  # type: ignore[attr-defined]
+            return index_axis(value, pos_slice, axis, "pos_slice", "positions")
         switch = next((s for suffix, s in SWITCHES.items() if name.endswith(suffix)), None)
         how = f"switch it on with {switch} and record it" if switch else "record it"
         raise KeyError(f"'{name}' is not in this cache: {how} (names_filter must match it).")
@@ -95,9 +108,12 @@ class ResidDecompositionMixin:
             product = product * self._module(stack, f"blocks.{layer}").layer_scalar.to(like.device, like.dtype)[0]
         return product
 
-    def _norm_map(self, norm_path: str, like: torch.Tensor) -> Float[torch.Tensor, "batch pos d_model"]:
-        """scale · gain of a norm (its `hook_scale` from the cache), in the wider of fp32 and `like`'s dtype."""
-        scale = self._hook(f"{norm_path}.hook_scale")
+    def _norm_map(
+        self, norm_path: str, like: torch.Tensor, pos_slice: Selector = None
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """scale · gain of a norm (its `hook_scale` from the cache, at `pos_slice`), in the wider of fp32
+        and `like`'s dtype."""
+        scale = self._hook(f"{norm_path}.hook_scale", pos_slice)
         dtype = torch.promote_types(scale.dtype, like.dtype)
         stack, _, module_path = norm_path.partition(".")
         gain = self._module(stack, module_path).weight
@@ -105,11 +121,11 @@ class ResidDecompositionMixin:
         out = scale.to(like.device, dtype)
         return out if gain is None else out * gain.to(like.device, dtype)
 
-    def _resid_at(self, stack: str, layer: int) -> Float[torch.Tensor, "batch pos d_model"]:
+    def _resid_at(self, stack: str, layer: int, pos_slice: Selector = None) -> Float[torch.Tensor, "batch pos d_model"]:
         n = self._model().cfg.num_hidden_layers
         if layer < n:
-            return self._hook(f"{stack}.blocks.{layer}.hook_resid_pre")
-        return self._hook(f"{stack}.blocks.{n - 1}.hook_resid_post")
+            return self._hook(f"{stack}.blocks.{layer}.hook_resid_pre", pos_slice)
+        return self._hook(f"{stack}.blocks.{n - 1}.hook_resid_post", pos_slice)
 
     # ------------------------------------------------------------------ per-layer components
     def compute_head_results(self, stack: str | None = None) -> None:
@@ -120,19 +136,30 @@ class ResidDecompositionMixin:
             for layer in range(self._model().cfg.num_hidden_layers):
                 prefix = f"{name}.blocks.{layer}.attn"
                 if f"{prefix}.hook_z" in self and f"{prefix}.hook_result" not in self:  # type: ignore[operator]
-                    z = self[f"{prefix}.hook_z"]  # type: ignore[index]
-                    W_O = self._module(name, f"blocks.{layer}.attn").W_O.detach().to(z.device, z.dtype)
-                    self._store[f"{prefix}.hook_result"] = torch.einsum("bphd,hdm->bphm", z, W_O)  # type: ignore[attr-defined]
+                    W_O = self._module(name, f"blocks.{layer}.attn").W_O
+                    self._store[f"{prefix}.hook_result"] = head_results(self[f"{prefix}.hook_z"], W_O)  # type: ignore[attr-defined,index]
 
-    def _heads(self, stack: str, block: int, layer: int) -> tuple[list[torch.Tensor], list[str]]:
-        prefix = f"{stack}.blocks.{block}"
-        if f"{prefix}.attn.hook_result" not in self and f"{prefix}.attn.hook_z" in self:  # type: ignore[operator]
+    def _head_results(
+        self, stack: str, block: int, pos_slice: Selector
+    ) -> Float[torch.Tensor, "batch pos head d_model"]:
+        """A block's `attn.hook_result` at `pos_slice`: the cached one, else computed on demand from the
+        cached `attn.hook_z` (as TransformerLens's cache does), for these positions only."""
+        prefix = f"{stack}.blocks.{block}.attn"
+        if f"{prefix}.hook_result" in self:  # type: ignore[operator]
+            return self._hook(f"{prefix}.hook_result", pos_slice)
+        if f"{prefix}.hook_z" not in self:  # type: ignore[operator]
             raise KeyError(
-                f"'{prefix}.attn.hook_result' is not in this cache: call cache.compute_head_results() "
-                "(from the cached hook_z), or record it after model.set_use_attn_result(True)."
+                f"Neither '{prefix}.hook_z' nor '{prefix}.hook_result' is in this cache: record hook_z (head "
+                "results are computed from it), or hook_result after model.set_use_attn_result(True)."
             )
-        result = self._hook(f"{prefix}.attn.hook_result")
-        factor = self._norm_map(f"{prefix}.ln1_post", result) * self._scalar_product(stack, block, layer, result)
+        return head_results(self._hook(f"{prefix}.hook_z", pos_slice), self._module(stack, f"blocks.{block}.attn").W_O)
+
+    def _heads(self, stack: str, block: int, layer: int, pos_slice: Selector) -> tuple[list[torch.Tensor], list[str]]:
+        prefix = f"{stack}.blocks.{block}"
+        result = self._head_results(stack, block, pos_slice)
+        factor = self._norm_map(f"{prefix}.ln1_post", result, pos_slice) * self._scalar_product(
+            stack, block, layer, result
+        )
         heads = rearrange(result, "b p h d -> h b p d") * factor
         labels = [f"L{block}H{h}" for h in range(heads.shape[0])]
         bias = self._module(stack, f"blocks.{block}.attn").o_proj.bias
@@ -140,17 +167,19 @@ class ResidDecompositionMixin:
             return [heads], labels
         return [heads, (bias.detach().to(factor.device, factor.dtype) * factor)[None]], [*labels, f"L{block}_attn_bias"]
 
-    def _ffn_map(self, stack: str, block: int, layer: int, branch_norm: str | None, like: torch.Tensor) -> torch.Tensor:
+    def _ffn_map(
+        self, stack: str, block: int, layer: int, branch_norm: str | None, like: torch.Tensor, pos_slice: Selector
+    ) -> torch.Tensor:
         """What multiplies an FFN branch's raw output (or, with branch_norm None, its post-normed
-        output) on the way to the residual before block `layer`."""
+        output) on the way to the residual before block `layer`, at `pos_slice`."""
         prefix = f"{stack}.blocks.{block}"
-        factor = self._norm_map(f"{prefix}.ln2_post", like) * self._scalar_product(stack, block, layer, like)
-        return factor if branch_norm is None else factor * self._norm_map(f"{prefix}.{branch_norm}", like)
+        factor = self._norm_map(f"{prefix}.ln2_post", like, pos_slice) * self._scalar_product(stack, block, layer, like)
+        return factor if branch_norm is None else factor * self._norm_map(f"{prefix}.{branch_norm}", like, pos_slice)
 
     def _neurons(
-        self, stack: str, block: int, layer: int, neuron_slice: Selector = None
+        self, stack: str, block: int, layer: int, pos_slice: Selector, neuron_slice: Selector = None
     ) -> tuple[list[torch.Tensor], list[str]]:
-        post = self._hook(f"{stack}.blocks.{block}.mlp.hook_post")
+        post = self._hook(f"{stack}.blocks.{block}.mlp.hook_post", pos_slice)
         W_out = self._module(stack, f"blocks.{block}.mlp").down_proj.weight.detach().T
         ids = torch.arange(post.shape[-1])
         post, W_out, ids = (
@@ -159,14 +188,36 @@ class ResidDecompositionMixin:
         )
         if ids.ndim == 0:  # one neuron, chosen by an int
             post, W_out, ids = post[..., None], W_out[None], ids[None]
-        factor = self._ffn_map(stack, block, layer, "ln2_post_mlp", post)
+        factor = self._ffn_map(stack, block, layer, "ln2_post_mlp", post, pos_slice)
         neurons = torch.einsum("bpn,nd->nbpd", post.to(factor.dtype), W_out.to(factor.device, factor.dtype))
         return [neurons * factor], [f"L{block}N{int(n)}" for n in ids]
 
-    def _experts(self, stack: str, block: int, layer: int, by: str) -> tuple[list[torch.Tensor], list[str]]:
+    def _expert_outputs(
+        self, stack: str, block: int, pos_slice: Selector
+    ) -> Float[torch.Tensor, "batch pos k d_model"]:
+        """A block's `moe.hook_expert_out` at `pos_slice`: the cached one, else recomputed from what the MoE
+        read (the cached `ln2_moe` output, routing weights and chosen experts) for these positions only."""
+        prefix = f"{stack}.blocks.{block}"
+        if f"{prefix}.moe.hook_expert_out" in self:  # type: ignore[operator]
+            return self._hook(f"{prefix}.moe.hook_expert_out", pos_slice)
+        inputs = [f"{prefix}.ln2_moe.hook_normalized", f"{prefix}.moe.hook_expert_weights"]
+        inputs.append(f"{prefix}.moe.hook_expert_indices")
+        if not all(name in self for name in inputs):  # type: ignore[operator]
+            raise KeyError(
+                f"'{prefix}.moe.hook_expert_out' is not in this cache: record it after "
+                f"model.set_use_expert_outputs(True), or record {', '.join(inputs)} to compute it from them."
+            )
+        x, weights, indices = (self._hook(name, pos_slice) for name in inputs)
+        moe = self._module(stack, f"blocks.{block}.moe")
+        with torch.no_grad():
+            return moe.apply_experts(x, weights, indices, per_slot=True)[1]
+
+    def _experts(
+        self, stack: str, block: int, layer: int, pos_slice: Selector, by: str
+    ) -> tuple[list[torch.Tensor], list[str]]:
         prefix = f"{stack}.blocks.{block}.moe"
-        per_slot = self._hook(f"{prefix}.hook_expert_out")
-        factor = self._ffn_map(stack, block, layer, "ln2_post_moe", per_slot)
+        per_slot = self._expert_outputs(stack, block, pos_slice)
+        factor = self._ffn_map(stack, block, layer, "ln2_post_moe", per_slot, pos_slice)
         per_slot = rearrange(per_slot, "b p k d -> k b p d").to(factor.dtype)
         if by == "slot":
             return [per_slot * factor], [f"L{block}_slot{k}" for k in range(per_slot.shape[0])]
@@ -174,19 +225,23 @@ class ResidDecompositionMixin:
             raise ValueError(f"by must be 'expert' or 'slot', not {by!r}")
         # Each token's slot k holds expert indices[b, p, k]: scatter the slots onto expert rows (an
         # expert a token did not choose contributes zero there).
-        indices = rearrange(self._hook(f"{prefix}.hook_expert_indices"), "b p k -> k b p").to(per_slot.device)
+        indices = rearrange(self._hook(f"{prefix}.hook_expert_indices", pos_slice), "b p k -> k b p").to(
+            per_slot.device
+        )
         n_experts = self._model().cfg.num_experts
         experts = per_slot.new_zeros(n_experts, *per_slot.shape[1:])
         experts.scatter_add_(0, indices[..., None].expand_as(per_slot), per_slot)
         return [experts * factor], [f"L{block}E{e}" for e in range(n_experts)]
 
-    def _embedding(self, stack: str, layer: int) -> tuple[list[torch.Tensor], list[str]]:
-        embed = self._hook(f"{stack}.hook_embed")
+    def _embedding(self, stack: str, layer: int, pos_slice: Selector) -> tuple[list[torch.Tensor], list[str]]:
+        embed = self._hook(f"{stack}.hook_embed", pos_slice)
         if stack != "decoder":  # the encoder (and a causal twin's stack) read the bare embedding
             return [(embed * self._scalar_product(stack, 0, layer, embed))[None]], ["embed"]
         # Block 0 reads self_cond.post_norm(embed + self_cond signal), a gain-free norm.
-        signal = self._hook("decoder.self_cond.hook_out")
-        factor = self._norm_map("decoder.self_cond.post_norm", embed) * self._scalar_product(stack, 0, layer, embed)
+        signal = self._hook("decoder.self_cond.hook_out", pos_slice)
+        factor = self._norm_map("decoder.self_cond.post_norm", embed, pos_slice) * self._scalar_product(
+            stack, 0, layer, embed
+        )
         return [(embed * factor)[None], (signal * factor)[None]], ["embed", "self_cond"]
 
     # ------------------------------------------------------------------ TransformerLens-named helpers
@@ -203,8 +258,8 @@ class ResidDecompositionMixin:
         """Every head's contribution to the residual before block `layer` (default: after the last),
         from blocks 0 .. layer-1: `[heads · layers (+ o_proj biases), batch, pos, d_model]`, labels `L{l}H{h}`.
 
-        Each head's `attn.hook_result` (record it with `model.set_use_attn_result(True)`, or call
-        `compute_head_results()` on a cache with `hook_z`) is multiplied by the cached `ln1_post`
+        Each head's `attn.hook_result` (recorded after `model.set_use_attn_result(True)`, else computed
+        on demand from the cached `attn.hook_z` for the positions kept) is multiplied by the cached `ln1_post`
         scale and gain and the `layer_scalar`s of blocks l .. layer-1. `incl_remainder` appends the
         rest of the residual; `apply_ln` applies the cached final norm (only for the final residual).
         """
@@ -239,8 +294,9 @@ class ResidDecompositionMixin:
         stack: str = "decoder",
     ) -> ResidComponents:
         """Every expert's contribution to the residual before block `layer`: `moe.hook_expert_out`
-        (record it with `model.set_use_expert_outputs(True)`) through the cached `ln2_post_moe` and
-        `ln2_post` maps and the later `layer_scalar`s.
+        (recorded after `model.set_use_expert_outputs(True)`, else recomputed from the cached `ln2_moe`
+        output, `moe.hook_expert_weights` and `moe.hook_expert_indices` for the positions kept) through the
+        cached `ln2_post_moe` and `ln2_post` maps and the later `layer_scalar`s.
 
         by="expert": one component per expert, `L{l}E{e}` (zero where a token did not route to e);
         by="slot": one per routing slot, `L{l}_slot{k}`, as `hook_expert_indices` orders them.
@@ -250,7 +306,7 @@ class ResidDecompositionMixin:
 
     def _stack_blocks(
         self,
-        per_block: Callable[[str, int, int], tuple[list[torch.Tensor], list[str]]],
+        per_block: Callable[[str, int, int, Selector], tuple[list[torch.Tensor], list[str]]],
         layer: int | None,
         stack: str,
         incl_remainder: bool,
@@ -259,22 +315,25 @@ class ResidDecompositionMixin:
         return_labels: bool,
         with_embedding: bool = False,
     ) -> ResidComponents:
-        """The components `per_block(stack, block, layer)` gives for every block before `layer` (after
-        the embedding's with `with_embedding`), stacked and finished as every public helper returns them:
-        the remainder appended, the final norm applied, positions sliced, labels returned if asked."""
+        """The components `per_block(stack, block, layer, pos_slice)` gives for every block before `layer`
+        (after the embedding's with `with_embedding`), stacked and finished as every public helper returns
+        them: the remainder appended, the final norm applied, labels returned if asked. Every cached value
+        is sliced to `pos_slice` before anything is built from it, so memory grows with the positions kept."""
         check_stack(stack, self._model())
         layer = self._resid_layer(layer)
-        embedding = [self._embedding(stack, layer)] if with_embedding else []
-        parts, labels = _joined([*embedding, *(per_block(stack, block, layer) for block in range(layer))])
-        components = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(stack, layer).shape)
+        kept, drops_axis = axis_keeping(pos_slice)
+        embedding = [self._embedding(stack, layer, kept)] if with_embedding else []
+        parts, labels = _joined([*embedding, *(per_block(stack, block, layer, kept) for block in range(layer))])
+        components = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(stack, layer, kept).shape)
         if incl_remainder:
-            resid = self._resid_at(stack, layer)
+            resid = self._resid_at(stack, layer, kept)
             remainder = resid.to(components.dtype) - components.sum(0)
             components = torch.cat((components, remainder[None]))
             labels = [*labels, "remainder"]
         if apply_ln:
-            components = self.apply_ln_to_stack(components, layer, stack=stack)
-        components = index_axis(components, pos_slice, 2, "pos_slice", "positions")
+            components = self.apply_ln_to_stack(components, layer, pos_slice=kept, stack=stack)
+        if drops_axis:
+            components = components.squeeze(-2)
         return (components, labels) if return_labels else components
 
     def get_full_resid_decomposition(
@@ -299,17 +358,21 @@ class ResidDecompositionMixin:
         mlp = self._neurons if expand_neurons else partial(self._branch, branch="mlp")
         moe = partial(self._experts, by="expert") if expand_experts else partial(self._branch, branch="moe")
 
-        def block_components(stack: str, block: int, layer: int) -> tuple[list[torch.Tensor], list[str]]:
-            return _joined(branch(stack, block, layer) for branch in (self._heads, mlp, moe))
+        def block_components(
+            stack: str, block: int, layer: int, pos_slice: Selector
+        ) -> tuple[list[torch.Tensor], list[str]]:
+            return _joined(branch(stack, block, layer, pos_slice) for branch in (self._heads, mlp, moe))
 
         return self._stack_blocks(
             block_components, layer, stack, False, apply_ln, pos_slice, return_labels, with_embedding=True
         )
 
-    def _branch(self, stack: str, block: int, layer: int, branch: str) -> tuple[list[torch.Tensor], list[str]]:
+    def _branch(
+        self, stack: str, block: int, layer: int, pos_slice: Selector, branch: str
+    ) -> tuple[list[torch.Tensor], list[str]]:
         """A whole FFN branch (`hook_mlp_out` / `hook_moe_out`, already past its own post-norm)."""
-        out = self._hook(f"{stack}.blocks.{block}.hook_{branch}_out")
-        factor = self._ffn_map(stack, block, layer, None, out)
+        out = self._hook(f"{stack}.blocks.{block}.hook_{branch}_out", pos_slice)
+        factor = self._ffn_map(stack, block, layer, None, out, pos_slice)
         return [(out.to(factor.dtype) * factor)[None]], [f"L{block}_{branch}"]
 
     def apply_ln_to_stack(
@@ -326,10 +389,12 @@ class ResidDecompositionMixin:
         """Push each component of a residual stack through the final norm with the cached scale
         (`ln_final.hook_scale`), which makes the norm linear: the results sum to `ln_final(resid)`.
 
-        `pos_slice` / `batch_slice` say how the stack was sliced from the full residual (the same
-        slices are taken of the cached scale); `has_batch_dim=False` for a stack of one batch item
-        (then `batch_slice` must pick it, default item 0). Only the final norm has a cached scale, so
-        `layer` must be the last (None, -1 or n_layers) and `mlp_input` False.
+        As TransformerLens: `pos_slice` says how the stack was sliced from the full residual (the scale
+        is sliced the same way); `batch_slice` slices the stack's batch axis (axis 1, after the
+        components) and the scale alike, so each row meets its own scale. `has_batch_dim=False`: a
+        stack of one batch item, `batch_slice` picks its row of the scale (needed unless the batch has
+        one row). Only the final norm has a cached scale, so `layer` must be the last (None, -1 or
+        n_layers) and `mlp_input` False.
         """
         check_stack(stack, self._model())
         if mlp_input or self._resid_layer(layer) != self._model().cfg.num_hidden_layers:
@@ -337,14 +402,32 @@ class ResidDecompositionMixin:
                 "apply_ln_to_stack applies the final norm only (the one norm a residual stack meets "
                 "whose scale is cached): pass layer=None and mlp_input=False"
             )
-        factor = self._norm_map(f"{stack}.ln_final", residual_stack)
-        if not has_batch_dim:
-            batch_slice = 0 if batch_slice is None else batch_slice
-            if not isinstance(batch_slice, int):
-                raise ValueError("has_batch_dim=False needs batch_slice to be one batch index (an int)")
-        factor = index_axis(
-            index_axis(factor, batch_slice, 0, "batch_slice", "batch rows"), pos_slice, -2, "pos_slice", "positions"
-        )
+        factor = self._norm_map(f"{stack}.ln_final", residual_stack, pos_slice)
+        cache_has_batch = self.has_batch_dim  # type: ignore[attr-defined]
+        if has_batch_dim:
+            if residual_stack.ndim < 3:
+                raise ValueError(
+                    f"a residual stack with a batch axis is [component, batch, (pos,) d_model], got shape "
+                    f"{tuple(residual_stack.shape)}; pass has_batch_dim=False for one batch item's stack"
+                )
+            if batch_slice is not None and cache_has_batch and residual_stack.shape[1] != factor.shape[0]:
+                raise ValueError(
+                    f"batch_slice slices the stack's batch axis (as TransformerLens), so the stack must hold "
+                    f"every one of the cache's {factor.shape[0]} rows, not {residual_stack.shape[1]}: pass the "
+                    "unsliced stack (or a one-row stack with has_batch_dim=False)"
+                )
+            residual_stack = index_axis(residual_stack, batch_slice, 1, "batch_slice", "batch rows")
+        elif cache_has_batch and batch_slice is None:
+            if factor.shape[0] != 1:
+                raise ValueError(
+                    f"has_batch_dim=False: say which of the cache's {factor.shape[0]} batch rows the stack "
+                    "belongs to with batch_slice=<row>"
+                )
+            batch_slice = 0
+        if cache_has_batch:
+            factor = index_axis(factor, batch_slice, 0, "batch_slice", "batch rows")
+        elif batch_slice is not None:
+            raise ValueError("this cache has no batch axis (remove_batch_dim); drop batch_slice")
         return residual_stack * factor
 
     def logit_attrs(

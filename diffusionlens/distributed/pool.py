@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -85,17 +86,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     return ray
 
 
+class WorkItemFailed(RuntimeError):
+    """A work item of `ModelPool.map` that could not be done: its function raised, or its worker died on
+    every attempt. `index` and `label` name the item, `attempts` says how often it ran, `cause` why the
+    last attempt failed."""
+
+    def __init__(self, index: int, label: str, attempts: int, cause: str) -> None:
+        self.index, self.label, self.attempts, self.cause = index, label, attempts, cause
+        tries = "once" if attempts == 1 else f"{attempts} times"
+        super().__init__(f"{label} (item {index}) failed after running {tries}: {cause}")
+
+
 class _ModelWorker:
     """One model per actor: loaded once, then every task reuses it (and `memo`, for per-worker setup
-    such as a sweep's recorded clean run, rebuilt after a restart)."""
+    such as a sweep's recorded clean run, rebuilt by a replacement worker)."""
 
-    def __init__(self, model_source: Any, load_kwargs: dict[str, Any]) -> None:
+    def __init__(self, model_source: Any, load_kwargs: dict[str, Any], torch_threads: int | None) -> None:
         import torch
 
         from diffusionlens.model import HookedDiffusionGemma
 
-        # Ray gives each worker OMP_NUM_THREADS = its num_cpus (1), so torch runs one thread. CPU float
-        # sums depend on the thread count: compare with a single-process run at the same count.
+        # Ray starts workers with OMP_NUM_THREADS=1; CPU float sums depend on the thread count, so the
+        # pool sets the driver's count and a worker's numbers equal a single-process run's.
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
         if "device" not in load_kwargs and torch.cuda.is_available():
             load_kwargs = {**load_kwargs, "device": "cuda"}  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
         self.model = HookedDiffusionGemma.from_pretrained(model_source, progress=False, **load_kwargs)
@@ -105,12 +119,23 @@ class _ModelWorker:
         return fn(self.model, self.memo, item)
 
 
-class ModelPool:
-    """`num_workers` Ray actors, each holding the model loaded from `model_source`.
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
-    Actors restart when they die and their unfinished tasks are retried (Ray's `max_restarts` and
-    `max_task_retries`), so a lost worker delays a map but never loses an item. With GPUs in the
-    cluster each worker takes one.
+
+class ModelPool:
+    """`num_workers` Ray actors, each holding the model loaded from `model_source`; `map` hands items
+    to whichever worker is free.
+
+    Retries are finite: an item whose worker dies (a crash, out of memory, a killed process) runs again
+    on a fresh worker, at most `max_retries` more times; then `map` raises `WorkItemFailed` naming the
+    item and the cause. An item whose function raises is not retried (it would raise again): the error
+    names the item and the exception. Ray itself neither restarts actors nor retries their tasks (the
+    pool replaces a dead worker), so nothing is retried without bound. With GPUs in the cluster each
+    worker takes one. On CPU each worker runs torch with `torch_threads` threads (default: this
+    process's `torch.get_num_threads()`, so results equal a single-process run here bit for bit; pass
+    fewer to avoid oversubscribing a machine that runs several workers).
     """
 
     def __init__(
@@ -121,32 +146,77 @@ class ModelPool:
         address: str | None = None,
         load_kwargs: dict[str, Any] | None = None,
         num_cpus: int | None = None,
+        max_retries: int = 2,
+        torch_threads: int | None = None,
     ) -> None:
+        import torch
+
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0 (0: no retry), got {max_retries!r}")
         ray = connect(address, num_cpus=num_cpus)
         gpus = ray.cluster_resources().get("GPU", 0)
-        actor_class = ray.remote(num_gpus=1 if gpus >= 1 else 0, num_cpus=1, max_restarts=-1, max_task_retries=-1)(
+        self.ray = ray
+        self.max_retries = max_retries
+        self._actor_class = ray.remote(num_gpus=1 if gpus >= 1 else 0, num_cpus=1, max_restarts=0, max_task_retries=0)(
             _ModelWorker
         )
-        self.ray = ray
-        self.workers = [actor_class.remote(model_source, dict(load_kwargs or {})) for _ in range(num_workers)]
+        self._worker_args = (model_source, dict(load_kwargs or {}), torch_threads or torch.get_num_threads())
+        self.workers = [self._start_worker() for _ in range(num_workers)]
 
-    def submit(self, fn: Callable[[Any, dict, Any], Any], items: Sequence[Any]) -> list[Any]:
-        """Queue `fn(model, memo, item)` for every item, round-robin over workers; returns ObjectRefs."""
+    def _start_worker(self) -> Any:
+        return self._actor_class.remote(*self._worker_args)
+
+    def map(
+        self,
+        fn: Callable[[Any, dict, Any], Any],
+        items: Sequence[Any],
+        *,
+        progress: bool = True,
+        desc: str = "items",
+        label: Callable[[Any], str] | None = None,
+    ) -> list[Any]:
+        """`fn(model, memo, item)` for every item, results in item order. Each worker takes the next
+        item as soon as it is free (a slow item holds up no other). One progress bar over all workers.
+        `label(item)` names an item in a `WorkItemFailed` (default: its position and repr)."""
         if not self.workers:
             raise RuntimeError("this ModelPool was shut down; start a new one")
-        return [self.workers[i % len(self.workers)].run.remote(fn, item) for i, item in enumerate(items)]
+        exceptions = self.ray.exceptions
+        items = list(items)
+        queue = deque(range(len(items)))
+        attempts = [0] * len(items)
+        results: list[Any] = [None] * len(items)
+        running: dict[Any, tuple[int, int]] = {}  # ObjectRef -> (worker slot, item index)
+        idle = deque(range(len(self.workers)))
 
-    def gather(self, refs: list[Any], *, progress: bool = True, desc: str = "cells") -> list[Any]:
-        """Wait for every ref with one progress bar over all workers; results in submission order."""
-        pending = list(refs)
-        with tqdm(total=len(refs), desc=desc, disable=not progress) as bar:
-            while pending:
-                done, pending = self.ray.wait(pending, num_returns=1)
-                bar.update(len(done))
-        return self.ray.get(refs)
+        def failure(index: int, cause: str) -> WorkItemFailed:
+            name = label(items[index]) if label is not None else f"{desc} item {repr(items[index])[:120]}"
+            return WorkItemFailed(index, name, attempts[index], cause)
 
-    def map(self, fn: Callable[[Any, dict, Any], Any], items: Sequence[Any], **kwargs: Any) -> list[Any]:
-        return self.gather(self.submit(fn, items), **kwargs)
+        with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
+            while queue or running:
+                while idle and queue:
+                    slot, index = idle.popleft(), queue.popleft()
+                    attempts[index] += 1
+                    running[self.workers[slot].run.remote(fn, items[index])] = (slot, index)
+                (ref,), _ = self.ray.wait(list(running), num_returns=1)
+                slot, index = running.pop(ref)
+                try:
+                    results[index] = self.ray.get(ref)
+                except exceptions.RayTaskError as error:  # fn raised: the same input would raise again
+                    raise failure(index, _first_line(error.cause or error)) from error.cause
+                except exceptions.RayActorError as error:  # the worker process died
+                    if error.actor_init_failed:
+                        raise RuntimeError(f"a worker could not load the model: {_first_line(error)}") from error
+                    self.workers[slot] = self._start_worker()
+                    if attempts[index] > self.max_retries:
+                        raise failure(index, f"its worker died each time ({_first_line(error)})") from error
+                    queue.appendleft(index)
+                else:
+                    bar.update(1)
+                idle.append(slot)
+        return results
 
     def shutdown(self) -> None:
         for worker in self.workers:

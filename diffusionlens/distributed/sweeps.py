@@ -7,6 +7,7 @@ Each task does exactly what the single-process code does for its share (a sweep 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,10 +46,30 @@ def _sweep_labels(model: Any, memo: dict, spec: SweepSpec) -> dict[str, list]:
     }
 
 
-def _sweep_row(model: Any, memo: dict, task: tuple[SweepSpec, Any]) -> SweepResult:
-    """One row of the sweep (one label of its first axis), through `run_sweep_spec`'s own sweep call."""
-    spec, row = task
-    return sweep_recorded_spec(spec, model, _prepared(model, memo, spec), first_axis_labels=[row], progress=False)
+def _sweep_rows(model: Any, memo: dict, task: tuple[SweepSpec, list]) -> SweepResult:
+    """Some rows of the sweep (labels of its first axis), through `run_sweep_spec`'s own sweep call."""
+    spec, rows = task
+    return sweep_recorded_spec(spec, model, _prepared(model, memo, spec), first_axis_labels=rows, progress=False)
+
+
+def row_groups(spec: SweepSpec, rows: list, row_length: int) -> list[list]:
+    """The rows each task runs, chosen so that a task's cells form the same chunks as in the whole
+    single-process sweep (chunk shapes change float sums, so the values then agree bit for bit).
+
+    Frozen cells are chunked within one hook (one layer) and one patched step, counting from the first
+    cell of a row, so one row per task. Free cells run in order of their fork step (0 unless the cell
+    patches one step), `batch_size` at a time (default one): with one, one row per task; with more,
+    tasks of `k` consecutive rows, `k * row_length` a multiple of `batch_size`, in fork-step order (a
+    step-row sweep's rows sorted by step); a sweep whose columns are steps orders its cells column by
+    column, so it is one task."""
+    chunk = spec.batch_size or 1
+    if spec.mode != "free" or chunk == 1:
+        return [[row] for row in rows]
+    if spec.over[1] == "step":
+        return [list(rows)]
+    ordered = sorted(rows) if spec.over[0] == "step" else list(rows)
+    per_task = chunk // math.gcd(chunk, row_length)
+    return [ordered[first : first + per_task] for first in range(0, len(ordered), per_task)]
 
 
 def run_sweep_spec_distributed(
@@ -59,20 +80,33 @@ def run_sweep_spec_distributed(
     num_workers: int = 2,
     progress: bool = True,
 ) -> SweepResult:
-    """`run_sweep_spec` with one Ray task per row of the sweep; equal to the single-process result.
+    """`run_sweep_spec` with one Ray task per row of the sweep (or per group of rows, `row_groups`),
+    handed to whichever worker is free; equal to the single-process result bit for bit (docs/scale.md,
+    "Exactness": workers run the driver's torch thread count, and tasks form the sweep's own chunks).
+    A task whose worker dies is retried on a fresh worker up to `pool.max_retries` times, then
+    `WorkItemFailed` names its rows.
 
     Pass a `pool` (its workers must hold `spec.model`), or let one start on `address` (None: local Ray).
     """
     own_pool = pool is None
     pool = pool or ModelPool(spec.model, num_workers=num_workers, address=address)
+    axis = spec.over[0]
     try:
-        labels = pool.ray.get(pool.workers[0].run.remote(_sweep_labels, spec))
-        rows = pool.map(_sweep_row, [(spec, row) for row in labels[spec.over[0]]], progress=progress, desc="sweep rows")
+        (labels,) = pool.map(_sweep_labels, [spec], progress=False, label=lambda _: "recording the sweep's runs")
+        groups = row_groups(spec, labels[axis], len(labels[spec.over[1]]))
+        parts = pool.map(
+            _sweep_rows,
+            [(spec, group) for group in groups],
+            progress=progress,
+            desc="sweep rows",
+            label=lambda task: f"sweep rows {axis}={task[1]}",
+        )
     finally:
         if own_pool:
             pool.shutdown()
-    values = torch.cat([r.values for r in rows], dim=0)
-    result = SweepResult(values, spec.over, {axis: labels[axis] for axis in spec.over}, dict(rows[0].metadata))
+    row_values = {row: part.values[i] for group, part in zip(groups, parts, strict=True) for i, row in enumerate(group)}
+    values = torch.stack([row_values[row] for row in labels[axis]])
+    result = SweepResult(values, spec.over, {a: labels[a] for a in spec.over}, dict(parts[0].metadata))
     result.metadata.update({"clean": spec.clean, "corrupted": spec.corrupted, "model": spec.model})
     return result
 
@@ -97,7 +131,13 @@ def generate_over_seeds_distributed(
     """`analysis.seeds.generate_over_seeds` with one Ray task per batch: the same batches (the same
     `seed_batches` split and checks, the same `run_seed_batch` on each), returned in order."""
     batches = seed_batches(prompts, seeds, batch_size, generate_kwargs)
-    return pool.map(_seed_batch, [(chunk, generate_kwargs) for chunk in batches], progress=progress, desc="batches")
+    return pool.map(
+        _seed_batch,
+        [(chunk, generate_kwargs) for chunk in batches],
+        progress=progress,
+        desc="batches",
+        label=lambda task: f"seed batch {task[0][:3]}{'…' if len(task[0]) > 3 else ''}",
+    )
 
 
 def harvest_run(
@@ -131,10 +171,14 @@ def _check_harvest_kwargs(cache_kwargs: dict[str, Any]) -> None:
 def _harvest_one(model: Any, memo: dict, task: tuple[int, str, int, str, dict]) -> str:
     index, prompt, seed, out_dir, cache_kwargs = task
     path = Path(out_dir) / f"run_{index:05d}"
-    # harvest_distributed checked every run directory up front; a task Ray retries after its worker
+    # harvest_distributed checked every run directory up front; a task retried after its worker
     # died must replace the partial cache that worker left
     harvest_run(model, prompt, path, seed, **{**cache_kwargs, "overwrite": True})
     return str(path)
+
+
+def _harvest_label(task: tuple[int, str, int, str, dict]) -> str:
+    return f"harvest run {task[0]} ({task[1]!r})"
 
 
 def harvest_distributed(
@@ -166,4 +210,5 @@ def harvest_distributed(
     for i in range(len(prompts)):
         check_target(Path(out_dir) / f"run_{i:05d}", bool(cache_kwargs.get("overwrite", False)))
     tasks = [(i, p, s, str(out_dir), cache_kwargs) for i, (p, s) in enumerate(zip(prompts, per_prompt, strict=True))]
-    return [Path(p) for p in pool.map(_harvest_one, tasks, progress=progress, desc="harvest")]
+    done = pool.map(_harvest_one, tasks, progress=progress, desc="harvest", label=_harvest_label)
+    return [Path(p) for p in done]

@@ -8,6 +8,7 @@ a stack. Caches resolve tuple keys through it, so `cache["resid_post", 3]` and
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Container
 from typing import Any
 
@@ -46,6 +47,9 @@ _ALIASES = {
 # "normalized", where it picks the norm (ln1, ln2, …).
 _LAYER_TYPES = {"a", "attn", "attention", "m", "mlp", "b", "block", "blocks", "moe", *NORMS}
 _KNOWN = sorted({*_BLOCK_ACTS, *_STACK_ACTS, *_DECODER_ONLY, *_ALIASES})
+# TransformerLens's shorthands: a name, a layer and maybe a layer type in one word ("k6", "pre5",
+# "scale4ln1_post", "normalized3ln2").
+_SHORTHAND = re.compile(r"(?P<name>[a-z_]+?)(?P<layer>\d+)(?P<layer_type>[a-z][a-z0-9_]*)?")
 
 
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None, stack: str = "decoder") -> str:
@@ -57,6 +61,7 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     `get_act_name("embed")`, `get_act_name("logits")`, `get_act_name("normalized")` (the final norm) name the
     stack's own hooks. As in TransformerLens, a full name (one with a dot) comes back unchanged, and
     the third positional argument is TL's `layer_type`; a stack name there ("encoder") is taken as `stack`.
+    TL's shorthands work too: `get_act_name("k6")`, `get_act_name("pre5")`, `get_act_name("scale4ln1_post")`.
     `get_act_name("scale")` is the final norm's `hook_scale`; inside a block, `get_act_name("scale", 2,
     "ln1_post")` names a norm whose output joins the residual (the pre-norms have no scale hook).
     """
@@ -67,6 +72,9 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
     check_stack(stack)
     if "." in name and layer is None and layer_type is None:
         return name
+    shorthand = _SHORTHAND.fullmatch(name) if layer is None and layer_type is None else None
+    if shorthand is not None and shorthand["name"] in {*_KNOWN, "scale"}:
+        name, layer, layer_type = shorthand["name"], int(shorthand["layer"]), shorthand["layer_type"]
     layer = resolve_layer(layer, None, what="layer", kind="block")
     if layer_type is not None and layer_type not in _LAYER_TYPES:
         raise ValueError(f"layer_type must be one of {sorted(_LAYER_TYPES)} or None, got {layer_type!r}")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from diffusionlens.hooks.point_context import HookPointContext
+from diffusionlens.hooks.point_handles import HookPointHandles
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
 NameFilter = str | Callable[[str], bool] | Sequence[str] | None
@@ -203,8 +204,9 @@ def _switching_to_torch_call(register: Callable[..., Any]) -> Callable[..., Any]
     return register_and_switch
 
 
-class HookPoint(nn.Module):
-    """Identity module marking a named intermediate value."""
+class HookPoint(HookPointHandles, nn.Module):
+    """Identity module marking a named intermediate value. TransformerLens's per-point methods
+    (`add_hook`, `remove_hooks`, `has_hooks`, `fwd_hooks`, `bwd_hooks`) come from `HookPointHandles`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -332,6 +334,8 @@ class HookPoint(nn.Module):
     def _run_backward(self, grad: torch.Tensor, fns: Sequence[HookFn]) -> torch.Tensor:
         for fn in fns:
             out = fn(grad, self)
+            if isinstance(out, tuple) and len(out) == 1:
+                out = out[0]  # TransformerLens's backward hooks may return (grad,), as torch's module hooks do
             if out is not None:
                 grad = self._checked(out, grad)
         return grad
@@ -438,6 +442,18 @@ class HookedRootModule(nn.Module):
     def unknown_hook_message(self, name: str) -> str:
         return unknown_hook_message(name, self.hook_dict)
 
+    def switch_needed(self, name: str) -> str | None:
+        """The call that makes hook point `name` fire, when it is switched off now (None: it fires).
+        A model with opt-in hook points overrides this; hooks on a switched-off point are refused."""
+        return None
+
+    def check_hooks_to_add(self, names: Iterable[str]) -> None:
+        """Refuse hooks that would never fire (TransformerLens's check of the same name), naming the switch."""
+        for name in names:
+            switch = self.switch_needed(name)
+            if switch is not None:
+                raise ValueError(f"a hook on '{name}' would never fire: it is switched off; call {switch} first")
+
     # ------------------------------------------------------------------ adding / removing
     def add_hook(
         self,
@@ -458,7 +474,9 @@ class HookedRootModule(nn.Module):
         """
         _check_hook_args(fn, dir, prepend)
         _check_flag(is_permanent, "is_permanent")
-        points = [self.hook_dict[n] for n in self.resolve_hook_names(name)]
+        names = self.resolve_hook_names(name)
+        self.check_hooks_to_add(names)
+        points = [self.hook_dict[n] for n in names]
         runs = _THREAD_HOOKS.runs
         if runs and not is_permanent:
             kind = f"{dir}_first" if prepend else dir
@@ -495,19 +513,31 @@ class HookedRootModule(nn.Module):
                     kept = [] if including_permanent else [fn for d, fn in point.permanent_fns if d == dir_name]
                     fns[:] = [fn for fn in fns if _take(kept, fn)]
                     point.permanent_fns[:] = [(d, fn) for d, fn in point.permanent_fns if d != dir_name or fn in fns]
+            point.forget_removed_records()
             if point.run_hook_count:
                 _detach_all(point, run_kinds)
             if clear_contexts:
                 point.clear_context()
 
     def set_module_call_hook_points(self, enabled: bool) -> None:
-        """Route every hook point through `nn.Module.__call__` (True) or back to the fast path (False,
-        the default). nnsight reads and writes a module's value by wrapping its `forward`, which the
-        fast path never calls: turn this on before `NNsight(model)` traces hook points (docs/features.md).
-        It costs an `nn.Module.__call__` per point per pass; our own hooks fire the same either way."""
+        """Route every hook point through `nn.Module.__call__` (True) or back to the fast path (False, the
+        default). nnsight wraps a module's `forward`, which the fast path never calls: turn this on before
+        `NNsight(model)` traces hook points (docs/coming_from_transformerlens.md). It costs a module call
+        per point per pass; our own hooks fire the same either way."""
         _check_flag(enabled, "enabled")
         for point in self.hook_dict.values():
             point.use_module_call(enabled)
+
+    def remove_all_hook_fns(
+        self, direction: str = "both", including_permanent: bool = False, level: int | None = None
+    ) -> None:
+        """TransformerLens's name: remove hooks as `reset_hooks` does, leaving every `ctx` as it is; with
+        `level`, only the hooks added at that level (`HookPoint.add_hook(..., level=)`)."""
+        if level is None:
+            self.reset_hooks(clear_contexts=False, direction=direction, including_permanent=including_permanent)
+            return
+        for point in self.hook_dict.values():
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     @property
     def has_hooks(self) -> bool:
@@ -530,7 +560,7 @@ class HookedRootModule(nn.Module):
         `clear_contexts=True` empties every point's `ctx` dict at the end. Backward hooks stay bound to
         the forward pass that ran inside the block, so a `.backward()` after it still runs them.
         """
-        with self._run_hooks_scope(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, is_run=False):
+        with self._run_hooks_scope(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, is_run=False, check=True):
             yield self
 
     @contextmanager
@@ -554,6 +584,7 @@ class HookedRootModule(nn.Module):
         clear_contexts: bool,
         *,
         is_run: bool,
+        check: bool = False,
     ) -> Iterator[None]:
         _check_flag(reset_hooks_end, "reset_hooks_end")
         _check_flag(clear_contexts, "clear_contexts")
@@ -562,7 +593,10 @@ class HookedRootModule(nn.Module):
         for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
             for name, fn in pairs:
                 _check_hook_args(fn, direction, False)
-                wanted.extend((self.hook_dict[n], fn, direction) for n in self.resolve_hook_names(name))
+                names = self.resolve_hook_names(name)
+                if check:
+                    self.check_hooks_to_add(names)
+                wanted.extend((self.hook_dict[n], fn, direction) for n in names)
         attached: list[Attached] = []
         runs = _THREAD_HOOKS.runs
         if is_run:
@@ -597,7 +631,7 @@ class HookedRootModule(nn.Module):
         """Run `self(*args, **kwargs)` with temporary hooks: they fire in this run only (not in other
         threads), and are removed afterwards with any hook added during the run, even on error, unless
         `reset_hooks_end=False` (see `hooks`)."""
-        with self._run_hooks_scope(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, is_run=True):
+        with self._run_hooks_scope(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, is_run=True, check=True):
             return self(*args, **kwargs)
 
     def caching_hooks(
@@ -607,13 +641,18 @@ class HookedRootModule(nn.Module):
         device: torch.device | str | None = None,
         detach: bool = True,
     ) -> list[tuple[str, HookFn]]:
-        """Forward hooks that copy each value `names_filter` picks (see `resolve_hook_names`) into `store[name]`."""
+        """Forward hooks that copy each value `names_filter` picks (see `resolve_hook_names`) into `store[name]`.
+        Switched-off points (`switch_needed`) are left out; a filter that picks only such points is refused."""
 
         def save(tensor: torch.Tensor, hook: HookPoint) -> None:
             value = tensor.detach() if detach else tensor
             store[hook.name] = value.to(device) if device is not None else value
 
-        return [(name, save) for name in self.resolve_hook_names(names_filter)]
+        names = self.resolve_hook_names(names_filter)
+        firing = [name for name in names if self.switch_needed(name) is None]
+        if names_filter is not None and not firing:
+            self.check_hooks_to_add(names)  # asked only for switched-off points: say which switch
+        return [(name, save) for name in firing]
 
 
 def _check_hook_args(fn: Any, dir: str, prepend: Any) -> None:

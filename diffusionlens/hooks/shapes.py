@@ -113,16 +113,17 @@ def estimate_cache_bytes(
     cfg: DiffusionGemmaConfig,
     names: list[str] | None = None,
     *,
+    steps: int,
     batch: int = 1,
     prompt_len: int = 1,
-    steps: int = 48,
     canvases: int = 1,
     positions: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> int:
     """Bytes a DenoisingCache would hold for `names` (default: every hook that fires without an
     opt-in switch) over `steps` steps of `canvases` canvases, keeping `positions` canvas positions
-    (default: all).
+    (default: all). `steps` is the run's step budget (`settings.max_denoising_steps`): a cache's size
+    scales with it, so it is never assumed.
 
     Encoder hooks count once per canvas; decoder and sampler hooks once per step. The prompt grows by
     a canvas per canvas; this estimate uses the first canvas's shapes, a lower bound for encoder hooks.

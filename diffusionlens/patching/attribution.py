@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffusionlens.indexing import resolve_layers
-from diffusionlens.patching.metrics import with_token_ids
+from diffusionlens.patching.metrics import metric_reads, with_token_ids
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.sweep import SweepResult
+from diffusionlens.sampling.recorded import rerun_recorded_pass
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -37,7 +38,9 @@ def attribution_patch(
     (layer, step, position): `values[layer, step, position]`.
 
     `metric.on_logits(logits)` must be differentiable (LogitDiff and TargetProb are); at each step it
-    is applied to that step's logits, as a frozen-trajectory patch at that step would be scored.
+    is applied to that step's logits, as a frozen-trajectory patch at that step would be scored (the
+    metric's own `step` and `canvas` are not used: the step axis and `canvas` are;
+    `metadata["metric_reads"]` says so).
     """
     if not hasattr(metric, "on_logits"):
         raise TypeError("attribution needs a metric with a differentiable on_logits(logits) (LogitDiff, TargetProb)")
@@ -68,14 +71,13 @@ def attribution_patch(
 
     try:
         for j, step in enumerate(steps):
-            ctx.canvas, ctx.step = canvas, step
             leaves.clear()
             self_cond = corrupted.cache.get(SELF_COND, canvas=canvas, step=step) if step > 0 else None
             with (
                 torch.enable_grad(),
                 model.hooks_for_run(fwd_hooks=[(root, start_graph), *((n, keep) for n in names if n != root)]),
             ):
-                logits = model.denoise(corrupted.trace[canvas].input_canvas[step], state, self_cond)
+                logits = rerun_recorded_pass(model, corrupted.trace, state, self_cond, canvas=canvas, step=step)
                 grads = torch.autograd.grad(metric.on_logits(logits), [leaves[n] for n in names], allow_unused=True)
             for i, (name, grad) in enumerate(zip(names, grads, strict=True)):
                 if grad is None:
@@ -86,4 +88,12 @@ def attribution_patch(
     finally:
         ctx.reset()
     labels = {"layer": layers, "step": steps, "position": list(range(model.cfg.canvas_length))}
-    return SweepResult(out, ("layer", "step", "position"), labels, {"hook": hook, "mode": "attribution"})
+    reads = {
+        **metric_reads(metric),
+        "run": "corrupted, re-run with gradients",
+        "canvas": canvas,
+        "step": "each step of the step axis",
+    }
+    return SweepResult(
+        out, ("layer", "step", "position"), labels, {"hook": hook, "mode": "attribution", "metric_reads": reads}
+    )

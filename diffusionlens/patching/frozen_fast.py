@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.spec import Patch
 from diffusionlens.prompt_state import PromptState
+from diffusionlens.sampling.loop import expand_state
+from diffusionlens.sampling.recorded import enter_recorded_step
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -118,24 +120,6 @@ def cells_per_chunk(per_cell: int, batch_size: int | None, max_bytes: int | None
     return min(fits, batch_size) if batch_size is not None else fits
 
 
-def expand_state(state: PromptState, copies: int) -> PromptState:
-    """`state` repeated `copies` times along the batch, cell-major (row c*B + b is cell c, row b).
-    A one-row state is expanded as a view; several rows need one reshape copy per chunk."""
-
-    def expand(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.shape[0] == 1:
-            return tensor.expand(copies, *tensor.shape[1:])
-        return tensor.unsqueeze(0).expand(copies, *tensor.shape).reshape(-1, *tensor.shape[1:])
-
-    return PromptState(
-        [expand(k) for k in state.keys],
-        [expand(v) for v in state.values],
-        expand(state.attention_mask),
-        state.length,
-        None,
-    )
-
-
 def block_inputs(
     model: HookedDiffusionGemma,
     canvas: torch.Tensor,
@@ -170,7 +154,6 @@ def frozen_fast_sweep(
 ) -> tuple[Float[torch.Tensor, " cell"], dict[str, Any]]:
     """Metric value per cell (in `cells` order) and what the run held (for the sweep's metadata)."""
     ctx = model.hook_ctx
-    trace = corrupted.trace[0]
     starts = {cell.index: start_of(model, cell.patch.hook) for cell in cells}
     per_cell = max(bytes_per_cell(model, corrupted, start) for start in set(starts.values()))
     chunk_size = cells_per_chunk(per_cell, batch_size, max_bytes)
@@ -188,8 +171,7 @@ def frozen_fast_sweep(
                     values[cell.index] = _score(cell, corrupted)
                     bar.update(1)
             for step in fire_steps:
-                ctx.canvas, ctx.step, ctx.t = 0, step, int(trace.t[step])
-                canvas = trace.input_canvas[step].to(model.device)
+                canvas = enter_recorded_step(model, corrupted.trace, 0, step)
                 self_cond = corrupted.cache.get(SELF_COND, canvas=0, step=step) if step > 0 else None
                 inputs = block_inputs(model, canvas, state, self_cond, [starts[c.index] for c in by_step[step]])
                 held["block_input_bytes"] = max(

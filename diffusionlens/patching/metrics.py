@@ -1,13 +1,25 @@
-"""Patching metrics: each maps a `PatchedRun` to a scalar (averaged over the batch)."""
+"""Patching metrics: each maps a `PatchedRun` to a scalar (averaged over the batch).
+
+Every metric says what it reads (`metric_reads`): which run, which canvas and step, and which logits.
+The logit metrics read `decoder.hook_logits`, the decoder's logits *after* the final soft-cap
+(`softcap * tanh(logit / softcap)`), the values the sampler turns into probabilities; `dla_by_step`
+explains the logit *before* the soft-cap (the cap is not linear) and reports it after the cap too
+(`DLAByStep.logit_softcapped`), so both can be compared.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from diffusionlens.patching.runs import PatchedRun
+
+#: `logits` in a metric's `reads()`: after the final soft-cap (`decoder.hook_logits`, what sampling
+#: reads), or before it (what a direct logit attribution sums to).
+POST_SOFTCAP = "post_softcap"
+PRE_SOFTCAP = "pre_softcap"
 
 
 class _OneStepLogitsMetric:
@@ -20,9 +32,21 @@ class _OneStepLogitsMetric:
     step: int
     canvas: int
     _TOKEN_FIELDS: tuple[str, ...] = ()
+    logits_read: ClassVar[str] = POST_SOFTCAP
 
     def __call__(self, run: PatchedRun) -> float:
         return float(self.on_logits(run.logits_at(self.step, self.canvas)))
+
+    def reads(self) -> dict[str, Any]:
+        """What the metric reads: the run it is called on, at `canvas` and `step` (negative: from the
+        last step of that run's own trajectory), its soft-capped logits."""
+        return {
+            "metric": type(self).__name__,
+            "run": "scored",
+            "canvas": self.canvas,
+            "step": self.step,
+            "logits": self.logits_read,
+        }
 
     def with_token_ids(self, model: Any) -> _OneStepLogitsMetric:
         """This metric with every token given as text replaced by its id (with `model.to_single_token`, so
@@ -113,6 +137,9 @@ class ExactMatch:
         answer = run.answer(self.canvas)
         return float((answer == self.target.to(answer.device)).all(-1).float().mean())
 
+    def reads(self) -> dict[str, Any]:
+        return {"metric": "ExactMatch", "run": "scored", "canvas": self.canvas, "step": "final", "logits": None}
+
 
 @dataclass(frozen=True)
 class KLToClean:
@@ -121,6 +148,17 @@ class KLToClean:
     clean: PatchedRun
     step: int = -1
     canvas: int = 0
+    logits_read: ClassVar[str] = POST_SOFTCAP
+
+    def reads(self) -> dict[str, Any]:
+        """As `LogitDiff.reads`, of the scored run and of the clean run (each step counted on its own)."""
+        return {
+            "metric": "KLToClean",
+            "run": "scored and clean",
+            "canvas": self.canvas,
+            "step": self.step,
+            "logits": self.logits_read,
+        }
 
     def __call__(self, run: PatchedRun) -> float:
         clean = torch.log_softmax(self.clean.logits_at(self.step, self.canvas).float(), -1)
@@ -140,8 +178,43 @@ class Normalized:
     def between(cls, metric, clean: PatchedRun, corrupted: PatchedRun) -> Normalized:
         return cls(metric, metric(clean), metric(corrupted))
 
+    def reads(self) -> dict[str, Any]:
+        return {**metric_reads(self.metric), "normalized": "0 = the corrupted run's value, 1 = the clean run's"}
+
     def __call__(self, run: PatchedRun) -> float:
         span = self.clean_value - self.corrupted_value
         if span == 0:
             raise ValueError(f"{self.metric} is equal on the clean and corrupted runs; nothing to normalise")
         return (self.metric(run) - self.corrupted_value) / span
+
+
+def metric_reads(metric: Any) -> dict[str, Any]:
+    """`metric.reads()`; for any other callable, its repr and that it reads the scored run (what it reads
+    inside that run is its own business: unknown here)."""
+    if hasattr(metric, "reads"):
+        return metric.reads()
+    return {"metric": repr(metric), "run": "scored", "canvas": None, "step": None, "logits": None}
+
+
+def sweep_metric_reads(metric: Any, mode: str, base: PatchedRun, per_cell: bool) -> dict[str, Any]:
+    """`metric_reads` for a patch sweep's metadata, with `step` resolved as the sweep reads it: in frozen
+    mode a negative step counts from the base (corrupted) run's last step, so it is that absolute step;
+    in free mode each cell's patched run has its own trajectory, and a negative step reads that run's
+    own last steps, which differ between cells (`step_counted_from` says so)."""
+    reads = {**metric_reads(metric)}
+    reads["run"] = reads["run"].replace("scored", f"patched ({mode})")
+    step = reads.get("step")
+    if per_cell:
+        reads["step"], reads["step_counted_from"] = "cell", "each cell's own patched step"
+    elif isinstance(step, int) and step < 0:
+        canvas = reads.get("canvas") or 0
+        if mode == "frozen":
+            n_steps = base.trace.steps(canvas) if canvas < len(base.trace) else None
+            reads["step"] = None if n_steps is None else n_steps + step
+            reads["step_counted_from"] = f"step {step} of the corrupted run's canvas {canvas}"
+        else:
+            reads["step_counted_from"] = (
+                f"step {step} of each cell's own patched run (canvas {canvas}); cells that stop at other steps "
+                "read other absolute steps"
+            )
+    return reads

@@ -10,7 +10,7 @@ a `PatchedRun`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +20,7 @@ from diffusionlens.cache.denoising import DenoisingCache
 from diffusionlens.patching.spec import Patch, patch_hooks
 from diffusionlens.sampling.generate import ForkState, run_settings
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
+from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
 from diffusionlens.sampling.settings import GenerationSettings, settings_of
 from diffusionlens.tokens import checked_attention_mask
 from diffusionlens.trace import DenoisingTrace
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
     from diffusionlens.prompt_state import PromptState
 
+SETTING_NAMES = frozenset(f.name for f in fields(GenerationSettings))
 LOGITS = "decoder.hook_logits"
 SELF_COND = "decoder.self_cond.hook_logits_in"
 
@@ -86,11 +88,16 @@ def record_run(
 ) -> PatchedRun:
     """Generate (free-running, with `ReplayNoise(0)` unless `noise` is given), recording the decoder
     logits and self-conditioning inputs every step (what frozen re-runs and metrics need) plus the
-    hooks in `names_filter` (what a patch will copy from this run)."""
+    hooks in `names_filter` (what a patch will copy from this run). The settings (`settings=` and any
+    settings keywords) are resolved here once; the run keeps the one `GenerationSettings` object in
+    its `generate_kwargs`."""
     input_ids = model.check_tokens(input_ids, "input_ids")
     names = [names_filter] if isinstance(names_filter, str) else list(names_filter or ())
-    kwargs = {"noise": noise if noise is not None else ReplayNoise(0), "progress": False, **generate_kwargs}
-    hooks = patch_hooks(model, patches, settings_of(kwargs).max_denoising_steps) + list(kwargs.pop("fwd_hooks", ()))
+    settings = settings_of(generate_kwargs)
+    others = {k: v for k, v in generate_kwargs.items() if k not in SETTING_NAMES}
+    kwargs = {"noise": noise if noise is not None else ReplayNoise(0), "progress": False, **others}
+    kwargs["settings"] = settings
+    hooks = patch_hooks(model, patches, settings.max_denoising_steps) + list(kwargs.pop("fwd_hooks", ()))
     result, cache = model.generate_with_cache(
         input_ids,
         names_filter=[LOGITS, SELF_COND, *names],
@@ -154,37 +161,29 @@ def run_patched(
     if base.cache is None or not base.cache.recorded_anywhere(SELF_COND):
         raise ValueError("frozen re-runs need a base run made by record_run (it records the decoder inputs)")
     run_steps = list(range(base.trace.steps(canvas))) if steps is None else list(steps)
-    ctx = model.hook_ctx
     logits = {}
     try:
         hooks = patch_hooks(model, patches, base.settings.max_denoising_steps)
         with torch.inference_mode(), model.hooks_for_run(fwd_hooks=hooks):
             state = encode_through(model, base, canvas)
             for step in run_steps:
-                ctx.canvas, ctx.step, ctx.t = canvas, step, int(base.trace[canvas].t[step])
                 self_cond = base.cache.get(SELF_COND, canvas=canvas, step=step) if step > 0 else None
-                logits[(canvas, step)] = model.denoise(base.trace[canvas].input_canvas[step], state, self_cond)
+                logits[(canvas, step)] = rerun_recorded_pass(
+                    model, base.trace, state, self_cond, canvas=canvas, step=step
+                )
     finally:
-        ctx.reset()
+        model.hook_ctx.reset()
     return PatchedRun(
         base.input_ids, base.attention_mask, "frozen", base.trace, logits, None, None, base.generate_kwargs
     )
 
 
 def encode_through(model: HookedDiffusionGemma, base: PatchedRun, canvas: int) -> PromptState:
-    """The prompt state the decoder read in `canvas`, encoded canvas by canvas as generation does
-    (encoder hooks, and so prompt-channel patches, fire with ctx.canvas set)."""
-    ctx = model.hook_ctx
-    ctx.canvas, ctx.step = 0, None
-    state = model.encode(base.input_ids, base.attention_mask)
+    """The prompt state the decoder read in `canvas` of `base` (see `sampling.recorded.encode_prompt`;
+    encoder hooks, and so prompt-channel patches, fire with ctx.canvas set)."""
     if canvas > 0 and base.sequences is None:
         raise ValueError("frozen re-runs of later canvases need a free-running base run with sequences")
-    for c in range(1, canvas + 1):
-        ctx.canvas = c
-        start = base.input_ids.shape[1] + (c - 1) * base.trace[c - 1].input_canvas.shape[-1]
-        chunk = base.sequences[:, start : start + base.trace[c - 1].input_canvas.shape[-1]]
-        state = model.encode(chunk, None, state)
-    return state
+    return encode_prompt(model, base.input_ids, base.attention_mask, base.sequences, canvas)
 
 
 def fork_state(

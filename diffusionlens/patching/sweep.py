@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from diffusionlens.indexing import resolve_layers
 from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
-from diffusionlens.patching.metrics import with_token_ids
+from diffusionlens.patching.metrics import sweep_metric_reads, with_token_ids
 from diffusionlens.patching.runs import PatchedRun, fork_state, run_patched
 from diffusionlens.patching.spec import Patch
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
@@ -131,6 +131,45 @@ def patch_sweep(
         raise ValueError("sweeping over layers needs '{layer}' in the hook name, e.g. 'decoder.blocks.{layer}.…'")
     if clean.cache is None:
         raise ValueError("clean must come from record_run (its cache is the patch source)")
+    labels = sweep_labels(model, clean, corrupted, hook, over, layers=layers, steps=steps, positions=positions)
+    per_cell = metric_steps == "cell"
+    if per_cell and ("step" not in over or mode != "frozen" or not hasattr(metric, "step")):
+        raise ValueError("metric_steps='cell' needs a frozen sweep over steps and a metric with a `step` field")
+    n_steps = corrupted.trace.steps(0)
+    read_steps = [] if per_cell else list(metric_steps) if metric_steps is not None else [n_steps - 1]
+    cells = sweep_cells(clean, hook, over, labels, metric, read_steps, per_cell)
+    engine = SweepEngine(model, corrupted, mode, path, batch_size, max_bytes, progress)
+    values, fast, held = engine.run(cells)
+    metadata = {
+        "hook": hook,
+        "mode": mode,
+        "metric": repr(metric),
+        # the steps a frozen cell re-runs for its metric; a free cell runs to its own end
+        "metric_steps": "cell" if per_cell else read_steps if mode == "frozen" else None,
+        "metric_reads": sweep_metric_reads(metric, mode, corrupted, per_cell),
+        "path": "fast" if fast else "reference",
+    }
+    return SweepResult(
+        values.view(len(labels[over[0]]), len(labels[over[1]])),
+        over,
+        {a: labels[a] for a in over},
+        metadata,
+        stats=held,
+    )
+
+
+def sweep_labels(
+    model: HookedDiffusionGemma,
+    clean: PatchedRun,
+    corrupted: PatchedRun,
+    hook: str,
+    over: tuple[str, ...],
+    *,
+    layers: Sequence[int] | None,
+    steps: Sequence[int] | None,
+    positions: Sequence[int] | None,
+) -> dict[str, list]:
+    """The label of every coordinate a sweep can patch at (layers, steps, positions, heads), checked."""
     n_steps = corrupted.trace.steps(0)
     labels = {
         "layer": resolve_layers(layers, model.cfg.num_hidden_layers),
@@ -143,21 +182,38 @@ def patch_sweep(
             f"the hook {hook!r} has a {{layer}} but the sweep is over {over}: give the one layer to patch, "
             f"e.g. layers=[2] (got {labels['layer'] if layers is not None else 'none'})"
         )
+    return labels
+
+
+@dataclass
+class SweepCells:
+    """Every cell of a sweep, in row-major order: its patch, the steps a frozen re-run runs, its metric."""
+
+    patches: list[Patch]
+    run_steps: list[list[int]]
+    metrics: list[Callable[[PatchedRun], float]]
+
+
+def sweep_cells(
+    clean: PatchedRun,
+    hook: str,
+    over: tuple[str, ...],
+    labels: dict[str, list],
+    metric: Callable[[PatchedRun], float],
+    read_steps: list[int],
+    per_cell: bool,
+) -> SweepCells:
+    """The patch of every cell (clean's values at its coordinates), the steps it re-runs, its metric."""
     fixed_layer = labels["layer"][0] if labels["layer"] else 0  # every cell's layer when layers are no axis
-    per_cell = metric_steps == "cell"
-    if per_cell and ("step" not in over or mode != "frozen" or not hasattr(metric, "step")):
-        raise ValueError("metric_steps='cell' needs a frozen sweep over steps and a metric with a `step` field")
-    read_steps = [] if per_cell else list(metric_steps) if metric_steps is not None else [n_steps - 1]
     name_of = (lambda layer: hook.format(layer=layer)) if "{layer}" in hook else (lambda layer: hook)
     # recorded_anywhere, not `in`: the self-conditioning input does not fire at step 0.
     missing = [n for n in {name_of(layer) for layer in labels["layer"]} if not clean.cache.recorded_anywhere(n)]
     if missing:
         raise ValueError(f"the clean run did not record {missing[:3]}…; pass them in record_run(names_filter=...)")
-    cells = list(product(labels[over[0]], labels[over[1]]))
-    patches, run_steps = [], []
-    for cell in cells:
+    cells = SweepCells([], [], [])
+    for cell in product(labels[over[0]], labels[over[1]]):
         coords = dict(zip(over, cell, strict=True))
-        patches.append(
+        cells.patches.append(
             Patch(
                 name_of(coords.get("layer", fixed_layer)),
                 clean.cache,
@@ -166,25 +222,43 @@ def patch_sweep(
                 heads=coords.get("head", "all"),
             )
         )
-        run_steps.append(sorted({*read_steps, coords["step"]}) if "step" in coords else read_steps)
-    metrics = [replace(metric, step=dict(zip(over, c, strict=True))["step"]) if per_cell else metric for c in cells]
-    fast = path == "fast" and mode == "frozen" and all(start_of(model, p.hook) is not None for p in patches)
-    held: dict[str, Any] = {}
-    if fast:
-        fast_cells = [
-            Cell(i, patch, cell_metric, _fire_steps(patch, steps_run), steps_run)
-            for i, (patch, cell_metric, steps_run) in enumerate(zip(patches, metrics, run_steps, strict=True))
-        ]
-        values, held = frozen_fast_sweep(
-            model, corrupted, fast_cells, batch_size=batch_size, max_bytes=max_bytes, progress=progress
-        )
-    else:
+        cells.run_steps.append(sorted({*read_steps, coords["step"]}) if "step" in coords else read_steps)
+        cells.metrics.append(replace(metric, step=coords["step"]) if per_cell else metric)
+    return cells
+
+
+@dataclass
+class SweepEngine:
+    """How a sweep's cells run: the frozen fast path, the batched free fast path, or one `run_patched`
+    per cell (forked at its first patched step where the run allows)."""
+
+    model: HookedDiffusionGemma
+    corrupted: PatchedRun
+    mode: str
+    path: str
+    batch_size: int | None
+    max_bytes: int | None
+    progress: bool
+
+    def run(self, cells: SweepCells) -> tuple[torch.Tensor, bool, dict[str, Any]]:
+        """Each cell's metric value, whether a fast path ran, and what it held."""
+        model, corrupted, patches = self.model, self.corrupted, cells.patches
+        chunking = {"batch_size": self.batch_size, "max_bytes": self.max_bytes, "progress": self.progress}
+        if self.path == "fast" and self.mode == "frozen" and all(start_of(model, p.hook) is not None for p in patches):
+            fast_cells = [
+                Cell(i, patch, cell_metric, _fire_steps(patch, steps_run), steps_run)
+                for i, (patch, cell_metric, steps_run) in enumerate(
+                    zip(patches, cells.metrics, cells.run_steps, strict=True)
+                )
+            ]
+            values, held = frozen_fast_sweep(model, corrupted, fast_cells, **chunking)
+            return values, True, held
         # Free cells fork the corrupted run at their first patched step (the steps before it are the
         # corrupted run's own under replayed noise) and share its encoded prompt; encoder patches,
         # which change the prompt state itself, and TorchRNGNoise runs regenerate from the start.
         forkable = (
-            path == "fast"
-            and mode == "free"
+            self.path == "fast"
+            and self.mode == "free"
             and isinstance(corrupted.generate_kwargs.get("noise"), ReplayNoise | RowReplayNoise)
             and not any(p.hook.startswith("encoder.") for p in patches)
         )
@@ -192,41 +266,24 @@ def patch_sweep(
         if forkable and batchable(corrupted):
             free_cells = [
                 FreeCell(i, patch, cell_metric, step)
-                for i, (patch, cell_metric, step) in enumerate(zip(patches, metrics, fork_steps, strict=True))
+                for i, (patch, cell_metric, step) in enumerate(zip(patches, cells.metrics, fork_steps, strict=True))
             ]
-            values, held = free_fast_sweep(
-                model, corrupted, free_cells, batch_size=batch_size, max_bytes=max_bytes, progress=progress
+            values, held = free_fast_sweep(model, corrupted, free_cells, **chunking)
+            return values, True, held
+        prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
+        values = torch.empty(len(patches))
+        for i in tqdm(range(len(patches)), desc="patch sweep", disable=not self.progress, leave=False):
+            patched = run_patched(
+                model,
+                corrupted,
+                patches[i],
+                mode=self.mode,
+                steps=cells.run_steps[i] if self.mode == "frozen" else None,
+                fork_at=fork_steps[i] if forkable else None,
+                prompt_state=prompt_state,
             )
-        else:
-            prompt_state = fork_state(model, corrupted, 0).prompt_state if forkable else None
-            values = torch.empty(len(cells))
-            for i in tqdm(range(len(cells)), desc="patch sweep", disable=not progress, leave=False):
-                steps_run = run_steps[i] if mode == "frozen" else None
-                patched = run_patched(
-                    model,
-                    corrupted,
-                    patches[i],
-                    mode=mode,
-                    steps=steps_run,
-                    fork_at=fork_steps[i] if forkable else None,
-                    prompt_state=prompt_state,
-                )
-                values[i] = metrics[i](patched)
-        fast = forkable
-    metadata = {
-        "hook": hook,
-        "mode": mode,
-        "metric": repr(metric),
-        "metric_steps": "cell" if per_cell else read_steps,
-        "path": "fast" if fast else "reference",
-    }
-    return SweepResult(
-        values.view(len(labels[over[0]]), len(labels[over[1]])),
-        over,
-        {a: labels[a] for a in over},
-        metadata,
-        stats=held,
-    )
+            values[i] = cells.metrics[i](patched)
+        return values, forkable, {}
 
 
 def _fire_steps(patch: Patch, run_steps: list[int]) -> list[int]:

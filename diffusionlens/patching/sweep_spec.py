@@ -136,6 +136,15 @@ class SweepSpec:
             **rest,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as `from_dict` reads it, fields that are None left out:
+        `SweepSpec.from_dict(spec.to_dict()) == spec`, also through JSON or YAML."""
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        raw["over"] = list(self.over)
+        raw["metric"] = dict(self.metric)
+        raw = {key: list(value) if isinstance(value, list) else value for key, value in raw.items()}
+        return {key: value for key, value in raw.items() if value is not None}
+
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
         """Read a `.json`, `.yaml` or `.yml` spec file, with `overrides` replacing its keys (the command

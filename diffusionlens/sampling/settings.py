@@ -115,16 +115,19 @@ class GenerationSettings:
 def merge_settings(settings: GenerationSettings | None, **overrides: Any) -> GenerationSettings:
     """`settings` (default: `GenerationSettings()`) with every override that was given applied.
 
-    Keyword arguments of `generate` override the fields of `settings=`; an override left at its
-    "not given" marker (`None` for numbers, `NOT_GIVEN` for eos/pad, where None means "disable")
-    keeps the settings' value.
+    The settings keywords of `generate` (and of every helper that takes them as sugar) override the
+    fields of `settings=`: a number left at None keeps the settings' value; `eos_token_id=None` /
+    `pad_token_id=None` given explicitly disable eos stopping / padding. An unknown name raises a
+    TypeError listing the fields.
     """
     if settings is not None and not isinstance(settings, GenerationSettings):
         raise TypeError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
-    given = {k: v for k, v in overrides.items() if v is not None and v is not NOT_GIVEN}
-    for name in ("eos_token_id", "pad_token_id"):
-        if overrides.get(name, NOT_GIVEN) is None:
-            given[name] = None
+    names = [f.name for f in fields(GenerationSettings)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"unknown generation setting(s) {unknown}; GenerationSettings fields: {names}")
+    disabling = ("eos_token_id", "pad_token_id")
+    given = {k: v for k, v in overrides.items() if v is not None or k in disabling}
     return (settings or GenerationSettings()).replace(**given)
 
 
@@ -134,12 +137,3 @@ def settings_of(generate_kwargs: Mapping[str, Any]) -> GenerationSettings:
     budget or canvas count resolves it here, so `settings=` and the keywords mean the same."""
     names = {f.name for f in fields(GenerationSettings)}
     return merge_settings(generate_kwargs.get("settings"), **{k: v for k, v in generate_kwargs.items() if k in names})
-
-
-class _NotGiven:
-    def __repr__(self) -> str:
-        return "NOT_GIVEN"
-
-
-NOT_GIVEN: Any = _NotGiven()
-"""Default of `generate`'s eos/pad keywords: use `settings`' value (None there means "disable")."""

@@ -3,12 +3,10 @@ the lens of chosen tokens at one position by step and layer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from diffusionlens.analysis.logit_lens import logit_lens_token_scores
 from diffusionlens.indexing import Selector
 from diffusionlens.viz._common import (
     TokenDecoder,
@@ -21,8 +19,8 @@ from diffusionlens.viz._common import (
 )
 
 if TYPE_CHECKING:
+    from diffusionlens.analysis.logit_lens import LensTokenScores
     from diffusionlens.cache.denoising import DenoisingCache
-    from diffusionlens.model import HookedDiffusionGemma
 
 
 def plot_logit_lens(
@@ -91,31 +89,18 @@ def plot_logit_lens(
 
 
 def plot_logit_lens_by_step(
-    cache: DenoisingCache,
-    position: int,
-    tokens: Sequence[int] | int,
-    tokenizer: TokenDecoder = None,
-    *,
-    metric: str = "prob",
-    canvas: int = 0,
-    row: int = 0,
-    model: HookedDiffusionGemma | None = None,
-    ax=None,
-    title: str | None = None,
+    scores: LensTokenScores, tokenizer: TokenDecoder = None, *, ax=None, title: str | None = None
 ):
-    """Step × layer grid of the logit lens of chosen `tokens` at one canvas `position`: the probability of
-    the tokens (`metric="prob"`, colour 0 … 1) or the logit difference of two (`metric="logit_diff"`,
-    `tokens=(good, bad)`, a diverging scale centred on 0). Rows are the recorded steps, columns the
-    residual before each block and after the last. The numbers are `logit_lens_token_scores(...)`'s
-    (the figure's `.lens_scores`); needs what `logit_lens_by_step` needs. Returns the Figure.
+    """Step × layer grid of the logit lens of chosen tokens at one canvas position, drawn from
+    `diffusionlens.analysis.logit_lens_token_scores(cache, position, tokens, metric=...)`: the probability of
+    the tokens (`metric="prob"`, colour 0 … 1) or the logit difference of two (`metric="logit_diff"`, a
+    diverging scale centred on 0). Rows are the recorded steps, columns the residual before each block and
+    after the last. Returns the Figure (`fig.lens_scores` is `scores`).
     """
-    scores = logit_lens_token_scores(
-        cache, position, tokens, metric=metric, canvas=canvas, row=row, model=model
-    )  # fmt: skip
-    values = scores.values
+    values = scores.values.detach().float().cpu()
     n_steps, n_layers = values.shape
     fig, ax = new_axes(ax, (max(4.0, 0.5 * n_layers + 3.0), max(2.5, 0.3 * n_steps + 1.6)))
-    if metric == "prob":
+    if scores.metric == "prob":
         image = ax.imshow(values.numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     else:
         bound = float(values.abs().max()) or 1.0
@@ -130,8 +115,11 @@ def plot_logit_lens_by_step(
     no_math(ax.get_xticklabels())
     ax.set_xlabel("residual stream")
     ax.set_ylabel("denoising step")
-    label = f"P({' or '.join(names)})" if metric == "prob" else f"logit({names[0]}) - logit({names[1]})"
+    if scores.metric == "prob":
+        label = f"P({' or '.join(names)})"
+    else:
+        label = f"logit({names[0]}) - logit({names[1]})"
     fig.colorbar(image, ax=ax, label=label.replace("$", r"\$"))
     fig.lens_scores = scores
-    default = f"logit lens at position {scores.position} by step (canvas {canvas}, row {row})"
-    return finish_figure(fig, ax, title or default)
+    where = f"position {scores.position} by step (canvas {scores.canvas}, row {scores.row})"
+    return finish_figure(fig, ax, title or f"logit lens at {where}")

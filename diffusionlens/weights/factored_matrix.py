@@ -4,8 +4,11 @@ Per-head circuits such as QK = W_Q W_Kᵀ (`[d_model, d_model]`) have rank at mo
 the two thin factors is cheaper than the dense product and gives the SVD, eigenvalues and norm of
 the product at the cost of d_head-sized decompositions. Leading dimensions (heads, layers) broadcast.
 
-One deliberate difference from TransformerLens: `Vh` follows torch's convention, so
-`U @ diag(S) @ Vh == AB`. (TransformerLens' `Vh` is V, used as `U @ diag(S) @ Vh.T`.)
+As TransformerLens: `svd()` returns `(U, S, V)` with `U @ diag(S) @ V.mT == AB`, products keep the smallest
+inner dimension on offer, indexing reaches into the two matrix dimensions, and factors may be tensor-like
+objects (anything with `ndim`, `shape`, `broadcast_to` and `@`) for the products. One deliberate difference:
+`Vh`, which TransformerLens keeps as a deprecated alias of `V` (it is not V's transpose), raises here,
+naming `V` and `V.mT`, so that code written for either meaning cannot read the other silently.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ import torch
 from jaxtyping import Complex, Float
 
 
-def _broadcast_leading(
-    A: Float[torch.Tensor, "... ldim mdim"], B: Float[torch.Tensor, "... mdim rdim"]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    leading = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    return A.expand(*leading, *A.shape[-2:]), B.expand(*leading, *B.shape[-2:])
+def _is_tensor_like(value: object) -> bool:
+    """A torch tensor, or an object with the tensor protocol the products use (TransformerLens's TensorLike)."""
+    return isinstance(value, torch.Tensor) or all(hasattr(value, a) for a in ("ndim", "shape", "broadcast_to"))
+
+
+def _broadcast_leading(A, B) -> tuple[torch.Tensor, torch.Tensor]:
+    leading = torch.broadcast_shapes(tuple(A.shape[:-2]), tuple(B.shape[:-2]))
+    return A.broadcast_to((*leading, *A.shape[-2:])), B.broadcast_to((*leading, *B.shape[-2:]))
+
+
+def _keeping_axis(index: object) -> object:
+    """An int index of a matrix dimension as a one-entry slice, so that the dimension stays (as TransformerLens)."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return slice(index, index + 1 if index != -1 else None)
+    return index
 
 
 class FactoredMatrix:
@@ -32,6 +45,8 @@ class FactoredMatrix:
     # Shapes ([..., ldim, mdim] @ [..., mdim, rdim]) are checked below rather than in the annotation, so a
     # mismatch gets this class's message, which says what to fix.
     def __init__(self, A: Float[torch.Tensor, "..."], B: Float[torch.Tensor, "..."]) -> None:
+        if not (_is_tensor_like(A) and _is_tensor_like(B)):
+            raise TypeError(f"FactoredMatrix factors must be tensors, got {type(A).__name__} and {type(B).__name__}")
         if A.ndim < 2 or B.ndim < 2:
             raise ValueError(
                 f"FactoredMatrix factors must be at least 2-D, got A of shape {tuple(A.shape)} "
@@ -39,14 +54,16 @@ class FactoredMatrix:
             )
         if A.shape[-1] != B.shape[-2]:
             raise ValueError(
-                f"FactoredMatrix factors do not chain: A is {tuple(A.shape)} and B is {tuple(B.shape)}; "
-                f"A's last dimension ({A.shape[-1]}) must equal B's second-to-last ({B.shape[-2]})"
+                f"FactoredMatrix factors must match on the inner dimension: A is {tuple(A.shape)} and B is "
+                f"{tuple(B.shape)}; A's last dimension ({A.shape[-1]}) must equal B's second-to-last ({B.shape[-2]})"
             )
+        #: whether either factor came with dimensions before the matrix ones (TransformerLens's flag)
+        self.has_leading_dims = A.ndim > 2 or B.ndim > 2
         try:
             self.A, self.B = _broadcast_leading(A, B)
         except RuntimeError as err:
             raise ValueError(
-                f"FactoredMatrix factors' leading (batch) dimensions do not broadcast: "
+                f"FactoredMatrix factors' leading (batch) dimensions mismatch, they do not broadcast: "
                 f"{tuple(A.shape[:-2])} vs {tuple(B.shape[:-2])}"
             ) from err
 
@@ -94,38 +111,42 @@ class FactoredMatrix:
         return FactoredMatrix(self.B.transpose(-2, -1), self.A.transpose(-2, -1))
 
     def __matmul__(self, other: torch.Tensor | FactoredMatrix) -> FactoredMatrix | torch.Tensor:
-        """`self @ other`. A 1-D tensor gives a dense vector; a matrix or FactoredMatrix gives a FactoredMatrix
-        whose inner dimension is the smaller of the two on offer: `A (B other)` keeps mdim, `(AB) other`
-        has rdim (for a FactoredMatrix `other`: this mdim or other's)."""
+        """`self @ other`. A vector (1-D) gives a dense vector; a matrix or FactoredMatrix gives a FactoredMatrix
+        whose inner dimension is the smallest on offer: `A (B other)` keeps mdim, `(AB) other` has rdim, and
+        for a FactoredMatrix `other` the product is `(self @ other.A) @ other.B`."""
         if isinstance(other, FactoredMatrix):
             self._check_inner(other.ldim, "right", tuple(other.shape))
-            middle = self.B @ other.A  # [..., self.mdim, other.mdim]
-            if self.mdim <= other.mdim:
-                return FactoredMatrix(self.A, middle @ other.B)
-            return FactoredMatrix(self.A @ middle, other.B)
-        if not isinstance(other, torch.Tensor):
+            return (self @ other.A) @ other.B
+        if not _is_tensor_like(other):
             return NotImplemented
-        if other.ndim == 1:
+        if other.ndim < 2:
             self._check_inner(other.shape[0], "right", tuple(other.shape))
-            return (self.A @ (self.B @ other[:, None])).squeeze(-1)
+            return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         self._check_inner(other.shape[-2], "right", tuple(other.shape))
-        if self.mdim <= self.rdim:
+        if self.mdim < self.rdim:
             return FactoredMatrix(self.A, self.B @ other)
         return FactoredMatrix(self.AB, other)
 
     def __rmatmul__(self, other: torch.Tensor) -> FactoredMatrix | torch.Tensor:
         """`other @ self` for a tensor `other` (a FactoredMatrix on the left goes through its `__matmul__`)."""
-        if not isinstance(other, torch.Tensor):
+        if not _is_tensor_like(other):
             return NotImplemented
-        if other.ndim == 1:
+        if other.ndim < 2:
             self._check_inner(other.shape[0], "left", tuple(other.shape))
-            return ((other[None, :] @ self.A) @ self.B).squeeze(-2)
+            return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
         self._check_inner(other.shape[-1], "left", tuple(other.shape))
-        if self.mdim <= self.ldim:
+        if self.mdim < self.ldim:
             return FactoredMatrix(other @ self.A, self.B)
         return FactoredMatrix(other, self.AB)
 
     def _check_inner(self, size: int, side: str, other_shape: tuple) -> None:
+        try:
+            torch.broadcast_shapes(tuple(self.shape[:-2]), tuple(other_shape[:-2]))
+        except RuntimeError as err:
+            raise ValueError(
+                f"Cannot multiply: the leading (batch) dimensions mismatch, {tuple(self.shape[:-2])} vs "
+                f"{tuple(other_shape[:-2])} do not broadcast"
+            ) from err
         own = self.rdim if side == "right" else self.ldim
         if size != own:
             which = "rdim" if side == "right" else "ldim"
@@ -138,12 +159,31 @@ class FactoredMatrix:
             )
 
     def __mul__(self, scalar: float | torch.Tensor) -> FactoredMatrix:
-        """Scale by a number (or a tensor broadcasting over the leading dims, applied as `[..., 1, 1]`)."""
-        if isinstance(scalar, torch.Tensor) and scalar.ndim > 0:
-            scalar = scalar[..., None, None]
+        """Scale by a number or a one-element tensor (as TransformerLens); for a matrix product use `@`."""
+        if isinstance(scalar, torch.Tensor) and scalar.numel() != 1:
+            raise ValueError(
+                f"FactoredMatrix * x needs a scalar (a number or a one-element tensor), got a tensor of shape "
+                f"{tuple(scalar.shape)}; for a matrix product use @"
+            )
+        if not isinstance(scalar, (int, float, torch.Tensor)) or isinstance(scalar, bool):
+            return NotImplemented
         return FactoredMatrix(self.A * scalar, self.B)
 
     __rmul__ = __mul__
+
+    @property
+    def pair(self) -> tuple[Float[torch.Tensor, "... ldim mdim"], Float[torch.Tensor, "... mdim rdim"]]:
+        """The factors `(A, B)`."""
+        return self.A, self.B
+
+    def unsqueeze(self, dim: int) -> FactoredMatrix:
+        """A new leading dimension at `dim` (counted on the product's shape, as on the factors')."""
+        return FactoredMatrix(self.A.unsqueeze(dim), self.B.unsqueeze(dim))
+
+    def make_even(self) -> FactoredMatrix:
+        """The same matrix as `(U √S) (√S Vᵀ)`: each factor carries half of every singular value."""
+        root = self.S.sqrt()
+        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * self.V.mT)
 
     # ------------------------------------------------------------------ decompositions
     @cached_property
@@ -153,15 +193,13 @@ class FactoredMatrix:
         Qa, Ra = torch.linalg.qr(self.A, mode="reduced")
         Qb, Rb = torch.linalg.qr(self.B.transpose(-2, -1), mode="reduced")
         Uc, S, Vhc = torch.linalg.svd(Ra @ Rb.transpose(-2, -1), full_matrices=False)
-        return Qa @ Uc, S, Vhc @ Qb.transpose(-2, -1)
+        return Qa @ Uc, S, Qb @ Vhc.transpose(-2, -1)  # (U, S, V)
 
     def svd(
         self,
-    ) -> tuple[Float[torch.Tensor, "... ldim k"], Float[torch.Tensor, "... k"], Float[torch.Tensor, "... k rdim"]]:
-        """Thin SVD of `AB`, k = min(ldim, mdim, rdim): `U @ diag(S) @ Vh == AB`, S descending.
-
-        torch's convention for Vh (rows are right singular vectors), unlike TransformerLens' `Vh`.
-        """
+    ) -> tuple[Float[torch.Tensor, "... ldim k"], Float[torch.Tensor, "... k"], Float[torch.Tensor, "... rdim k"]]:
+        """Thin SVD of `AB` as TransformerLens returns it, `(U, S, V)` with `U @ diag(S) @ V.mT == AB`,
+        k = min(ldim, mdim, rdim), S descending. Computed once per matrix."""
         return self._svd
 
     @property
@@ -173,44 +211,57 @@ class FactoredMatrix:
         return self._svd[1]
 
     @property
-    def Vh(self) -> Float[torch.Tensor, "... k rdim"]:
+    def V(self) -> Float[torch.Tensor, "... rdim k"]:
+        """Right singular vectors as columns: `U @ diag(S) @ V.mT == AB`."""
         return self._svd[2]
 
     @property
-    def V(self) -> Float[torch.Tensor, "... rdim k"]:
-        """Right singular vectors as columns (TransformerLens' `Vh`)."""
-        return self._svd[2].transpose(-2, -1)
+    def Vh(self) -> torch.Tensor:
+        raise AttributeError(
+            "FactoredMatrix.Vh is ambiguous (TransformerLens's deprecated Vh returns V, torch's Vh is V.mT): "
+            "use fm.V (right singular vectors as columns) or fm.V.mT"
+        )
 
     @cached_property
     def eigenvalues(self) -> Complex[torch.Tensor, "... mdim"]:
-        """Eigenvalues of `BA`: the non-zero eigenvalues of `AB`, padded with zeros (up to rounding) to mdim."""
-        return torch.linalg.eigvals(self.BA)
+        """Eigenvalues of `BA`: the non-zero eigenvalues of `AB`, padded with zeros (up to rounding) to mdim.
+        16-bit factors are decomposed in float32 (torch has no 16-bit eig)."""
+        BA = self.BA
+        if BA.dtype in (torch.bfloat16, torch.float16):
+            BA = BA.float()
+        return torch.linalg.eigvals(BA)
 
     def norm(self) -> Float[torch.Tensor, "..."]:
         """Frobenius norm of `AB`, from the singular values."""
         return self.S.pow(2).sum(-1).sqrt()
 
     def collapse_l(self) -> Float[torch.Tensor, "... k rdim"]:
-        """`diag(S) @ Vh`: drop the orthonormal left factor U, keeping everything `AB` does to its right."""
-        return self.S[..., :, None] * self.Vh
+        """`diag(S) @ V.mT`: drop the orthonormal left factor U, keeping everything `AB` does to its right."""
+        return self.S[..., :, None] * self.V.transpose(-2, -1)
 
     def collapse_r(self) -> Float[torch.Tensor, "... ldim k"]:
-        """`U @ diag(S)`: drop the orthonormal right factor Vh."""
+        """`U @ diag(S)`: drop the orthonormal right factor V."""
         return self.U * self.S[..., None, :]
 
     # ------------------------------------------------------------------ indexing
     def __getitem__(self, index) -> FactoredMatrix:
-        """Index the leading (e.g. head) dimensions only; the two matrix dimensions are kept whole."""
+        """Index the leading (e.g. head) dimensions and, as TransformerLens, the matrix dimensions: with one
+        index past the leading ones it picks rows (of A), with two rows and columns (of B). An int on a
+        matrix dimension keeps it with size 1, so the result is still a matrix."""
         index = index if isinstance(index, tuple) else (index,)
         n_leading = self.ndim - 2
-        if Ellipsis in index or len(index) > n_leading:
+        if Ellipsis in index or any(i is None for i in index):
+            raise IndexError("FactoredMatrix indexing takes no Ellipsis or None: index each dimension explicitly")
+        if len(index) > n_leading + 2:
             raise IndexError(
-                f"FactoredMatrix indexing covers only its {n_leading} leading dimension(s) "
-                f"{tuple(self.shape[:-2])}; got {len(index)} index/indices. For entries of the product use "
-                f".AB[...] or .get_corner()"
+                f"{len(index)} indices for a FactoredMatrix of shape {tuple(self.shape)}: at most {n_leading + 2}"
             )
-        full = (*index, slice(None), slice(None))
-        return FactoredMatrix(self.A[full], self.B[full])
+        leading = index[:n_leading]
+        if len(index) <= n_leading:
+            return FactoredMatrix(self.A[index], self.B[index])
+        rows = _keeping_axis(index[n_leading])
+        columns = _keeping_axis(index[n_leading + 1]) if len(index) == n_leading + 2 else slice(None)
+        return FactoredMatrix(self.A[(*leading, rows, slice(None))], self.B[(*leading, slice(None), columns)])
 
     def get_corner(self, k: int = 3) -> Float[torch.Tensor, "... k k"]:
         """The top-left `k × k` block of `AB`, computed without forming the rest."""

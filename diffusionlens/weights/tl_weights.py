@@ -263,3 +263,119 @@ def model_weights(model, stack: str = "decoder", *, fold_norm_gains: bool = Fals
         softcap=model.cfg.final_logit_softcapping,
         blocks=blocks,
     )
+
+
+def _padded(tensor: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """`tensor` zero-padded along `axis` to `size` (an inner dimension: the product is unchanged)."""
+    missing = size - tensor.shape[axis]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat((tensor, tensor.new_zeros(shape)), dim=axis)
+
+
+class StackedWeights:
+    """TransformerLens's model-level weights, stacked over layers (`model.W_Q [layer, head, d_model,
+    d_head]`, …) from the decoder stack (the encoder shares every matrix).
+
+    The rule where layers differ: DiffusionGemma's full-attention layers may use another head size
+    (`global_head_dim`) than its sliding ones. Attention matrices that hold `d_head` (W_Q … b_V) stack only
+    when every layer agrees, and otherwise raise, naming the per-layer form
+    (`block_weights(model, l).W_Q`). `QK` and `OV` are `[layer, head, d_model, d_model]` whatever the head
+    sizes: their factors are zero-padded along the inner dimension to the largest `d_head`, which leaves
+    every product exactly as it is. Missing biases read as zeros, as TransformerLens's are.
+    """
+
+    def _blocks(self) -> list[BlockWeights]:
+        return model_weights(self).blocks
+
+    def _stacked(self, what: str, per_block: list[torch.Tensor]) -> torch.Tensor:
+        shapes = [tuple(t.shape) for t in per_block]
+        if len(set(shapes)) > 1:
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for layer, shape in enumerate(shapes):
+                by_shape.setdefault(shape, []).append(layer)
+            described = "; ".join(f"layers {layers}: {list(shape)}" for shape, layers in by_shape.items())
+            raise ValueError(
+                f"model.{what} cannot stack over layers: their shapes differ ({described}), as sliding and "
+                f"full-attention layers have different head sizes. Read one layer with "
+                f"block_weights(model, layer).{what} (or model.weights().blocks[layer].{what})"
+            )
+        return torch.stack(per_block)
+
+    def _attention(self, what: str) -> torch.Tensor:
+        blocks = self._blocks()
+        values = []
+        for block in blocks:
+            value = getattr(block, what)
+            if value is None:  # no attention bias: zeros, as TransformerLens's unused biases are
+                width = block.W_O.shape[-1] if what == "b_O" else block.d_head
+                shape = (width,) if what == "b_O" else (block.n_heads, width)
+                value = block.W_Q.new_zeros(shape)
+            values.append(value)
+        return self._stacked(what, values)
+
+    W_Q = property(lambda self: self._attention("W_Q"), doc="`[layer, head, d_model, d_head]`")
+    W_K = property(lambda self: self._attention("W_K"), doc="`[layer, head, d_model, d_head]`, one per query head")
+    W_V = property(lambda self: self._attention("W_V"), doc="`[layer, head, d_model, d_head]`, one per query head")
+    W_O = property(lambda self: self._attention("W_O"), doc="`[layer, head, d_head, d_model]`")
+    b_Q = property(lambda self: self._attention("b_Q"), doc="`[layer, head, d_head]` (zeros without biases)")
+    b_K = property(lambda self: self._attention("b_K"), doc="`[layer, head, d_head]` (zeros without biases)")
+    b_V = property(lambda self: self._attention("b_V"), doc="`[layer, head, d_head]` (zeros without biases)")
+    b_O = property(lambda self: self._attention("b_O"), doc="`[layer, d_model]` (zeros without biases)")
+    W_in = property(
+        lambda self: self._stacked("W_in", [b.W_in for b in self._blocks()]), doc="`[layer, d_model, d_mlp]`"
+    )
+    W_gate = property(
+        lambda self: self._stacked("W_gate", [b.W_gate for b in self._blocks()]), doc="`[layer, d_model, d_mlp]`"
+    )
+    W_out = property(
+        lambda self: self._stacked("W_out", [b.W_out for b in self._blocks()]), doc="`[layer, d_mlp, d_model]`"
+    )
+    b_in = property(
+        lambda self: self._stacked("b_in", [b.W_in.new_zeros(b.W_in.shape[-1]) for b in self._blocks()]),
+        doc="`[layer, d_mlp]`: zeros (the MLPs have no biases)",
+    )
+    b_out = property(
+        lambda self: self._stacked("b_out", [b.W_out.new_zeros(b.W_out.shape[-1]) for b in self._blocks()]),
+        doc="`[layer, d_model]`: zeros (the MLPs have no biases)",
+    )
+
+    @property
+    def W_E(self) -> Float[torch.Tensor, "vocab d_model"]:
+        """The token embedding `[vocab, d_model]`, before the √d_model multiplier the model applies."""
+        return self.decoder.embed.W_E.detach()  # type: ignore[attr-defined]
+
+    @property
+    def W_U(self) -> Float[torch.Tensor, "d_model vocab"]:
+        """The unembedding `[d_model, vocab]`: `W_Eᵀ` (tied), before the soft-cap."""
+        return self.W_E.T
+
+    @property
+    def b_U(self) -> Float[torch.Tensor, " vocab"]:
+        """Zeros `[vocab]`: the unembedding has no bias."""
+        return self.W_E.new_zeros(self.W_E.shape[0])
+
+    def _circuit(self, left: str, right: str) -> FactoredMatrix:
+        blocks = self._blocks()
+        inner = max(b.d_head for b in blocks)
+        if left == "W_Q":
+            factors = [(b.W_Q, b.W_K.transpose(-2, -1)) for b in blocks]
+        else:
+            factors = [(b.W_V, b.W_O) for b in blocks]
+        A = torch.stack([_padded(a, -1, inner) for a, _ in factors])
+        B = torch.stack([_padded(b, -2, inner) for _, b in factors])
+        return FactoredMatrix(A, B)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """`W_Q W_Kᵀ` per layer and head, `[layer, head, d_model, d_model]` (inner dimension zero-padded to the
+        largest head size). Not the attention score: q_norm, k_norm and RoPE sit between."""
+        return self._circuit("W_Q", "W_K")
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """`W_V W_O` per layer and head, `[layer, head, d_model, d_model]` (inner dimension zero-padded to the
+        largest head size); v_norm and ln1_post sit between it and the residual."""
+        return self._circuit("W_V", "W_O")

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from tolerance import logit_metric_atol
 from torch.nn import functional as F
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
@@ -148,6 +149,16 @@ BAD_MASKS = {
     "wrong shape": (lambda m: m[:, 1:], ValueError, r"shape \(1, 16\) but input_ids has \(1, 17\)"),
     "all-zero row": (lambda m: torch.zeros_like(m), ValueError, "row 0 is all 0"),
     "a list": (lambda m: m.tolist(), TypeError, "must be a tensor"),
+    "right padding": (
+        lambda m: m.index_fill_(1, torch.tensor([14, 15, 16]), 0),
+        ValueError,
+        r"row 0 has padding \(0\) after a token \(1\) at position 14.*left-padded.*to_tokens_and_mask",
+    ),
+    "padding between tokens": (
+        lambda m: m.index_fill_(1, torch.tensor([5]), 0),
+        ValueError,
+        r"row 0 has padding \(0\) after a token \(1\) at position 5.*left-padded",
+    ),
 }
 ENTRY_POINTS = {
     "generate": lambda model, ids, mask: model.generate(ids, attention_mask=mask, max_new_tokens=48, progress=False),
@@ -187,6 +198,43 @@ def test_good_masks_of_every_kind_give_the_same_generation(toy):
         for mask in (None, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
     ]
     assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+def test_a_right_padded_prompt_refused_and_re_padded_left_gives_the_unpadded_answer(toy):
+    # right padding puts pads between the prompt and the canvas: it gave another answer, silently
+    ids = toy.to_tokens(PROMPT)
+    pad = torch.full((1, 3), toy.tokenizer.pad_token_id)
+    right, right_mask = torch.cat([ids, pad], 1), torch.cat([torch.ones_like(ids), torch.zeros_like(pad)], 1)
+    with pytest.raises(ValueError, match="left-padded"):
+        toy.generate(right, attention_mask=right_mask, max_new_tokens=48, progress=False)
+    left = torch.cat([pad, ids], 1)
+    left_mask = torch.cat([torch.zeros_like(pad), torch.ones_like(ids)], 1)
+    run = dict(max_new_tokens=48, noise=ReplayNoise(0), progress=False)
+    padded = toy.generate(left, attention_mask=left_mask, **run)
+    # masked left padding shifts every position alike (RoPE is relative): the same tokens
+    assert torch.equal(padded.new_tokens(), toy.generate(ids, **run).new_tokens())
+    # the fix the message names: a right-padded batch re-padded on the left
+    batch, batch_mask = toy.to_tokens_and_mask([PROMPT, "sort 1 2:"], padding_side="right")
+    with pytest.raises(ValueError, match="row 1 has padding"):
+        toy.generate(batch, attention_mask=batch_mask, max_new_tokens=48, progress=False)
+    batch, batch_mask = toy.to_tokens_and_mask({"input_ids": batch, "attention_mask": batch_mask})
+    assert batch_mask[1, 0] == 0 and batch_mask[1, -1] == 1
+    toy.generate(batch, attention_mask=batch_mask, max_new_tokens=48, progress=False)
+
+
+def test_the_causal_twin_takes_right_padding():
+    # a causal stack never lets a token see the padding after it (training batches are right-padded), so
+    # right padding stays allowed there: the real tokens' logits equal the unpadded run's
+    from diffusionlens.causal_lm import HookedGemma4CausalLM
+
+    twin = HookedGemma4CausalLM.from_pretrained("toy-ar", progress=False)
+    ids = twin.to_tokens(PROMPT)
+    padded = torch.cat([ids, torch.full((1, 2), twin.tokenizer.pad_token_id)], 1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 2, dtype=torch.long)], 1)
+    n = ids.shape[1]
+    # two more positions: other matmul shapes, so the path's tolerance
+    atol = logit_metric_atol(twin, terms=1)
+    torch.testing.assert_close(twin(padded, attention_mask=mask)[:, :n], twin(ids), atol=atol, rtol=0)
 
 
 # ---------------------------------------------------------------------- resume

@@ -1,17 +1,22 @@
 """Sweeps, seed searches and harvests over Ray workers (2 local CPU workers on loopback): equal to the
-single-process run, even when a worker is killed mid-sweep or mid-harvest; unreachable addresses fail
-fast; the CLI flags. One Ray session serves the module (Ray starts slowly); the CLI test, which shuts
-the shared pool down to free its CPUs, comes last among the tests that use the pool."""
+single-process run, even when a worker dies mid-sweep or mid-harvest; an item that kills its worker
+every time fails after finite retries, naming the item; a slow item holds up no other (dynamic
+assignment); unreachable addresses fail fast; the CLI flags. One Ray session serves the module (Ray
+starts slowly); the CLI test, which shuts the shared pool down to free its CPUs, comes last among the
+tests that use the pool."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,13 +31,17 @@ ray = pytest.importorskip("ray")
 
 from diffusionlens.distributed import (  # noqa: E402
     ModelPool,
+    WorkItemFailed,
     connect,
     generate_over_seeds_distributed,
     harvest_distributed,
     run_sweep_spec_distributed,
 )
 from diffusionlens.distributed.pool import CONNECT_TIMEOUT_S  # noqa: E402
-from diffusionlens.distributed.sweeps import _harvest_one, _sweep_labels, _sweep_row, harvest_run  # noqa: E402
+from diffusionlens.distributed.sweeps import _harvest_one, _sweep_labels, _sweep_rows, harvest_run, row_groups  # noqa: E402
+
+# The helpers below run on the workers, which cannot import this test module: pickle them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 SPEC = dict(
     clean="squares 400 800:",
@@ -50,18 +59,6 @@ PROMPTS = ["squares 400 800:", "sort 3 1 2:"]
 HARVEST = dict(names_filter=["decoder.blocks.*.hook_resid_post", "decoder.hook_logits"], max_new_tokens=12)
 
 
-@contextmanager
-def one_thread():
-    # Ray workers run torch with one thread (OMP_NUM_THREADS=1); CPU float sums depend on the thread
-    # count, so a single-process reference uses one thread too.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def spec():
     return SweepSpec.from_dict(dict(SPEC))
@@ -69,8 +66,42 @@ def spec():
 
 @pytest.fixture(scope="module")
 def single_process(spec):
-    with one_thread():
-        return run_sweep_spec(spec, progress=False)
+    # the driver's own thread count: the pool's workers run with it (ModelPool(torch_threads=None))
+    return run_sweep_spec(spec, progress=False)
+
+
+@dataclass
+class DiesOnce:
+    """`fn`, except that the first attempt at `victim` kills its worker's process (as a crash or an
+    out-of-memory kill would); `marker` remembers, across workers, that it did."""
+
+    fn: Any
+    victim: Any
+    marker: str
+
+    def __call__(self, model, memo, item):
+        if item == self.victim and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return self.fn(model, memo, item)
+
+
+def always_dies(model, memo, item):
+    if item == "poison":
+        os._exit(1)
+    return item
+
+
+def raises_on_two(model, memo, item):
+    if item == 2:
+        raise ValueError("two is not allowed here")
+    return item
+
+
+def slow_or_fast(model, memo, item):
+    if item == "slow":
+        time.sleep(3.0)
+    return item, os.getpid()
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +121,91 @@ def test_distributed_sweep_equals_the_single_process_run(spec, single_process, p
     assert single_process.values.abs().max() > 0, "no cell moved the metric: the comparison lost its power"
 
 
-def test_a_worker_killed_mid_sweep_loses_nothing(spec, single_process, pool):
-    labels = ray.get(pool.workers[0].run.remote(_sweep_labels, spec))
-    refs = pool.submit(_sweep_row, [(spec, row) for row in labels["layer"]])
-    ray.wait([refs[0]], num_returns=1)  # worker 0 finished its first row; its second is queued
-    ray.kill(pool.workers[0], no_restart=False)  # Ray restarts the actor and retries its tasks
-    rows = pool.gather(refs, progress=False)
+def torch_threads(model, memo, item):
+    return torch.get_num_threads()
+
+
+def test_row_groups_start_at_chunk_boundaries():
+    free = dict(SPEC, mode="free", batch_size=4)
+    # 6 cells per row, chunks of 4: two rows (12 cells) per task
+    assert row_groups(SweepSpec.from_dict(free), [0, 1, 2, 3, 4], 6) == [[0, 1], [2, 3], [4]]
+    # free cells run in step order: a task's rows are consecutive steps
+    step_rows = dict(free, over=["step", "position"], layers=[1], steps=[5, 0, 3])
+    assert row_groups(SweepSpec.from_dict(step_rows), [5, 0, 3], 3) == [[0, 3, 5]]
+    assert row_groups(SweepSpec.from_dict(step_rows), [5, 0, 3], 4) == [[0], [3], [5]]
+    # columns that are steps interleave every row's cells: one task
+    columns = {**{k: v for k, v in free.items() if k != "positions"}, "over": ["layer", "step"]}
+    assert row_groups(SweepSpec.from_dict(columns), [0, 1, 2], 5) == [[0, 1, 2]]
+    # frozen cells and free cells one at a time chunk within a row
+    assert row_groups(SweepSpec.from_dict(dict(SPEC, batch_size=4)), [0, 1], 6) == [[0], [1]]
+    assert row_groups(SweepSpec.from_dict(dict(SPEC, mode="free")), [0, 1], 6) == [[0], [1]]
+
+
+def test_workers_run_the_drivers_thread_count(pool):
+    # Ray starts workers with OMP_NUM_THREADS=1; CPU sums depend on the thread count
+    assert pool.map(torch_threads, [0, 1], progress=False) == [torch.get_num_threads()] * 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(batch_size=2),
+        dict(over=["step", "position"], layers=[1], batch_size=2),
+        dict(mode="free", batch_size=2),
+        dict(mode="free", over=["step", "position"], layers=[1], steps=[1, 0], batch_size=2),
+    ],
+    ids=["frozen-layer-rows", "frozen-step-rows", "free-layer-rows", "free-step-rows"],
+)
+def test_rows_form_the_chunks_of_the_whole_sweep(extra, pool):
+    # 3 positions per row in chunks of 2: each task chunks its cells as the whole sweep does
+    spec = SweepSpec.from_dict({**SPEC, **extra})
+    expected = run_sweep_spec(spec, progress=False)
+    assert expected.stats["chunks"] > 1, "the sweep ran as one chunk: no power"
+    assert torch.equal(run_sweep_spec_distributed(spec, pool, progress=False).values, expected.values)
+
+
+def test_a_worker_killed_mid_sweep_loses_nothing(spec, single_process, pool, tmp_path):
+    labels = pool.map(_sweep_labels, [spec], progress=False)[0]
+    tasks = [(spec, [row]) for row in labels["layer"]]
+    dies = DiesOnce(_sweep_rows, tasks[1], str(tmp_path / "died"))
+    rows = pool.map(dies, tasks, progress=False)
+    assert (tmp_path / "died").exists(), "no worker died: the test lost its power"
     assert torch.equal(torch.cat([r.values for r in rows]), single_process.values)
+    assert len(pool.workers) == 2
+    assert pool.map(_sweep_labels, [spec, spec], progress=False)[0] == labels  # the replaced worker works
+
+
+def test_an_item_that_kills_its_worker_every_time_fails_naming_it(pool):
+    before = pool.max_retries
+    pool.max_retries = 1
+    try:
+        failed = r"probe 'poison' \(item 1\) failed after running 2 times.*died"
+        with pytest.raises(WorkItemFailed, match=failed) as info:
+            pool.map(always_dies, ["fine", "poison", "also fine"], progress=False, label=lambda item: f"probe {item!r}")
+    finally:
+        pool.max_retries = before
+    assert (info.value.index, info.value.attempts) == (1, 2)
+    assert pool.map(always_dies, ["fine", "after"], progress=False) == ["fine", "after"]  # the pool still works
+
+
+def test_an_item_whose_function_raises_fails_at_once_naming_it_and_the_error(pool):
+    with pytest.raises(WorkItemFailed, match=r"item 2\) failed after running once: ValueError: two is not allowed"):
+        pool.map(raises_on_two, [0, 1, 2, 3], progress=False)
+
+
+def test_a_slow_item_holds_up_no_other_item(pool):
+    # round-robin would queue items 2 and 4 behind the slow item 0 on the same worker
+    done = pool.map(slow_or_fast, ["slow", *range(5)], progress=False)
+    assert [item for item, _ in done] == ["slow", *range(5)]
+    slow_worker = done[0][1]
+    assert all(pid != slow_worker for _, pid in done[1:]), "a fast item waited behind the slow one"
+
+
+def test_pool_arguments_are_checked_before_ray_starts():
+    with pytest.raises(ValueError, match="max_retries must be an integer >= 0"):
+        ModelPool("toy", max_retries=-1)
+    with pytest.raises(ValueError, match="num_workers must be a positive integer"):
+        ModelPool("toy", num_workers=0)
 
 
 def test_progress_bar_spans_all_workers_and_can_be_silenced(spec, pool, capsys):
@@ -120,8 +229,7 @@ def assert_same_generation(got, expected) -> None:
 
 def test_seed_search_equals_the_single_process_run(toy, pool):
     seeds = [3, 40]
-    with one_thread():
-        expected = list(generate_over_seeds(toy, PROMPTS, seeds, batch_size=3, progress=False))
+    expected = list(generate_over_seeds(toy, PROMPTS, seeds, batch_size=3, progress=False))
     got = generate_over_seeds_distributed(pool, PROMPTS, seeds, batch_size=3, progress=False)
     # seed-major rows, batches of 3 then 1: both workers get one
     assert [b.runs for b in got] == [b.runs for b in expected]
@@ -134,8 +242,7 @@ def test_seed_search_equals_the_single_process_run(toy, pool):
     assert not torch.equal(first_canvas[0], first_canvas[2]), "seeds 3 and 40 should start from different noise"
     # generate keywords travel to the workers
     short = generate_over_seeds_distributed(pool, PROMPTS[0], [3], max_new_tokens=12, progress=False)
-    with one_thread():
-        (reference,) = generate_over_seeds(toy, PROMPTS[0], [3], max_new_tokens=12, progress=False)
+    (reference,) = generate_over_seeds(toy, PROMPTS[0], [3], max_new_tokens=12, progress=False)
     assert_same_generation(short[0].result, reference.result)
 
 
@@ -155,11 +262,10 @@ def test_harvest_equals_the_single_process_run(toy, pool, tmp_path):
     prompts, seeds = [*PROMPTS, "reverse 5 6 7:"], [40, 3, 7]
     dirs = harvest_distributed(pool, prompts, tmp_path / "ray", seeds=seeds, progress=False, **HARVEST)
     assert dirs == [tmp_path / "ray" / f"run_{i:05d}" for i in range(3)]
-    with one_thread():
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-            expected = harvest_run(toy, prompt, tmp_path / "local" / f"run_{i:05d}", seed, **HARVEST)
-            assert expected.steps(0), "nothing was recorded: the comparison lost its power"
-            assert_same_cache(DenoisingCache.load(dirs[i], model=toy), expected)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        expected = harvest_run(toy, prompt, tmp_path / "local" / f"run_{i:05d}", seed, **HARVEST)
+        assert expected.steps(0), "nothing was recorded: the comparison lost its power"
+        assert_same_cache(DenoisingCache.load(dirs[i], model=toy), expected)
     # one int seeds every run alike; the same prompt twice then gives the same cache
     twice = harvest_distributed(pool, [PROMPTS[0]] * 2, tmp_path / "same", seeds=40, progress=False, **HARVEST)
     assert_same_cache(DenoisingCache.load(twice[1], model=toy), DenoisingCache.load(dirs[0], model=toy))
@@ -168,14 +274,13 @@ def test_harvest_equals_the_single_process_run(toy, pool, tmp_path):
 def test_a_worker_killed_mid_harvest_loses_nothing(toy, pool, tmp_path):
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
     tasks = [(i, p, 40 + i, str(tmp_path / "ray"), HARVEST) for i, p in enumerate(prompts)]
-    refs = pool.submit(_harvest_one, tasks)
-    ray.wait([refs[0]], num_returns=1)  # worker 0 finished run 0; run 2 is queued on it
-    ray.kill(pool.workers[0], no_restart=False)  # Ray restarts the actor and retries its tasks
-    dirs = [Path(p) for p in pool.gather(refs, progress=False)]
-    with one_thread():
-        for i, prompt in enumerate(prompts):
-            expected = harvest_run(toy, prompt, tmp_path / "local" / f"run_{i:05d}", 40 + i, **HARVEST)
-            assert_same_cache(DenoisingCache.load(dirs[i], model=toy), expected)
+    # run 2's first worker dies; its retry runs on a fresh worker
+    dies = DiesOnce(_harvest_one, tasks[2], str(tmp_path / "died"))
+    dirs = [Path(p) for p in pool.map(dies, tasks, progress=False)]
+    assert (tmp_path / "died").exists()
+    for i, prompt in enumerate(prompts):
+        expected = harvest_run(toy, prompt, tmp_path / "local" / f"run_{i:05d}", 40 + i, **HARVEST)
+        assert_same_cache(DenoisingCache.load(dirs[i], model=toy), expected)
 
 
 def test_seed_searches_and_harvests_refuse_bad_input_before_any_work(pool, tmp_path):

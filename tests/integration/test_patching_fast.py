@@ -28,8 +28,9 @@ from diffusionlens.patching import (
     run_patched,
 )
 from diffusionlens.patching.free_fast import KeptLogits, PerCellNoise, free_bytes_per_cell, run_free_cells
-from diffusionlens.patching.frozen_fast import bytes_per_cell, expand_state
+from diffusionlens.patching.frozen_fast import bytes_per_cell
 from diffusionlens.patching.runs import fork_state
+from diffusionlens.sampling.loop import expand_state
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise, TorchRNGNoise
 
 GEN = dict(max_new_tokens=CANVAS["mixed"] * 2, max_denoising_steps=5, eos_token_id=None)

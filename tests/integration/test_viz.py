@@ -13,6 +13,7 @@ from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma, ReplayNoise  # noqa: E402
+from diffusionlens.analysis import logit_lens_token_scores  # noqa: E402
 from diffusionlens.patching.sweep import SweepResult  # noqa: E402
 from diffusionlens.toy import build_tokenizer  # noqa: E402
 from diffusionlens.trace import CanvasTrace, DenoisingTrace  # noqa: E402
@@ -221,7 +222,7 @@ def test_logit_lens_by_step_grid(lens_runs, metric, tmp_path):
     model, cache, _ = lens_runs
     position, tokens = 3, [5, 9]
     chosen = tokens[:1] if metric == "prob" else tokens
-    fig = plot_logit_lens_by_step(cache, position, chosen, model.tokenizer, metric=metric)
+    fig = plot_logit_lens_by_step(logit_lens_token_scores(cache, position, chosen, metric=metric), model.tokenizer)
     steps, n_layers = cache.steps(0), model.cfg.num_hidden_layers + 1
     want = []
     for step in steps:
@@ -246,13 +247,15 @@ def test_logit_lens_by_step_grid(lens_runs, metric, tmp_path):
 def test_logit_lens_by_step_refusals(lens_runs):
     model, _, some = lens_runs
     with pytest.raises(ValueError, match="two tokens"):
-        plot_logit_lens_by_step(some, 3, [5], metric="logit_diff")
+        logit_lens_token_scores(some, 3, [5], metric="logit_diff")
     with pytest.raises(ValueError, match="metric must be one of"):
-        plot_logit_lens_by_step(some, 3, [5], metric="kl")
+        logit_lens_token_scores(some, 3, [5], metric="kl")
     with pytest.raises(ValueError, match="position 0 was not recorded"):
-        plot_logit_lens_by_step(some, 0, [5])
+        logit_lens_token_scores(some, 0, [5])
     with pytest.raises(ValueError, match="out of range"):
-        plot_logit_lens_by_step(some, 3, [model.cfg.vocab_size])
+        logit_lens_token_scores(some, 3, [model.cfg.vocab_size])
+    with pytest.raises(IndexError, match="row 1 out of range"):
+        logit_lens_token_scores(some, 3, [5], row=1)
 
 
 def sweep(values: torch.Tensor, steps: list[int], hook: str) -> SweepResult:

@@ -339,29 +339,15 @@ def test_layer_check_sees_an_upward_import():
         layer_of("diffusionlens.new_module")
 
 
-# The denoising loop's helpers that the patching engines and replay still borrow. The loop's rewrite into one
-# runner (issue #31 item 1, sampling/ and patching/) removes these imports; the set must then shrink with it,
-# and nothing may join it.
-KNOWN_PRIVATE_CROSSINGS = {
-    ("diffusionlens.patching.free_fast", "diffusionlens.sampling.generate", "_canvas_trace"),
-    ("diffusionlens.patching.free_fast", "diffusionlens.sampling.generate", "_finalize_canvas"),
-    ("diffusionlens.patching.free_fast", "diffusionlens.sampling.generate", "_settings_dict"),
-    ("diffusionlens.replay", "diffusionlens.sampling.generate", "_finalize_canvas"),
-}
-
-
 def test_no_underscore_name_imported_across_modules(package_graph):
     crossings = {
         (importer, source, name)
         for importer, imports in package_graph.items()
         for source, name, _ in imports.private_names
     }
-    new = sorted(crossings - KNOWN_PRIVATE_CROSSINGS)
-    assert not new, "private names used across modules (make them public or move them):\n" + "\n".join(
-        f"{importer} imports {name} from {source}" for importer, source, name in new
+    assert not crossings, "private names used across modules (make them public or move them):\n" + "\n".join(
+        f"{importer} imports {name} from {source}" for importer, source, name in sorted(crossings)
     )
-    gone = sorted(KNOWN_PRIVATE_CROSSINGS - crossings)
-    assert not gone, f"no longer imported, remove from KNOWN_PRIVATE_CROSSINGS: {gone}"
 
 
 def test_viewer_assets_are_package_data():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma
+from diffusionlens.cache.activation import ActivationCache
 from diffusionlens.components import norms as norms_module
 from diffusionlens.components.moe import _grouped_mm_available
 from diffusionlens.sampling import ReplayNoise
@@ -76,7 +77,11 @@ def setup(request):
             # RMSNorm computes in fp32 by design; float64 norms let the float64 checks reach 1e-10.
             patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
         logits, cache = run_all(model, ids, canvas, self_cond)
-    return SimpleNamespace(model=model, cache=cache, logits=logits, ids=ids, canvas=canvas, tol=TOL[dtype])
+        # The same pass without hook_result: head results come from hook_z.
+        _, z_cache = run_all(model, ids, canvas, self_cond, names_filter=lambda n: "hook_result" not in n)
+    return SimpleNamespace(
+        model=model, cache=cache, z_cache=z_cache, logits=logits, ids=ids, canvas=canvas, tol=TOL[dtype]
+    )
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, tol: dict) -> None:
@@ -211,6 +216,34 @@ def test_apply_ln_and_logit_attrs_explain_the_pre_softcap_logits(setup):
     close(one.sum(0), pre_cap[1, :, 7], s.tol)
 
 
+def test_decompose_resid_apply_ln_uses_the_cached_final_scale(setup):
+    """As TransformerLens: the final norm with its cached scale is linear, so the normed parts sum to
+    ln_final's output (renormalising each part separately would not)."""
+    s = setup
+    normalized = s.cache["decoder.ln_final.hook_normalized"]
+    close(s.cache.decompose_resid(apply_ln=True).sum(0), normalized, s.tol)
+    close(s.cache.decompose_resid(apply_ln=True, pos_slice=3).sum(0), normalized[:, 3], s.tol)
+    close(s.cache.decompose_resid(apply_ln=True, pos_slice=[4, 1]).sum(0), normalized[:, [4, 1]], s.tol)
+    with pytest.raises(ValueError, match=r"needs the final residual \(layer=None\), not layer=1"):
+        s.cache.decompose_resid(layer=1, apply_ln=True)
+
+
+def test_batch_slice_gives_each_row_its_own_final_scale(setup):
+    """As TransformerLens, batch_slice slices the stack's batch axis and the cached scale alike."""
+    s = setup
+    normalized = s.cache["decoder.ln_final.hook_normalized"]
+    pre_cap = normalized @ s.model.decoder.embed.W_E.detach().T
+    full = s.cache.get_full_resid_decomposition()
+    close(s.cache.apply_ln_to_stack(full, batch_slice=1).sum(0), normalized[1], s.tol)
+    close(s.cache.apply_ln_to_stack(full, batch_slice=[1, 0]).sum(0), normalized[[1, 0]], s.tol)
+    close(s.cache.apply_ln_to_stack(full[:, :, 2], batch_slice=(1, 2), pos_slice=2).sum(0), normalized[1:2, 2], s.tol)
+    close(s.cache.logit_attrs(full, 7, batch_slice=1).sum(0), pre_cap[1, :, 7], s.tol)
+    with pytest.raises(ValueError, match="unsliced stack"):
+        s.cache.apply_ln_to_stack(full[:, 1:], batch_slice=[0])
+    with pytest.raises(ValueError, match=r"batch_slice=<row>"):
+        s.cache.apply_ln_to_stack(full[:, 1], has_batch_dim=False)
+
+
 def test_tokens_to_residual_directions_are_unembedding_columns(setup):
     s = setup
     W_E = s.model.decoder.embed.W_E
@@ -232,6 +265,62 @@ def test_compute_head_results_matches_the_recorded_hook(setup):
         close(cache[name], recorded[name], s.tol)
 
 
+def test_head_results_are_computed_on_demand_from_hook_z(setup):
+    """As TransformerLens's cache: without hook_result, stack_head_results and the full decomposition
+    compute each head's output from the cached hook_z, for the kept positions only."""
+    s = setup
+    cache = s.z_cache
+    recorded, labels = s.cache.stack_head_results(return_labels=True)
+    on_demand, same_labels = cache.stack_head_results(return_labels=True)
+    assert same_labels == labels and not any(n.endswith("hook_result") for n in cache)
+    close(on_demand, recorded, s.tol)
+    close(cache.stack_head_results(pos_slice=[3, 1]), recorded[:, :, [3, 1]], s.tol)
+    close(cache.get_full_resid_decomposition(), s.cache.get_full_resid_decomposition(), s.tol)
+
+
+def test_expert_outputs_are_computed_on_demand_from_the_moe_inputs(setup):
+    """Without hook_expert_out, the experts' outputs come from the cached ln2_moe output, routing weights
+    and chosen experts, run through the block's own experts."""
+    s = setup
+    store = {name: value for name, value in s.cache.items() if not name.endswith("hook_expert_out")}
+    cache = ActivationCache(store, s.model)
+    recorded, labels = s.cache.stack_expert_results(return_labels=True)
+    on_demand, same_labels = cache.stack_expert_results(return_labels=True)
+    assert same_labels == labels
+    close(on_demand, recorded, s.tol)
+    close(
+        cache.stack_expert_results(by="slot", pos_slice=[4, 2]),
+        s.cache.stack_expert_results(by="slot")[:, :, [4, 2]],
+        s.tol,
+    )
+    close(cache.get_full_resid_decomposition(), s.cache.get_full_resid_decomposition(), s.tol)
+
+
+def test_pos_slice_selects_before_building_and_an_int_drops_the_axis(setup):
+    s = setup
+    full, labels = s.cache.get_full_resid_decomposition(expand_neurons=True, return_labels=True)
+    for pos_slice, expected in ((2, full[:, :, 2]), (-1, full[:, :, -1]), ([4, 0], full[:, :, [4, 0]])):
+        close(s.cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=pos_slice), expected, s.tol)
+    close(
+        s.cache.stack_expert_results(pos_slice=1, incl_remainder=True),
+        s.cache.stack_expert_results(incl_remainder=True)[:, :, 1],
+        s.tol,
+    )
+    # Built from sliced values: every stack the helper concatenates already has one position.
+    built = []
+    original_cat = torch.cat
+
+    def recording_cat(tensors, *args, **kwargs):
+        out = original_cat(tensors, *args, **kwargs)
+        built.append(out.shape)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "cat", recording_cat)
+        s.cache.get_full_resid_decomposition(expand_neurons=True, pos_slice=2)
+    assert built and all(shape[-2] == 1 for shape in built)
+
+
 def test_model_weights_shortcut(setup):
     weights = setup.model.weights(fold_norm_gains=True)
     assert len(weights.blocks) == CFG.num_hidden_layers
@@ -243,10 +332,14 @@ def test_model_weights_shortcut(setup):
 def test_missing_hooks_and_bad_layers_say_what_to_do(setup):
     s = setup
     with torch.no_grad():
-        _, cache = s.model.run_with_cache(s.ids, s.canvas, names_filter=lambda n: "hook_result" not in n)
-    with pytest.raises(KeyError, match=r"compute_head_results\(\).*set_use_attn_result\(True\)"):
+        _, cache = s.model.run_with_cache(
+            s.ids,
+            s.canvas,
+            names_filter=lambda n: "hook_result" not in n and not n.endswith(("hook_z", "hook_expert_weights")),
+        )
+    with pytest.raises(KeyError, match=r"hook_z.*set_use_attn_result\(True\)"):
         cache.stack_head_results()
-    with pytest.raises(KeyError, match=r"hook_expert_out.*set_use_expert_outputs\(True\)"):
+    with pytest.raises(KeyError, match=r"hook_expert_out.*set_use_expert_outputs\(True\).*hook_expert_weights"):
         cache.stack_expert_results()
     _, bare = s.model.run_with_cache(s.ids, s.canvas, names_filter="decoder.blocks.*.hook_resid_*")
     with pytest.raises(KeyError, match=r"ln_final.hook_scale' is not in this cache: record it"):

@@ -57,8 +57,9 @@ def test_hand_built_cache_counts_steps_back_from_the_runs_length_only(model, ids
     name = "decoder.hook_logits"
     with pytest.raises(ValueError, match=r"max_steps=max_denoising_steps"):
         DenoisingCache([name], steps=-1)
-    cache = DenoisingCache([name], steps=slice(-3, None), max_steps=GEN["max_denoising_steps"])
-    result = model.generate(ids, max_new_tokens=CANVAS["mixed"], cache=cache, **GEN)
+    result, cache = model.generate_with_cache(
+        ids, names_filter=[name], steps=slice(-3, None), max_new_tokens=CANVAS["mixed"], **GEN
+    )
     n = result.trace.steps(0)
     assert n > 3 and cache.steps(0) == [s for s in (3, 4, 5) if s < n]
     assert DenoisingCache([name], steps=[0, 2]).canvases() == []  # counting from 0 needs no step count

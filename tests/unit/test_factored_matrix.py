@@ -47,21 +47,25 @@ def test_broadcasts_leading_dims():
 def test_svd_matches_dense(shape):
     heads, ldim, mdim, rdim = shape
     fm = FactoredMatrix(randn(heads, ldim, mdim, seed=4), randn(heads, mdim, rdim, seed=5))
-    U, S, Vh = fm.svd()
+    U, S, V = fm.svd()  # TransformerLens's convention: U diag(S) Vᵀ
     k = min(ldim, mdim, rdim)
-    assert U.shape == (heads, ldim, k) and S.shape == (heads, k) and Vh.shape == (heads, k, rdim)
-    close(U @ torch.diag_embed(S) @ Vh, fm.AB)
+    assert U.shape == (heads, ldim, k) and S.shape == (heads, k) and V.shape == (heads, rdim, k)
+    close(U @ torch.diag_embed(S) @ V.mT, fm.AB)
     close(S, torch.linalg.svdvals(fm.AB)[..., :k])
     eye = torch.eye(k, dtype=torch.float64).expand(heads, k, k)
     close(U.transpose(-2, -1) @ U, eye)
-    close(Vh @ Vh.transpose(-2, -1), eye)
+    close(V.mT @ V, eye)
     close(fm.U, U)
     close(fm.S, S)
-    close(fm.Vh, Vh)
-    close(fm.V, Vh.transpose(-2, -1))
+    close(fm.V, V)
+    with pytest.raises(AttributeError, match=r"use fm\.V .* or fm\.V\.mT"):
+        _ = fm.Vh
     close(fm.norm(), torch.linalg.matrix_norm(fm.AB))
-    close(fm.collapse_r() @ Vh, fm.AB)
+    close(fm.collapse_r() @ V.mT, fm.AB)
     close(U @ fm.collapse_l(), fm.AB)
+    even = fm.make_even()
+    close(even.AB, fm.AB)
+    close(even.A.mT @ even.A, even.B @ even.B.mT)  # each factor carries half of every singular value
 
 
 def test_eigenvalues_are_the_nonzero_eigenvalues_of_AB():
@@ -119,5 +123,27 @@ def test_shape_errors_are_clear(fm):
         fm @ FactoredMatrix(randn(7, 2, seed=3), randn(2, 3, seed=4))
     with pytest.raises(ValueError, match=r"BA needs a square product"):
         _ = fm.BA
-    with pytest.raises(IndexError, match=r"only its 1 leading dimension\(s\) \(3,\)"):
-        _ = fm[0, 1]
+    with pytest.raises(IndexError, match=r"4 indices for a FactoredMatrix of shape \(3, 7, 6\): at most 3"):
+        _ = fm[0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"needs a scalar.*shape \(3,\); for a matrix product use @"):
+        _ = fm * torch.ones(3)
+
+
+def test_indexing_reaches_the_matrix_dimensions(fm):
+    """As TransformerLens: past the leading dimensions an index picks rows, then columns; an int keeps the axis."""
+    close(fm[1, 2].AB, fm.AB[1, 2:3])
+    close(fm[1, -1, [0, 5]].AB, fm.AB[1, -1:, [0, 5]])
+    close(fm[:, 1:4, -1].AB, fm.AB[:, 1:4, -1:])
+    assert fm[0].shape == (7, 6) and fm.has_leading_dims and not fm[0].has_leading_dims
+
+
+def test_scalar_multiplication_keeps_the_shape(fm):
+    for scalar in (2.5, 3, torch.tensor(0.5), torch.rand(1)):
+        assert (fm * scalar).shape == fm.shape and (scalar * fm).shape == fm.shape
+        close((fm * scalar).AB, fm.AB * scalar)
+    assert fm.pair == (fm.A, fm.B) and fm.unsqueeze(0).shape == (1, *fm.shape)
+
+
+def test_bf16_eigenvalues_are_computed_in_float32():
+    fm = FactoredMatrix(randn(4, 2, seed=20).bfloat16(), randn(2, 4, seed=21).bfloat16())
+    assert fm.eigenvalues.dtype == torch.complex64

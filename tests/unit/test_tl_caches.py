@@ -132,8 +132,9 @@ def test_remove_batch_dim_and_to(toy_pass):
     assert cache.remove_batch_dim() is cache and not cache.has_batch_dim
     assert torch.equal(cache["resid_post", 2], full[0])
     assert cache.accumulated_resid().shape == (model.cfg.num_hidden_layers + 1, *full.shape[1:])
-    with pytest.raises(ValueError, match="already removed"):
-        cache.remove_batch_dim()
+    with pytest.warns(UserWarning, match="already removed"):  # TransformerLens: a warning, nothing changes
+        assert cache.remove_batch_dim() is cache
+    assert torch.equal(cache["resid_post", 2], full[0])
     assert cache.to("cpu") is cache and cache["resid_post", 2].device.type == "cpu"
     with torch.no_grad():
         _, batched = model.run_with_cache(ids.repeat(2, 1), canvas.repeat(2, 1), names_filter=RESIDS)
@@ -151,12 +152,26 @@ def test_run_with_cache_remove_batch_dim_and_pos_slice(toy_pass, one_pass):
         _, window = model.run_with_cache(ids, canvas, pos_slice=(2, 5), remove_batch_dim=True)
     torch.testing.assert_close(out, logits)
     assert torch.equal(squeezed["resid_post", 1], full["resid_post", 1][0])
-    assert torch.equal(last["resid_post", 1], full["resid_post", 1][:, -1])
-    assert torch.equal(last["encoder.hook_embed"], full["encoder.hook_embed"][:, -1])
+    # An int keeps a size-1 position axis, as TransformerLens.
+    assert torch.equal(last["resid_post", 1], full["resid_post", 1][:, -1:])
+    # The encoder's values index prompt positions, another axis: pos_slice leaves them whole.
+    assert torch.equal(last["encoder.hook_embed"], full["encoder.hook_embed"])
     # Attention patterns keep every key and slice the queries, as TransformerLens.
-    assert torch.equal(last["pattern", 1], full["pattern", 1][:, :, -1])
+    assert torch.equal(last["pattern", 1], full["pattern", 1][:, :, -1:])
     assert torch.equal(window["pattern", 1], full["pattern", 1][0, :, 2:5])
     assert torch.equal(window["q", 1], full["q", 1][0, 2:5])
+
+
+def test_run_with_cache_pos_slice_past_the_prompt_length(toy_pass, one_pass):
+    """A canvas position the prompt does not reach (TransformerLens's size-1 axis, the prompt untouched)."""
+    model, ids, canvas = toy_pass
+    _, full = one_pass
+    position = ids.shape[1] + 3
+    assert position < canvas.shape[1]
+    with torch.no_grad():
+        _, sliced = model.run_with_cache(ids, canvas, pos_slice=position)
+    assert torch.equal(sliced["resid_pre", 2], full["resid_pre", 2][:, position : position + 1])
+    assert torch.equal(sliced["resid_pre", 2, "encoder"], full["resid_pre", 2, "encoder"])
 
 
 def test_run_with_cache_pos_slice_with_gradients(toy_pass):
@@ -331,3 +346,13 @@ def test_disk_denoising_cache_pickles_as_a_reference_to_its_directory(toy_pass, 
     torch.testing.assert_close(again.step_cache(1).logit_lens(), cache.step_cache(1).logit_lens())
     with pytest.raises(ValueError, match="step_cache"):
         cache.to("cpu")
+
+
+def test_stack_activation_refuses_layers_of_different_shapes(one_pass):
+    """The toy's full-attention layers have twice the sliding layers' head size: their queries do not stack."""
+    _, cache = one_pass
+    stacked = cache.stack_activation("resid_post")
+    assert torch.equal(stacked[3], cache["resid_post", 3]) and stacked.shape[0] == 6
+    assert torch.equal(cache.stack_activation("q", 2)[1], cache["q", 1])
+    with pytest.raises(ValueError, match="different shapes.*cache\\[name, layer\\]"):
+        cache.stack_activation("q")

@@ -88,7 +88,7 @@ ROWS = [
         "model.denoise(cache['resid_pre', 2], model.encode(ids), start_at_layer=2)",
     ),
     ("weights", "model.W_Q[l]", "block_weights(model, 2).W_Q"),
-    ("QK / OV circuits", "model.OV[l] (FactoredMatrix)", "block_weights(model, 2).OV"),
+    ("QK / OV circuits", "model.OV[l] (FactoredMatrix)", "model.OV[2]"),
     ("generate", "model.generate(tokens)", "model.generate(ids, noise=ReplayNoise(0), progress=False)"),
     (
         "a generation with a cache",
@@ -231,9 +231,7 @@ CHECKS = {
     "logit lens at a step": lambda env, v: v.shape[0] == env["model"].cfg.num_hidden_layers + 1,
 }
 # Known differences from TransformerLens, each to be fixed (issue #33), not silently tolerated.
-KNOWN_DIFFERENCES = {
-    "keep some positions": "run_with_cache(pos_slice=int) drops the position axis; TransformerLens keeps a size-1 axis",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 def test_every_row_has_a_check():

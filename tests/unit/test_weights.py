@@ -265,3 +265,41 @@ def test_docs_snippet_runs(capsys):
     out = capsys.readouterr().out
     assert "torch.Size([4, 192, 96]) torch.Size([1, 192, 96]) torch.Size([4, 192, 96]) True" in out
     assert "torch.Size([4, 44, 44])" in out
+
+
+# ---------------------------------------------------------------------- model.W_Q …: TransformerLens's stacked weights
+def test_model_level_weights_stack_where_layers_agree():
+    """`model.W_Q` … `model.W_U` as TransformerLens stacks them, read from the same blocks as block_weights."""
+    cfg = DiffusionGemmaConfig(**{**CFG.__dict__, "global_head_dim": CFG.head_dim})
+    model = HookedDiffusionGemma.from_config(cfg, dtype=torch.float64)
+    blocks = model_weights(model).blocks
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_gate", "W_out"):
+        stacked = getattr(model, name)
+        assert torch.equal(stacked, torch.stack([getattr(b, name) for b in blocks])), name
+    assert model.W_Q.shape == (2, cfg.num_attention_heads, cfg.hidden_size, cfg.head_dim)
+    assert model.W_K.shape == model.W_Q.shape  # one per query head, as TransformerLens's grouped attention
+    assert torch.equal(model.b_in, torch.zeros(2, cfg.intermediate_size, dtype=torch.float64))
+    assert torch.equal(model.b_out, torch.zeros(2, cfg.hidden_size, dtype=torch.float64))
+    assert torch.equal(model.W_E, model.decoder.embed.W_E.detach()) and torch.equal(model.W_U, model.W_E.T)
+    assert torch.equal(model.b_U, torch.zeros(cfg.vocab_size, dtype=torch.float64))
+    no_bias = HookedDiffusionGemma.from_config(DiffusionGemmaConfig(**{**cfg.__dict__, "attention_bias": False}))
+    assert torch.equal(no_bias.b_Q, torch.zeros(2, cfg.num_attention_heads, cfg.head_dim))
+    assert torch.equal(no_bias.b_O, torch.zeros(2, cfg.hidden_size))
+    for layer, block in enumerate(blocks):
+        torch.testing.assert_close(model.QK[layer].AB, block.QK.AB, **TOL)
+        torch.testing.assert_close(model.OV[layer].AB, block.OV.AB, **TOL)
+
+
+def test_model_level_weights_where_head_sizes_differ(setup):
+    """Sliding (d_head 6) and full (d_head 10) layers: head-sized weights refuse to stack, naming the per-layer
+    form; QK / OV stack with the inner dimension zero-padded, which leaves every product as it is."""
+    model = setup.model
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
+        with pytest.raises(ValueError, match=rf"model\.{name} cannot stack.*block_weights\(model, layer\)\.{name}"):
+            getattr(model, name)
+    assert model.b_O.shape == (2, CFG.hidden_size)  # no head axis: it stacks
+    for layer in range(CFG.num_hidden_layers):
+        block = block_weights(model, layer)
+        torch.testing.assert_close(model.QK[layer].AB, block.QK.AB, **TOL)
+        torch.testing.assert_close(model.OV[layer].AB, block.OV.AB, **TOL)
+    assert model.QK.AB.shape == (2, CFG.num_attention_heads, CFG.hidden_size, CFG.hidden_size)

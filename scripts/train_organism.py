@@ -1,0 +1,64 @@
+"""Experiment for #34: does a shallower toy denoise over more steps? (a feasibility run, not the shipped toy)
+
+The shipped toy computes every answer in one decoder pass, so it decides nearly everything at step 0. This
+starts from its first `--layers` decoder layers (the embeddings, those layers' weights and the final norm;
+the layer kinds stay sliding, sliding, full), fine-tunes on the same task mix, and logs at each evaluation
+exact match and mean denoising steps per task, with default generation settings. Resumable (same --out).
+
+    nice -n 19 python scripts/train_organism.py --out runs/organism3 --layers 3 --steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from diffusionlens import HookedDiffusionGemma
+from diffusionlens.config import FULL, SLIDING
+from diffusionlens.toy.evaluate import evaluate
+from diffusionlens.toy.train import TrainSettings, toy_config, train
+
+
+def truncated_toy(layers: int) -> HookedDiffusionGemma:
+    """The shipped toy's first `layers` decoder layers as a model of its own (every tensor copied)."""
+    toy = HookedDiffusionGemma.from_pretrained("toy", progress=False)
+    kinds = (SLIDING, SLIDING, FULL) * 2
+    model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=layers, layer_types=kinds[:layers]))
+    source = toy.state_dict()
+    target = model.state_dict()
+    missing = [k for k in target if k not in source or source[k].shape != target[k].shape]
+    if missing:
+        raise ValueError(f"tensors with no counterpart in the toy: {missing}")
+    model.load_state_dict({k: source[k] for k in target})
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/organism3")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-examples", type=int, default=24)
+    args = parser.parse_args()
+    out = Path(args.out)
+    init = out.with_name(out.name + "-init")
+    if not (out / "training_state.json").exists() and not (init / "model.safetensors").exists():
+        truncated_toy(args.layers).save_pretrained(init)
+    settings = TrainSettings(
+        steps=args.steps, lr=args.lr, warmup=100, eval_every=args.eval_every, save_every=100, init_from=str(init)
+    )
+
+    def evaluate_fn(model, tokenizer, step):
+        scores = evaluate(model, tokenizer, n=args.eval_examples, seed=step)
+        return {task: [round(s.exact_match, 3), round(s.mean_steps, 2)] for task, s in scores.items()}
+
+    torch.set_num_threads(2)
+    train(out, settings, progress=False, evaluate_fn=evaluate_fn)
+
+
+if __name__ == "__main__":
+    main()
