@@ -79,7 +79,8 @@ def decoder_pass_hooked(pair: Pair, timer: Timer) -> list[dict]:
 
     handles = [m.register_forward_hook(capture(n)) for n, m in ref.named_modules() if n]
     try:
-        with ours.hooks(fwd_hooks=[(lambda name: True, identity)]):
+        # every point that fires: a hook on a switched-off one (attn.hook_result, moe.hook_expert_out) is refused
+        with ours.hooks(fwd_hooks=[(lambda name: ours.switch_needed(name) is None, identity)]):
             t = timer.measure({"ours": ours_pass, "transformers": lambda: (store.clear(), ref_pass())})
     finally:
         for h in handles:
