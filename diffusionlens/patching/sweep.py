@@ -7,6 +7,7 @@ clean run's recorded activations and one patched run are alive at a time.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import product
@@ -177,12 +178,25 @@ def sweep_labels(
         "position": list(positions if positions is not None else range(model.cfg.canvas_length)),
         "head": list(range(model.cfg.num_attention_heads)),
     }
+    outside = [s for s in labels["step"] if not _is_step_below(s, n_steps)]
+    if outside:
+        raise ValueError(
+            f"steps {outside} are outside the corrupted run's first canvas, which ran steps 0..{n_steps - 1}: "
+            f"give steps in that range (e.g. steps=range({n_steps}))"
+        )
     if "{layer}" in hook and "layer" not in over and len(labels["layer"]) != 1:
         raise ValueError(
             f"the hook {hook!r} has a {{layer}} but the sweep is over {over}: give the one layer to patch, "
             f"e.g. layers=[2] (got {labels['layer'] if layers is not None else 'none'})"
         )
     return labels
+
+
+def _is_step_below(step: object, n_steps: int) -> bool:
+    try:
+        return 0 <= operator.index(step) < n_steps
+    except TypeError:
+        return False
 
 
 @dataclass

@@ -387,6 +387,27 @@ def test_bad_metric_tokens_are_refused_before_the_sweep(toy, runs, no_work, metr
     assert no_work == []
 
 
+@pytest.mark.parametrize("mode", ["frozen", "free"])
+@pytest.mark.parametrize("steps", [[0, 5], [-1], [0.5]], ids=["past the run", "negative", "not an int"])
+def test_sweep_steps_outside_the_run_are_refused_before_the_sweep(toy, runs, no_work, mode, steps):
+    """A frozen re-run has no recorded step there (it was a raw IndexError) and a free cell cannot fork there."""
+    clean, corrupted = runs
+    n = corrupted.trace.steps(0)
+    with pytest.raises(ValueError, match=rf"outside the corrupted run's first canvas, which ran steps 0\.\.{n - 1}"):
+        patch_sweep(
+            toy,
+            clean,
+            corrupted,
+            "decoder.blocks.{layer}.hook_resid_pre",
+            ("layer", "step"),
+            LogitDiff(0, 8, 7),
+            steps=[*steps[:-1], n + 3] if steps == [0, 5] else steps,
+            mode=mode,
+            progress=False,
+        )
+    assert no_work == []
+
+
 def test_a_metric_with_token_text_on_a_model_without_a_tokenizer_is_refused(toy):
     bare = HookedDiffusionGemma.from_config(toy.cfg)
     with pytest.raises(ValueError, match="no tokenizer"):
