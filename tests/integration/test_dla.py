@@ -46,7 +46,7 @@ def random_toy_run(name: str):
 
         model = build_pair("mixed", seed=3)[1]
     else:  # test_decomposition's config: attention biases (an L{l}_attn_bias component), top-2 of 3 experts
-        from test_decomposition import random_model
+        from random_models import random_model
 
         model = random_model(torch.float32)
     cfg = model.cfg

@@ -10,47 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from random_models import CFG, random_model
 
-from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma
 from diffusionlens.cache.activation import ActivationCache
 from diffusionlens.components import norms as norms_module
 from diffusionlens.components.moe import _grouped_mm_available
 from diffusionlens.sampling import ReplayNoise
 
-# Sliding and full layers, grouped KV heads, attention biases (an o_proj bias component), top-2 of 3 experts.
-CFG = DiffusionGemmaConfig(
-    vocab_size=53,
-    hidden_size=24,
-    intermediate_size=20,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=6,
-    global_head_dim=10,
-    num_global_key_value_heads=1,
-    sliding_window=4,
-    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
-    num_experts=3,
-    top_k_experts=2,
-    moe_intermediate_size=7,
-    attention_bias=True,
-    canvas_length=5,
-    max_position_embeddings=64,
-)
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
-
-
-def random_model(dtype: torch.dtype) -> HookedDiffusionGemma:
-    model = HookedDiffusionGemma.from_config(CFG, dtype=dtype)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith(("embed_scale", "inv_freq")):
-                continue
-            noise = torch.randn(tensor.shape, generator=g, dtype=torch.float64)
-            scale_like = "norm" in name or ".ln" in name or "scale" in name or "layer_scalar" in name
-            tensor.copy_(1.0 + 0.3 * noise if scale_like else 0.3 * noise)
-    return model
 
 
 def run_all(model, ids, canvas, self_cond, **kwargs):
