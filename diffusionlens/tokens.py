@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Int, Num
 
 PaddingSide = Literal["left", "right"]
 # What a tokenizer's __call__ / apply_chat_template can hand back: a BatchEncoding or dict with
@@ -287,13 +287,14 @@ class TokenHelpers:
     def get_token_position(
         self,
         single_token: str | int,
-        input: str | Int[torch.Tensor, "pos"] | Int[torch.Tensor, "1 pos"] | list[int],
+        input: str | Num[torch.Tensor, "pos"] | Num[torch.Tensor, "1 pos"] | list[int],
         mode: Literal["first", "last"] = "first",
         prepend_bos: bool | None = None,
         padding_side: PaddingSide | None = None,
     ) -> int:
         """Index of `single_token` (a string of one token, or an id) in `input` (text, tokenised
-        with `prepend_bos` as in `to_tokens`, or one row of ids); `mode` picks the first or last hit."""
+        with `prepend_bos` as in `to_tokens`, or one row of ids, integer or, as TransformerLens accepts, float
+        tensors of whole ids); `mode` picks the first or last hit."""
         if mode not in ("first", "last"):
             raise ValueError(f"mode={mode!r}; use 'first' or 'last'")
         token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)

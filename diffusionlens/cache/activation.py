@@ -149,7 +149,7 @@ class ActivationCache(ResidDecompositionMixin):
 
     def get_neuron_results(
         self, layer: int, neuron_slice: Selector = None, pos_slice: Selector = None, *, stack: str = "decoder"
-    ) -> Float[torch.Tensor, "batch pos neuron d_model"]:
+    ) -> Float[torch.Tensor, "batch *pos neuron d_model"]:
         """Each dense-MLP neuron's output at block `layer`, `mlp.hook_post[..., n] · W_out[n]`
         (`[batch, pos, neuron, d_model]`), before the MLP's post-norms, as TransformerLens's method (which
         stops before any norm too); `stack_neuron_results` carries them on to the residual. Positions are

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
 #: What the decomposition helpers return: `[component, batch, pos, d_model]`, with the labels if asked.
-ResidComponents = Float[torch.Tensor, "component batch pos d_model"] | tuple[torch.Tensor, list[str]]
+# `*pos`: an int `pos_slice` drops the position axis, as TransformerLens's stack helpers do.
+ResidComponents = Float[torch.Tensor, "component batch *pos d_model"] | tuple[torch.Tensor, list[str]]
 
 SWITCHES = {
     "attn.hook_result": "model.set_use_attn_result(True)",
@@ -110,7 +111,7 @@ class ResidDecompositionMixin:
 
     def _norm_map(
         self, norm_path: str, like: torch.Tensor, pos_slice: Selector = None
-    ) -> Float[torch.Tensor, "batch pos d_model"]:
+    ) -> Float[torch.Tensor, "batch *pos d_model"]:
         """scale · gain of a norm (its `hook_scale` from the cache, at `pos_slice`), in the wider of fp32
         and `like`'s dtype."""
         scale = self._hook(f"{norm_path}.hook_scale", pos_slice)
@@ -377,7 +378,7 @@ class ResidDecompositionMixin:
 
     def apply_ln_to_stack(
         self,
-        residual_stack: Float[torch.Tensor, "... batch pos d_model"],
+        residual_stack: Float[torch.Tensor, "... d_model"],
         layer: int | None = None,
         mlp_input: bool = False,
         pos_slice: Selector = None,
@@ -385,7 +386,7 @@ class ResidDecompositionMixin:
         has_batch_dim: bool = True,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "... batch pos d_model"]:
+    ) -> Float[torch.Tensor, "... d_model"]:  # `[..., batch, pos, d_model]`, less any axis an int slice drops
         """Push each component of a residual stack through the final norm with the cached scale
         (`ln_final.hook_scale`), which makes the norm linear: the results sum to `ln_final(resid)`.
 
@@ -445,7 +446,7 @@ class ResidDecompositionMixin:
         has_batch_dim: bool = True,
         *,
         stack: str = "decoder",
-    ) -> Float[torch.Tensor, "*components"]:
+    ) -> Float[torch.Tensor, "..."]:  # the stack's leading axes, less any an int slice drops
         """Each component's share of a token's logit before the soft-cap (or of the difference
         `tokens − incorrect_tokens`): the final norm with its cached scale (`apply_ln_to_stack`), then
         a dot product with the token's unembedding direction. Summed over an exact decomposition

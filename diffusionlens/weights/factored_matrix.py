@@ -14,9 +14,21 @@ naming `V` and `V.mT`, so that code written for either meaning cannot read the o
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Complex, Float
+
+
+@runtime_checkable
+class TensorLikeFactor(Protocol):
+    """An object with the tensor protocol the products use, without subclassing torch.Tensor (TransformerLens
+    accepts such wrappers as factors)."""
+
+    ndim: int
+    shape: torch.Size
+
+    def broadcast_to(self, size: tuple[int, ...]) -> Any: ...
 
 
 def _is_tensor_like(value: object) -> bool:
@@ -44,7 +56,9 @@ class FactoredMatrix:
 
     # Shapes ([..., ldim, mdim] @ [..., mdim, rdim]) are checked below rather than in the annotation, so a
     # mismatch gets this class's message, which says what to fix.
-    def __init__(self, A: Float[torch.Tensor, "..."], B: Float[torch.Tensor, "..."]) -> None:
+    def __init__(
+        self, A: Float[torch.Tensor, "..."] | TensorLikeFactor, B: Float[torch.Tensor, "..."] | TensorLikeFactor
+    ) -> None:
         if not (_is_tensor_like(A) and _is_tensor_like(B)):
             raise TypeError(f"FactoredMatrix factors must be tensors, got {type(A).__name__} and {type(B).__name__}")
         if A.ndim < 2 or B.ndim < 2:
@@ -94,12 +108,12 @@ class FactoredMatrix:
 
     # ------------------------------------------------------------------ products
     @property
-    def AB(self) -> Float[torch.Tensor, "... ldim rdim"]:
+    def AB(self) -> Float[torch.Tensor, "... ldim rdim"] | TensorLikeFactor:
         """The dense product."""
         return self.A @ self.B
 
     @property
-    def BA(self) -> Float[torch.Tensor, "... mdim mdim"]:
+    def BA(self) -> Float[torch.Tensor, "... mdim mdim"] | TensorLikeFactor:
         """`B @ A`: shares the non-zero eigenvalues of `AB` (only defined when ldim == rdim)."""
         if self.ldim != self.rdim:
             raise ValueError(f"BA needs a square product (ldim == rdim); this FactoredMatrix is {tuple(self.shape)}")
