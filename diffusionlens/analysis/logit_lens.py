@@ -54,6 +54,21 @@ class LogitLensByStep:
         return torch.where(hit.any(1), first, torch.full_like(first, -1))
 
 
+def _lens_inputs(
+    cache: DenoisingCache, canvas: int, model: HookedDiffusionGemma | None
+) -> tuple[HookedDiffusionGemma, list[int], list[int]]:
+    """The model a lens reads through (the cache's unless given), the steps recorded for `canvas` and the
+    canvas positions recorded, refusing a cache with no model or no step."""
+    model = model if model is not None else cache.model
+    if model is None:
+        raise ValueError("this cache has no model attached (reopened from disk?); pass model=")
+    steps = cache.steps(canvas)
+    if not steps:
+        raise ValueError(f"the cache recorded no steps for canvas {canvas}")
+    length = model.cfg.canvas_length
+    return model, steps, list(range(length)) if cache.positions is None else list(cache.positions)
+
+
 def logit_lens_by_step(
     cache: DenoisingCache,
     positions: Sequence[int] | int | None = None,
@@ -69,16 +84,10 @@ def logit_lens_by_step(
     canvas positions (default: all recorded). `final`: the final canvas (`result.trace[canvas]` or
     `[batch, canvas]` tokens) for `final_probs`. `model`: needed only for a cache reopened from disk.
     """
-    model = model if model is not None else cache.model
-    if model is None:
-        raise ValueError("this cache has no model attached (reopened from disk?); pass model=")
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
-    steps = cache.steps(canvas)
-    if not steps:
-        raise ValueError(f"the cache recorded no steps for canvas {canvas}")
+    model, steps, recorded = _lens_inputs(cache, canvas, model)
     length = model.cfg.canvas_length
-    recorded = list(range(length)) if cache.positions is None else list(cache.positions)
     if positions is None:
         positions = recorded
     positions = [positions] if isinstance(positions, int) else [int(p) % length for p in positions]
@@ -167,9 +176,7 @@ def logit_lens_token_scores(
     """The logit lens of `tokens` at canvas `position` of batch `row`, at every recorded step and layer:
     the probability of the tokens (`metric="prob"`, one or more tokens) or the logit difference of two
     (`metric="logit_diff"`). The cache needs what `logit_lens_by_step` needs, at that position."""
-    model = model if model is not None else cache.model
-    if model is None:
-        raise ValueError("this cache has no model attached (reopened from disk?); pass model=")
+    model, steps, recorded = _lens_inputs(cache, canvas, model)
     tokens = [tokens] if isinstance(tokens, int) else [int(t) for t in tokens]
     if metric not in LENS_METRICS:
         raise ValueError(f"metric must be one of {LENS_METRICS}, got {metric!r}")
@@ -180,11 +187,7 @@ def logit_lens_token_scores(
     vocab = model.cfg.vocab_size
     if any(not 0 <= t < vocab for t in tokens):
         raise ValueError(f"tokens {tokens} out of range: the vocabulary has {vocab} ids")
-    steps = cache.steps(canvas)
-    if not steps:
-        raise ValueError(f"the cache recorded no steps for canvas {canvas}")
     length = model.cfg.canvas_length
-    recorded = list(range(length)) if cache.positions is None else list(cache.positions)
     if position % length not in recorded:
         raise ValueError(f"position {position} was not recorded; the cache holds positions {recorded}")
     column = recorded.index(position % length)
