@@ -24,7 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.weights.device_map import device_for_tensor, dispatch, plan_device_map, planning_dtype
+from diffusionlens.weights.device_map import (
+    check_devices_exist,
+    device_for_tensor,
+    dispatch,
+    plan_device_map,
+    planning_dtype,
+)
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -365,6 +371,8 @@ def attach_tokenizer(model: nn.Module, directory: Path | None) -> None:
 
 def _plan_placement(cfg, source, directory, dtype, device, device_map, max_memory) -> dict | None:
     if device_map is None and max_memory is None:
+        if device is not None:
+            check_devices_exist([device])
         return None
     if device is not None:
         raise ValueError("pass either device or device_map/max_memory, not both")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -205,7 +206,40 @@ def _check_explicit(cfg: DiffusionGemmaConfig, device_map: dict[str, Device]) ->
             f"{list(MAIN_UNITS)} must share one device (the LM head is the tied embedding); got "
             f"{ {u: decoder_map[u] for u in MAIN_UNITS} }"
         )
+    check_devices_exist(decoder_map.values(), what="device_map")
     return decoder_map
+
+
+def visible_devices() -> list[str]:
+    """The devices this process can place tensors on: the CPU, then every visible GPU."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return ["cpu", *gpus, *mps]
+
+
+def check_devices_exist(devices: Iterable[Device], what: str = "device") -> None:
+    """Refuse, before any weight is read, devices this machine does not have (torch would fail mid-load with
+    an AssertionError) or names that are not devices."""
+    visible = visible_devices()
+    missing = []
+    for device in dict.fromkeys(devices):
+        try:
+            torch_device = as_torch_device(device)
+        except (RuntimeError, TypeError) as error:
+            raise DeviceMapError(
+                f"{what} names {device!r}, which is not a device ({error}); use one of {visible}"
+            ) from None
+        if torch_device.type == "cuda" and torch_device.index is None:
+            torch_device = torch.device("cuda", 0)
+        if torch_device.type in ("cuda", "mps") and str(torch_device).removesuffix(":0") not in {
+            v.removesuffix(":0") for v in visible
+        }:
+            missing.append(str(device))
+    if missing:
+        raise DeviceMapError(
+            f"{what} names {missing}, which this machine does not have (visible: {visible}); "
+            "use one of the visible devices instead"
+        )
 
 
 def _nearest_key(device_map: dict[str, Device], name: str) -> str | None:

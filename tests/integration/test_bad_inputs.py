@@ -22,6 +22,7 @@ from diffusionlens.patching import LogitDiff, TargetProb, patch_sweep, record_ru
 from diffusionlens.patching.runs import fork_state, run_patched
 from diffusionlens.patching.sweep_spec import MAX_AXIS_LABELS, SpecError, SweepSpec
 from diffusionlens.weights.checkpoint import SHIPPED_CHECKPOINTS
+from diffusionlens.weights.device_map import DeviceMapError
 
 PROMPT = "squares 400 800:"
 
@@ -544,3 +545,26 @@ def test_the_spec_checks_accept_the_documented_step_sweep():
     assert MAX_AXIS_LABELS < 10**12
     with pytest.raises(SpecError):
         SweepSpec.from_dict({**SPEC, "positions": {"start": 0, "stop": MAX_AXIS_LABELS + 1}})
+
+
+# ---------------------------------------------------------------------- devices
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device_map": {"": "cuda:99"}}, r"device_map names \['cuda:99'\], which this machine does not have"),
+        ({"device_map": {"": "cpu", "decoder.blocks.1": "cuda:99"}}, r"does not have \(visible: \['cpu'"),
+        ({"device": "cuda:99"}, r"device names \['cuda:99'\], which this machine does not have"),
+        ({"device_map": {"": "gpu7"}}, r"device_map names 'gpu7', which is not a device"),
+    ],
+    ids=["whole model", "one block", "device=", "not a device"],
+)
+def test_devices_the_machine_lacks_are_refused_before_loading(monkeypatch, kwargs, message):
+    """torch failed mid-load with `AssertionError: Torch not compiled with CUDA enabled`."""
+    from diffusionlens.weights import checkpoint
+
+    opened = []
+    safe_open = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: opened.append(a) or safe_open(*a, **k))
+    with pytest.raises(DeviceMapError, match=message):
+        HookedDiffusionGemma.from_pretrained("toy", progress=False, **kwargs)
+    assert opened == []  # refused before any shard was opened
