@@ -11,6 +11,7 @@ what an earlier one defined. Two HTML comments, invisible in the rendered docs, 
 
 from __future__ import annotations
 
+import importlib.util
 import linecache
 import re
 from dataclasses import dataclass
@@ -89,3 +90,15 @@ def test_getting_started_prints_a_shape_and_an_answer(capsys):
     exec(compile(block.code, "getting_started.md", "exec"), {})
     out = capsys.readouterr().out
     assert "torch.Size([" in out and " -> " in out
+
+
+def test_the_plain_api_reference_is_current():
+    """docs/api_reference.md (the API reference readable in the repository) matches what
+    scripts/api_reference.py renders from docs/api.md's targets today."""
+    script = ROOT / "scripts" / "api_reference.py"
+    spec = importlib.util.spec_from_file_location("api_reference", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.targets((ROOT / "docs" / "api.md").read_text()), "docs/api.md lists no targets"
+    written = (ROOT / "docs" / "api_reference.md").read_text()
+    assert written == module.render(), "docs/api_reference.md is stale: run python scripts/api_reference.py"
