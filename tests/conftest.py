@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 
+# beartype must be imported before nnsight (tests/integration/test_nnsight.py): after `import nnsight`,
+# `import beartype` fails with "TypeError: unhashable type: 'instancemethod'" (nnsight 0.8.1, beartype's table
+# of builtin method types), which broke collecting tests/unit/test_typecheck.py in unchecked runs.
+import beartype  # noqa: F401
 from jaxtyping import install_import_hook
 
 # On with DIFFUSIONLENS_TYPECHECK=1, which is how CI runs the whole suite (README.md).
