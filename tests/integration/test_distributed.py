@@ -59,6 +59,19 @@ PROMPTS = ["squares 400 800:", "sort 3 1 2:"]
 HARVEST = dict(names_filter=["decoder.blocks.*.hook_resid_post", "decoder.hook_logits"], max_new_tokens=12)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The module's single-process references and its pool's workers run torch with one thread. At two
+    threads the default kernels of an AVX-512 Xeon give a worker the driver's bits, but MKL's AVX2 kernels
+    (what a CPU without AVX-512, such as an AMD EPYC, may get) do not: emulated with
+    `MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2`, ten of these equalities failed at two threads and
+    passed at one. One thread is bit-identical across processes by construction."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def spec():
     return SweepSpec.from_dict(dict(SPEC))
@@ -66,7 +79,7 @@ def spec():
 
 @pytest.fixture(scope="module")
 def single_process(spec):
-    # the driver's own thread count: the pool's workers run with it (ModelPool(torch_threads=None))
+    # the driver's own thread count (one here, see one_thread): the pool's workers run with it
     return run_sweep_spec(spec, progress=False)
 
 
@@ -106,7 +119,8 @@ def slow_or_fast(model, memo, item):
 
 @pytest.fixture(scope="module")
 def pool():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # three logical CPUs: the module's two workers, and one for the two-thread pool of the thread-count test
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     pool = ModelPool("toy", num_workers=2)
     yield pool
     pool.shutdown()
@@ -144,6 +158,13 @@ def test_row_groups_start_at_chunk_boundaries():
 def test_workers_run_the_drivers_thread_count(pool):
     # Ray starts workers with OMP_NUM_THREADS=1; CPU sums depend on the thread count
     assert pool.map(torch_threads, [0, 1], progress=False) == [torch.get_num_threads()] * 2
+    torch.set_num_threads(2)  # the module runs at one thread (see one_thread): a second pool at two
+    try:
+        two = ModelPool("toy", num_workers=1)
+        assert two.map(torch_threads, [0], progress=False) == [2]
+        two.shutdown()
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize(
