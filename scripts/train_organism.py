@@ -43,13 +43,22 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-examples", type=int, default=24)
+    parser.add_argument("--init-from", default="", help="continue from these weights (else the truncated toy)")
+    parser.add_argument("--task-weights", default=TrainSettings.task_weights)
+    parser.add_argument("--warmup", type=int, default=100)
     args = parser.parse_args()
     out = Path(args.out)
-    init = out.with_name(out.name + "-init")
+    init = Path(args.init_from) if args.init_from else out.with_name(out.name + "-init")
     if not (out / "training_state.json").exists() and not (init / "model.safetensors").exists():
         truncated_toy(args.layers).save_pretrained(init)
     settings = TrainSettings(
-        steps=args.steps, lr=args.lr, warmup=100, eval_every=args.eval_every, save_every=100, init_from=str(init)
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        save_every=100,
+        init_from=str(init),
+        task_weights=args.task_weights,
     )
 
     def evaluate_fn(model, tokenizer, step):
