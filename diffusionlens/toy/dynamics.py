@@ -17,9 +17,11 @@ reproducible alone), with the given generation settings (default: `GenerationSet
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "canvas_commit_steps",
     "TaskDynamics",
     "denoising_dynamics",
+    "dynamics_summary",
     "format_dynamics",
     "run_dynamics",
 ]
@@ -154,12 +157,30 @@ def format_dynamics(dynamics: dict[str, TaskDynamics]) -> str:
     return "\n".join(lines)
 
 
+def dynamics_summary(dynamics: dict[str, TaskDynamics]) -> dict[str, dict[str, Any]]:
+    """Per task, the card's numbers as plain JSON values: runs, mean steps, steps histogram, late-commit
+    share, correction rate and mean commit step by answer position."""
+    return {
+        task: {
+            "runs": len(d.runs),
+            "mean_steps": d.mean_steps,
+            "steps_histogram": {str(k): v for k, v in d.steps_histogram.items()},
+            "late_commit_share": d.late_commit_share,
+            "correction_rate": d.correction_rate,
+            "commit_step_by_position": d.commit_step_by_position(),
+        }
+        for task, d in dynamics.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffusionlens.toy.dynamics", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="toy", help="a checkpoint directory or 'toy'")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the per-task figures here (JSON)")
+    parser.add_argument("--figure", default=None, help="also draw the steps histogram and commit steps here (PNG)")
     args = parser.parse_args(argv)
     from diffusionlens.model import HookedDiffusionGemma
 
@@ -170,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     print(format_dynamics(dynamics))
     for d in dynamics.values():
         print(f"{d.task}: steps histogram {d.steps_histogram}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dynamics_summary(dynamics), indent=1))
+    if args.figure:
+        from diffusionlens.viz.dynamics import plot_denoising_dynamics
+
+        plot_denoising_dynamics(dynamics, title=f"{args.model}: denoising dynamics").savefig(args.figure, dpi=120)
 
 
 if __name__ == "__main__":

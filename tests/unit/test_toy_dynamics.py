@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from traces import make_trace
 
@@ -61,3 +62,24 @@ def test_the_toy_measured_from_its_own_traces(toy):
         answer = answer_mask(trace, toy.cfg.eos_token_id)
         assert run.steps == int(trace.stop_step()[0]) + 1
         assert run.commit_steps == canvas_commit_steps(trace)[0][answer[0]].tolist()
+
+
+def test_summary_and_figure_of_the_card(tmp_path):
+    from diffusionlens.toy.dynamics import dynamics_summary
+    from diffusionlens.viz.dynamics import plot_denoising_dynamics
+
+    runs = [RunDynamics(2, [0, 0, 1], 0), RunDynamics(6, [0, 3], 2)]
+    dynamics = {"squares": TaskDynamics("squares", runs), "sort": TaskDynamics("sort", runs[:1])}
+    summary = dynamics_summary(dynamics)
+    assert summary["squares"]["steps_histogram"] == {"2": 1, "6": 1}
+    assert summary["squares"]["commit_step_by_position"] == [0.0, 1.5, 1.0]
+    assert summary["sort"]["mean_steps"] == 2 and summary["sort"]["late_commit_share"] == 1 / 3
+    figure = plot_denoising_dynamics(dynamics, title="card")
+    steps_axis, commit_axis = figure.axes
+    assert len(commit_axis.lines) == 2 and [t.get_text() for t in steps_axis.get_legend().get_texts()] == [
+        "squares",
+        "sort",
+    ]
+    figure.savefig(tmp_path / "card.png")
+    with pytest.raises(ValueError, match="no tasks"):
+        plot_denoising_dynamics({})
