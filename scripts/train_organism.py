@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--init-from", default="", help="continue from these weights (else the truncated toy)")
     parser.add_argument("--task-weights", default=TrainSettings.task_weights)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out)
     init = Path(args.init_from) if args.init_from else out.with_name(out.name + "-init")
@@ -65,7 +66,7 @@ def main() -> None:
         scores = evaluate(model, tokenizer, n=args.eval_examples, seed=step)
         return {task: [round(s.exact_match, 3), round(s.mean_steps, 2)] for task, s in scores.items()}
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     train(out, settings, progress=False, evaluate_fn=evaluate_fn)
 
 
