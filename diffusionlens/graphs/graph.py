@@ -1,0 +1,217 @@
+"""An attribution graph across denoising steps: nodes, a sparse adjacency, pruning, scores and the JSON file.
+
+Nodes come in circuit-tracer's order: transcoder features, error nodes, input nodes (each step's canvas
+tokens, then the prompt's tokens), and the target logit last. `adjacency[target, source]` is the direct
+effect of the source on the target in the replacement model, activation included, so a node's incoming
+edges plus its `bias` sum to its pre-activation (`value`). Pruning, `replacement_score` and
+`completeness_score` follow circuit-tracer's `prune_graph` and `compute_graph_scores`: influence is the sum
+over paths of products of row-normalised absolute edge weights, seeded at the target logit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+#: Node kinds, in the order nodes are stored.
+KINDS = ("feature", "error", "token", "prompt", "logit")
+
+
+@dataclass
+class Graph:
+    """kind: one of KINDS per node; step (-1 for prompt tokens, which precede every step), layer (-1 where
+    none), position (canvas position; prompt position for prompt tokens), feature (-1 where none), token
+    (the token id of token, prompt and logit nodes, -1 elsewhere); activation: a feature's activation (NaN
+    elsewhere); value: a feature's or the logit's pre-activation in the replacement model; bias: what is not
+    an edge of it (0 for sources). metadata: prompt, target, settings, the trajectory's canvases."""
+
+    kind: list[str]
+    step: Int[torch.Tensor, " node"]
+    layer: Int[torch.Tensor, " node"]
+    position: Int[torch.Tensor, " node"]
+    feature: Int[torch.Tensor, " node"]
+    token: Int[torch.Tensor, " node"]
+    activation: Float[torch.Tensor, " node"]
+    value: Float[torch.Tensor, " node"]
+    bias: Float[torch.Tensor, " node"]
+    adjacency: torch.Tensor  # sparse COO [node (target), node (source)]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.kind)
+
+    def indices(self, kind: str) -> Int[torch.Tensor, " n"]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown node kind {kind!r}; choose one of {KINDS}")
+        return torch.tensor([i for i, k in enumerate(self.kind) if k == kind], dtype=torch.long)
+
+    def dense(self) -> Float[torch.Tensor, "node node"]:
+        return self.adjacency.to_dense()
+
+    def logit_weights(self) -> Float[torch.Tensor, " node"]:
+        weights = torch.zeros(self.n_nodes, dtype=self.value.dtype)
+        weights[self.indices("logit")] = 1.0
+        return weights
+
+    def node_influence(self) -> Float[torch.Tensor, " node"]:
+        """Each node's total influence on the target (circuit-tracer's `compute_node_influence`)."""
+        return influence(normalize_rows(self.dense()), self.logit_weights())
+
+    @property
+    def replacement_score(self) -> float:
+        """Share of the target's influence that reaches it from input nodes (tokens, prompt) rather than
+        error nodes, as circuit-tracer's `compute_graph_scores`."""
+        node = self.node_influence()
+        inputs = node[self.indices("token")].sum() + node[self.indices("prompt")].sum()
+        errors = node[self.indices("error")].sum()
+        return float(inputs / (inputs + errors).clamp(min=1e-30))
+
+    @property
+    def completeness_score(self) -> float:
+        """Influence-weighted share of every node's incoming (normalised) weight not from error nodes."""
+        normalized = normalize_rows(self.dense())
+        weights = self.logit_weights()
+        node = influence(normalized, weights)
+        non_error = 1 - normalized[:, self.indices("error")].sum(-1)
+        output = node + weights
+        return float((non_error * output).sum() / output.sum())
+
+    def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
+        """The subgraph circuit-tracer's `prune_graph` keeps: nodes carrying `node_threshold` of the total
+        influence and edges carrying `edge_threshold`, then nodes without outgoing (or, for features,
+        incoming) kept edges dropped, repeatedly. Input and logit nodes always stay."""
+        node_mask, edge_mask = prune_masks(self, node_threshold, edge_threshold)
+        keep = node_mask.nonzero().flatten()
+        dense = self.dense() * edge_mask
+        sub = dense[keep][:, keep]
+        adjacency = sub.to_sparse().coalesce()
+        pick = keep.tolist()
+        meta = {**self.metadata, "node_threshold": node_threshold, "edge_threshold": edge_threshold}
+        return replace(
+            self,
+            kind=[self.kind[i] for i in pick],
+            **{name: getattr(self, name)[keep] for name in _NODE_TENSORS},
+            adjacency=adjacency,
+            metadata=meta,
+        )
+
+    # ------------------------------------------------------------------ circuit-tracer's file
+    def to_json(self, path: str | Path, *, node_threshold: float | None = 0.8, edge_threshold: float = 0.98) -> Path:
+        """Write the graph in circuit-tracer's graph-file schema (`metadata`, `qParams`, `nodes` with
+        `node_id`, `links` with `source`, `target`, `weight`), pruned with the thresholds first (pass
+        `node_threshold=None` to write every node). Every node also carries `step`, `kind` and `position`.
+        Its context index `ctx_idx` runs over the prompt, then step 0's canvas, step 1's, ...: steps are
+        columns in circuit-tracer's frontend."""
+        graph = self if node_threshold is None else self.prune(node_threshold, edge_threshold)
+        nodes = [graph.node_json(i) for i in range(graph.n_nodes)]
+        adjacency = graph.adjacency.coalesce()
+        targets, sources = adjacency.indices().tolist()
+        links = [
+            {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": w}
+            for t, s, w in zip(targets, sources, adjacency.values().tolist(), strict=True)
+        ]
+        meta = graph.metadata
+        document = {
+            "metadata": {
+                "slug": meta.get("slug", "diffusionlens-graph"),
+                "scan": meta.get("scan", "diffusionlens"),
+                "transcoder_list": [],
+                "prompt_tokens": meta.get("context_tokens", []),
+                "prompt": meta.get("prompt", ""),
+                "node_threshold": node_threshold,
+                "diffusionlens": {k: v for k, v in meta.items() if k not in ("context_tokens",)},
+            },
+            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": nodes,
+            "links": links,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=1))
+        return path
+
+    def node_json(self, i: int) -> dict:
+        """One node as circuit-tracer's frontend reads it, plus `step`, `kind` and `position`."""
+        kind, step, layer = self.kind[i], int(self.step[i]), int(self.layer[i])
+        position, feature, token = int(self.position[i]), int(self.feature[i]), int(self.token[i])
+        prompt_length = int(self.metadata.get("prompt_length", 0))
+        canvas_length = int(self.metadata.get("canvas_length", 0))
+        ctx = position if kind == "prompt" else prompt_length + step * canvas_length + position
+        n_layers = int(self.metadata.get("n_layers", 0))
+        node = {"step": step, "kind": kind, "position": position, "ctx_idx": ctx, "reverse_ctx_idx": 0}
+        node["run_idx"], node["clerp"] = 0, ""
+        if kind == "feature":
+            node.update(node_id=f"{layer}_{feature}_{ctx}", feature=feature, layer=str(layer))
+            node.update(feature_type="cross layer transcoder", activation=float(self.activation[i]))
+        elif kind == "error":
+            node.update(node_id=f"0_{layer}_{ctx}", feature=-1, layer=str(layer))
+            node.update(feature_type="mlp reconstruction error")
+        elif kind in ("token", "prompt"):
+            node.update(node_id=f"E_{token}_{ctx}", feature=ctx, layer="E", feature_type="embedding")
+        else:
+            node.update(node_id=f"{n_layers + 1}_{token}_{ctx}", feature=token, layer=str(n_layers + 1))
+            node.update(feature_type="logit", is_target_logit=True, token_prob=0.0)
+            node["clerp"] = f"target {self.metadata.get('target', '')}"
+        node["jsNodeId"] = node["node_id"]
+        return node
+
+
+_NODE_TENSORS = ("step", "layer", "position", "feature", "token", "activation", "value", "bias")
+
+
+def normalize_rows(matrix: Float[torch.Tensor, "n n"]) -> Float[torch.Tensor, "n n"]:
+    """|A| with each row scaled to sum 1 (rows of sources, all zero, stay zero)."""
+    absolute = matrix.abs()
+    return absolute / absolute.sum(dim=1, keepdim=True).clamp(min=1e-10)
+
+
+def influence(normalized: Float[torch.Tensor, "n n"], weights: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
+    """weights · (A + A² + A³ + …): the graph is acyclic, so the series ends after its longest path."""
+    current = weights @ normalized
+    total = current.clone()
+    for _ in range(normalized.shape[0] + 1):
+        current = current @ normalized
+        if not current.any():
+            return total
+        total = total + current
+    raise RuntimeError("influence did not converge: the adjacency has a cycle")
+
+
+def threshold_for(scores: Float[torch.Tensor, " n"], fraction: float) -> torch.Tensor:
+    """The smallest score among the top scores that together carry `fraction` of the total."""
+    ordered = torch.sort(scores.flatten(), descending=True).values
+    cumulative = torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-30)
+    index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1)
+    return ordered[index]
+
+
+def prune_masks(
+    graph: Graph, node_threshold: float, edge_threshold: float
+) -> tuple[Bool[torch.Tensor, " node"], Bool[torch.Tensor, "node node"]]:
+    """Node and edge masks of `Graph.prune` (circuit-tracer's `prune_graph`)."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    dense, weights = graph.dense(), graph.logit_weights()
+    node = influence(normalize_rows(dense), weights)
+    node_mask = node >= threshold_for(node, node_threshold)
+    always = torch.tensor([k in ("token", "prompt", "logit") for k in graph.kind])
+    node_mask |= always
+    pruned = dense * node_mask[:, None] * node_mask[None, :]
+    normalized = normalize_rows(pruned)
+    edge_scores = normalized * (influence(normalized, weights) + weights)[:, None]
+    edge_mask = (edge_scores >= threshold_for(edge_scores, edge_threshold)) & (pruned != 0)
+    is_feature = torch.tensor([k == "feature" for k in graph.kind])
+    can_drop = ~always
+    while True:
+        before = node_mask.clone()
+        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        node_mask &= ~can_drop | edge_mask.any(0)  # features and errors need an outgoing edge
+        node_mask &= ~is_feature | edge_mask.any(1)  # features need an incoming edge
+        if torch.equal(node_mask, before):
+            return node_mask, edge_mask
