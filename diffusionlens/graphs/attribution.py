@@ -140,9 +140,9 @@ def attribute_trajectory(
         for step in range(target_step, -1, -1):
             sweep.run_step(step)
     features = torch.tensor(sweep.selected, dtype=torch.long).reshape(-1, 4)  # step, layer, position, feature
-    values = [actual.pre_acts[s][l][p, f] for s, l, p, f in features.tolist()]
-    biases = [base.pre_acts[s][l][p, f] for s, l, p, f in features.tolist()]
-    activations = [sources.acts[s][l][p, f] for s, l, p, f in features.tolist()]
+    values = [actual.pre_acts[s][layer][p, f] for s, layer, p, f in features.tolist()]
+    biases = [base.pre_acts[s][layer][p, f] for s, layer, p, f in features.tolist()]
+    activations = [sources.acts[s][layer][p, f] for s, layer, p, f in features.tolist()]
     n_steps = target_step + 1
     sweep.edges.prompt_weights = sweep.prompt_edges
     return _assemble(

@@ -149,7 +149,7 @@ class Graph:
             node.update(node_id=f"{layer}_{feature}_{ctx}", feature=feature, layer=str(layer))
             node.update(feature_type="cross layer transcoder", activation=float(self.activation[i]))
         elif kind == "error":
-            node.update(node_id=f"0_{layer}_{ctx}", feature=-1, layer=str(layer))
+            node.update(node_id=f"err_{layer}_{ctx}", feature=-1, layer=str(layer))  # unique, unlike "0_{layer}_{ctx}"
             node.update(feature_type="mlp reconstruction error")
         elif kind in ("token", "prompt"):
             node.update(node_id=f"E_{token}_{ctx}", feature=ctx, layer="E", feature_type="embedding")
@@ -182,7 +182,7 @@ def influence(normalized: Float[torch.Tensor, "n n"], weights: Float[torch.Tenso
     raise RuntimeError("influence did not converge: the adjacency has a cycle")
 
 
-def threshold_for(scores: Float[torch.Tensor, " n"], fraction: float) -> torch.Tensor:
+def threshold_for(scores: Float[torch.Tensor, "..."], fraction: float) -> torch.Tensor:
     """The smallest score among the top scores that together carry `fraction` of the total."""
     ordered = torch.sort(scores.flatten(), descending=True).values
     cumulative = torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-30)

@@ -132,17 +132,20 @@ def record_trajectory(
         with torch.no_grad():
             state = encode_prompt(model, input_ids, attention_mask, result.sequences, canvas)
             self_cond = None
+            store: dict[str, torch.Tensor] = {}
+
+            def keep(value: torch.Tensor, point) -> None:
+                store[point.name] = value.detach()[0]
+
+            hooks = [(name, keep) for name in _capture_names(model.cfg.num_hidden_layers)]
             for step in range(result.trace.steps(canvas)):
-                store: dict[str, torch.Tensor] = {}
-
-                def keep(value: torch.Tensor, point) -> None:
-                    store[point.name] = value.detach()[0]
-
-                names = _capture_names(model.cfg.num_hidden_layers)
-                with model.hooks_for_run(fwd_hooks=[(name, keep) for name in names]):
+                store.clear()
+                with model.hooks_for_run(fwd_hooks=hooks):
                     raw = rerun_recorded_pass(model, result.trace, state, self_cond, canvas=canvas, step=step)
                 temp = temperature(int(record.t[step]), settings, raw.device)
-                steps.append(_freeze_step(model, store, state, raw[0], self_cond, temp, record.input_canvas[step][0]))
+                steps.append(
+                    _freeze_step(model, dict(store), state, raw[0], self_cond, temp, record.input_canvas[step][0])
+                )
                 self_cond = raw / temp
     finally:
         ctx.reset()
