@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
 from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
@@ -99,8 +99,9 @@ class _Edges:
     def add(self, kind: str, weights: torch.Tensor, columns: torch.Tensor | None = None) -> None:
         """`weights [rows, n]`: row r's edge from source `columns[j]` (default j)."""
         rows, cols = weights.nonzero(as_tuple=True)
-        local = cols if columns is None else columns[cols]
-        self.parts.setdefault(kind, []).append((rows, local, weights[rows, cols]))
+        local = cols if columns is None else columns.to(cols.device)[cols]
+        # kept in host memory: the edges of a long trajectory outgrow the device long before the sweep does
+        self.parts.setdefault(kind, []).append((rows.cpu(), local.cpu(), weights[rows, cols].cpu()))
 
     def gathered(self, kind: str, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         parts = self.parts.get(kind, [])
@@ -196,7 +197,7 @@ class _Sweep:
         token_edges = (self.cot * frozen.post_norm_scale * self.sources.token_embed[step]).sum(-1)
         self.edges.add("token", token_edges, step * self.length + torch.arange(self.length))
         if step > 0:
-            self.cot = self.replacement.self_cond_transpose(step, self.cot)
+            self.cot = self.replacement.self_cond_transpose(step, self.cot, self.row_chunk)
 
     def run_layer(self, step: int, layer: int) -> None:
         replacement = self.replacement
@@ -207,17 +208,14 @@ class _Sweep:
         acts = self.sources.acts[step][layer]
         positions, features = acts.nonzero(as_tuple=True)
         activation = acts[positions, features]
-        feature_edges = torch.cat(
-            [
-                (chunk @ transcoder.W_dec.T.to(chunk.dtype))[:, positions, features] * activation
-                for chunk in cot.split(self.row_chunk)
-            ]
-        )
-        error_edges = (cot * self.sources.errors[step][layer]).sum(-1)
+        feature_edges = active_feature_edges(cot, transcoder.W_dec, positions, features, activation)
+        error_edges = torch.einsum("rpd,pd->rp", cot, self.sources.errors[step][layer])
         error_base = (step * self.n_layers + layer) * self.length
         self.edges.add("error", error_edges, error_base + torch.arange(self.length))
-        self.abs_total += feature_edges.abs().sum(1) + error_edges.abs().sum(1)
-        scores = ((self.influence / self.abs_total.clamp(min=1e-30))[:, None] * feature_edges.abs()).sum(0)
+        magnitude = feature_edges.abs()
+        self.abs_total += magnitude.sum(1) + error_edges.abs().sum(1)
+        scores = (self.influence / self.abs_total.clamp(min=1e-30)) @ magnitude
+        del magnitude
         chosen = self.choose(scores)
         self.edges.add("feature", feature_edges[:, chosen], len(self.selected) + torch.arange(len(chosen)))
         new_positions, new_features = positions[chosen], features[chosen]
@@ -246,6 +244,24 @@ class _Sweep:
         if self.budget is not None:
             order = order[: max(self.budget - len(self.selected), 0)]
         return order
+
+
+def active_feature_edges(
+    cot: Float[torch.Tensor, "rows pos d_model"],
+    W_dec: Float[torch.Tensor, "d_transcoder d_model"],
+    positions: Int[torch.Tensor, " active"],
+    features: Int[torch.Tensor, " active"],
+    activation: Float[torch.Tensor, " active"],
+) -> Float[torch.Tensor, "rows active"]:
+    """Each row's edge from each active feature: activation × (cotangent at its position · its decoder row).
+    One matmul per position over that position's active features (`positions` sorted, as `nonzero` gives
+    them), so the cost follows the active features (L0 × positions), not the transcoder's width."""
+    W = W_dec.to(cot.dtype)
+    counts = torch.bincount(positions, minlength=cot.shape[1]).tolist()
+    parts = [cot[:, position] @ W[chunk].T for position, chunk in enumerate(features.split(counts)) if counts[position]]
+    if not parts:
+        return cot.new_zeros(cot.shape[0], 0)
+    return torch.cat(parts, dim=1) * activation
 
 
 def _assemble(model, trajectory, edges, features, values, biases, activations, n_steps, n_layers, target) -> Graph:

@@ -171,7 +171,7 @@ class ReplacementModel:
         direct effect of each kept prompt key's frozen value (per unit prompt coefficient)."""
         block = self.model.decoder.blocks[layer]
         attn = block.attn
-        c = cot * frozen.ln1_post_scale * block.ln1_post.weight
+        c = cot * (frozen.ln1_post_scale * block.ln1_post.weight)  # one pass over the rows, not two
         cz = (c @ attn.o_proj.weight).unflatten(-1, (attn.n_heads, attn.d_head))
         c_values = torch.einsum("hqk,rqhd->rkhd", frozen.pattern, cz)
         group = attn.n_heads // attn.n_kv_heads
@@ -181,11 +181,15 @@ class ReplacementModel:
         c_v = (c_values[:, kept:] * frozen.value_scale).flatten(-2)
         projection = attn.k_proj if attn.v_proj is None else attn.v_proj
         c_x = c_v @ projection.weight
-        return c_x * frozen.ln1_scale * block.ln1.weight, prompt_effect
+        return c_x * (frozen.ln1_scale * block.ln1.weight), prompt_effect
 
-    def self_cond_transpose(self, step: int, cot_resid0: Cotangent) -> Cotangent:
+    def self_cond_transpose(self, step: int, cot_resid0: Cotangent, row_chunk: int = 64) -> Cotangent:
         """Cotangent of `step`'s block-0 input → cotangent of step-1's final residual (before ln_final),
-        through the frozen post-norm, the linearised MLP, pre-norm, softmax, temperature and soft-cap."""
+        through the frozen post-norm, the linearised MLP, pre-norm, softmax, temperature and soft-cap.
+        Rows go `row_chunk` at a time: in between they are `[rows, pos, vocab]`."""
+        return torch.cat([self._self_cond_transpose(step, chunk) for chunk in cot_resid0.split(row_chunk)])
+
+    def _self_cond_transpose(self, step: int, cot_resid0: Cotangent) -> Cotangent:
         frozen, before = self.trajectory.steps[step], self.trajectory.steps[step - 1]
         decoder = self.model.decoder
         sc, embed = decoder.self_cond, decoder.embed
