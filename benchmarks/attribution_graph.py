@@ -1,7 +1,7 @@
 """Time an attribution graph of the toy's squares trajectory (every canvas position, every step) on this CPU.
 
     /work/main/.venv/bin/python benchmarks/attribution_graph.py --threads 2
-    /work/main/.venv/bin/python benchmarks/attribution_graph.py --width 512 --max-feature-nodes 2048 --entropy-bound 0.001
+    /work/main/.venv/bin/python benchmarks/attribution_graph.py --entropy-bound 0 --max-steps 8  # a longer run
 
 Random transcoders (`random_transcoders(model, width)`): the cost of attribution does not depend on what the
 features mean, only on how many are active and how many become rows. Prints the machine, the trajectory,
