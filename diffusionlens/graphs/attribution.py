@@ -37,6 +37,7 @@ def attribute(
     max_feature_nodes: int | None = 2048,
     min_influence: float = 0.0,
     row_chunk: int = 512,
+    store_on: torch.device | str | None = None,
     **generate_options: Any,
 ) -> Graph:
     """The attribution graph of `target` on the trajectory `generate(input_ids, noise=noise, **generate_options)`
@@ -46,9 +47,11 @@ def attribute(
     `step` (of canvas `canvas`); `token=(a, b)` attributes the difference logit a - logit b. Tokens may be ids
     or single-token strings; `step` may be negative (from the end). At most `max_feature_nodes` features
     (None: every active feature with influence above `min_influence`) are chosen by influence as rows.
+    `row_chunk`: rows pushed through attention and self-conditioning at a time (bounds the temporaries);
+    `store_on="cpu"` keeps the frozen trajectory in host memory (see `record_trajectory`).
     """
     transcoders.check(model)
-    trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, **generate_options)
+    trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, store_on=store_on, **generate_options)
     graph = attribute_trajectory(
         model,
         transcoders,
@@ -191,10 +194,10 @@ class _Sweep:
         self.prompt_edges = torch.zeros(1, self.prompt_length, dtype=target_cot.dtype, device=target_cot.device)
 
     def run_step(self, step: int) -> None:
-        frozen = self.replacement.trajectory.steps[step]
+        frozen = self.replacement.frozen(step)
         for layer in range(self.n_layers - 1, -1, -1):
             self.run_layer(step, layer)
-        token_edges = (self.cot * frozen.post_norm_scale * self.sources.token_embed[step]).sum(-1)
+        token_edges = torch.einsum("rpd,pd->rp", self.cot, frozen.post_norm_scale * frozen.token_embed)
         self.edges.add("token", token_edges, step * self.length + torch.arange(self.length))
         if step > 0:
             self.cot = self.replacement.self_cond_transpose(step, self.cot, self.row_chunk)
@@ -202,14 +205,14 @@ class _Sweep:
     def run_layer(self, step: int, layer: int) -> None:
         replacement = self.replacement
         block = replacement.model.decoder.blocks[layer]
-        frozen = replacement.trajectory.steps[step].layers[layer]
+        frozen = replacement.frozen(step).layers[layer]
         transcoder = replacement.transcoders[layer]
         cot = self.cot * block.layer_scalar  # at the feed-forward write, and at resid_mid
-        acts = self.sources.acts[step][layer]
+        acts = self.sources.acts[step][layer].to(cot.device)
         positions, features = acts.nonzero(as_tuple=True)
         activation = acts[positions, features]
         feature_edges = active_feature_edges(cot, transcoder.W_dec, positions, features, activation)
-        error_edges = torch.einsum("rpd,pd->rp", cot, self.sources.errors[step][layer])
+        error_edges = torch.einsum("rpd,pd->rp", cot, self.sources.errors[step][layer].to(cot.device))
         error_base = (step * self.n_layers + layer) * self.length
         self.edges.add("error", error_edges, error_base + torch.arange(self.length))
         magnitude = feature_edges.abs()
@@ -230,7 +233,8 @@ class _Sweep:
             self.prompt_edges = torch.cat(
                 (self.prompt_edges, self.prompt_edges.new_zeros(len(chosen), self.prompt_length))
             )
-        back, prompt_effect = replacement.attention_transpose(layer, frozen, cot)
+        pieces = [replacement.attention_transpose(layer, frozen, chunk) for chunk in cot.split(self.row_chunk)]
+        back, prompt_effect = (torch.cat(parts) for parts in zip(*pieces, strict=True))
         kept = prompt_effect.shape[1]
         if kept:
             self.prompt_edges[:, self.prompt_length - kept :] += prompt_effect

@@ -63,13 +63,15 @@ def recorded_sources(trajectory: Trajectory, transcoders: TranscoderSet) -> Sour
     """The sources of the recorded run: each feature's activation on the recorded transcoder input, and the
     error each transcoder leaves (the block's true output minus the transcoder's)."""
     acts, errors = [], []
+    device = transcoders[0].W_enc.device
     for step in trajectory.steps:
         step_acts, step_errors = [], []
         for layer, frozen in enumerate(step.layers):
-            transcoder = transcoders[layer]
-            a = transcoder.encode(frozen.transcoder_input.to(transcoder.W_enc.dtype)).detach()
-            step_acts.append(a)
-            step_errors.append((frozen.ffn_out - transcoder.decode(a).to(frozen.ffn_out.dtype)).detach())
+            transcoder, stored_on = transcoders[layer], frozen.transcoder_input.device
+            x, ffn_out = frozen.transcoder_input.to(device), frozen.ffn_out.to(device)
+            a = transcoder.encode(x.to(transcoder.W_enc.dtype)).detach()
+            step_acts.append(a.to(stored_on))
+            step_errors.append((ffn_out - transcoder.decode(a).to(ffn_out.dtype)).detach().to(stored_on))
         acts.append(step_acts)
         errors.append(step_errors)
     token_embed = [step.token_embed for step in trajectory.steps]
@@ -84,6 +86,16 @@ class ReplacementModel:
         self.model, self.transcoders, self.trajectory = model, transcoders, trajectory
         self.cfg = model.cfg
         self._act_slopes: dict[int, torch.Tensor] = {}
+        self._on_device: dict[int, FrozenStep] = {}
+
+    def frozen(self, step: int) -> FrozenStep:
+        """Step `step` of the trajectory on the model's device. A trajectory stored elsewhere (the host) comes
+        over one step at a time; the two most recent stay (the self-conditioning transpose reads two)."""
+        if step not in self._on_device:
+            if len(self._on_device) >= 2:
+                self._on_device.pop(next(iter(self._on_device)))
+            self._on_device[step] = self.trajectory.steps[step].to(self.model.device)
+        return self._on_device[step]
 
     # ------------------------------------------------------------------ pieces, forward
     def attention(self, layer: int, frozen: FrozenLayer, resid: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
@@ -108,7 +120,7 @@ class ReplacementModel:
         """The self-conditioning MLP's activation derivative at the recorded gate pre-activations of `step`."""
         if step not in self._act_slopes:
             act = self.model.decoder.self_cond.mlp.act
-            gate = self.trajectory.steps[step].self_cond_gate.detach()
+            gate = self.frozen(step).self_cond_gate.detach()
             with torch.enable_grad():
                 g = gate.clone().requires_grad_(True)
                 (slope,) = torch.autograd.grad(act(g).sum(), g)
@@ -124,16 +136,16 @@ class ReplacementModel:
     def self_conditioning(self, step: int, previous_pre_logits: torch.Tensor | None) -> torch.Tensor:
         """The self-conditioning signal of `step` (hook_out), linearised around the recorded point in the
         previous step's pre-soft-cap logits; a constant at step 0."""
-        frozen = self.trajectory.steps[step]
+        frozen = self.frozen(step)
         if step == 0:
             return frozen.self_cond_out
-        before = self.trajectory.steps[step - 1]
+        before = self.frozen(step - 1)
         delta = (previous_pre_logits - before.pre_logits) * self.softcap_slope(before) / before.temperature
         return frozen.self_cond_out + self.self_cond_jvp(step, delta)
 
     def self_cond_jvp(self, step: int, dlogits: torch.Tensor) -> torch.Tensor:
         """d(hook_out) for a change `dlogits` of the temperature-scaled logits fed back, `[..., pos, vocab]`."""
-        frozen, sc, embed = self.trajectory.steps[step], self.model.decoder.self_cond, self.model.decoder.embed
+        frozen, sc, embed = self.frozen(step), self.model.decoder.self_cond, self.model.decoder.embed
         p = frozen.self_cond_probs
         dp = p * (dlogits - (p * dlogits).sum(-1, keepdim=True))
         dx = (dp @ embed.W_E) * embed.embed_scale.to(dp.dtype) * frozen.self_cond_pre_scale * sc.pre_norm.weight
@@ -149,14 +161,16 @@ class ReplacementModel:
         pre_acts, pre_logits = [], []
         previous = None
         for s in range(n_steps):
-            frozen = self.trajectory.steps[s]
-            resid = (sources.token_embed[s] + self.self_conditioning(s, previous)) * frozen.post_norm_scale
+            frozen = self.frozen(s)
+            token_embed = sources.token_embed[s].to(frozen.post_norm_scale.device)
+            resid = (token_embed + self.self_conditioning(s, previous)) * frozen.post_norm_scale
             step_pre = []
             for layer, fl in enumerate(frozen.layers):
                 block, transcoder = decoder.blocks[layer], self.transcoders[layer]
-                resid = resid + self.attention(layer, fl, resid, sources.prompt)
+                resid = resid + self.attention(layer, fl, resid, sources.prompt.to(resid.device))
                 step_pre.append(transcoder.pre_activation(resid * fl.ln2_scale * block.ln2.weight))
-                ffn = transcoder.decode(sources.acts[s][layer]) + sources.errors[s][layer]
+                device = resid.device
+                ffn = transcoder.decode(sources.acts[s][layer].to(device)) + sources.errors[s][layer].to(device)
                 resid = (resid + ffn) * block.layer_scalar
             pre_acts.append(step_pre)
             previous = (resid * frozen.final_scale * decoder.ln_final.weight) @ decoder.embed.W_E.T
@@ -187,10 +201,13 @@ class ReplacementModel:
         """Cotangent of `step`'s block-0 input → cotangent of step-1's final residual (before ln_final),
         through the frozen post-norm, the linearised MLP, pre-norm, softmax, temperature and soft-cap.
         Rows go `row_chunk` at a time: in between they are `[rows, pos, vocab]`."""
+        # In between, a row is `[pos, vocab]`: bound a chunk's temporaries to about 2**26 elements as well.
+        per_row = self.cfg.canvas_length * self.cfg.vocab_size
+        row_chunk = max(1, min(row_chunk, 2**26 // per_row))
         return torch.cat([self._self_cond_transpose(step, chunk) for chunk in cot_resid0.split(row_chunk)])
 
     def _self_cond_transpose(self, step: int, cot_resid0: Cotangent) -> Cotangent:
-        frozen, before = self.trajectory.steps[step], self.trajectory.steps[step - 1]
+        frozen, before = self.frozen(step), self.frozen(step - 1)
         decoder = self.model.decoder
         sc, embed = decoder.self_cond, decoder.embed
         c_signal = cot_resid0 * frozen.post_norm_scale
@@ -207,13 +224,13 @@ class ReplacementModel:
 
     def logit_transpose(self, step: int, cot_pre_logits: Float[torch.Tensor, "rows pos vocab"]) -> Cotangent:
         """Cotangent of `step`'s pre-soft-cap logits → cotangent of its final residual."""
-        frozen, decoder = self.trajectory.steps[step], self.model.decoder
+        frozen, decoder = self.frozen(step), self.model.decoder
         return (cot_pre_logits @ decoder.embed.W_E) * frozen.final_scale * decoder.ln_final.weight
 
     def feature_seed(self, step: int, layer: int, positions: torch.Tensor, features: torch.Tensor) -> Cotangent:
         """Cotangents at `layer`'s resid_mid whose pairing with it gives each feature's pre-activation
         (one row per (position, feature) pair, bias aside)."""
-        frozen, block = self.trajectory.steps[step].layers[layer], self.model.decoder.blocks[layer]
+        frozen, block = self.frozen(step).layers[layer], self.model.decoder.blocks[layer]
         w = self.transcoders[layer].W_enc[:, features].T.to(frozen.ln2_scale.dtype)  # [rows, d]
         rows = w * frozen.ln2_scale[positions] * block.ln2.weight
         seed = torch.zeros(len(features), self.cfg.canvas_length, self.cfg.hidden_size, dtype=rows.dtype)

@@ -45,6 +45,19 @@ class FrozenLayer:
     ffn_out: Float[torch.Tensor, "pos d_model"]
 
 
+def _moved(obj, device):
+    """A copy of a dataclass of tensors (and lists of them) with every tensor on `device`."""
+    values = {}
+    for name in obj.__dataclass_fields__:
+        value = getattr(obj, name)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+        elif isinstance(value, list):
+            value = [_moved(item, device) for item in value]
+        values[name] = value
+    return type(obj)(**values)
+
+
 @dataclass
 class FrozenStep:
     """One denoising step: its canvas, the token embeddings, the self-conditioning point (probabilities of
@@ -65,6 +78,9 @@ class FrozenStep:
     pre_logits: Float[torch.Tensor, "pos vocab"]
     logits: Float[torch.Tensor, "pos vocab"]
     temperature: float
+
+    def to(self, device: torch.device | str) -> FrozenStep:
+        return _moved(self, device)
 
 
 @dataclass
@@ -101,10 +117,13 @@ def record_trajectory(
     *,
     noise: Any = None,
     canvas: int = 0,
+    store_on: torch.device | str | None = None,
     **generate_options: Any,
 ) -> Trajectory:
     """Generate from `input_ids` (one prompt) with `noise` and `generate_options` as `generate` takes them,
-    then freeze every step of canvas `canvas` (see the module docstring)."""
+    then freeze every step of canvas `canvas` (see the module docstring). `store_on`: where the frozen steps
+    live (default: the model's device); "cpu" keeps a long trajectory in host memory, and attribution brings
+    one step at a time to the model's device."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(
             f"attribution graphs take one prompt: input_ids of shape [1, pos], got {tuple(input_ids.shape)}"
@@ -143,9 +162,8 @@ def record_trajectory(
                 with model.hooks_for_run(fwd_hooks=hooks):
                     raw = rerun_recorded_pass(model, result.trace, state, self_cond, canvas=canvas, step=step)
                 temp = temperature(int(record.t[step]), settings, raw.device)
-                steps.append(
-                    _freeze_step(model, dict(store), state, raw[0], self_cond, temp, record.input_canvas[step][0])
-                )
+                frozen = _freeze_step(model, dict(store), state, raw[0], self_cond, temp, record.input_canvas[step][0])
+                steps.append(frozen if store_on is None else frozen.to(store_on))
                 self_cond = raw / temp
     finally:
         ctx.reset()

@@ -245,3 +245,15 @@ def test_budget_and_threshold_limit_the_rows(setup):
     full_value = small.value[rows]
     # with fewer features, edges from dropped features are missing: the sum no longer reaches the value
     assert (dense[rows].sum(1) + small.bias[rows] - full_value).abs().max() > 1e-6
+
+
+def test_small_row_chunks_and_a_host_stored_trajectory_give_the_same_graph(setup):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
+        trajectory = record_trajectory(setup.model, PROMPT, noise=ReplayNoise(0), store_on="cpu", **OPTIONS)
+    graph = attribute_trajectory(
+        setup.model, setup.transcoders, trajectory, TARGET, max_feature_nodes=None, row_chunk=3
+    )
+    assert graph.kind == setup.graph.kind
+    # row chunks regroup the same per-row sums: equal up to the order of float64 reductions
+    torch.testing.assert_close(graph.dense(), setup.graph.dense(), atol=1e-12, rtol=0)
