@@ -132,8 +132,9 @@ def attribute_trajectory(
     sources = recorded_sources(trajectory, transcoders)
     n_layers, length = model.cfg.num_hidden_layers, model.cfg.canvas_length
     with torch.no_grad():
-        actual = replacement.forward(sources, target_step + 1)
-        base = replacement.forward(sources.zeros_like(), target_step + 1)
+        stored_on = trajectory.steps[0].pre_logits.device  # every feature's pre-activation stays there
+        actual = replacement.forward(sources, target_step + 1, keep_on=stored_on)
+        base = replacement.forward(None, target_step + 1, keep_on=stored_on)
         seed = torch.zeros(1, length, model.cfg.vocab_size, dtype=model.dtype, device=model.device)
         for token, sign in tokens:
             seed[0, target_position, token] += sign
@@ -177,7 +178,12 @@ class _Sweep:
         row_chunk: int,
     ) -> None:
         self.replacement, self.sources = replacement, sources
-        self.cot = target_cot  # [rows, pos, d_model]; row 0 is the target logit
+        # Row cotangents [rows, pos, d_model] in one buffer with room for every row the budget allows, so
+        # that adding rows and crossing a layer never copies them (row 0 is the target logit).
+        capacity = 1 + (max_feature_nodes or 0)
+        self.buffer = target_cot.new_empty(capacity, *target_cot.shape[1:])
+        self.buffer[:1] = target_cot
+        self.n_rows = 1
         self.influence = torch.ones(1, dtype=target_cot.dtype, device=target_cot.device)
         self.abs_total = torch.zeros_like(self.influence)
         self.budget = max_feature_nodes
@@ -193,6 +199,22 @@ class _Sweep:
         )
         self.prompt_edges = torch.zeros(1, self.prompt_length, dtype=target_cot.dtype, device=target_cot.device)
 
+    @property
+    def cot(self) -> torch.Tensor:
+        return self.buffer[: self.n_rows]
+
+    def add_rows(self, seeds: torch.Tensor) -> None:
+        end = self.n_rows + len(seeds)
+        if end > len(self.buffer):  # no budget: grow
+            self.buffer = torch.cat((self.buffer[: self.n_rows], seeds))
+        else:
+            self.buffer[self.n_rows : end] = seeds
+        self.n_rows = end
+
+    def chunks(self) -> list[torch.Tensor]:
+        """Views of `row_chunk` rows each: every transpose is row by row, so a chunk is updated in place."""
+        return list(self.cot.split(self.row_chunk))
+
     def run_step(self, step: int) -> None:
         frozen = self.replacement.frozen(step)
         for layer in range(self.n_layers - 1, -1, -1):
@@ -200,14 +222,15 @@ class _Sweep:
         token_edges = torch.einsum("rpd,pd->rp", self.cot, frozen.post_norm_scale * frozen.token_embed)
         self.edges.add("token", token_edges, step * self.length + torch.arange(self.length))
         if step > 0:
-            self.cot = self.replacement.self_cond_transpose(step, self.cot, self.row_chunk)
+            for chunk in self.chunks():
+                chunk.copy_(self.replacement.self_cond_transpose(step, chunk, self.row_chunk))
 
     def run_layer(self, step: int, layer: int) -> None:
         replacement = self.replacement
         block = replacement.model.decoder.blocks[layer]
         frozen = replacement.frozen(step).layers[layer]
         transcoder = replacement.transcoders[layer]
-        cot = self.cot * block.layer_scalar  # at the feed-forward write, and at resid_mid
+        cot = self.cot.mul_(block.layer_scalar)  # now at the feed-forward write, and at resid_mid
         acts = self.sources.acts[step][layer].to(cot.device)
         positions, features = acts.nonzero(as_tuple=True)
         activation = acts[positions, features]
@@ -226,20 +249,22 @@ class _Sweep:
             (step, layer, p, f) for p, f in zip(new_positions.tolist(), new_features.tolist(), strict=True)
         ]
         if len(chosen):
-            seeds = replacement.feature_seed(step, layer, new_positions, new_features)
-            cot = torch.cat((cot, seeds.to(cot.dtype)))
+            self.add_rows(replacement.feature_seed(step, layer, new_positions, new_features).to(cot.dtype))
             self.influence = torch.cat((self.influence, scores[chosen]))
             self.abs_total = torch.cat((self.abs_total, torch.zeros_like(scores[chosen])))
             self.prompt_edges = torch.cat(
                 (self.prompt_edges, self.prompt_edges.new_zeros(len(chosen), self.prompt_length))
             )
-        pieces = [replacement.attention_transpose(layer, frozen, chunk) for chunk in cot.split(self.row_chunk)]
-        back, prompt_effect = (torch.cat(parts) for parts in zip(*pieces, strict=True))
+        effects = []
+        for chunk in self.chunks():
+            back, prompt_effect = replacement.attention_transpose(layer, frozen, chunk)
+            chunk.add_(back)  # the residual path plus attention's: now at resid_pre
+            effects.append(prompt_effect)
+        prompt_effect = torch.cat(effects)
         kept = prompt_effect.shape[1]
         if kept:
             self.prompt_edges[:, self.prompt_length - kept :] += prompt_effect
             self.abs_total += prompt_effect.abs().sum(1)
-        self.cot = cot + back
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the features to add as rows: by influence, above `min_influence`, within the budget."""

@@ -41,14 +41,6 @@ class Sources:
     token_embed: list[torch.Tensor]
     prompt: torch.Tensor
 
-    def zeros_like(self) -> Sources:
-        return Sources(
-            [[torch.zeros_like(a) for a in step] for step in self.acts],
-            [[torch.zeros_like(e) for e in step] for step in self.errors],
-            [torch.zeros_like(t) for t in self.token_embed],
-            torch.zeros_like(self.prompt),
-        )
-
 
 @dataclass
 class ReplacementOutput:
@@ -154,27 +146,35 @@ class ReplacementModel:
         dh = dh + act * (dx @ sc.mlp.up_proj.weight.T)
         return dh @ sc.mlp.down_proj.weight.T
 
-    def forward(self, sources: Sources, n_steps: int | None = None) -> ReplacementOutput:
-        """Run steps 0 .. n_steps-1 of the replacement model from `sources`."""
+    def forward(
+        self, sources: Sources | None, n_steps: int | None = None, keep_on: torch.device | str | None = None
+    ) -> ReplacementOutput:
+        """Run steps 0 .. n_steps-1 of the replacement model from `sources` (None: every source zero, which
+        gives each node's bias). `keep_on`: where the outputs are kept (default: the model's device)."""
         n_steps = self.trajectory.n_steps if n_steps is None else n_steps
         decoder = self.model.decoder
         pre_acts, pre_logits = [], []
         previous = None
         for s in range(n_steps):
             frozen = self.frozen(s)
-            token_embed = sources.token_embed[s].to(frozen.post_norm_scale.device)
+            device = frozen.post_norm_scale.device
+            token_embed = 0 if sources is None else sources.token_embed[s].to(device)
+            prompt = torch.zeros(self.trajectory.prompt_length, dtype=frozen.token_embed.dtype, device=device)
+            prompt = prompt if sources is None else sources.prompt.to(device)
             resid = (token_embed + self.self_conditioning(s, previous)) * frozen.post_norm_scale
             step_pre = []
             for layer, fl in enumerate(frozen.layers):
                 block, transcoder = decoder.blocks[layer], self.transcoders[layer]
-                resid = resid + self.attention(layer, fl, resid, sources.prompt.to(resid.device))
-                step_pre.append(transcoder.pre_activation(resid * fl.ln2_scale * block.ln2.weight))
-                device = resid.device
-                ffn = transcoder.decode(sources.acts[s][layer].to(device)) + sources.errors[s][layer].to(device)
+                resid = resid + self.attention(layer, fl, resid, prompt)
+                step_pre.append(transcoder.pre_activation(resid * fl.ln2_scale * block.ln2.weight).to(keep_on))
+                if sources is None:
+                    ffn = transcoder.b_dec.to(resid.dtype)
+                else:
+                    ffn = transcoder.decode(sources.acts[s][layer].to(device)) + sources.errors[s][layer].to(device)
                 resid = (resid + ffn) * block.layer_scalar
             pre_acts.append(step_pre)
             previous = (resid * frozen.final_scale * decoder.ln_final.weight) @ decoder.embed.W_E.T
-            pre_logits.append(previous)
+            pre_logits.append(previous.to(keep_on))
         return ReplacementOutput(pre_acts, pre_logits)
 
     # ------------------------------------------------------------------ transposes
