@@ -50,7 +50,7 @@ def attribute(
     `row_chunk`: rows pushed through attention and self-conditioning at a time (bounds the temporaries);
     `store_on="cpu"` keeps the frozen trajectory in host memory (see `record_trajectory`).
     """
-    transcoders.check(model)
+    check_placement(model, transcoders)
     trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, store_on=store_on, **generate_options)
     graph = attribute_trajectory(
         model,
@@ -64,6 +64,18 @@ def attribute(
     graph.metadata["generate_options"] = {k: repr(v) for k, v in generate_options.items()}
     graph.metadata["noise"] = repr(noise)
     return graph
+
+
+def check_placement(model: HookedDiffusionGemma, transcoders: TranscoderSet) -> None:
+    """Refuse transcoders that do not fit the model (`TranscoderSet.check`) or sit on another device or dtype:
+    the replacement model computes in the model's dtype, where the model is."""
+    transcoders.check(model)
+    weight = transcoders[0].W_enc
+    if weight.device != model.device or weight.dtype != model.dtype:
+        raise ValueError(
+            f"the transcoders are {weight.dtype} on {weight.device} but the model is {model.dtype} on "
+            f"{model.device}; pass transcoders.to(model.device, model.dtype)"
+        )
 
 
 def resolve_target(model: HookedDiffusionGemma, trajectory: Trajectory, target: dict) -> tuple[int, int, list]:
@@ -126,7 +138,7 @@ def attribute_trajectory(
     row_chunk: int = 512,
 ) -> Graph:
     """`attribute` on an already recorded `Trajectory` (see there)."""
-    transcoders.check(model)
+    check_placement(model, transcoders)
     target_step, target_position, tokens = resolve_target(model, trajectory, target)
     replacement = ReplacementModel(model, transcoders, trajectory)
     sources = recorded_sources(trajectory, transcoders)

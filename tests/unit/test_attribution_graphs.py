@@ -219,6 +219,12 @@ def test_transcoders_that_do_not_fit_are_refused(setup):
         attribute(setup.model, random_transcoders(wide, 8), PROMPT, TARGET, noise=ReplayNoise(0), **OPTIONS)
 
 
+def test_transcoders_in_another_dtype_are_refused_naming_the_fix(setup):
+    float32 = random_transcoders(setup.model, 8)
+    with pytest.raises(ValueError, match=r"transcoders are torch.float32 on cpu but the model is torch.float64"):
+        attribute_trajectory(setup.model, float32, setup.trajectory, TARGET)
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
