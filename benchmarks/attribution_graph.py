@@ -1,10 +1,12 @@
 """Time an attribution graph of the toy's squares trajectory (every canvas position, every step) on this CPU.
 
     /work/main/.venv/bin/python benchmarks/attribution_graph.py --threads 2
-    /work/main/.venv/bin/python benchmarks/attribution_graph.py --entropy-bound 0 --max-steps 8  # a longer run
+    /work/main/.venv/bin/python benchmarks/attribution_graph.py --entropy-bound 0 --t-min 1 --t-max 1.5 --max-steps 8
 
 Random transcoders (`random_transcoders(model, width)`): the cost of attribution does not depend on what the
-features mean, only on how many are active and how many become rows. Prints the machine, the trajectory,
+features mean, only on how many are active and how many become rows. With the default sampler the toy
+finishes the squares canvas in 2 steps; hotter settings (second line) make a trajectory of every step
+allowed. Prints the machine, the trajectory,
 the time of each phase (record, sweep, scores, JSON), the graph's size and the process's peak memory.
 """
 
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--entropy-bound", type=float, default=None, help="default: the sampler's (0.1)")
     parser.add_argument("--max-steps", type=int, default=48)
+    parser.add_argument("--t-min", type=float, default=None, help="default: the sampler's (0.4)")
+    parser.add_argument("--t-max", type=float, default=None, help="default: the sampler's (0.8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, ")
@@ -43,8 +47,9 @@ def main() -> None:
     transcoders = random_transcoders(model, args.width, seed=0)
     input_ids = model.to_tokens(EXAMPLE_PROMPTS["squares"])
     options = dict(max_new_tokens=model.cfg.canvas_length, max_denoising_steps=args.max_steps)
-    if args.entropy_bound is not None:
-        options["entropy_bound"] = args.entropy_bound
+    for name in ("entropy_bound", "t_min", "t_max"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
 
     start = time.perf_counter()
     trajectory = record_trajectory(model, input_ids, noise=ReplayNoise(args.seed), **options)

@@ -12,6 +12,7 @@ selection, in topological order), and the rest are dropped. Memory is the cotang
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,7 +99,11 @@ def resolve_target(model: HookedDiffusionGemma, trajectory: Trajectory, target: 
     resolved = []
     for token, sign in pairs:
         token_id = model.to_single_token(token) if isinstance(token, str) else token
-        if not isinstance(token_id, int) or not 0 <= token_id < model.cfg.vocab_size:
+        try:  # an int, a numpy integer or a one-element integer tensor
+            token_id = operator.index(token_id.item() if isinstance(token_id, torch.Tensor) else token_id)
+        except TypeError:
+            token_id = None
+        if token_id is None or isinstance(token, bool) or not 0 <= token_id < model.cfg.vocab_size:
             raise ValueError(f"target token {token!r} is not a token id in 0..{model.cfg.vocab_size - 1}")
         resolved.append((token_id, sign))
     return step % n_steps, position, resolved

@@ -232,12 +232,19 @@ def test_transcoders_in_another_dtype_are_refused_naming_the_fix(setup):
         (dict(position=2, step=-5, token=3), r"steps 0\.\.3 \(or -4\.\.-1"),
         (dict(position=5, step=0, token=3), r"target position 5 is outside the canvas: positions 0\.\.4"),
         (dict(position=0, step=0, token=99), r"not a token id in 0\.\.52"),
+        (dict(position=0, step=0, token=2.0), r"target token 2.0 is not a token id"),
         (dict(position=0, step=0), r"target must be dict\(position=, step=, token=\)"),
     ],
 )
 def test_targets_outside_the_trajectory_name_the_valid_range(setup, target, message):
     with pytest.raises(ValueError, match=message):
         attribute_trajectory(setup.model, setup.transcoders, setup.trajectory, target)
+
+
+def test_a_token_given_as_a_tensor_or_text_is_the_same_target(setup):
+    as_tensor = dict(TARGET, token=(torch.tensor(4), torch.tensor([7])))
+    graph = attribute_trajectory(setup.model, setup.transcoders, setup.trajectory, as_tensor, max_feature_nodes=5)
+    assert graph.metadata["target"]["tokens"] == [[4, 1.0], [7, -1.0]]
 
 
 def test_budget_and_threshold_limit_the_rows(setup):
