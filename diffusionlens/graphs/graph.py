@@ -40,6 +40,9 @@ class Graph:
     bias: Float[torch.Tensor, " node"]
     adjacency: torch.Tensor  # sparse COO [node (target), node (source)]
     metadata: dict = field(default_factory=dict)
+    #: circuit-tracer's node `influence` in the file: the share of total influence carried by the nodes at
+    #: least as influential as this one, measured on the graph before pruning (None: measure on this one).
+    cumulative_influence: Float[torch.Tensor, " node"] | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -86,6 +89,7 @@ class Graph:
         influence and edges carrying `edge_threshold`, then nodes without outgoing (or, for features,
         incoming) kept edges dropped, repeatedly. Input and logit nodes always stay."""
         node_mask, edge_mask = prune_masks(self, node_threshold, edge_threshold)
+        cumulative = self.cumulative_scores()
         keep = node_mask.nonzero().flatten()
         dense = self.dense() * edge_mask
         sub = dense[keep][:, keep]
@@ -98,7 +102,19 @@ class Graph:
             **{name: getattr(self, name)[keep] for name in _NODE_TENSORS},
             adjacency=adjacency,
             metadata=meta,
+            cumulative_influence=cumulative[keep],
         )
+
+    def cumulative_scores(self) -> Float[torch.Tensor, " node"]:
+        """For each node, the share of the total influence carried by the nodes at least as influential
+        (circuit-tracer's `cumulative_scores`, what its graph files call a node's influence)."""
+        if self.cumulative_influence is not None:
+            return self.cumulative_influence
+        node = self.node_influence()
+        ordered, order = torch.sort(node, descending=True)
+        cumulative = torch.zeros_like(node)
+        cumulative[order] = torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-30)
+        return cumulative
 
     # ------------------------------------------------------------------ circuit-tracer's file
     def to_json(self, path: str | Path, *, node_threshold: float | None = 0.8, edge_threshold: float = 0.98) -> Path:
@@ -108,7 +124,8 @@ class Graph:
         Its context index `ctx_idx` runs over the prompt, then step 0's canvas, step 1's, ...: steps are
         columns in circuit-tracer's frontend."""
         graph = self if node_threshold is None else self.prune(node_threshold, edge_threshold)
-        nodes = [graph.node_json(i) for i in range(graph.n_nodes)]
+        cumulative = graph.cumulative_scores().tolist()
+        nodes = [{**graph.node_json(i), "influence": cumulative[i]} for i in range(graph.n_nodes)]
         adjacency = graph.adjacency.coalesce()
         targets, sources = adjacency.indices().tolist()
         links = [

@@ -205,6 +205,12 @@ def test_to_json_is_circuit_tracers_schema_with_steps(setup, tmp_path):
     assert {link["source"] for link in document["links"]} <= set(ids)
     assert {link["target"] for link in document["links"]} <= set(ids)
     assert all(set(link) == {"source", "target", "weight"} for link in document["links"])
+    influence = [node["influence"] for node in document["nodes"]]
+    assert all(0 <= x <= 1 + 1e-9 for x in influence)
+    # measured before pruning: the pruned file keeps the full graph's shares
+    full = setup.graph.cumulative_scores()
+    (logit,) = [node for node in document["nodes"] if node["kind"] == "logit"]
+    assert logit["influence"] == pytest.approx(float(full[setup.graph.indices("logit")[0]]))
     steps = {node["step"] for node in document["nodes"] if node["kind"] == "token"}
     assert steps == {0, 1, 2, 3}
 
