@@ -344,9 +344,7 @@ def _assemble(model, trajectory, edges, features, values, biases, activations, n
     grid_layers = torch.arange(n_layers).repeat_interleave(length).repeat(n_steps)
     grid_positions = torch.arange(length).repeat(n_steps * n_layers)
     canvas_tokens = torch.cat([trajectory.steps[s].canvas for s in range(n_steps)])
-    prompt_ids = (
-        trajectory.input_ids[0, -prompt_length:] if trajectory.canvas_index == 0 else torch.full((prompt_length,), -1)
-    )
+    prompt_ids = trajectory.prompt_ids if trajectory.prompt_ids is not None else trajectory.input_ids[0]
     step = column(
         {
             "feature": features[:, 0].tolist(),

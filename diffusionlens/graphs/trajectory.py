@@ -85,12 +85,14 @@ class FrozenStep:
 
 @dataclass
 class Trajectory:
-    """A recorded trajectory of one canvas, frozen step by step (`steps[s]` is step s)."""
+    """A recorded trajectory of one canvas, frozen step by step (`steps[s]` is step s). `prompt_ids`: the
+    tokens whose keys and values the decoder reads, the prompt and (for a later canvas) the canvases before."""
 
     input_ids: Int[torch.Tensor, "1 prompt"]
     canvas_index: int
     prompt_length: int
     steps: list[FrozenStep]
+    prompt_ids: Int[torch.Tensor, " context"] | None = None
 
     @property
     def n_steps(self) -> int:
@@ -167,7 +169,8 @@ def record_trajectory(
                 self_cond = raw / temp
     finally:
         ctx.reset()
-    return Trajectory(input_ids.detach().cpu(), canvas, int(state.length), steps)
+    context = result.sequences[0, : int(state.length)].detach().cpu()
+    return Trajectory(input_ids.detach().cpu(), canvas, int(state.length), steps, context)
 
 
 def _freeze_step(

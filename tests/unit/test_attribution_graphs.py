@@ -276,3 +276,22 @@ def test_small_row_chunks_and_a_host_stored_trajectory_give_the_same_graph(setup
     assert graph.kind == setup.graph.kind
     # row chunks regroup the same per-row sums: equal up to the order of float64 reductions
     torch.testing.assert_close(graph.dense(), setup.graph.dense(), atol=1e-12, rtol=0)
+
+
+def test_a_later_canvas_reads_the_earlier_canvases_as_prompt_and_stays_exact(setup):
+    options = dict(OPTIONS, max_new_tokens=2 * CFG.canvas_length, max_denoising_steps=3, eos_token_id=None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
+        trajectory = record_trajectory(setup.model, PROMPT, noise=ReplayNoise(0), canvas=1, **options)
+        result = setup.model.generate(PROMPT, noise=ReplayNoise(0), progress=False, **options)
+    graph = attribute_trajectory(
+        setup.model, setup.transcoders, trajectory, dict(position=1, step=-1, token=3), max_feature_nodes=None
+    )
+    for step, frozen in enumerate(trajectory.steps):
+        assert torch.equal(frozen.canvas, result.trace[1].input_canvas[step][0].cpu())
+    prompt = graph.indices("prompt")
+    assert len(prompt) == PROMPT.shape[1] + CFG.canvas_length
+    assert graph.token[prompt].tolist() == result.sequences[0, : len(prompt)].tolist()
+    dense = graph.dense()
+    rows = torch.cat((graph.indices("feature"), graph.indices("logit")))
+    torch.testing.assert_close(dense[rows].sum(1) + graph.bias[rows], graph.value[rows], atol=ATOL, rtol=0)
