@@ -146,6 +146,7 @@ class ReplacementModel:
         dh = dh + act * (dx @ sc.mlp.up_proj.weight.T)
         return dh @ sc.mlp.down_proj.weight.T
 
+    @torch.no_grad()
     def forward(
         self, sources: Sources | None, n_steps: int | None = None, keep_on: torch.device | str | None = None
     ) -> ReplacementOutput:
