@@ -300,14 +300,21 @@ def active_feature_edges(
     activation: Float[torch.Tensor, " active"],
 ) -> Float[torch.Tensor, "rows active"]:
     """Each row's edge from each active feature: activation × (cotangent at its position · its decoder row).
-    One matmul per position over that position's active features (`positions` sorted, as `nonzero` gives
-    them), so the cost follows the active features (L0 × positions), not the transcoder's width."""
+
+    Sparse activations (real transcoders: L0 of tens to hundreds in a width of thousands): one matmul per
+    position over that position's active features (`positions` sorted, as `nonzero` gives them), so the
+    cost follows L0 × positions, not the width. Dense ones (random transcoders: about half active): one
+    matmul against the whole decoder and a gather, which is faster there."""
     W = W_dec.to(cot.dtype)
-    counts = torch.bincount(positions, minlength=cot.shape[1]).tolist()
-    parts = [cot[:, position] @ W[chunk].T for position, chunk in enumerate(features.split(counts)) if counts[position]]
+    n_rows, length = cot.shape[:2]
+    if len(positions) * 8 > length * W.shape[0]:
+        return torch.cat([(chunk @ W.T)[:, positions, features] for chunk in cot.split(256)]) * activation
+    by_position = cot.transpose(0, 1).contiguous()  # [pos, rows, d]: each position's rows contiguous
+    counts = torch.bincount(positions, minlength=length).tolist()
+    parts = [W[chunk] @ by_position[p].T for p, chunk in enumerate(features.split(counts)) if counts[p]]
     if not parts:
-        return cot.new_zeros(cot.shape[0], 0)
-    return torch.cat(parts, dim=1) * activation
+        return cot.new_zeros(n_rows, 0)
+    return (torch.cat(parts) * activation[:, None]).T
 
 
 def _assemble(model, trajectory, edges, features, values, biases, activations, n_steps, n_layers, target) -> Graph:

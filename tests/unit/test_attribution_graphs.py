@@ -20,7 +20,7 @@ from random_models import CFG, random_model
 
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.components import norms as norms_module
-from diffusionlens.graphs.attribution import attribute, attribute_trajectory
+from diffusionlens.graphs.attribution import active_feature_edges, attribute, attribute_trajectory
 from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
 from diffusionlens.graphs.trajectory import record_trajectory
@@ -295,3 +295,17 @@ def test_a_later_canvas_reads_the_earlier_canvases_as_prompt_and_stays_exact(set
     dense = graph.dense()
     rows = torch.cat((graph.indices("feature"), graph.indices("logit")))
     torch.testing.assert_close(dense[rows].sum(1) + graph.bias[rows], graph.value[rows], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("density", [0.03, 0.5], ids=["sparse path", "dense path"])
+def test_active_feature_edges_are_activation_times_cotangent_dot_decoder_row(density):
+    g = torch.Generator().manual_seed(0)
+    rows, length, width, d_model = 7, 5, 64, 6
+    cot = torch.randn(rows, length, d_model, generator=g, dtype=torch.float64)
+    W_dec = torch.randn(width, d_model, generator=g, dtype=torch.float64)
+    acts = torch.rand(length, width, generator=g, dtype=torch.float64)
+    acts = acts * (torch.rand(length, width, generator=g) < density)
+    positions, features = acts.nonzero(as_tuple=True)
+    edges = active_feature_edges(cot, W_dec, positions, features, acts[positions, features])
+    expected = torch.einsum("rad,ad->ra", cot[:, positions], W_dec[features]) * acts[positions, features]
+    torch.testing.assert_close(edges, expected, atol=1e-12, rtol=0)
