@@ -61,9 +61,17 @@ class Graph:
         weights[self.indices("logit")] = 1.0
         return weights
 
+    def edges(self) -> tuple[Int[torch.Tensor, " edge"], Int[torch.Tensor, " edge"], Float[torch.Tensor, " edge"]]:
+        """(targets, sources, weights) of every edge."""
+        adjacency = self.adjacency.coalesce()
+        targets, sources = adjacency.indices()
+        return targets, sources, adjacency.values()
+
     def node_influence(self) -> Float[torch.Tensor, " node"]:
         """Each node's total influence on the target (circuit-tracer's `compute_node_influence`)."""
-        return influence(normalize_rows(self.dense()), self.logit_weights())
+        targets, sources, weights = self.edges()
+        normalized = normalize_rows(targets, weights, self.n_nodes)
+        return influence(targets, sources, normalized, self.logit_weights())
 
     @property
     def replacement_score(self) -> float:
@@ -77,12 +85,16 @@ class Graph:
     @property
     def completeness_score(self) -> float:
         """Influence-weighted share of every node's incoming (normalised) weight not from error nodes."""
-        normalized = normalize_rows(self.dense())
-        weights = self.logit_weights()
-        node = influence(normalized, weights)
-        non_error = 1 - normalized[:, self.indices("error")].sum(-1)
-        output = node + weights
-        return float((non_error * output).sum() / output.sum())
+        targets, sources, weights = self.edges()
+        normalized = normalize_rows(targets, weights, self.n_nodes)
+        logit_weights = self.logit_weights()
+        node = influence(targets, sources, normalized, logit_weights)
+        from_error = torch.tensor([k == "error" for k in self.kind])[sources]
+        error_share = torch.zeros(self.n_nodes, dtype=normalized.dtype).index_add_(
+            0, targets[from_error], normalized[from_error]
+        )
+        output = node + logit_weights
+        return float(((1 - error_share) * output).sum() / output.sum())
 
     def prune(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Graph:
         """The subgraph circuit-tracer's `prune_graph` keeps: nodes carrying `node_threshold` of the total
@@ -91,9 +103,11 @@ class Graph:
         node_mask, edge_mask = prune_masks(self, node_threshold, edge_threshold)
         cumulative = self.cumulative_scores()
         keep = node_mask.nonzero().flatten()
-        dense = self.dense() * edge_mask
-        sub = dense[keep][:, keep]
-        adjacency = sub.to_sparse().coalesce()
+        new_index = torch.cumsum(node_mask.long(), 0) - 1
+        targets, sources, weights = self.edges()
+        indices = torch.stack((new_index[targets[edge_mask]], new_index[sources[edge_mask]]))
+        size = (len(keep), len(keep))
+        adjacency = torch.sparse_coo_tensor(indices, weights[edge_mask], size, check_invariants=True).coalesce()
         pick = keep.tolist()
         meta = {**self.metadata, "node_threshold": node_threshold, "edge_threshold": edge_threshold}
         return replace(
@@ -181,18 +195,31 @@ class Graph:
 _NODE_TENSORS = ("step", "layer", "position", "feature", "token", "activation", "value", "bias")
 
 
-def normalize_rows(matrix: Float[torch.Tensor, "n n"]) -> Float[torch.Tensor, "n n"]:
-    """|A| with each row scaled to sum 1 (rows of sources, all zero, stay zero)."""
-    absolute = matrix.abs()
-    return absolute / absolute.sum(dim=1, keepdim=True).clamp(min=1e-10)
+def normalize_rows(
+    targets: Int[torch.Tensor, " edge"], weights: Float[torch.Tensor, " edge"], n_nodes: int
+) -> Float[torch.Tensor, " edge"]:
+    """|A| with each row (a target's incoming edges) scaled to sum 1, edge by edge (sparse)."""
+    absolute = weights.abs()
+    totals = torch.zeros(n_nodes, dtype=absolute.dtype).index_add_(0, targets, absolute)
+    return absolute / totals[targets].clamp(min=1e-10)
 
 
-def influence(normalized: Float[torch.Tensor, "n n"], weights: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
-    """weights · (A + A² + A³ + …): the graph is acyclic, so the series ends after its longest path."""
-    current = weights @ normalized
+def influence(
+    targets: Int[torch.Tensor, " edge"],
+    sources: Int[torch.Tensor, " edge"],
+    normalized: Float[torch.Tensor, " edge"],
+    weights: Float[torch.Tensor, " node"],
+) -> Float[torch.Tensor, " node"]:
+    """weights · (A + A² + A³ + …) for the sparse A of these edges: the graph is acyclic, so the series
+    ends after its longest path (circuit-tracer's `compute_influence`)."""
+
+    def step(vector: torch.Tensor) -> torch.Tensor:  # vector @ A
+        return torch.zeros_like(vector).index_add_(0, sources, normalized * vector[targets])
+
+    current = step(weights)
     total = current.clone()
-    for _ in range(normalized.shape[0] + 1):
-        current = current @ normalized
+    for _ in range(len(weights) + 1):
+        current = step(current)
         if not current.any():
             return total
         total = total + current
@@ -202,6 +229,8 @@ def influence(normalized: Float[torch.Tensor, "n n"], weights: Float[torch.Tenso
 def threshold_for(scores: Float[torch.Tensor, "..."], fraction: float) -> torch.Tensor:
     """The smallest score among the top scores that together carry `fraction` of the total."""
     ordered = torch.sort(scores.flatten(), descending=True).values
+    if not len(ordered):
+        return torch.tensor(float("inf"))
     cumulative = torch.cumsum(ordered, 0) / ordered.sum().clamp(min=1e-30)
     index = min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1)
     return ordered[index]
@@ -209,26 +238,30 @@ def threshold_for(scores: Float[torch.Tensor, "..."], fraction: float) -> torch.
 
 def prune_masks(
     graph: Graph, node_threshold: float, edge_threshold: float
-) -> tuple[Bool[torch.Tensor, " node"], Bool[torch.Tensor, "node node"]]:
-    """Node and edge masks of `Graph.prune` (circuit-tracer's `prune_graph`)."""
+) -> tuple[Bool[torch.Tensor, " node"], Bool[torch.Tensor, " edge"]]:
+    """Node mask and edge mask (over `graph.edges()`) of `Graph.prune` (circuit-tracer's `prune_graph`, on
+    the edge list: only nonzero entries are edges; at a threshold of exactly 1.0 circuit-tracer's dense mask
+    also passes the zeros, which keeps nodes without any edge)."""
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
-    dense, weights = graph.dense(), graph.logit_weights()
-    node = influence(normalize_rows(dense), weights)
-    node_mask = node >= threshold_for(node, node_threshold)
+    n = graph.n_nodes
+    targets, sources, weights = graph.edges()
+    logit_weights = graph.logit_weights()
+    node = influence(targets, sources, normalize_rows(targets, weights, n), logit_weights)
     always = torch.tensor([k in ("token", "prompt", "logit") for k in graph.kind])
-    node_mask |= always
-    pruned = dense * node_mask[:, None] * node_mask[None, :]
-    normalized = normalize_rows(pruned)
-    edge_scores = normalized * (influence(normalized, weights) + weights)[:, None]
+    node_mask = (node >= threshold_for(node, node_threshold)) | always
+    pruned = weights * (node_mask[targets] & node_mask[sources])
+    normalized = normalize_rows(targets, pruned, n)
+    edge_scores = normalized * (influence(targets, sources, normalized, logit_weights) + logit_weights)[targets]
     edge_mask = (edge_scores >= threshold_for(edge_scores, edge_threshold)) & (pruned != 0)
     is_feature = torch.tensor([k == "feature" for k in graph.kind])
-    can_drop = ~always
     while True:
         before = node_mask.clone()
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
-        node_mask &= ~can_drop | edge_mask.any(0)  # features and errors need an outgoing edge
-        node_mask &= ~is_feature | edge_mask.any(1)  # features need an incoming edge
+        edge_mask &= node_mask[targets] & node_mask[sources]
+        has_out = torch.bincount(sources[edge_mask], minlength=n) > 0
+        has_in = torch.bincount(targets[edge_mask], minlength=n) > 0
+        node_mask &= always | has_out  # features and errors need an outgoing edge
+        node_mask &= ~is_feature | has_in  # features need an incoming edge
         if torch.equal(node_mask, before):
             return node_mask, edge_mask

@@ -179,6 +179,67 @@ def test_pruning_keeps_inputs_and_target_and_scores_are_fractions(setup):
     assert full.kind.count("feature") > pruned.kind.count("feature")
 
 
+def dense_reference_prune(graph: Graph, node_threshold: float, edge_threshold: float):
+    """circuit-tracer's `prune_graph` and `compute_graph_scores` on the dense matrix, written from their
+    definitions, against which the sparse implementation is checked."""
+    dense = graph.dense()
+    weights = graph.logit_weights()
+
+    def normalize(matrix):
+        return matrix.abs() / matrix.abs().sum(1, keepdim=True).clamp(min=1e-10)
+
+    def influence(matrix):
+        current, total = weights @ matrix, torch.zeros_like(weights)
+        while current.any():
+            total, current = total + current, current @ matrix
+        return total
+
+    def threshold(scores, fraction):
+        ordered = torch.sort(scores.flatten(), descending=True).values
+        cumulative = torch.cumsum(ordered, 0) / ordered.sum()
+        return ordered[
+            min(int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))), len(ordered) - 1)
+        ]
+
+    node = influence(normalize(dense))
+    inputs = torch.tensor([k in ("token", "prompt", "logit") for k in graph.kind])
+    node_mask = (node >= threshold(node, node_threshold)) | inputs
+    pruned = dense * node_mask[:, None] * node_mask[None, :]
+    normalized = normalize(pruned)
+    edge_scores = normalized * (influence(normalized) + weights)[:, None]
+    # only nonzero entries are edges (at a threshold of exactly 1.0 circuit-tracer's dense mask also passes
+    # the zeros, which would keep nodes that have no edge at all)
+    edge_mask = (edge_scores >= threshold(edge_scores, edge_threshold)) & (pruned != 0)
+    features = torch.tensor([k == "feature" for k in graph.kind])
+    while True:
+        before = node_mask.clone()
+        edge_mask &= node_mask[:, None] & node_mask[None, :]
+        node_mask &= inputs | edge_mask.any(0)
+        node_mask &= ~features | edge_mask.any(1)
+        if torch.equal(before, node_mask):
+            break
+    errors = torch.tensor([k == "error" for k in graph.kind])
+    full = normalize(dense)
+    output = influence(full) + weights
+    completeness = float(((1 - full[:, errors].sum(1)) * output).sum() / output.sum())
+    replacement = float(
+        node[~errors & inputs & (weights == 0)].sum() / node[(~errors & inputs & (weights == 0)) | errors].sum()
+    )
+    return node_mask, edge_mask, completeness, replacement
+
+
+@pytest.mark.parametrize(("node_threshold", "edge_threshold"), [(0.8, 0.98), (0.5, 0.9), (1.0, 1.0)])
+def test_sparse_pruning_and_scores_equal_the_dense_definition(setup, node_threshold, edge_threshold):
+    g = setup.graph
+    node_mask, edge_mask, completeness, replacement = dense_reference_prune(g, node_threshold, edge_threshold)
+    pruned = g.prune(node_threshold, edge_threshold)
+    kept = node_mask.nonzero().flatten()
+    assert pruned.n_nodes == len(kept)
+    torch.testing.assert_close(pruned.dense(), (g.dense() * edge_mask)[kept][:, kept], atol=0, rtol=0)
+    assert g.completeness_score == pytest.approx(completeness, rel=1e-9)
+    assert g.replacement_score == pytest.approx(replacement, rel=1e-9)
+
+
 def test_scores_match_circuit_tracers_definitions_on_a_hand_graph():
     # logit <- feature (3), logit <- error (1), feature <- token (2)
     kind = ["feature", "error", "token", "logit"]
