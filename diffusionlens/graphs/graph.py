@@ -137,6 +137,14 @@ class Graph:
         `node_threshold=None` to write every node). Every node also carries `step`, `kind` and `position`.
         Its context index `ctx_idx` runs over the prompt, then step 0's canvas, step 1's, ...: steps are
         columns in circuit-tracer's frontend."""
+        document = self.json_document(node_threshold=node_threshold, edge_threshold=edge_threshold)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=1))
+        return path
+
+    def json_document(self, *, node_threshold: float | None = 0.8, edge_threshold: float = 0.98) -> dict:
+        """What `to_json` writes, as a dict (the HTML graph view reads it: `viz.graph_view`)."""
         graph = self if node_threshold is None else self.prune(node_threshold, edge_threshold)
         cumulative = graph.cumulative_scores().tolist()
         nodes = [{**graph.node_json(i), "influence": cumulative[i]} for i in range(graph.n_nodes)]
@@ -147,7 +155,7 @@ class Graph:
             for t, s, w in zip(targets, sources, adjacency.values().tolist(), strict=True)
         ]
         meta = graph.metadata
-        document = {
+        return {
             "metadata": {
                 "slug": meta.get("slug", "diffusionlens-graph"),
                 "scan": meta.get("scan", "diffusionlens"),
@@ -161,13 +169,10 @@ class Graph:
             "nodes": nodes,
             "links": links,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=1))
-        return path
 
     def node_json(self, i: int) -> dict:
-        """One node as circuit-tracer's frontend reads it, plus `step`, `kind` and `position`."""
+        """One node as circuit-tracer's frontend reads it, plus `step`, `kind`, `position` and (for token,
+        prompt and logit nodes) `token`, the token id."""
         kind, step, layer = self.kind[i], int(self.step[i]), int(self.layer[i])
         position, feature, token = int(self.position[i]), int(self.feature[i]), int(self.token[i])
         prompt_length = int(self.metadata.get("prompt_length", 0))
@@ -183,10 +188,10 @@ class Graph:
             node.update(node_id=f"err_{layer}_{ctx}", feature=-1, layer=str(layer))  # unique, unlike "0_{layer}_{ctx}"
             node.update(feature_type="mlp reconstruction error")
         elif kind in ("token", "prompt"):
-            node.update(node_id=f"E_{token}_{ctx}", feature=ctx, layer="E", feature_type="embedding")
+            node.update(node_id=f"E_{token}_{ctx}", feature=ctx, layer="E", feature_type="embedding", token=token)
         else:
             node.update(node_id=f"{n_layers + 1}_{token}_{ctx}", feature=token, layer=str(n_layers + 1))
-            node.update(feature_type="logit", is_target_logit=True, token_prob=0.0)
+            node.update(feature_type="logit", is_target_logit=True, token_prob=0.0, token=token)
             node["clerp"] = f"target {self.metadata.get('target', '')}"
         node["jsNodeId"] = node["node_id"]
         return node
