@@ -58,7 +58,9 @@ def hand_graph() -> Graph:
     edges = [(0, 3, 0.5), (0, 7, -0.2), (2, 0, 0.1), (1, 0, 0.9), (1, 2, -0.4), (1, 5, 0.05), (1, 8, 0.3)]
     edges += [(9, 1, 2.0), (9, 6, -1.0), (9, 2, 0.6)]
     targets, sources, weights = zip(*edges, strict=True)
-    adjacency = torch.sparse_coo_tensor(torch.tensor([targets, sources]), torch.tensor(weights), (10, 10), check_invariants=True)
+    adjacency = torch.sparse_coo_tensor(
+        torch.tensor([targets, sources]), torch.tensor(weights), (10, 10), check_invariants=True
+    )
     metadata = {
         "target": {"step": 1, "position": 1, "tokens": [[3, 1]]},
         "prompt_length": 2,
