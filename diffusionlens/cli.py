@@ -9,7 +9,7 @@ diffusionlens patch spec.yaml --out runs/sweep             run a patch sweep des
 diffusionlens depth --config real --steps 48               opaque serial depth: DiffusionGemma vs AR Gemma 4
 diffusionlens train-toy --out runs/toy                     train (or resume) the toy model
 diffusionlens evaluate --model toy --n 200                 exact match per task on held-out problems
-diffusionlens graph --prompt "squares 400 800:" --out graph.json
+diffusionlens graph --prompt "squares 400 800:" --out graph.json [--html graph.html]
                                                            attribution graph of a logit across denoising steps
 """
 
@@ -367,6 +367,7 @@ def _graph(argv: list[str]) -> None:
     parser = _parser("graph", _graph.__doc__)
     _add_generation_args(parser)
     parser.add_argument("--out", required=True, help="the graph JSON file to write")
+    parser.add_argument("--html", default=None, help="also write the graph's HTML view (steps as columns) here")
     parser.add_argument("--transcoders", default=None, help="a TranscoderSet file (default: random ones, --width)")
     parser.add_argument("--width", type=int, default=512, help="width of the random transcoders (no --transcoders)")
     parser.add_argument("--transcoder-seed", type=int, default=0)
@@ -407,11 +408,16 @@ def _graph(argv: list[str]) -> None:
     graph.metadata["prompt"] = args.prompt[0]
     graph.metadata["scan"] = args.transcoders or f"random-{args.width}-seed{args.transcoder_seed}"
     graph.to_json(args.out, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    if args.html:
+        from diffusionlens.viz.graph_view import write_graph_view
+
+        write_graph_view(args.out, args.html, model.tokenizer, title=f"attribution graph: {args.prompt[0]}")
     kinds = {k: graph.kind.count(k) for k in ("feature", "error", "token", "prompt", "logit")}
     print(
         f"graph of {target} over {graph.metadata['n_steps']} steps: nodes {kinds}, "
         f"replacement score {graph.replacement_score:.3f}, completeness {graph.completeness_score:.3f}; "
         f"written (pruned at node {args.node_threshold}, edge {args.edge_threshold}) to {args.out}"
+        + (f" and viewable in {args.html}" if args.html else "")
     )
 
 
