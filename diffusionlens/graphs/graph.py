@@ -134,9 +134,9 @@ class Graph:
     def to_json(self, path: str | Path, *, node_threshold: float | None = 0.8, edge_threshold: float = 0.98) -> Path:
         """Write the graph in circuit-tracer's graph-file schema (`metadata`, `qParams`, `nodes` with
         `node_id`, `links` with `source`, `target`, `weight`), pruned with the thresholds first (pass
-        `node_threshold=None` to write every node). Every node also carries `step`, `kind` and `position`.
-        Its context index `ctx_idx` runs over the prompt, then step 0's canvas, step 1's, ...: steps are
-        columns in circuit-tracer's frontend."""
+        `node_threshold=None` to write every node). Every node also carries `step`, `kind` and `position`
+        (token, prompt and logit nodes their `token` id). Its context index `ctx_idx` runs over the prompt,
+        then step 0's canvas, step 1's, ...: steps are columns in circuit-tracer's frontend."""
         document = self.json_document(node_threshold=node_threshold, edge_threshold=edge_threshold)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
