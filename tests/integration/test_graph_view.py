@@ -217,6 +217,17 @@ def test_clicking_a_node_shows_its_details_and_strongest_links(graph, driver, tm
     features = [i for i, node in enumerate(data["nodes"]) if node["kind"] == "feature"]
     index = max(features, key=lambda i: sum(i in (s, t) for s, t, _ in links))
     node = data["nodes"][index]
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    shape = driver.find_element(By.CSS_SELECTOR, f'.node[data-node="{index}"]')
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", shape)
+    ActionChains(driver).move_to_element(shape).perform()
+    tip = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#tooltip .tip-line')).map(e => e.textContent)"
+    )
+    at = f"@ step {node['step']} pos {node['position']}"
+    assert tip[:2] == [f"feature {node['feature']} L{node['layer']} {at}", f"activation {node['activation']:.4f}"]
     click(driver, f'.node[data-node="{index}"]')
     assert driver.execute_script("return document.getElementById('details').dataset.node") == str(index)
     fields = driver.execute_script(
