@@ -9,6 +9,8 @@ diffusionlens patch spec.yaml --out runs/sweep             run a patch sweep des
 diffusionlens depth --config real --steps 48               opaque serial depth: DiffusionGemma vs AR Gemma 4
 diffusionlens train-toy --out runs/toy                     train (or resume) the toy model
 diffusionlens evaluate --model toy --n 200                 exact match per task on held-out problems
+diffusionlens graph --prompt "squares 400 800:" --out graph.json [--html graph.html]
+                                                           attribution graph of a logit across denoising steps
 """
 
 from __future__ import annotations
@@ -360,6 +362,71 @@ def _depth(argv: list[str]) -> None:
     print(format_depth_table(table))
 
 
+def _graph(argv: list[str]) -> None:
+    """Attribution graph of one logit across the denoising steps of a generation (circuit-tracer's JSON)."""
+    parser = _parser("graph", _graph.__doc__)
+    _add_generation_args(parser)
+    parser.add_argument("--out", required=True, help="the graph JSON file to write")
+    parser.add_argument("--html", default=None, help="also write the graph's HTML view (steps as columns) here")
+    parser.add_argument("--transcoders", default=None, help="a TranscoderSet file (default: random ones, --width)")
+    parser.add_argument("--width", type=int, default=512, help="width of the random transcoders (no --transcoders)")
+    parser.add_argument("--transcoder-seed", type=int, default=0)
+    parser.add_argument("--position", type=int, default=0, help="canvas position of the target logit")
+    parser.add_argument("--step", type=int, default=-1, help="denoising step of the target (negative: from the end)")
+    parser.add_argument("--token", default=None, help="target token (text or id; default: that step's argmax)")
+    parser.add_argument("--versus", default=None, help="attribute logit(token) - logit(versus)")
+    parser.add_argument("--max-feature-nodes", type=int, default=2048)
+    parser.add_argument("--node-threshold", type=float, default=0.8)
+    parser.add_argument("--edge-threshold", type=float, default=0.98)
+    args = parser.parse_args(argv)
+    if len(args.prompt) != 1:
+        parser.error("a graph traces one prompt: give --prompt once")
+    from diffusionlens.graphs.attribution import attribute_trajectory
+    from diffusionlens.graphs.trajectory import record_trajectory
+    from diffusionlens.graphs.transcoders import TranscoderSet, random_transcoders
+
+    model = _load(args.model, not args.no_progress)
+    input_ids, kwargs = _generation_inputs(model, args)
+    kwargs.pop("progress")
+    try:
+        if args.transcoders:
+            transcoders = TranscoderSet.load(args.transcoders, model)
+        else:
+            transcoders = random_transcoders(model, args.width, seed=args.transcoder_seed, dtype=model.dtype)
+        trajectory = record_trajectory(model, input_ids, **kwargs)
+        step = args.step
+        if args.token is None and -trajectory.n_steps <= step < trajectory.n_steps and 0 <= args.position:
+            logits = trajectory.steps[step].logits
+            token = int(logits[min(args.position, logits.shape[0] - 1)].argmax())
+        else:
+            token = _token_arg(model, args.token)
+        target_token = token if args.versus is None else (token, _token_arg(model, args.versus))
+        target = dict(position=args.position, step=step, token=target_token)
+        graph = attribute_trajectory(model, transcoders, trajectory, target, max_feature_nodes=args.max_feature_nodes)
+    except ValueError as error:
+        _fail("graph", error)
+    graph.metadata["prompt"] = args.prompt[0]
+    graph.metadata["scan"] = args.transcoders or f"random-{args.width}-seed{args.transcoder_seed}"
+    graph.to_json(args.out, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+    if args.html:
+        from diffusionlens.viz.graph_view import write_graph_view
+
+        write_graph_view(args.out, args.html, model.tokenizer, title=f"attribution graph: {args.prompt[0]}")
+    kinds = {k: graph.kind.count(k) for k in ("feature", "error", "token", "prompt", "logit")}
+    print(
+        f"graph of {target} over {graph.metadata['n_steps']} steps: nodes {kinds}, "
+        f"replacement score {graph.replacement_score:.3f}, completeness {graph.completeness_score:.3f}; "
+        f"written (pruned at node {args.node_threshold}, edge {args.edge_threshold}) to {args.out}"
+        + (f" and viewable in {args.html}" if args.html else "")
+    )
+
+
+def _token_arg(model, text: str | None) -> int:
+    if text is None:
+        raise ValueError("give --token (the target step or position is out of range for a default)")
+    return int(text) if text.isdigit() else model.to_single_token(text)
+
+
 COMMANDS = {
     "demo": demo,
     "generate": _generate,
@@ -369,6 +436,7 @@ COMMANDS = {
     "depth": _depth,
     "train-toy": _train_toy,
     "evaluate": _evaluate,
+    "graph": _graph,
 }
 
 

@@ -9,6 +9,7 @@ from diffusionlens.viz.attention_viewer import render_attention_viewer, write_at
 from diffusionlens.viz.circuitsvis_export import attention_circuitsvis, write_attention_circuitsvis
 from diffusionlens.viz.dla import plot_dla_by_step
 from diffusionlens.viz.feature_panel import FeaturePanel
+from diffusionlens.viz.graph_view import render_graph_view, write_graph_view
 from diffusionlens.viz.heatmaps import plot_sweep, plot_sweeps
 from diffusionlens.viz.lens import plot_logit_lens, plot_logit_lens_by_step
 from diffusionlens.viz.trajectory import plot_commit_order, plot_entropy, plot_token_grid
@@ -31,6 +32,8 @@ __all__ = [
     "plot_sweep",
     "plot_sweeps",
     "plot_token_grid",
+    "render_graph_view",
     "render_viewer",
+    "write_graph_view",
     "write_viewer",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -151,3 +152,26 @@ def test_view_writes_the_viewer_for_a_saved_trace_and_for_a_prompt(toy, tmp_path
     with pytest.raises(SystemExit):
         main(["view", "--out", str(tmp_path / "none.html")])
     assert "either --trace DIR or --prompt TEXT" in capsys.readouterr().err
+
+
+def test_graph_writes_circuit_tracer_json_and_refuses_a_step_outside_the_run(toy, tmp_path, capsys):
+    out = tmp_path / "graph.json"
+    args = ["graph", "--prompt", "squares 400 800:", "--out", str(out), "--width", "32", "--no-progress"]
+    html = tmp_path / "graph.html"
+    main([*args, "--max-feature-nodes", "40", "--position", "1", "--html", str(html)])
+    document = json.loads(out.read_text())
+    assert {"metadata", "nodes", "links"} <= set(document)
+    assert all("step" in node for node in document["nodes"])
+    (logit,) = [node for node in document["nodes"] if node["feature_type"] == "logit"]
+    assert logit["position"] == 1 and logit["step"] == document["metadata"]["diffusionlens"]["n_steps"] - 1
+    assert "replacement score" in capsys.readouterr().out
+    # the HTML view carries the file's nodes, token texts decoded by the toy's tokenizer
+    data = json.loads(re.search(r'id="graph-data">(.*?)</script>', html.read_text(), flags=re.S).group(1))
+    assert [node["id"] for node in data["nodes"]] == [node["node_id"] for node in document["nodes"]]
+    assert data["title"] == "attribution graph: squares 400 800:"
+    (shown,) = [node for node in data["nodes"] if node["kind"] == "logit"]
+    assert shown["text"] == toy.tokenizer.decode([logit["feature"]]) and data["target"] == f"logit({shown['text']})"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--step", "60", "--token", "8"])
+    assert exit_info.value.code == 2
+    assert "target step 60 is outside the trajectory: it ran steps 0.." in capsys.readouterr().err
