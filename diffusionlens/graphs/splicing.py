@@ -10,6 +10,7 @@ activations (`on_feature_acts`) and edit them (`feature_edit`, to ablate or stee
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,3 +98,55 @@ def _layer_hooks(
         return spliced.to(device=out.device, dtype=out.dtype)
 
     return [(transcoder_input_hook(layer), keep_input), (transcoder_output_hook(layer), splice)]
+
+
+@dataclass(frozen=True)
+class FeatureIntervention:
+    """Set transcoder feature `feature` of `layer` at canvas `position` and denoising `step` to `value`
+    (0: ablate it; its recorded activation times a factor: steer it), in every batch row."""
+
+    step: int
+    layer: int
+    position: int
+    feature: int
+    value: float = 0.0
+
+
+def intervention_hooks(
+    transcoders: TranscoderSet,
+    interventions: Iterable[FeatureIntervention],
+    *,
+    model: HookedDiffusionGemma | None = None,
+) -> list[tuple[str, Callable]]:
+    """`fwd_hooks` that apply `interventions` through the transcoders' features with the error term: each
+    touched (step, layer) output becomes `ffn_out + decode(edited) - decode(acts)`, so only the edited
+    features' decoder directions are added to the model's own computation, and every other layer and step is
+    left alone. This is how an attribution graph's prediction is checked on the real model."""
+    chosen = list(interventions)
+    n_layers, width = len(transcoders), transcoders[0].d_transcoder
+    bad = [i for i in chosen if not (0 <= i.layer < n_layers and 0 <= i.feature < transcoders[i.layer].d_transcoder)]
+    if bad:
+        raise IndexError(
+            f"interventions {bad} name a layer or feature outside the set: layers 0..{n_layers - 1}, "
+            f"features 0..{width - 1}"
+        )
+    by_site: dict[tuple[int, str], list[FeatureIntervention]] = {}
+    for intervention in chosen:
+        by_site.setdefault((intervention.step, transcoder_output_hook(intervention.layer)), []).append(intervention)
+
+    def edit(acts: torch.Tensor, hook: Any) -> torch.Tensor:
+        here = by_site.get((hook.ctx.step, hook.name))
+        if not here:
+            return acts
+        edited = acts.clone()
+        for intervention in here:
+            if not 0 <= intervention.position < acts.shape[-2]:
+                raise IndexError(
+                    f"position {intervention.position} is outside the canvas: positions 0..{acts.shape[-2] - 1}"
+                )
+            edited[..., intervention.position, intervention.feature] = intervention.value
+        return edited
+
+    layers = sorted({i.layer for i in chosen})
+    steps = sorted({i.step for i in chosen})
+    return transcoder_hooks(transcoders, layers, steps, use_error_term=True, feature_edit=edit, model=model)
