@@ -124,7 +124,7 @@ def transcoder_quality(
     n_layers = len(transcoders)
     sums: dict[tuple[int, int], _Sums] = {}
     losses: dict[int, dict[str, float]] = {}
-    exact: dict[Any, float] = {}
+    chunk_exact: list[dict[Any, float]] = []
     rows_at: dict[int, int] = {}
     chunks = range(0, input_ids.shape[0], batch_size)
     for start in _progress(chunks, progress):
@@ -156,16 +156,14 @@ def transcoder_quality(
             self_cond = cache.get(SELF_COND_INPUT, canvas=0, step=step) if step > 0 else None
             _add_losses(model, transcoders, result.trace, state, self_cond, step, running, goal, losses)
         if answers is not None:
-            wanted = list(answers[chunk])
-            exact["clean"] = exact.get("clean", 0.0) + _matches(result, input_ids.shape[1], wanted, decode)
-            spliced_at = [*range(record.n_steps), "all"]
-            for where in spliced_at:
-                steps = None if where == "all" else [where]
-                spliced = model.generate(
-                    input_ids[chunk], fwd_hooks=transcoder_hooks(transcoders, steps=steps), **kwargs
-                )
-                exact[where] = exact.get(where, 0.0) + _matches(spliced, input_ids.shape[1], wanted, decode)
+            chunk_exact.append(
+                _chunk_matches(model, transcoders, input_ids[chunk], result, list(answers[chunk]), decode, kwargs)
+            )
     n = input_ids.shape[0]
+    # A chunk whose runs all stopped before step s is not touched by a splice at s: its clean answers count.
+    exact = {
+        key: sum(matches.get(key, matches["clean"]) for matches in chunk_exact) for key in ["clean", "all", *rows_at]
+    }
     steps = [
         StepQuality(
             step=step,
@@ -177,7 +175,7 @@ def transcoder_quality(
             delta_loss_by_layer=[
                 (losses[step][layer] - losses[step]["clean"]) / losses[step]["count"] for layer in range(n_layers)
             ],
-            exact_match=exact[step] / n if step in exact else None,
+            exact_match=exact[step] / n if answers is not None else None,
         )
         for step in sorted(rows_at)
     ]
@@ -224,6 +222,25 @@ def _add_losses(
             totals[key] = totals.get(key, 0.0) + float(loss) * count
     finally:
         ctx.reset()
+
+
+def _chunk_matches(
+    model: HookedDiffusionGemma,
+    transcoders: TranscoderSet,
+    input_ids: torch.Tensor,
+    clean: Any,
+    answers: list[str],
+    decode: Callable[[list[int]], str],
+    kwargs: dict[str, Any],
+) -> dict[Any, float]:
+    """Correct answers of one chunk: clean, with every layer spliced at each step the clean run reached, and
+    spliced at every step ("all")."""
+    matches = {"clean": _matches(clean, input_ids.shape[1], answers, decode)}
+    for where in [*range(clean.trace[0].n_steps), "all"]:
+        hooks = transcoder_hooks(transcoders, steps=None if where == "all" else [where])
+        spliced = model.generate(input_ids, fwd_hooks=hooks, **kwargs)
+        matches[where] = _matches(spliced, input_ids.shape[1], answers, decode)
+    return matches
 
 
 def _matches(result: Any, prompt_length: int, answers: list[str], decode: Callable[[list[int]], str]) -> float:
