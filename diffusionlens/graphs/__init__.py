@@ -14,6 +14,9 @@ _LAZY = {
     "Graph": "diffusionlens.graphs.graph",
     "record_trajectory": "diffusionlens.graphs.trajectory",
     "ReplacementModel": "diffusionlens.graphs.replacement",
+    "Transcoder": "diffusionlens.graphs.transcoders",
+    "TranscoderSet": "diffusionlens.graphs.transcoders",
+    "load_transcoders": "diffusionlens.graphs.transcoders",
 }
 
 
