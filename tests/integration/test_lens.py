@@ -13,6 +13,7 @@ from diffusionlens import ReplayNoise, RowReplayNoise
 from diffusionlens.analysis.logit_lens import logit_lens_logits
 from diffusionlens.lens import StepTranslators, TunedLens, harvest_residuals, resid_hook
 from diffusionlens.lens.canvas_scope import canvas_scope, canvas_scope_tokens
+from diffusionlens.lens.commit_forecast import fit_multinomial, forecast_commits, forecast_rows
 from diffusionlens.lens.fit import kl_table, logit_lens_reader, reader_kl, translated_reader
 from diffusionlens.patching.spec import Patch
 from diffusionlens.toy import make_dataset
@@ -174,3 +175,26 @@ def test_canvas_scope_refuses_bad_input(toy):
         canvas_scope(toy, torch.zeros(192), layer=2, route="attn")
     with pytest.raises(ValueError, match="2 targets for 3 latents"):
         canvas_scope(toy, torch.zeros(3, 192), layer=2, target=["sort 1 2:", "sort 3 4:"])
+
+
+def test_multinomial_probe_recovers_separable_labels():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    centres = torch.randn(4, 6, generator=generator) * 4
+    x = centres[labels] + 0.1 * torch.randn(400, 6, generator=generator)
+    weight, bias = fit_multinomial(x, labels, classes=4)
+    assert torch.equal((x @ weight + bias).argmax(-1), labels)
+
+
+def test_commit_forecast_scores_the_held_out_rows(toy, held_out):
+    other = harvest_residuals(toy, make_dataset(None, 8, 11, split="eval", unique=True).prompts, progress=False)
+    scores = forecast_commits(toy, held_out, other, tolerance=2)
+    rows = forecast_rows(other)
+    assert scores.n_test == len(rows) and scores.n_train == len(forecast_rows(held_out))
+    to_go = (other.commit_step - other.step)[rows]
+    assert bool((to_go >= 0).all()) and sum(scores.steps_to_go_histogram.values()) == len(rows)
+    assert len(scores.within) == toy.cfg.num_hidden_layers
+    assert all(0.0 <= e <= w <= 1.0 for e, w in zip(scores.exact, scores.within, strict=True))
+    # the majority class of the training rows, scored on the test rows by hand
+    majority = int(torch.bincount((held_out.commit_step - held_out.step)[forecast_rows(held_out)]).argmax())
+    assert scores.majority_within == float(((to_go - majority).abs() <= 2).float().mean())
