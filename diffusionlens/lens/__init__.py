@@ -6,7 +6,18 @@ Only torch is imported here; matplotlib figures come from `diffusionlens.lens.tr
 """
 
 from diffusionlens.lens.harvest import StepResiduals, harvest_residuals, resid_hook
+from diffusionlens.lens.scope import ROUTES, canvas_scope, canvas_scope_tokens
 from diffusionlens.lens.translators import KINDS, StepTranslators
 from diffusionlens.lens.tuned import TunedLens
 
-__all__ = ["KINDS", "StepResiduals", "StepTranslators", "TunedLens", "harvest_residuals", "resid_hook"]
+__all__ = [
+    "KINDS",
+    "ROUTES",
+    "StepResiduals",
+    "StepTranslators",
+    "TunedLens",
+    "canvas_scope",
+    "canvas_scope_tokens",
+    "harvest_residuals",
+    "resid_hook",
+]

@@ -26,8 +26,8 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from diffusionlens.analysis.logit_lens import logit_lens_logits
-from diffusionlens.lens.canvas_scope import canvas_scope_tokens, target_batch
 from diffusionlens.lens.harvest import StepResiduals
+from diffusionlens.lens.scope import canvas_scope_tokens, target_batch
 from diffusionlens.sampling.noise import RowReplayNoise
 
 if TYPE_CHECKING:

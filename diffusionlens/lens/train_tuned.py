@@ -44,15 +44,19 @@ def toy_prompt_splits(n_train: int, n_val: int, n_test: int, seed: int) -> dict[
     return {"train": train, "val": val, "test": test}
 
 
-def kl_tables(model, data: StepResiduals, lenses: dict[str, TunedLens], rows: torch.Tensor) -> dict[str, dict]:
-    """`LensKL` dicts of the logit lens and each lens, on the rows `rows` selects."""
+def kl_tables(
+    model, data: StepResiduals, lenses: dict[str, TunedLens], selections: dict[str, torch.Tensor]
+) -> dict[str, dict[str, dict]]:
+    """Per selection of rows (name -> mask), the `LensKL` dicts of the logit lens and each lens."""
     target = target_log_probs(model, data)
     readers = {"logit lens": logit_lens_reader(model)}
     readers.update(
         {f"tuned lens ({kind})": translated_reader(model, lens.translators) for kind, lens in lenses.items()}
     )
+    per_row = {name: reader_kl(model, data, reader, target) for name, reader in readers.items()}
     return {
-        name: kl_table(reader_kl(model, data, reader, target), data, rows).to_dict() for name, reader in readers.items()
+        selection: {name: kl_table(kl, data, rows).to_dict() for name, kl in per_row.items()}
+        for selection, rows in selections.items()
     }
 
 
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = not args.no_progress
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     prompts = toy_prompt_splits(args.train_prompts, args.val_prompts, args.test_prompts, args.seed)
@@ -111,13 +117,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         for kind in KINDS
     }
-    val = kl_tables(model, data["val"], lenses, data["val"].in_answer)
+    val = kl_tables(model, data["val"], lenses, {"answer": data["val"].in_answer})["answer"]
     upto = model.cfg.num_hidden_layers - 1  # the last layer is the model's output: every reader's KL is 0 there
     val_means = {kind: sum(map(float, _pooled(val[f"tuned lens ({kind})"])[:upto])) / upto for kind in KINDS}
     chosen = min(val_means, key=val_means.get)
     lens = lenses[chosen]
-    test_answer = kl_tables(model, data["test"], lenses, data["test"].in_answer)
-    test_all = kl_tables(model, data["test"], lenses, torch.ones(len(data["test"]), dtype=torch.bool))
+    everywhere = torch.ones(len(data["test"]), dtype=torch.bool)
+    test = kl_tables(model, data["test"], lenses, {"answer": data["test"].in_answer, "all": everywhere})
+    test_answer, test_all = test["answer"], test["all"]
     lens.metadata.update(
         {"model": args.model, "validation_kl": val_means, "prompts": {k: len(v) for k, v in prompts.items()}}
     )
@@ -129,6 +136,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_kl_answer_positions": test_answer,
         "test_kl_all_positions": test_all,
     }
+    if args.report:  # the lens tables first: canvas-scope takes longer
+        write_report(Path(args.report), report, chosen, None)
+    print(f"kept {chosen}; validation KL {val_means}", flush=True)
     reading = None
     if not args.skip_scope:
         reading = compare_readers(
@@ -141,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress=progress,
         )
         report["reading_accuracy"] = reading.to_dict()
-    if args.report:
+    if args.report and reading is not None:
         write_report(Path(args.report), report, chosen, reading)
     return report
 
@@ -193,14 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--max-rows-per-step", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0: torch's default; one is fastest on a shared CPU)"
+    )
     parser.add_argument("--skip-scope", action="store_true", help="measure the lenses only, not canvas-scope")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)
     args.command_line = "python -m diffusionlens.lens.train_tuned " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    report = run(args)
-    print(f"kept {report['chosen_kind']}; validation KL {report['validation_mean_kl_layers_below_last']}")
+    run(args)
 
 
 if __name__ == "__main__":

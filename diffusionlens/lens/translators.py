@@ -10,7 +10,8 @@ lens starts as the logit lens. Two kinds are built from this one form:
 - "step_embedding": one bucket (a full affine map per layer, shared by every step) plus a per-step gain and
   bias (a learned embedding of the step, `d_model` wide, in each layer);
 - "step_buckets": a full affine map per layer and step range (`DEFAULT_BUCKET_STARTS`: steps 0, 1, 2-3, 4-7,
-  8-15, 16-31, 32+), no per-step tables.
+  8-15, 16-31, 32+; trained from residuals, a range with fewer than `ROWS_PER_DIMENSION × d_model` rows joins
+  the range before it), no per-step tables.
 """
 
 from __future__ import annotations
@@ -24,6 +25,22 @@ from torch import nn
 KINDS = ("step_embedding", "step_buckets")
 #: First step of each step-range bucket of the "step_buckets" kind (the last bucket is open-ended).
 DEFAULT_BUCKET_STARTS = (0, 1, 2, 4, 8, 16, 32)
+#: A bucket gets its own affine map only with at least this many training rows per model dimension.
+ROWS_PER_DIMENSION = 10
+
+
+def fitted_bucket_starts(
+    steps: Int[torch.Tensor, " rows"], min_rows: int, candidates: Sequence[int] = DEFAULT_BUCKET_STARTS
+) -> list[int]:
+    """The `candidates` whose step range holds at least `min_rows` of the training rows' `steps`; a thinner
+    range joins the bucket before it (a full affine map fitted on a few rows of a rare late step overfits)."""
+    starts = [0]
+    bounds = [*candidates[1:], None]
+    for start, end in zip(candidates[1:], bounds[1:], strict=True):
+        inside = (steps >= start) if end is None else ((steps >= start) & (steps < end))
+        if int(inside.sum()) >= min_rows:
+            starts.append(start)
+    return starts
 
 
 class StepTranslators(nn.Module):
@@ -71,7 +88,7 @@ class StepTranslators(nn.Module):
     def bucket_of(self, steps: Int[torch.Tensor, "*rows"]) -> Int[torch.Tensor, "*rows"]:
         """The bucket index of each step."""
         starts = torch.tensor(self.bucket_starts, device=steps.device)
-        return torch.bucketize(steps, starts, right=True) - 1
+        return torch.bucketize(steps.contiguous(), starts, right=True) - 1
 
     def check_steps(self, steps: Int[torch.Tensor, "*rows"]) -> None:
         if steps.numel() and (int(steps.min()) < 0 or int(steps.max()) >= self.max_steps):

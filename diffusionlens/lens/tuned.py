@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffusionlens.analysis.logit_lens import logit_lens_logits
 from diffusionlens.lens.fit import fit_translators
 from diffusionlens.lens.harvest import StepResiduals, harvest_residuals
-from diffusionlens.lens.translators import StepTranslators
+from diffusionlens.lens.translators import ROWS_PER_DIMENSION, StepTranslators, fitted_bucket_starts
 from diffusionlens.sampling.settings import settings_of
 from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
 
@@ -202,12 +202,12 @@ class TunedLens:
     ) -> TunedLens:
         """A lens of `kind` trained on residuals already harvested (`harvest_residuals`); see `train`."""
         lens = cls.for_model(model, kind, max_steps)
-        if kind == "step_buckets":  # no bucket past the last step trained on: later steps use the last trained one
-            last = max(data.steps())
-            starts = [start for start in lens.translators.bucket_starts if start <= last]
-            lens.translators = StepTranslators(
-                model.cfg.num_hidden_layers, model.cfg.hidden_size, lens.translators.max_steps, starts, False
-            ).to(model.device)
+        if kind == "step_buckets":  # buckets only where there are rows enough to fit a full affine map
+            cfg = model.cfg
+            starts = fitted_bucket_starts(data.step, ROWS_PER_DIMENSION * cfg.hidden_size)
+            max_steps = lens.translators.max_steps
+            translators = StepTranslators(cfg.num_hidden_layers, cfg.hidden_size, max_steps, starts, False)
+            lens.translators = translators.to(model.device)
         lens.translators.float()
         losses = fit_translators(
             model, lens.translators, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress

@@ -12,9 +12,10 @@ from tolerance import readout_atol
 from diffusionlens import ReplayNoise, RowReplayNoise
 from diffusionlens.analysis.logit_lens import logit_lens_logits
 from diffusionlens.lens import StepTranslators, TunedLens, harvest_residuals, resid_hook
-from diffusionlens.lens.canvas_scope import canvas_scope, canvas_scope_tokens
 from diffusionlens.lens.commit_forecast import fit_multinomial, forecast_commits, forecast_rows
 from diffusionlens.lens.fit import kl_table, logit_lens_reader, reader_kl, translated_reader
+from diffusionlens.lens.scope import canvas_scope, canvas_scope_tokens
+from diffusionlens.lens.translators import fitted_bucket_starts
 from diffusionlens.patching.spec import Patch
 from diffusionlens.toy import make_dataset
 
@@ -121,6 +122,25 @@ def test_translator_buckets_route_each_step_to_its_range():
     assert out[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="increase from 0"):
         StepTranslators(1, 4, 10, (1, 2))
+
+
+def test_buckets_are_fitted_only_where_rows_are_enough():
+    steps = torch.tensor([0] * 50 + [1] * 50 + [2] * 30 + [3] * 30 + [4] * 5 + [9] * 5)
+    assert fitted_bucket_starts(steps, 40) == [0, 1, 2]  # 4-7 and 8-15 are too thin: they join 2-3
+    assert fitted_bucket_starts(steps, 5) == [0, 1, 2, 4, 8]
+    assert fitted_bucket_starts(steps, 1000) == [0]
+
+
+def test_the_shipped_lens_beats_the_logit_lens_on_held_out_runs(toy, held_out):
+    lens = TunedLens.load("toy", model=toy)
+    assert lens.model is toy
+    logit = kl_table(reader_kl(toy, held_out, logit_lens_reader(toy)), held_out, held_out.in_answer)
+    tuned = kl_table(reader_kl(toy, held_out, translated_reader(toy, lens.translators)), held_out, held_out.in_answer)
+    below_last = slice(0, toy.cfg.num_hidden_layers - 1)
+    assert bool((tuned.mean()[below_last] < logit.mean()[below_last]).all()), (tuned.mean(), logit.mean())
+    for column, step in enumerate(tuned.steps[:2]):  # steps 0 and 1 hold nearly every row
+        assert bool((tuned.values[below_last, column] < logit.values[below_last, column]).all()), step
+    assert TunedLens.load("toy").model.cfg == toy.cfg  # without a model, the shipped toy is attached
 
 
 def test_canvas_scope_writes_what_a_patched_generation_writes(toy, held_out):
