@@ -22,6 +22,7 @@ from diffusionlens.analysis.logit_lens import (
     LensTokenScores,
     LogitLensByStep,
     logit_lens_by_step,
+    logit_lens_logits,
     logit_lens_rows,
     logit_lens_token_scores,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "intermediate_tokens",
     "kendall_tau_b",
     "logit_lens_by_step",
+    "logit_lens_logits",
     "logit_lens_rows",
     "logit_lens_token_scores",
     "out_of_order_share",

@@ -124,6 +124,18 @@ def logit_lens_by_step(
     )
 
 
+def logit_lens_logits(
+    model, resid: Float[torch.Tensor, "*batch d_model"], *, stack: str = "decoder"
+) -> Float[torch.Tensor, "*batch vocab"]:
+    """The logit lens on residual-stream vectors: `stack`'s final norm and the soft-capped tied head, the path
+    the model's own head takes from its last residual (fp32 logits). On the decoder's last `hook_resid_post`
+    these are the model's logits; on an earlier layer's, what that layer would predict."""
+    norm = model.get_submodule(f"{stack}.ln_final")
+    W_E = model.get_submodule(stack).embed.W_E
+    x = norm(resid.to(device=W_E.device, dtype=W_E.dtype))
+    return unembed(x, W_E, model.cfg.final_logit_softcapping)
+
+
 def logit_lens_rows(
     model, resid: Float[torch.Tensor, "rows d_model"], *, stack: str = "decoder", chunk: int = 65536
 ) -> Int[torch.Tensor, " rows"]:
@@ -132,13 +144,10 @@ def logit_lens_rows(
     its most likely token. On the last block's `hook_resid_post` this is the model's own argmax
     (the draft token for `HookedDiffusionGemma`'s decoder, the greedy token for a `HookedGemma4CausalLM`
     with stack="causal")."""
-    norm = model.get_submodule(f"{stack}.ln_final")
-    W_E = model.get_submodule(stack).embed.W_E
     out = []
     with torch.no_grad():
         for start in range(0, resid.shape[0], chunk):
-            x = norm(resid[start : start + chunk].to(device=W_E.device, dtype=W_E.dtype))
-            out.append(unembed(x, W_E, model.cfg.final_logit_softcapping).argmax(-1).cpu())
+            out.append(logit_lens_logits(model, resid[start : start + chunk], stack=stack).argmax(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
