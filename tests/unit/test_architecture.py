@@ -204,7 +204,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("running the model", ("sampling", "replay", "model", "causal_lm", "bottleneck")),
-    ("tools", ("", "analysis", "features", "graphs", "lens", "patching", "viz", "toy", "serial_depth", "distributed", "cli")),
+    (
+        "tools",
+        ("", "analysis", "features", "graphs", "lens", "patching", "viz", "toy", "serial_depth", "distributed", "cli"),
+    ),
 ]
 
 
