@@ -90,6 +90,22 @@ def config_dict(source: Any, expected: str) -> dict[str, Any]:
 
 
 @no_type_check
+class FieldAlias:
+    """A TransformerLens name for a config field, read-only: `cfg.d_model` is `cfg.hidden_size`."""
+
+    def __init__(self, field_name: str) -> None:
+        self.field_name = field_name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, cfg: Any, owner: type) -> Any:
+        return self if cfg is None else getattr(cfg, self.field_name)
+
+    def __set__(self, cfg: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is an alias of {self.field_name}: use cfg.replace({self.field_name}=...)")
+
+
 @dataclass(frozen=True)
 class DiffusionGemmaConfig:
     """Hyper-parameters of DiffusionGemma's text model (encoder and decoder share them).
@@ -219,25 +235,11 @@ class DiffusionGemmaConfig:
         return problems
 
     # ----------------------------------------------------------------- aliases
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def d_vocab(self) -> int:
-        return self.vocab_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def d_mlp(self) -> int:
-        return self.intermediate_size
+    d_model = FieldAlias("hidden_size")
+    d_vocab = FieldAlias("vocab_size")
+    n_layers = FieldAlias("num_hidden_layers")
+    n_heads = FieldAlias("num_attention_heads")
+    d_mlp = FieldAlias("intermediate_size")
 
     @property
     def global_kv_heads(self) -> int:

@@ -43,6 +43,19 @@ class _ContextValues(threading.local):
         self.step, self.canvas, self.t = step, canvas, t
 
 
+class PerThreadValue:
+    """A `HookContext` attribute kept in the calling thread's `_ContextValues`: read and written there."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, context: HookContext | None, owner: type) -> Any:
+        return self if context is None else getattr(context._values, self.name)
+
+    def __set__(self, context: HookContext, value: Any) -> None:
+        setattr(context._values, self.name, value)
+
+
 class HookContext:
     """Where in a generation a forward pass runs; one instance is shared by all hook points.
 
@@ -59,29 +72,9 @@ class HookContext:
     def __init__(self, step: int | None = None, canvas: int = 0, t: int | None = None) -> None:
         self._values = _ContextValues(step, canvas, t)
 
-    @property
-    def step(self) -> int | None:
-        return self._values.step
-
-    @step.setter
-    def step(self, value: int | None) -> None:
-        self._values.step = value
-
-    @property
-    def canvas(self) -> int:
-        return self._values.canvas
-
-    @canvas.setter
-    def canvas(self, value: int) -> None:
-        self._values.canvas = value
-
-    @property
-    def t(self) -> int | None:
-        return self._values.t
-
-    @t.setter
-    def t(self, value: int | None) -> None:
-        self._values.t = value
+    step = PerThreadValue()
+    canvas = PerThreadValue()
+    t = PerThreadValue()
 
     def reset(self) -> None:
         values = self._values
