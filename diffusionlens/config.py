@@ -90,20 +90,12 @@ def config_dict(source: Any, expected: str) -> dict[str, Any]:
 
 
 @no_type_check
-class FieldAlias:
+class FieldAlias(property):
     """A TransformerLens name for a config field, read-only: `cfg.d_model` is `cfg.hidden_size`."""
 
     def __init__(self, field_name: str) -> None:
+        super().__init__(lambda cfg: getattr(cfg, field_name), doc=f"`{field_name}`, by its TransformerLens name")
         self.field_name = field_name
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, cfg: Any, owner: type) -> Any:
-        return self if cfg is None else getattr(cfg, self.field_name)
-
-    def __set__(self, cfg: Any, value: Any) -> None:
-        raise AttributeError(f"{self.name} is an alias of {self.field_name}: use cfg.replace({self.field_name}=...)")
 
 
 @dataclass(frozen=True)

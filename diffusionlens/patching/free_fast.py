@@ -36,12 +36,12 @@ from diffusionlens.patching.spec import Patch
 from diffusionlens.sampling.generate import chosen_self_cond_transform
 from diffusionlens.sampling.loop import DenoisingLoop, Lane, LoopRun, trace_settings
 from diffusionlens.sampling.noise import NoiseSource, ReplayNoise, RowReplayNoise
-from diffusionlens.trace import DenoisingTrace
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
+    from diffusionlens.components.prompt_state import PromptState
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.prompt_state import PromptState
 
 #: Cells per chunk for free sweeps when neither `batch_size` nor `max_bytes` is given: one, so that by
 #: default every free cell is bit-identical to its own run (see `free_fast_sweep`).

@@ -22,12 +22,12 @@ from diffusionlens.sampling.generate import ForkState, chosen_self_cond_transfor
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
 from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
 from diffusionlens.sampling.settings import GenerationSettings, settings_of
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.tokens import checked_attention_mask
-from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
+    from diffusionlens.components.prompt_state import PromptState
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.prompt_state import PromptState
 
 SETTING_NAMES = frozenset(f.name for f in fields(GenerationSettings))
 LOGITS = "decoder.hook_logits"

@@ -20,8 +20,8 @@ from jaxtyping import Bool, Float, Int
 from diffusionlens.sampling.loop import DenoisingLoop, Lane, LoopRun, trace_settings
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.settings import GenerationSettings, merge_settings
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.tokens import checked_attention_mask
-from diffusionlens.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:

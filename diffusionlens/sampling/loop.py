@@ -23,12 +23,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from diffusionlens.prompt_state import PromptState
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.sampling.noise import NoiseSource
 from diffusionlens.sampling.sampler import StableAndConfident
 from diffusionlens.sampling.settings import GenerationSettings
 from diffusionlens.sampling.step import StepOutput, denoising_step
-from diffusionlens.trace import OPTIONAL_STEP_FIELDS, STEP_FIELDS, CanvasTrace
+from diffusionlens.sampling.trace import OPTIONAL_STEP_FIELDS, STEP_FIELDS, CanvasTrace
 
 if TYPE_CHECKING:
     from diffusionlens.cache.denoising import DenoisingCache
