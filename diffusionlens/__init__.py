@@ -5,7 +5,8 @@ from diffusionlens.cache.denoising import CacheBudgetError, CacheIntegrityError,
 from diffusionlens.causal_lm import HookedGemma4CausalLM
 from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hooks.points import HookContext, HookedRootModule, HookError, HookPoint
+from diffusionlens.hooks.generation_context import HookContext
+from diffusionlens.hooks.points import HookedRootModule, HookError, HookPoint
 from diffusionlens.hooks.shapes import estimate_cache_bytes, hook_specs
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling import GenerationResult, GenerationSettings, ReplayNoise, RowReplayNoise, TorchRNGNoise

@@ -20,7 +20,8 @@ from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.components.stacks import DecoderStack, EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hooks.points import HookedRootModule, NameFilter
+from diffusionlens.hooks.name_filters import NameFilter
+from diffusionlens.hooks.points import HookedRootModule
 from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
 from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache

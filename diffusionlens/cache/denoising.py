@@ -30,8 +30,8 @@ from diffusionlens.cache.storage import (
     encode_dtype,
     make_storage,
 )
+from diffusionlens.hooks.name_filters import NameFilter
 from diffusionlens.hooks.names import resolve_act_key
-from diffusionlens.hooks.points import NameFilter
 from diffusionlens.hooks.shapes import estimate_cache_bytes, hook_specs
 
 if TYPE_CHECKING:

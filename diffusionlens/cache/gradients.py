@@ -15,7 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from diffusionlens.cache.activation import ActivationCache
-    from diffusionlens.hooks.points import NameFilter
+    from diffusionlens.hooks.name_filters import NameFilter
     from diffusionlens.model import HookedDiffusionGemma
 
 

@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from diffusionlens.cache.gradients import refuse_inference_mode
 from diffusionlens.sampling.loop import finalize_canvas
 from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
+from diffusionlens.sampling.step import held_for_stopped_rows, next_self_conditioning, scaled_logits
 from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
 
@@ -133,21 +134,17 @@ def _self_conditioning(
     step: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> Float[torch.Tensor, "batch canvas vocab"] | None:
-    """The self-conditioning input of `step`: generation's loop body for steps 0..step-1, minus sampling
-    (the trace already holds each step's input canvas and which rows had stopped)."""
+    """The self-conditioning input of `step`: steps 0..step-1 of generation through the step's own
+    self-conditioning code (`sampling.step`), minus sampling (the trace already holds each step's input
+    canvas and which rows had stopped)."""
     record, device = trace[canvas], model.device
     self_cond = None
     finished = torch.zeros(record.input_canvas.shape[1], dtype=torch.bool, device=device)
     for k in range(step):
         raw = rerun_recorded_pass(model, trace, state, self_cond, canvas=canvas, step=k)
-        logits = model.sampler.hook_logits(raw / record.temperature[k].to(device))
-        if finished.any():
-            # stopped rows keep feeding their last logits, as generation does
-            logits = torch.where(finished[:, None, None], self_cond, logits)
+        logits = held_for_stopped_rows(scaled_logits(model, raw, record.temperature[k].to(device)), self_cond, finished)
+        self_cond = next_self_conditioning(logits, model.dtype, transform)
         finished = record.finished[k].to(device)
-        self_cond = logits.to(model.dtype)
-        if transform is not None:
-            self_cond = transform(self_cond)
     return self_cond
 
 
