@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float, Int
 from diffusionlens.sampling.loop import DenoisingLoop, Lane, LoopRun, trace_settings
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.settings import GenerationSettings, merge_settings
+from diffusionlens.sampling.step import SelfCondTransform
 from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.tokens import checked_attention_mask
 from diffusionlens.weights.fingerprint import model_fingerprint
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
 Hooks = Iterable[tuple[Any, Callable]]
-SelfCondTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -79,7 +79,7 @@ def run_settings(
     model: HookedDiffusionGemma,
     settings: GenerationSettings,
     noise: NoiseSource,
-    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    self_cond_transform: SelfCondTransform | None = None,
 ) -> dict[str, Any]:
     """Everything besides the prompt that decides a generation's steps: every setting (eos and pad
     resolved against the config), the noise source and the self-conditioning transform."""

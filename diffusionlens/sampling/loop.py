@@ -27,7 +27,7 @@ from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.sampling.noise import NoiseSource
 from diffusionlens.sampling.sampler import StableAndConfident
 from diffusionlens.sampling.settings import GenerationSettings
-from diffusionlens.sampling.step import StepOutput, denoising_step, next_self_conditioning
+from diffusionlens.sampling.step import SelfCondTransform, StepOutput, denoising_step, next_self_conditioning
 from diffusionlens.sampling.trace import OPTIONAL_STEP_FIELDS, STEP_FIELDS, CanvasTrace
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from diffusionlens.config import DiffusionGemmaConfig
     from diffusionlens.model import HookedDiffusionGemma
     from diffusionlens.sampling.generate import ForkState
-
-SelfCondTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class TraceRecorder:
