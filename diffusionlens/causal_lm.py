@@ -31,10 +31,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.components.stacks import EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig, config_dict
-from diffusionlens.hooks.points import HookedRootModule, HookPoint, NameFilter
-from diffusionlens.prompt_state import PromptState
+from diffusionlens.hooks.name_filters import NameFilter
+from diffusionlens.hooks.points import HookedRootModule, HookPoint
 from diffusionlens.tokens import check_token_ids, checked_attention_mask
 from diffusionlens.weights.checkpoint import (
     CheckpointError,

@@ -90,6 +90,14 @@ def config_dict(source: Any, expected: str) -> dict[str, Any]:
 
 
 @no_type_check
+class FieldAlias(property):
+    """A TransformerLens name for a config field, read-only: `cfg.d_model` is `cfg.hidden_size`."""
+
+    def __init__(self, field_name: str) -> None:
+        super().__init__(lambda cfg: getattr(cfg, field_name), doc=f"`{field_name}`, by its TransformerLens name")
+        self.field_name = field_name
+
+
 @dataclass(frozen=True)
 class DiffusionGemmaConfig:
     """Hyper-parameters of DiffusionGemma's text model (encoder and decoder share them).
@@ -219,25 +227,11 @@ class DiffusionGemmaConfig:
         return problems
 
     # ----------------------------------------------------------------- aliases
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def d_vocab(self) -> int:
-        return self.vocab_size
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def d_mlp(self) -> int:
-        return self.intermediate_size
+    d_model = FieldAlias("hidden_size")
+    d_vocab = FieldAlias("vocab_size")
+    n_layers = FieldAlias("num_hidden_layers")
+    n_heads = FieldAlias("num_attention_heads")
+    d_mlp = FieldAlias("intermediate_size")
 
     @property
     def global_kv_heads(self) -> int:

@@ -12,19 +12,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float, Int
 
+from diffusionlens.cache.selectors import axis_keeping, check_selector, resolve_layer
 from diffusionlens.components.attention import Attention
 from diffusionlens.components.moe import MoE
+from diffusionlens.components.partial_forward import check_layer_order, check_residual, check_return_type
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.components.sampler_hooks import SamplerHooks
 from diffusionlens.components.stacks import DecoderStack, EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig
-from diffusionlens.hooks.points import HookedRootModule, NameFilter
-from diffusionlens.indexing import axis_keeping, check_selector, resolve_layer
+from diffusionlens.hooks.name_filters import NameFilter
+from diffusionlens.hooks.points import HookedRootModule
 from diffusionlens.losses import check_loss_weights, check_targets, denoising_loss
-from diffusionlens.partial_forward import check_layer_order, check_residual, check_return_type
-from diffusionlens.prompt_state import PromptState
-from diffusionlens.replay import replay_step as _replay_step
 from diffusionlens.sampling.generate import generate as _generate
 from diffusionlens.sampling.generate import generate_with_cache as _generate_with_cache
+from diffusionlens.sampling.replay import replay_step as _replay_step
 from diffusionlens.tokens import TokenHelpers, check_token_ids, checked_attention_mask
 from diffusionlens.weights.checkpoint import init_random_weights, load_pretrained
 from diffusionlens.weights.checkpoint import save_pretrained as _save_pretrained
@@ -32,7 +33,7 @@ from diffusionlens.weights.tl_weights import StackedWeights
 
 if TYPE_CHECKING:
     from diffusionlens.cache.activation import ActivationCache
-    from diffusionlens.indexing import Selector
+    from diffusionlens.cache.selectors import Selector
     from diffusionlens.weights.tl_weights import ModelWeights
 
 
@@ -312,7 +313,7 @@ class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
         if not isinstance(remove_batch_dim, bool):
             raise TypeError(f"remove_batch_dim must be True or False, got {remove_batch_dim!r}")
         if incl_bwd:
-            from diffusionlens.replay import run_with_gradient_cache
+            from diffusionlens.cache.gradients import run_with_gradient_cache
 
             out, cache = run_with_gradient_cache(self, args, kwargs, names_filter, device, fwd_hooks, loss_fn)
         else:
@@ -398,5 +399,5 @@ class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
     generate_with_cache = _generate_with_cache
 
     # The decoder logits of one recorded step recomputed with an autograd graph, bit-identical to what
-    # `generate` computed: `diffusionlens.replay.replay_step`, bound as a method.
+    # `generate` computed: `diffusionlens.sampling.replay.replay_step`, bound as a method.
     replay_step = _replay_step

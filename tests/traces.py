@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 
 def make_trace(argmax: torch.Tensor, **fields) -> CanvasTrace:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 
 def answer_mask(

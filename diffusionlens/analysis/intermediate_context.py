@@ -25,8 +25,8 @@ from jaxtyping import Bool, Float, Int
 
 from diffusionlens.analysis.commit_order import resolve_mask
 from diffusionlens.cache.denoising import DenoisingCache
-from diffusionlens.indexing import resolve_layers
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.cache.selectors import resolve_layers
+from diffusionlens.sampling.trace import CanvasTrace
 
 SOURCES = ("argmax", "accepted")
 _PATTERN = re.compile(r"decoder\.blocks\.(\d+)\.attn\.hook_pattern")

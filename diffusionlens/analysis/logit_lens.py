@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 
 from diffusionlens.cache.denoising import DenoisingCache
 from diffusionlens.components.unembed import unembed
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma

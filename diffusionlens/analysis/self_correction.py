@@ -28,7 +28,7 @@ from jaxtyping import Bool, Int
 
 from diffusionlens.analysis.commit_order import answer_mask, resolve_mask
 from diffusionlens.analysis.seeds import SeededBatch, generate_over_seeds
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from diffusionlens.analysis.commit_order import resolve_mask
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 
 def _shift(x: torch.Tensor, d: int, fill: int | bool) -> torch.Tensor:

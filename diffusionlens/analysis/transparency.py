@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Bool, Float, Int, Real
 
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 
 def _need_top_k(trace: CanvasTrace, k: int = 1) -> None:

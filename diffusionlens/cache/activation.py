@@ -11,10 +11,10 @@ import torch
 from jaxtyping import Float
 
 from diffusionlens.cache.decomposition import ResidDecompositionMixin
+from diffusionlens.cache.selectors import Selector, axis_keeping, check_selector, check_stack, index_axis, resolve_layer
 from diffusionlens.components.unembed import unembed
 from diffusionlens.hooks.names import resolve_act_key
 from diffusionlens.hooks.shapes import position_axis
-from diffusionlens.indexing import Selector, axis_keeping, check_selector, check_stack, index_axis, resolve_layer
 
 #: What accumulated_resid and decompose_resid return: the stacked residual parts, with labels if asked.
 ResidStack = (

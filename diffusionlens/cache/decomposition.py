@@ -34,8 +34,8 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
+from diffusionlens.cache.selectors import Selector, axis_keeping, check_stack, index_axis, model_stacks, resolve_layer
 from diffusionlens.hooks.shapes import position_axis
-from diffusionlens.indexing import Selector, axis_keeping, check_stack, index_axis, model_stacks, resolve_layer
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 
 from diffusionlens.cache.activation import ActivationCache
+from diffusionlens.cache.selectors import Selector, check_selector, select_indices
 from diffusionlens.cache.storage import (
     CACHE_FORMAT_VERSION,
     ENCODER,
@@ -29,10 +30,9 @@ from diffusionlens.cache.storage import (
     encode_dtype,
     make_storage,
 )
+from diffusionlens.hooks.name_filters import NameFilter
 from diffusionlens.hooks.names import resolve_act_key
-from diffusionlens.hooks.points import NameFilter
 from diffusionlens.hooks.shapes import estimate_cache_bytes, hook_specs
-from diffusionlens.indexing import Selector, check_selector, select_indices
 
 if TYPE_CHECKING:
     from diffusionlens.hooks.points import HookPoint

@@ -8,10 +8,10 @@ from jaxtyping import Bool, Float, Int
 from torch import nn
 
 from diffusionlens.components import Block, Embed, RMSNorm, RotaryEmbedding, SelfConditioning
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.components.unembed import unembed
 from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
 from diffusionlens.hooks.points import HookPoint
-from diffusionlens.prompt_state import PromptState
 
 
 class Stack(nn.Module):

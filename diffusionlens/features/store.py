@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from diffusionlens.cache.selectors import Selector, select_indices
 from diffusionlens.hooks.shapes import hook_specs
-from diffusionlens.indexing import Selector, select_indices
 from diffusionlens.sampling.noise import RowReplayNoise
 from diffusionlens.sampling.settings import SAMPLER_FIELDS, settings_of
 

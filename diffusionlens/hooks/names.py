@@ -12,8 +12,8 @@ import re
 from collections.abc import Container
 from typing import Any
 
+from diffusionlens.cache.selectors import STACKS, check_stack, resolve_layer
 from diffusionlens.components.block import NORMS, SCALED_NORMS
-from diffusionlens.indexing import STACKS, check_stack, resolve_layer
 
 __all__ = ["get_act_name", "resolve_act_key"]
 

@@ -11,16 +11,14 @@ by `reset_hooks_end=False`) live in its `fwd_fns` / `bwd_fns` lists and fire in 
 (`_ThreadHooks`) and fire only in the thread whose run attached them. A point with run hooks from any
 thread is switched to `RunHookedHookPoint`, whose call looks up the calling thread's; the others keep
 the fast path unchanged. The generation context is per
-thread too (`HookContext` keeps its values in a `threading.local`).
+thread too (`HookContext`, in `hooks/generation_context.py`, keeps its values in a `threading.local`).
+Which hook names a names filter picks is `hooks/name_filters.py`.
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import functools
 import pickle
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,77 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusionlens.hooks.generation_context import HookContext
+from diffusionlens.hooks.name_filters import NameFilter, resolve_hook_names, unknown_hook_message
 from diffusionlens.hooks.point_context import HookPointContext
 from diffusionlens.hooks.point_handles import HookPointHandles
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
-NameFilter = str | Callable[[str], bool] | Sequence[str] | None
-
-
-class _ContextValues(threading.local):
-    """`HookContext`'s values, one set per thread (each new thread starts from the constructor's)."""
-
-    def __init__(self, step: int | None, canvas: int, t: int | None) -> None:
-        self.step, self.canvas, self.t = step, canvas, t
-
-
-class HookContext:
-    """Where in a generation a forward pass runs; one instance is shared by all hook points.
-
-    step: 0-based denoising step in execution order (None outside denoising, e.g. in the encoder).
-    canvas: index of the canvas in a multi-canvas generation (0 for a single forward pass).
-    t: the reference implementation's `cur_step`, counting down from `max_denoising_steps` to 1.
-
-    The values are per thread: a generation in one thread sets them for its own hooks only, so two
-    threads generating with one model each read their own step.
-    """
-
-    __slots__ = ("_values",)
-
-    def __init__(self, step: int | None = None, canvas: int = 0, t: int | None = None) -> None:
-        self._values = _ContextValues(step, canvas, t)
-
-    @property
-    def step(self) -> int | None:
-        return self._values.step
-
-    @step.setter
-    def step(self, value: int | None) -> None:
-        self._values.step = value
-
-    @property
-    def canvas(self) -> int:
-        return self._values.canvas
-
-    @canvas.setter
-    def canvas(self, value: int) -> None:
-        self._values.canvas = value
-
-    @property
-    def t(self) -> int | None:
-        return self._values.t
-
-    @t.setter
-    def t(self, value: int | None) -> None:
-        self._values.t = value
-
-    def reset(self) -> None:
-        values = self._values
-        values.step, values.canvas, values.t = None, 0, None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, HookContext):
-            return NotImplemented
-        return (self.step, self.canvas, self.t) == (other.step, other.canvas, other.t)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
-
-    def __repr__(self) -> str:
-        return f"HookContext(step={self.step!r}, canvas={self.canvas!r}, t={self.t!r})"
-
-    def __reduce__(self) -> tuple:
-        # A threading.local does not pickle; a copy carries this thread's values.
-        return (HookContext, (self.step, self.canvas, self.t))
 
 
 # Where a run hook sits among a point's hooks: "fwd_first" (added with prepend=True inside a run) runs
@@ -360,64 +293,6 @@ class TorchHookedHookPoint(HookPoint):
     __call__ = nn.Module.__call__
 
 
-def resolve_hook_names(names_filter: NameFilter, available: Iterable[str]) -> list[str]:
-    """The names in `available` that `names_filter` picks, in `available`'s order for a glob or
-    predicate: None (every name), an exact name, a glob (`decoder.blocks.*.hook_resid_post`), a
-    regex (`decoder\\.blocks\\.(0|1)\\..*`), a list of those, or a predicate `fn(name) -> bool`.
-
-    The one resolver behind every names filter (hooks, caches, patches, the CLI): a name or pattern
-    that matches nothing, or a predicate that matches nothing, raises a KeyError naming the nearest
-    hook names, because a typo that silently matches nothing would record or patch nothing.
-    """
-    available = list(available)
-    if names_filter is None:
-        return available
-    if callable(names_filter):
-        matched = [n for n in available if names_filter(n)]
-        if not matched:
-            raise KeyError(
-                f"the names_filter predicate {getattr(names_filter, '__name__', names_filter)!r} matched no hook "
-                "point; list them with sorted(model.hook_dict)"
-            )
-        return matched
-    if isinstance(names_filter, str):
-        patterns = [names_filter]
-    elif isinstance(names_filter, Iterable):
-        patterns = list(names_filter)
-    else:
-        raise TypeError(
-            f"names_filter must be a hook name, glob, regex, list of those or a predicate, got {names_filter!r}"
-        )
-    out: list[str] = []
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"names_filter entries must be strings (names, globs or regexes), got {pattern!r}")
-        matched = _matches(pattern, available)
-        if not matched:
-            raise KeyError(unknown_hook_message(pattern, available))
-        out.extend(m for m in matched if m not in out)
-    return out
-
-
-def _matches(pattern: str, available: list[str]) -> list[str]:
-    if pattern in available:
-        return [pattern]
-    matched = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
-    if not matched and re.search(r"[\^$+()|\\]", pattern):
-        regex = re.compile(pattern)
-        matched = [n for n in available if regex.fullmatch(n)]
-    return matched
-
-
-def unknown_hook_message(name: str, available: Iterable[str]) -> str:
-    nearest = difflib.get_close_matches(name, list(available), n=5, cutoff=0.5)
-    hint = f" Nearest names: {', '.join(nearest)}." if nearest else ""
-    return (
-        f"Unknown hook point '{name}'.{hint} "
-        "List them all with sorted(model.hook_dict) or use a glob such as 'decoder.blocks.*.hook_resid_post'."
-    )
-
-
 class HookedRootModule(nn.Module):
     """Base class giving a model TransformerLens' hook API over its `HookPoint`s.
 
@@ -435,7 +310,7 @@ class HookedRootModule(nn.Module):
 
     # ------------------------------------------------------------------ name resolution
     def resolve_hook_names(self, names: NameFilter) -> list[str]:
-        """Hook names matched by `names`: see `diffusionlens.hooks.points.resolve_hook_names` (None = all;
+        """Hook names matched by `names`: see `diffusionlens.hooks.name_filters.resolve_hook_names` (None = all;
         exact, glob, regex, list, predicate; matching nothing raises a KeyError naming the nearest)."""
         return resolve_hook_names(names, self.hook_dict)
 

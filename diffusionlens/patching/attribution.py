@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffusionlens.indexing import resolve_layers
+from diffusionlens.cache.selectors import resolve_layers
 from diffusionlens.patching.metrics import metric_reads, with_token_ids
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.sweep import SweepResult

@@ -12,7 +12,7 @@ discrete tokens from what flows through the continuous self-conditioning signal.
 
 from __future__ import annotations
 
-from diffusionlens.indexing import Selector
+from diffusionlens.cache.selectors import Selector
 from diffusionlens.patching.spec import Patch, Source
 
 CHANNELS = {

@@ -33,14 +33,15 @@ from diffusionlens.patching.frozen_fast import block_bytes_per_position, cells_p
 from diffusionlens.patching.metrics import ExactMatch, KLToClean, LogitDiff, Normalized, TargetProb
 from diffusionlens.patching.runs import SETTING_NAMES, PatchedRun, encode_through, fork_state
 from diffusionlens.patching.spec import Patch
+from diffusionlens.sampling.generate import chosen_self_cond_transform
 from diffusionlens.sampling.loop import DenoisingLoop, Lane, LoopRun, trace_settings
 from diffusionlens.sampling.noise import NoiseSource, ReplayNoise, RowReplayNoise
-from diffusionlens.trace import DenoisingTrace
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
+    from diffusionlens.components.prompt_state import PromptState
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.prompt_state import PromptState
 
 #: Cells per chunk for free sweeps when neither `batch_size` nor `max_bytes` is given: one, so that by
 #: default every free cell is bit-identical to its own run (see `free_fast_sweep`).
@@ -240,7 +241,8 @@ def run_free_cells(
         for patch, step, keep, held in zip(patches, fork_steps, kept, logits, strict=True)
     ]
     noise = PerCellNoise(kwargs["noise"], base.input_ids.shape[0])
-    run = LoopRun(settings, noise, kwargs.get("bottleneck") or kwargs.get("self_cond_transform"))
+    transform = chosen_self_cond_transform(kwargs.get("bottleneck"), kwargs.get("self_cond_transform"))
+    run = LoopRun(settings, noise, transform)
     loop = DenoisingLoop(model, run, lanes, fork=lambda step: fork_state(model, base, step, prompt_state))
     try:
         with torch.inference_mode(), model.hooks_for_run(fwd_hooks=loop.lane_hooks()):

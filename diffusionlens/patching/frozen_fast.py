@@ -25,9 +25,9 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.patching.runs import SELF_COND, PatchedRun, encode_through
 from diffusionlens.patching.spec import Patch
-from diffusionlens.prompt_state import PromptState
 from diffusionlens.sampling.loop import expand_state
 from diffusionlens.sampling.recorded import enter_recorded_step
 

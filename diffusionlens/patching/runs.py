@@ -18,16 +18,16 @@ from jaxtyping import Float, Int
 
 from diffusionlens.cache.denoising import DenoisingCache
 from diffusionlens.patching.spec import Patch, patch_hooks
-from diffusionlens.sampling.generate import ForkState, run_settings
+from diffusionlens.sampling.generate import ForkState, chosen_self_cond_transform, run_settings
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise
 from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
 from diffusionlens.sampling.settings import GenerationSettings, settings_of
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.tokens import checked_attention_mask
-from diffusionlens.trace import DenoisingTrace
 
 if TYPE_CHECKING:
+    from diffusionlens.components.prompt_state import PromptState
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.prompt_state import PromptState
 
 SETTING_NAMES = frozenset(f.name for f in fields(GenerationSettings))
 LOGITS = "decoder.hook_logits"
@@ -234,5 +234,5 @@ def fork_state(
 def _run_settings_of(model: HookedDiffusionGemma, base: PatchedRun) -> dict[str, Any]:
     """`run_settings` of the generation that recorded `base`, read back from its generate keywords."""
     kwargs = base.generate_kwargs
-    transform = kwargs.get("bottleneck") or kwargs.get("self_cond_transform")
+    transform = chosen_self_cond_transform(kwargs.get("bottleneck"), kwargs.get("self_cond_transform"))
     return run_settings(model, base.settings, kwargs["noise"], transform)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffusionlens.cache.denoising import DenoisingCache
+from diffusionlens.cache.selectors import Selector, select_indices
 from diffusionlens.hooks.shapes import position_axis
-from diffusionlens.indexing import Selector, select_indices
 
 if TYPE_CHECKING:
     from diffusionlens.hooks.points import HookPoint

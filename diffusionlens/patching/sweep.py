@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusionlens.indexing import resolve_layers
+from diffusionlens.cache.selectors import resolve_layers
 from diffusionlens.patching.free_fast import FreeCell, batchable, free_fast_sweep
 from diffusionlens.patching.frozen_fast import Cell, frozen_fast_sweep, start_of
 from diffusionlens.patching.metrics import sweep_metric_reads, with_token_ids

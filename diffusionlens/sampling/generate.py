@@ -3,7 +3,7 @@
 The loop is the reference's (transformers' `DiffusionGemmaGenerationMixin.generate`), written once in
 `diffusionlens.sampling.loop` (one generation is one lane of it) with the step itself in
 `diffusionlens.sampling.step`. This module is the public entry: `generate` and `generate_with_cache`
-resolve their arguments once into a `GenerationCall` (settings into one `GenerationSettings`, what to
+build their arguments once into a `GenerationCall` (settings into one `GenerationSettings`, what to
 record into one `RecordSpec`) and run it.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,8 +20,9 @@ from jaxtyping import Bool, Float, Int
 from diffusionlens.sampling.loop import DenoisingLoop, Lane, LoopRun, trace_settings
 from diffusionlens.sampling.noise import NoiseSource, TorchRNGNoise
 from diffusionlens.sampling.settings import GenerationSettings, merge_settings
+from diffusionlens.sampling.step import SelfCondTransform
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.tokens import checked_attention_mask
-from diffusionlens.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
 Hooks = Iterable[tuple[Any, Callable]]
-SelfCondTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -79,7 +79,7 @@ def run_settings(
     model: HookedDiffusionGemma,
     settings: GenerationSettings,
     noise: NoiseSource,
-    self_cond_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    self_cond_transform: SelfCondTransform | None = None,
 ) -> dict[str, Any]:
     """Everything besides the prompt that decides a generation's steps: every setting (eos and pad
     resolved against the config), the noise source and the self-conditioning transform."""
@@ -121,53 +121,63 @@ def check_resume(
         raise ValueError(f"resume= was forked from a run with other settings ({described}); {fix}")
 
 
+def chosen_self_cond_transform(
+    bottleneck: SelfCondTransform | None, self_cond_transform: SelfCondTransform | None
+) -> SelfCondTransform | None:
+    """The self-conditioning transform of a call given `bottleneck=` or `self_cond_transform=` (one name
+    for one thing: a bottleneck is a transform), refusing both."""
+    if bottleneck is not None and self_cond_transform is not None:
+        raise ValueError("pass either bottleneck or self_cond_transform, not both")
+    return bottleneck or self_cond_transform
+
+
 @dataclass(frozen=True)
 class GenerationCall:
-    """One generation's inputs, resolved and checked once (`GenerationCall.resolve`): the prompt and
-    its boolean mask, the settings, the noise source, the self-conditioning transform, hooks, whether
-    to show progress, and the `ForkState` it resumes from (if any)."""
+    """One generation's inputs: the prompt and its mask, the settings, the noise source, the
+    self-conditioning transform, hooks, whether to show progress, and the `ForkState` it resumes from
+    (if any). `generate` builds one from its parameters, `from_keywords` from the same keywords in a
+    dict; `checked` checks it against the model once, before the run."""
 
     input_ids: Int[torch.Tensor, "batch pos"]
-    attention_mask: Bool[torch.Tensor, "batch pos"]
     settings: GenerationSettings
-    noise: NoiseSource
+    attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None
+    noise: NoiseSource | None = None
     self_cond_transform: SelfCondTransform | None = None
-    fwd_hooks: tuple[tuple[Any, Callable], ...] = ()
-    bwd_hooks: tuple[tuple[Any, Callable], ...] = ()
+    fwd_hooks: Hooks = ()
+    bwd_hooks: Hooks = ()
     progress: bool = True
     resume: ForkState | None = None
 
     @classmethod
-    def resolve(
+    def from_keywords(
         cls,
-        model: HookedDiffusionGemma,
         input_ids: Int[torch.Tensor, "batch pos"],
-        *,
         settings: GenerationSettings | None = None,
-        attention_mask: Bool[torch.Tensor, "batch pos"] | Int[torch.Tensor, "batch pos"] | None = None,
-        noise: NoiseSource | None = None,
-        fwd_hooks: Hooks = (),
-        bwd_hooks: Hooks = (),
-        self_cond_transform: SelfCondTransform | None = None,
         bottleneck: SelfCondTransform | None = None,
-        progress: bool = True,
-        resume: ForkState | None = None,
-        **settings_keywords: Any,
+        **keywords: Any,
     ) -> GenerationCall:
-        """`generate`'s arguments (see there), checked, with the settings keywords merged into `settings`."""
-        settings = merge_settings(settings, **settings_keywords)
-        noise = noise if noise is not None else TorchRNGNoise()
-        if bottleneck is not None and self_cond_transform is not None:
-            raise ValueError("pass either bottleneck or self_cond_transform, not both")
-        transform = bottleneck or self_cond_transform
-        input_ids = model.check_tokens(input_ids, "input_ids")
+        """`generate`'s keywords as a dict (what `generate_with_cache` forwards): those naming a field of
+        the call go there, `bottleneck` is the self-conditioning transform, every other keyword is a
+        settings keyword merged into `settings`."""
+        names = {f.name for f in fields(cls)}
+        options = {k: v for k, v in keywords.items() if k in names}
+        settings = merge_settings(settings, **{k: v for k, v in keywords.items() if k not in names})
+        transform = chosen_self_cond_transform(bottleneck, options.pop("self_cond_transform", None))
+        return cls(input_ids, settings, self_cond_transform=transform, **options)
+
+    def checked(self, model: HookedDiffusionGemma) -> GenerationCall:
+        """This call with the prompt checked, the mask made boolean, the default noise filled in and the
+        resumed state (if any) checked against it."""
+        noise = self.noise if self.noise is not None else TorchRNGNoise()
+        input_ids = model.check_tokens(self.input_ids, "input_ids")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: give at least one prompt token (e.g. bos)")
-        mask = checked_attention_mask(attention_mask, input_ids)
-        if resume is not None:
-            check_resume(resume, input_ids, mask, run_settings(model, settings, noise, transform))
-        hooks = (tuple(fwd_hooks), tuple(bwd_hooks))
-        return cls(input_ids, mask, settings, noise, transform, *hooks, progress, resume)
+        mask = checked_attention_mask(self.attention_mask, input_ids)
+        if self.resume is not None:
+            forked_settings = run_settings(model, self.settings, noise, self.self_cond_transform)
+            check_resume(self.resume, input_ids, mask, forked_settings)
+        hooks = {"fwd_hooks": tuple(self.fwd_hooks), "bwd_hooks": tuple(self.bwd_hooks)}
+        return replace(self, input_ids=input_ids, attention_mask=mask, noise=noise, **hooks)
 
 
 def generate(
@@ -201,20 +211,10 @@ def generate(
     recorded step instead of encoding the prompt and running the steps before it. To record hook
     values with the step axis, call `generate_with_cache`.
     """
-    call = GenerationCall.resolve(
-        model,
-        input_ids,
-        settings=settings,
-        attention_mask=attention_mask,
-        noise=noise,
-        fwd_hooks=fwd_hooks,
-        bwd_hooks=bwd_hooks,
-        self_cond_transform=self_cond_transform,
-        bottleneck=bottleneck,
-        progress=progress,
-        resume=resume,
-        **settings_keywords,
-    )
+    settings = merge_settings(settings, **settings_keywords)
+    transform = chosen_self_cond_transform(bottleneck, self_cond_transform)
+    options = (attention_mask, noise, transform, fwd_hooks, bwd_hooks, progress, resume)
+    call = GenerationCall(input_ids, settings, *options).checked(model)
     return run_generation(model, call)
 
 
@@ -245,7 +245,8 @@ def generate_with_cache(
 
     record_names = {f.name for f in fields(RecordSpec)}
     record = RecordSpec.merged(record, **{k: v for k, v in options.items() if k in record_names})
-    call = GenerationCall.resolve(model, input_ids, **{k: v for k, v in options.items() if k not in record_names})
+    generate_options = {k: v for k, v in options.items() if k not in record_names}
+    call = GenerationCall.from_keywords(input_ids, **generate_options).checked(model)
     settings = call.settings
     cache = build_cache(
         model,

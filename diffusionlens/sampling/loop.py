@@ -23,20 +23,18 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from diffusionlens.prompt_state import PromptState
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.sampling.noise import NoiseSource
 from diffusionlens.sampling.sampler import StableAndConfident
 from diffusionlens.sampling.settings import GenerationSettings
-from diffusionlens.sampling.step import StepOutput, denoising_step
-from diffusionlens.trace import OPTIONAL_STEP_FIELDS, STEP_FIELDS, CanvasTrace
+from diffusionlens.sampling.step import SelfCondTransform, StepOutput, denoising_step, next_self_conditioning
+from diffusionlens.sampling.trace import OPTIONAL_STEP_FIELDS, STEP_FIELDS, CanvasTrace
 
 if TYPE_CHECKING:
     from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.config import DiffusionGemmaConfig
     from diffusionlens.model import HookedDiffusionGemma
     from diffusionlens.sampling.generate import ForkState
-
-SelfCondTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class TraceRecorder:
@@ -322,12 +320,11 @@ class DenoisingLoop:
 
     def next_self_cond(self, logits: Float[torch.Tensor, "batch canvas vocab"]) -> torch.Tensor:
         """The next step's self-conditioning input: this step's scaled logits, transformed lane by lane."""
-        self_cond, transform, rows = logits.to(self.model.dtype), self.run.self_cond_transform, self.rows
-        if transform is None:
-            return self_cond
-        if len(rows.lanes) == 1:
-            return transform(self_cond)
-        return torch.cat([transform(self_cond[rows.part(i)]) for i in range(len(rows.lanes))])
+        transform, rows, dtype = self.run.self_cond_transform, self.rows, self.model.dtype
+        if transform is None or len(rows.lanes) == 1:
+            return next_self_conditioning(logits, dtype, transform)
+        parts = [logits[rows.part(i)] for i in range(len(rows.lanes))]
+        return torch.cat([next_self_conditioning(part, dtype, transform) for part in parts])
 
     def leave_if_stopped(self, finished: Bool[torch.Tensor, " batch"]) -> bool:
         """Lanes whose rows have all stopped leave the step loop with their draft; whether any left."""

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Bool, Float, Int
 
-from diffusionlens.trace import DenoisingTrace
+from diffusionlens.sampling.trace import DenoisingTrace
 
 if TYPE_CHECKING:
+    from diffusionlens.components.prompt_state import PromptState
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.prompt_state import PromptState
 
 
 def encode_prompt(

@@ -6,6 +6,7 @@ row by row except the noise draws, which the `NoiseSource` makes for the whole b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from diffusionlens.sampling.settings import GenerationSettings
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
+
+SelfCondTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -63,7 +66,7 @@ def denoising_step(
     device, vocab = canvas.device, model.cfg.vocab_size
     raw = model.denoise(canvas, state, self_cond)
     temp = temperature(t, settings, device)
-    logits = hooks.hook_logits(raw / temp)
+    logits = scaled_logits(model, raw, temp)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     sampled = hooks.hook_sampled(noise.sample(probs, canvas_index, step))
     new_argmax = hooks.hook_argmax(torch.argmax(logits, dim=-1))
@@ -76,9 +79,35 @@ def denoising_step(
     if finished.any():
         new_argmax = torch.where(finished[:, None], argmax_canvas, new_argmax)
         next_canvas = torch.where(finished[:, None], canvas, next_canvas)
-        logits = torch.where(finished[:, None, None], self_cond, logits)
+    logits = held_for_stopped_rows(logits, self_cond, finished)
     next_canvas = hooks.hook_canvas_next(next_canvas)
     # The reference recomputes this entropy inside its stopping rule; rows whose logits were
     # swapped above are finished already, so reusing it changes no decision.
     finished = finished | stopper(new_argmax, raw_entropy)
     return StepOutput(raw, logits, probs, sampled, new_argmax, token_entropy, accepted, next_canvas, finished, temp)
+
+
+def scaled_logits(
+    model: HookedDiffusionGemma, raw: Float[torch.Tensor, "batch canvas vocab"], temp: Float[torch.Tensor, ""]
+) -> Float[torch.Tensor, "batch canvas vocab"]:
+    """The step's logits: the decoder's raw logits over the step's temperature, after `sampler.hook_logits`."""
+    return model.sampler.hook_logits(raw / temp)
+
+
+def held_for_stopped_rows(
+    logits: Float[torch.Tensor, "batch canvas vocab"],
+    self_cond: Float[torch.Tensor, "batch canvas vocab"] | None,
+    finished: Bool[torch.Tensor, " batch"],
+) -> Float[torch.Tensor, "batch canvas vocab"]:
+    """The step's logits as the next step's self-conditioning reads them: rows `finished` before this
+    step keep feeding their last self-conditioning logits, as the reference holds them."""
+    return torch.where(finished[:, None, None], self_cond, logits) if finished.any() else logits
+
+
+def next_self_conditioning(
+    logits: Float[torch.Tensor, "batch canvas vocab"], dtype: torch.dtype, transform: SelfCondTransform | None
+) -> Float[torch.Tensor, "batch canvas vocab"]:
+    """The next step's self-conditioning input: the held logits in the model's dtype, then `transform`
+    (a bottleneck or any self-conditioning transform) if given."""
+    self_cond = logits.to(dtype)
+    return self_cond if transform is None else transform(self_cond)

@@ -27,11 +27,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from diffusionlens.components.moe import MoE
+from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.components.stacks import Stack
 from diffusionlens.components.unembed import unembed
 from diffusionlens.config import DiffusionGemmaConfig
 from diffusionlens.model import HookedDiffusionGemma
-from diffusionlens.prompt_state import PromptState
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -34,7 +34,7 @@ from diffusionlens.toy.tasks import TASKS, make_dataset
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.trace import CanvasTrace
+    from diffusionlens.sampling.trace import CanvasTrace
 
 __all__ = [
     "RunDynamics",

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.model import HookedDiffusionGemma
+from diffusionlens.sampling.bottleneck import TokenBottleneck
 from diffusionlens.sampling.noise import ReplayNoise
 from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers
 from diffusionlens.toy.data import make_batch

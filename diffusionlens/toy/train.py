@@ -294,11 +294,16 @@ def train(
     return model.eval().requires_grad_(False)
 
 
-def parse_training_args(
-    settings_class: type, argv: list[str] | None, prog: str, description: str, out: str
-) -> tuple[str, object, bool]:
-    """`--out`, one flag per field of the settings dataclass (its defaults), `--no-progress`: returns
-    (out, settings, progress). Both toy trainers' command lines."""
+def run_training_command(
+    settings_class: type,
+    train_fn: Callable[..., Any],
+    evaluate_fn_of: Callable[[Any], Callable[..., Any]],
+    command: tuple[list[str] | None, str, str, str],
+) -> None:
+    """Both toy trainers' command lines: `--out`, one flag per field of the settings dataclass (its
+    defaults) and `--no-progress`, then `train_fn(out, settings, ...)` evaluating with
+    `evaluate_fn_of(settings)`. `command`: (argv, prog, description, default --out)."""
+    argv, prog, description, out = command
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", default=out)
     for name, value in asdict(settings_class()).items():
@@ -306,21 +311,17 @@ def parse_training_args(
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = settings_class(**{k: getattr(args, k) for k in asdict(settings_class())})
-    return args.out, settings, not args.no_progress
+    train_fn(args.out, settings, progress=not args.no_progress, evaluate_fn=evaluate_fn_of(settings))
 
 
 def main(argv: list[str] | None = None, prog: str = "diffusionlens train-toy") -> None:
-    out, settings, progress = parse_training_args(
-        TrainSettings, argv, prog, "Train the toy DiffusionGemma (resumes from --out).", "runs/toy"
-    )
     from diffusionlens.toy.evaluate import quick_eval
 
-    train(
-        out,
-        settings,
-        progress=progress,
-        evaluate_fn=lambda m, t, step: quick_eval(m, t, n=settings.eval_examples, seed=step),
-    )
+    def evaluate_fn_of(settings: TrainSettings) -> Callable[..., Any]:
+        return lambda m, t, step: quick_eval(m, t, n=settings.eval_examples, seed=step)
+
+    command = (argv, prog, "Train the toy DiffusionGemma (resumes from --out).", "runs/toy")
+    run_training_command(TrainSettings, train, evaluate_fn_of, command)
 
 
 if __name__ == "__main__":

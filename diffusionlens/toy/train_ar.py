@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -29,7 +31,7 @@ from diffusionlens.toy.train import (
     apply_update,
     evaluate_in_eval_mode,
     learning_rate,
-    parse_training_args,
+    run_training_command,
     save_checkpoint,
     start_run,
     training_examples,
@@ -120,17 +122,13 @@ def train_ar(
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m diffusionlens.toy.train_ar") -> None:
-    out, settings, progress = parse_training_args(
-        ARTrainSettings, argv, prog, "Train the toy's autoregressive twin (resumes from --out).", "runs/toy-ar"
-    )
     from diffusionlens.toy.twin import quick_eval_ar
 
-    train_ar(
-        out,
-        settings,
-        progress=progress,
-        evaluate_fn=lambda m, t, step: quick_eval_ar(m, n=settings.eval_examples, seed=step),
-    )
+    def evaluate_fn_of(settings: ARTrainSettings) -> Callable[..., Any]:
+        return lambda m, t, step: quick_eval_ar(m, n=settings.eval_examples, seed=step)
+
+    command = (argv, prog, "Train the toy's autoregressive twin (resumes from --out).", "runs/toy-ar")
+    run_training_command(ARTrainSettings, train_ar, evaluate_fn_of, command)
 
 
 if __name__ == "__main__":

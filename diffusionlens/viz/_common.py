@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
-from diffusionlens.indexing import Selector, ordered_indices
-from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.cache.selectors import Selector, ordered_indices
+from diffusionlens.sampling.trace import CanvasTrace, DenoisingTrace
 
 #: Anything that turns token ids into text: an object with `decode(list[int]) -> str` (a transformers
 #: tokenizer), a callable `id -> str`, or None (the id itself is shown).

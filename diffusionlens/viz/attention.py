@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Bool, Float, Int
 
-from diffusionlens.indexing import resolve_layer
-from diffusionlens.trace import DenoisingTrace
+from diffusionlens.cache.selectors import resolve_layer
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder, check_row, token_texts, visible
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Int
 
-from diffusionlens.indexing import resolve_layers
-from diffusionlens.trace import DenoisingTrace
+from diffusionlens.cache.selectors import resolve_layers
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.viz._common import TokenDecoder
 from diffusionlens.viz.attention import labelled_pattern, pattern_hook
 from diffusionlens.viz.html_page import page_header, page_script, read_asset, render_page, write_page

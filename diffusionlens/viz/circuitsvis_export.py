@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from diffusionlens.cache.denoising import DenoisingCache
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.trace import DenoisingTrace
+    from diffusionlens.sampling.trace import DenoisingTrace
 
 
 def attention_circuitsvis(

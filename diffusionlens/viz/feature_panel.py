@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 
 from diffusionlens.hooks.shapes import SAE_ACTS_SUFFIX
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 from diffusionlens.viz.html_page import read_asset
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffusionlens.indexing import Selector
+from diffusionlens.cache.selectors import Selector
 from diffusionlens.viz._common import (
     TokenDecoder,
     finish_figure,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusionlens.indexing import Selector
-from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
+from diffusionlens.cache.selectors import Selector
+from diffusionlens.sampling.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import (
     RowView,
     TokenDecoder,

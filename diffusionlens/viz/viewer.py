@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusionlens.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
+from diffusionlens.sampling.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import RowView, TokenDecoder, token_texts
 from diffusionlens.viz.dla import MAX_COMPONENTS, dla_title, shown_components
 from diffusionlens.viz.feature_panel import (

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float
 
+from diffusionlens.cache.selectors import check_stack, resolve_layer
 from diffusionlens.components.block import NORMS
-from diffusionlens.indexing import check_stack, resolve_layer
 from diffusionlens.weights.factored_matrix import FactoredMatrix
 
 # Norms whose gain feeds a weight matrix directly, and so folds exactly into it.

@@ -14,7 +14,6 @@ from reference import CANVAS, build_pair
 from tolerance import logit_metric_atol, trajectory_atol
 
 from diffusionlens import HookedDiffusionGemma
-from diffusionlens.bottleneck import TokenBottleneck
 from diffusionlens.components.moe import MoE
 from diffusionlens.patching import (
     ExactMatch,
@@ -30,6 +29,7 @@ from diffusionlens.patching import (
 from diffusionlens.patching.free_fast import KeptLogits, PerCellNoise, free_bytes_per_cell, run_free_cells
 from diffusionlens.patching.frozen_fast import bytes_per_cell
 from diffusionlens.patching.runs import fork_state
+from diffusionlens.sampling.bottleneck import TokenBottleneck
 from diffusionlens.sampling.loop import expand_state
 from diffusionlens.sampling.noise import ReplayNoise, RowReplayNoise, TorchRNGNoise
 

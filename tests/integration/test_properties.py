@@ -172,7 +172,7 @@ def test_broken_specs_are_refused_in_one_line_before_the_model_loads(raw, breaka
 
 
 # ---------------------------------------------------------------------- patches
-# ints and lists (slices have their own rules, tested against Python's in tests/unit/test_indexing.py)
+# ints and lists (slices have their own rules, tested against Python's in tests/unit/test_selectors.py)
 selectors = st.one_of(st.integers(-100, 100), st.lists(st.integers(-100, 100), min_size=1, max_size=4))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffusionlens.toy.evaluate import evaluate, format_table
@@ -127,3 +128,24 @@ def test_draft_monitor_auroc_sees_when_the_answer_is_written(tmp_path):
     assert set(by_step) == {0, 1, 2, 3}
     assert by_step[0] == 0.5 and by_step[1] == 0.5  # no draft is right yet: the monitor cannot tell
     assert by_step[3] == 1.0
+
+
+@pytest.mark.parametrize("module", ["train", "train_ar"])
+def test_training_command_reads_its_flags_and_evaluates_with_them(tmp_path, module):
+    """Both trainers' `main`: every settings field is a flag, and evaluation runs with the flag's
+    `eval_examples` (one shared command runner wires them)."""
+    import importlib
+    import json
+
+    main = importlib.import_module(f"diffusionlens.toy.{module}").main
+    flags = ["--steps", "1", "--batch-size", "2", "--warmup", "1", "--eval-every", "1", "--eval-examples", "1"]
+    main(["--out", str(tmp_path / module), *flags, "--save-every", "1", "--no-progress"])
+    state = json.loads((tmp_path / module / "training_state.json").read_text())
+    assert state["step"] == 1
+    assert {k: state["settings"][k] for k in ("steps", "batch_size", "eval_examples")} == {
+        "steps": 1,
+        "batch_size": 2,
+        "eval_examples": 1,
+    }
+    scores = state["log"][-1]["eval"]
+    assert scores and set(scores.values()) <= {0.0, 1.0}  # one example per task: all or nothing

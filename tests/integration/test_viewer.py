@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
-from diffusionlens.trace import CanvasTrace, DenoisingTrace
+from diffusionlens.sampling.trace import CanvasTrace, DenoisingTrace
 from diffusionlens.viz import render_viewer, write_viewer
 from diffusionlens.viz.viewer import script_safe_json
 

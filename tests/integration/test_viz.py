@@ -15,8 +15,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma, ReplayNoise  # noqa: E402
 from diffusionlens.analysis import logit_lens_token_scores  # noqa: E402
 from diffusionlens.patching.sweep import SweepResult  # noqa: E402
+from diffusionlens.sampling.trace import CanvasTrace, DenoisingTrace  # noqa: E402
 from diffusionlens.toy import build_tokenizer  # noqa: E402
-from diffusionlens.trace import CanvasTrace, DenoisingTrace  # noqa: E402
 from diffusionlens.viz import (  # noqa: E402
     plot_commit_order,
     plot_entropy,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusionlens import HookedDiffusionGemma
-from diffusionlens.trace import SAMPLER_HOOK_OF_FIELD, STEP_FIELDS, TOKEN_FIELDS
+from diffusionlens.sampling.trace import SAMPLER_HOOK_OF_FIELD, STEP_FIELDS, TOKEN_FIELDS
 
 
 def test_every_trace_field_is_what_its_sampler_hook_saw():

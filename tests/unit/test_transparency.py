@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusionlens.analysis import auroc, top1_matches_final, top_k_mass, transparency_summary
-from diffusionlens.trace import CanvasTrace
+from diffusionlens.sampling.trace import CanvasTrace
 
 
 def _trace(top_tokens, top_probs, final):

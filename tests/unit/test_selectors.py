@@ -1,4 +1,5 @@
-"""One layer resolver, one selector parser, one stack check (`diffusionlens.indexing`), as every helper reads them.
+"""One layer resolver, one selector parser, one stack check (`diffusionlens.cache.selectors`), as every
+helper reads them.
 
 A negative layer means the same in every helper taking one (TransformerLens's meaning, in the sense the
 argument has); every selector is checked for type, sign and range, and a recording's selectors are
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from test_decomposition import CFG, random_model, run_all
 
 from diffusionlens import HookedDiffusionGemma, HookedGemma4CausalLM, ReplayNoise
-from diffusionlens.indexing import check_stack, index_axis, resolve_layer, resolve_selector, select_indices
+from diffusionlens.cache.selectors import check_stack, index_axis, resolve_layer, resolve_selector, select_indices
 from diffusionlens.patching import Patch
 from diffusionlens.viz.attention import attention_pattern
 from diffusionlens.weights.tl_weights import block_weights

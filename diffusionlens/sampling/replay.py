@@ -1,93 +1,35 @@
-"""Gradients without ceremony: `run_with_cache(incl_bwd=True)` and a differentiable replay of one
-recorded denoising step.
+"""A differentiable replay of one recorded denoising step.
 
 A loaded model is frozen (parameters have requires_grad=False) and `generate` runs under
-`inference_mode`, so neither leaves a graph to differentiate. Both entry points here build one from
-the activations instead: hook points with backward hooks start the graph at their value (see
-`HookPoint._run_hooks`), and `replay_step` makes the decoder's embedding and self-conditioning input
-leaves. Parameter gradients stay off unless the caller turned them on.
+`inference_mode`, so a generation leaves no graph to differentiate. `replay_step` builds one for one
+recorded step: it re-runs the step's decoder pass with the decoder's embedding and self-conditioning
+input as leaves. Parameter gradients stay off unless the caller turned them on. (One forward pass's
+gradients: `run_with_cache(incl_bwd=True)`, in `diffusionlens.cache.gradients`.)
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 
+from diffusionlens.cache.gradients import refuse_inference_mode
 from diffusionlens.sampling.loop import finalize_canvas
 from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
-from diffusionlens.trace import DenoisingTrace
+from diffusionlens.sampling.step import held_for_stopped_rows, next_self_conditioning, scaled_logits
+from diffusionlens.sampling.trace import DenoisingTrace
 from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
 
 if TYPE_CHECKING:
-    from diffusionlens.cache.activation import ActivationCache
-    from diffusionlens.hooks.points import HookPoint, NameFilter
+    from diffusionlens.components.prompt_state import PromptState
+    from diffusionlens.hooks.points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
-    from diffusionlens.prompt_state import PromptState
 
 
-def run_with_gradient_cache(
-    model: HookedDiffusionGemma,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    names_filter: NameFilter,
-    device: torch.device | str | None,
-    fwd_hooks: Iterable[tuple[Any, Callable]],
-    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-) -> tuple[Any, ActivationCache]:
-    """`run_with_cache(..., incl_bwd=True)`: forward, `.backward()` on the (scalar) output or on
-    `loss_fn(output)`, and a cache holding each matching value and its gradient as `name + "_grad"`."""
-    from diffusionlens.cache.activation import ActivationCache
-
-    _refuse_inference_mode("run_with_cache(incl_bwd=True)")
-    store: dict[str, torch.Tensor] = {}
-    grads: dict[str, torch.Tensor] = {}
-    forward = [*fwd_hooks, *model.caching_hooks(store, names_filter, device)]
-    backward = model.caching_hooks(grads, names_filter, device)
-    # The caller asked for gradients, so a surrounding no_grad (common in analysis code) is overridden.
-    with torch.enable_grad():
-        out = model.run_with_hooks(*args, fwd_hooks=forward, bwd_hooks=backward, **kwargs)
-        _scalar_to_differentiate(out, loss_fn).backward()
-    store.update({f"{name}_grad": grad for name, grad in grads.items()})
-    return out, ActivationCache(store, model)
-
-
-def _scalar_to_differentiate(out: Any, loss_fn: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    if loss_fn is None:
-        if isinstance(out, torch.Tensor) and out.numel() == 1:
-            return out.reshape(())
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"incl_bwd=True calls .backward() on the output, which is {shape}, not a scalar; pass "
-            "loss_fn=lambda logits: logits[0, pos, token] (or any function returning a scalar)"
-        )
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be a function output -> scalar tensor, got {type(loss_fn).__name__}")
-    value = loss_fn(out)
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; reduce it, e.g. with .sum()")
-    if not value.requires_grad:
-        raise ValueError(
-            "loss_fn's result does not depend on any cached hook value, so there is nothing to differentiate; "
-            "widen names_filter to hook points upstream of the loss"
-        )
-    return value.reshape(())
-
-
-def _refuse_inference_mode(what: str) -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{what} needs autograd, which torch.inference_mode() disables for good; call it outside "
-            "inference_mode (torch.no_grad() is fine: it is overridden)"
-        )
-
-
-# ------------------------------------------------------------------------------------------ replay
 def replay_step(
     model: HookedDiffusionGemma,
     source: Any,
@@ -129,7 +71,7 @@ def replay_step(
     record = trace[canvas]
     if not isinstance(step, int) or not 0 <= step < record.n_steps:
         raise ValueError(f"step must be an int in [0, {record.n_steps}): canvas {canvas} ran {record.n_steps} steps")
-    _refuse_inference_mode("replay_step")
+    refuse_inference_mode("replay_step")
     _check_same_model(trace, model)
     input_ids = model.check_tokens(input_ids, "input_ids")
     batch = record.input_canvas.shape[1]
@@ -192,21 +134,17 @@ def _self_conditioning(
     step: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> Float[torch.Tensor, "batch canvas vocab"] | None:
-    """The self-conditioning input of `step`: generation's loop body for steps 0..step-1, minus sampling
-    (the trace already holds each step's input canvas and which rows had stopped)."""
+    """The self-conditioning input of `step`: steps 0..step-1 of generation through the step's own
+    self-conditioning code (`sampling.step`), minus sampling (the trace already holds each step's input
+    canvas and which rows had stopped)."""
     record, device = trace[canvas], model.device
     self_cond = None
     finished = torch.zeros(record.input_canvas.shape[1], dtype=torch.bool, device=device)
     for k in range(step):
         raw = rerun_recorded_pass(model, trace, state, self_cond, canvas=canvas, step=k)
-        logits = model.sampler.hook_logits(raw / record.temperature[k].to(device))
-        if finished.any():
-            # stopped rows keep feeding their last logits, as generation does
-            logits = torch.where(finished[:, None, None], self_cond, logits)
+        logits = held_for_stopped_rows(scaled_logits(model, raw, record.temperature[k].to(device)), self_cond, finished)
+        self_cond = next_self_conditioning(logits, model.dtype, transform)
         finished = record.finished[k].to(device)
-        self_cond = logits.to(model.dtype)
-        if transform is not None:
-            self_cond = transform(self_cond)
     return self_cond
 
 
