@@ -49,7 +49,7 @@ def require_sae_lens() -> Any:
 
 
 @contextmanager
-def _quiet_trainer(progress: bool):
+def quiet_trainer(progress: bool):
     """SAETrainer.fit and its norm estimate open tqdm bars with no switch; swap in disabled ones when
     progress is off (restored on exit)."""
     from sae_lens.training import activation_scaler, sae_trainer
@@ -119,13 +119,13 @@ def train_sae(
     _check_fields(sae_config_class, config, f"architecture {architecture!r}", reserved={"d_in", "d_sae", "metadata"})
     metadata = SAEMetadata(model_name=f"diffusionlens:{config_hash(store.model)}", hook_name=hook_name)
     sae_config = sae_config_class(d_in=store.widths[hook_name], d_sae=d_sae, metadata=metadata, **config)
-    trainer_config = _trainer_config(training_samples, batch_size, lr, trainer or {})
+    schedule = trainer_config(training_samples, batch_size, lr, trainer or {})
     # SAELens initialises with torch's global RNG; fork it so training is seeded and leaves it as it was.
-    with torch.random.fork_rng(), _quiet_trainer(progress):
+    with torch.random.fork_rng(), quiet_trainer(progress):
         torch.manual_seed(seed)
         sae = sae_class(sae_config)
         data = store.batches(hook_name, batch_size, seed=seed, epochs=None)
-        SAETrainer(trainer_config, sae, data_provider=data).fit()
+        SAETrainer(schedule, sae, data_provider=data).fit()
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="diffusionlens_sae_"))
     sae.save_inference_model(out)
@@ -147,7 +147,7 @@ def _check_fields(config_class: type, given: dict[str, Any], what: str, reserved
         raise ValueError(f"{unknown} are not settings of {what} ({config_class.__name__}); it takes {sorted(names)}")
 
 
-def _trainer_config(training_samples: int, batch_size: int, lr: float, trainer: dict[str, Any]) -> Any:
+def trainer_config(training_samples: int, batch_size: int, lr: float, trainer: dict[str, Any]) -> Any:
     """SAELens's `SAETrainerConfig`: a cosine schedule scaled to the run, then `trainer`'s settings over it."""
     from sae_lens.config import SAETrainerConfig
 

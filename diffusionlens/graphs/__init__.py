@@ -1,7 +1,8 @@
 """Attribution graphs across denoising steps: transcoders, the replacement model of one trajectory, graphs.
 
-`diffusionlens.graphs.attribute` is `diffusionlens.graphs.attribution.attribute`, loaded on first use (this
-package imports nothing heavy at import time).
+`diffusionlens.graphs.attribute` is `diffusionlens.graphs.attribution.attribute` and `load_transcoders` is
+`diffusionlens.graphs.transcoders.load_transcoders`, each loaded on first use (this package imports nothing heavy
+at import time).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ _LAZY = {
     "Graph": "diffusionlens.graphs.graph",
     "record_trajectory": "diffusionlens.graphs.trajectory",
     "ReplacementModel": "diffusionlens.graphs.replacement",
+    "Transcoder": "diffusionlens.graphs.transcoders",
+    "TranscoderSet": "diffusionlens.graphs.transcoders",
+    "load_transcoders": "diffusionlens.graphs.transcoders",
 }
 
 

@@ -10,6 +10,7 @@ metadata records the width and the model it was trained for, so a set for anothe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,10 +19,15 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
+
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
 
 FORMAT_VERSION = "diffusionlens-transcoders-1"
+
+#: Transcoder sets shipped inside the package, by short name (`load_transcoders("toy")`).
+SHIPPED_TRANSCODERS = {"toy": Path(__file__).parent / "checkpoint" / "toy-transcoders.safetensors"}
 
 
 def transcoder_input_hook(layer: int) -> str:
@@ -32,6 +38,11 @@ def transcoder_input_hook(layer: int) -> str:
 def transcoder_output_hook(layer: int) -> str:
     """The hook a layer's transcoder predicts: the feed-forward block's output (dense MLP + MoE, post-norm)."""
     return f"decoder.blocks.{layer}.hook_ffn_out"
+
+
+def transcoder_pair_hooks(layers: Iterable[int]) -> list[str]:
+    """The hooks holding the (input, output) pairs of `layers`' transcoders: each layer's input, then output."""
+    return [name for layer in layers for name in (transcoder_input_hook(layer), transcoder_output_hook(layer))]
 
 
 class Transcoder(nn.Module):
@@ -117,8 +128,13 @@ class TranscoderSet(nn.Module):
     def d_model(self) -> int:
         return self.transcoders[0].d_model
 
-    def check(self, model: HookedDiffusionGemma) -> None:
-        """Refuse a set that does not fit `model`, naming the mismatch (layers, width, or config fields)."""
+    def check(self, model: HookedDiffusionGemma, *, fingerprint: bool = True) -> None:
+        """Refuse a set that does not fit `model`, naming the mismatch (layers, width, or config fields).
+
+        A set trained by `diffusionlens.graphs.training` records the fingerprint of the model it was trained
+        on (`metadata["model_fingerprint"]`, see `diffusionlens.weights.fingerprint`); with `fingerprint`
+        (the default) a model whose config, weights or dtype differ from it is refused too: transcoders
+        fitted to a checkpoint say nothing about a retrained one of the same shape."""
         problems = []
         layers = model.cfg.num_hidden_layers
         if len(self) != layers:
@@ -132,6 +148,16 @@ class TranscoderSet(nn.Module):
             actual = _jsonable(getattr(model.cfg, field, None))
             if actual != value:
                 problems.append(f"config {field}: trained for {value!r}, model has {actual!r}")
+        recorded_fingerprint = self.metadata.get("model_fingerprint")
+        if fingerprint and recorded_fingerprint is not None and not problems:
+            mismatch = fingerprint_mismatch(recorded_fingerprint, model)
+            if mismatch is not None:
+                problems.append(
+                    f"the set was trained on another model: {mismatch} (trained on fingerprint "
+                    f"{recorded_fingerprint}, this model's is {model_fingerprint(model)}); retrain the set on this "
+                    "model (python -m diffusionlens.graphs.training), or load the checkpoint and dtype it was "
+                    "trained on"
+                )
         if problems:
             raise ValueError("these transcoders do not fit this model: " + "; ".join(problems))
 
@@ -153,7 +179,9 @@ class TranscoderSet(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: HookedDiffusionGemma | None = None) -> TranscoderSet:
+    def load(
+        cls, path: str | Path, model: HookedDiffusionGemma | None = None, *, fingerprint: bool = True
+    ) -> TranscoderSet:
         """Read a set written by `save`; with `model`, refuse it unless it fits (see `check`)."""
         from safetensors import safe_open
 
@@ -176,8 +204,31 @@ class TranscoderSet(nn.Module):
         ]
         result = cls(transcoders, json.loads(header["model_config"]), json.loads(header["metadata"]))
         if model is not None:
-            result.check(model)
+            result.check(model, fingerprint=fingerprint)
         return result
+
+
+def load_transcoders(
+    source: str | Path, model: HookedDiffusionGemma | None = None, *, fingerprint: bool = True
+) -> TranscoderSet:
+    """A transcoder set by shipped name (`"toy"`: the toy model's, see `SHIPPED_TRANSCODERS`) or by the path
+    of a file `TranscoderSet.save` wrote. With `model`, the set is refused unless it fits it: its layers, width,
+    config and (with `fingerprint`) the weights it was trained on, each mismatch named."""
+    if isinstance(source, str) and source in SHIPPED_TRANSCODERS:
+        path = SHIPPED_TRANSCODERS[source]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the shipped transcoders {source!r} are missing from {path}; reinstall diffusionlens, or retrain "
+                f"them: python -m diffusionlens.graphs.training --model {source} --out {path}"
+            )
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no transcoder file at {path}; pass a path written by TranscoderSet.save or a shipped name, "
+                f"one of {sorted(SHIPPED_TRANSCODERS)}"
+            )
+    return TranscoderSet.load(path, model, fingerprint=fingerprint)
 
 
 def random_transcoders(
