@@ -313,16 +313,20 @@ def intervention_agreement(
     noise: Any = None,
     canvas: int = 0,
     max_feature_nodes: int | None = 1024,
+    min_influence: float = 0.0,
     **options: Any,
 ) -> InterventionAgreement:
     """Build the graph of `target` on the trajectory `generate(input_ids, noise=noise, ...)` takes (as
-    `attribute`), then check its top features on the model by intervention (`check_graph`, which takes
-    `top_n`, `rank_by`, `steps`, `steer`, `n_random`, `seed`; every other keyword goes to `generate`)."""
+    `attribute`, with `max_feature_nodes` and `min_influence`), then check its top features on the model by
+    intervention (`check_graph`, which takes `top_n`, `rank_by`, `steps`, `steer`, `n_random`, `seed`; every
+    other keyword goes to `generate`)."""
     check_keys = ("top_n", "rank_by", "steps", "steer", "n_random", "seed")
     checks = {k: options.pop(k) for k in check_keys if k in options}
     check_placement(model, transcoders)
     trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, **options)
-    graph = attribute_trajectory(model, transcoders, trajectory, target, max_feature_nodes=max_feature_nodes)
+    graph = attribute_trajectory(
+        model, transcoders, trajectory, target, max_feature_nodes=max_feature_nodes, min_influence=min_influence
+    )
     return check_graph(model, transcoders, input_ids, trajectory, graph, noise=noise, **checks, **options)
 
 
