@@ -1,7 +1,8 @@
 """Attribution graphs across denoising steps: transcoders, the replacement model of one trajectory, graphs.
 
-`diffusionlens.graphs.attribute` is `diffusionlens.graphs.attribution.attribute`, loaded on first use (this
-package imports nothing heavy at import time).
+`diffusionlens.graphs.attribute` is `diffusionlens.graphs.attribution.attribute` and `load_transcoders` is
+`diffusionlens.graphs.transcoders.load_transcoders`, each loaded on first use (this package imports nothing heavy
+at import time).
 """
 
 from __future__ import annotations
