@@ -84,6 +84,8 @@ def oracle_examples(
     unknown = [q for q in questions if q not in QUESTIONS]
     if unknown:
         raise ValueError(f"unknown questions {unknown}; the oracle is asked {sorted(QUESTIONS)}")
+    if model.tokenizer is None:
+        raise ValueError("the oracle's questions and answers are text: load the model with its tokenizer")
     layers = list(range(data.n_layers)) if layers is None else list(layers)
     sub = data.subset(rows)
     to_go = (sub.commit_step - sub.step).clamp(0, MAX_STEPS_ANSWER)
