@@ -135,7 +135,7 @@ def train_probe(
             if train.sum() == 0 or test.sum() < max(1, min_test_rows):
                 bar.update(1)
                 continue
-            fit = _fit_logistic if kind == "logistic" else _fit_ridge
+            fit = fit_logistic_probe if kind == "logistic" else _fit_ridge
             predicted = fit(x_all[train], y_all[train], x_all[test], l2, max_iter)
             score[h, s] = _accuracy(predicted, y_all[test]) if kind == "logistic" else _r2(predicted, y_all[test])
             if keep_predictions:
@@ -164,8 +164,15 @@ def _r2(predicted: torch.Tensor, y_test: torch.Tensor) -> float:
     return float(1 - residual / total)
 
 
-def _fit_logistic(x_train, y_train, x_test, l2: float, max_iter: int) -> torch.Tensor:
-    """Held-out predictions (class labels) of a multinomial logistic probe."""
+def fit_logistic_probe(
+    x_train: Float[torch.Tensor, "train d"],
+    y_train: Int[torch.Tensor, " train"],
+    x_test: Float[torch.Tensor, "test d"],
+    l2: float = 1e-3,
+    max_iter: int = 200,
+) -> Int[torch.Tensor, " test"]:
+    """Held-out predictions (class labels, among those of `y_train`) of a multinomial logistic probe fitted by
+    L-BFGS on the standardised `x_train` (training-set statistics) with an L2 penalty `l2`."""
     x_train, x_test = _standardise(x_train.float(), x_test.float())
     classes, y_index = torch.unique(y_train, return_inverse=True)
     weight = torch.zeros(x_train.shape[1], len(classes), requires_grad=True)

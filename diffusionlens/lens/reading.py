@@ -9,6 +9,9 @@ final one:
 
 - "logit lens": the argmax of the final norm and head on the residual;
 - "tuned lens": the argmax of a `TunedLens` at the row's layer and step;
+- "linear probe": a multinomial logistic probe per layer (`features.probes.fit_logistic_probe`) trained on the
+  reading rows of other runs (`probe_data`, prompts disjoint from the test runs', all steps pooled) to predict
+  the final token from the residual;
 - "canvas-scope (resid)" / "canvas-scope (self_cond)": the token `canvas_scope_tokens` writes at the position
   when the latent is placed into the target run (default `<bos>` alone) by that route;
 - "target alone": the token the target run writes there with no latent (a control: what canvas-scope reads
@@ -26,6 +29,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from diffusionlens.analysis.logit_lens import logit_lens_logits
+from diffusionlens.features.probes import fit_logistic_probe
 from diffusionlens.lens.harvest import StepResiduals
 from diffusionlens.lens.scope import canvas_scope_tokens, target_batch
 from diffusionlens.sampling.noise import RowReplayNoise
@@ -89,6 +93,7 @@ def compare_readers(
     data: StepResiduals,
     *,
     lens: TunedLens | None = None,
+    probe_data: StepResiduals | None = None,
     routes: Sequence[str] = ("resid", "self_cond"),
     read_tokens: Sequence[int] | None = None,
     max_rows_per_step: int | None = 200,
@@ -98,8 +103,9 @@ def compare_readers(
     seed: int = 0,
     progress: bool = True,
 ) -> ReadingTable:
-    """Accuracy of the logit lens, `lens` (if given), canvas-scope by each of `routes` and the control, on the
-    reading rows of `data` (from `harvest_residuals` on held-out prompts), by layer and step."""
+    """Accuracy of the logit lens, `lens` (if given), linear probes trained on `probe_data`'s reading rows (if
+    given; its prompts must be disjoint from `data`'s), canvas-scope by each of `routes` and the control, on
+    the reading rows of `data` (from `harvest_residuals` on held-out prompts), by layer and step."""
     eos = model.cfg.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     rows = reading_rows(data, eos_ids, read_tokens, max_rows_per_step, seed)
@@ -107,6 +113,17 @@ def compare_readers(
         raise ValueError("no reading rows: no answer position was read before its token was in the canvas")
     sub = data.subset(rows)
     n_layers = sub.n_layers
+    probe_rows = None
+    if probe_data is not None:
+        shared = set(probe_data.prompts) & set(data.prompts)
+        if shared:
+            raise ValueError(
+                f"probe_data shares {len(shared)} prompts with data (e.g. {sorted(shared)[0]!r}): train the probes "
+                "on runs of other prompts"
+            )
+        probe_rows = reading_rows(probe_data, eos_ids, read_tokens, None, seed)
+        if len(probe_rows) == 0:
+            raise ValueError("probe_data has no reading rows to train the probes on")
     correct: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         correct["logit lens"] = torch.stack(
@@ -122,6 +139,8 @@ def compare_readers(
                     for layer in range(n_layers)
                 ]
             )
+    if probe_data is not None and probe_rows is not None:
+        correct["linear probe"] = probe_reads(probe_data.subset(probe_rows), sub) == sub.final_token
     bar = tqdm(total=len(routes) * n_layers * len(sub), desc="canvas-scope", disable=not progress)
     try:
         for route in routes:  # the latent of every layer; route "self_cond" writes it into the input
@@ -157,6 +176,22 @@ def compare_readers(
         for name, hits in correct.items()
     }
     return ReadingTable(list(correct), steps, accuracy, counts)
+
+
+def probe_reads(train: StepResiduals, sub: StepResiduals, l2: float = 1e-3) -> Int[torch.Tensor, "layer rows"]:
+    """Per layer, the final token a logistic probe fitted on `train`'s rows (residual -> final token) predicts
+    for each row of `sub`."""
+    if train.n_layers != sub.n_layers or train.resid.shape[-1] != sub.resid.shape[-1]:
+        raise ValueError(
+            f"probe rows have {train.n_layers} layers of width {train.resid.shape[-1]}, the rows to read "
+            f"{sub.n_layers} of width {sub.resid.shape[-1]}: harvest both from the same model"
+        )
+    return torch.stack(
+        [
+            fit_logistic_probe(train.resid[:, layer], train.final_token, sub.resid[:, layer], l2=l2)
+            for layer in range(sub.n_layers)
+        ]
+    )
 
 
 def scope_reads(

@@ -11,8 +11,9 @@ One command, seeded, regenerates everything the "Reading latents" page reports:
 3. a tuned lens of each kind ("step_embedding", "step_buckets"), the one with the lower validation KL kept
    and saved to `--out`;
 4. KL to the model's output by (layer, step) on the test prompts, logit lens against both tuned lenses;
-5. unless `--skip-scope`: reading accuracy by (layer, step) of the logit lens, the tuned lens and
-   canvas-scope (both routes) with its control, on the test runs' digits before they are in the canvas.
+5. unless `--skip-scope`: reading accuracy by (layer, step) of the logit lens, the tuned lens, linear probes
+   (trained on the lens-training runs) and canvas-scope (both routes) with its control, on the test runs'
+   digits before they are in the canvas.
 
 `--report` receives `reading_latents.json`, markdown tables and (with matplotlib) two PNG figures.
 """
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model,
             data["test"],
             lens=lens,
+            probe_data=data["train"],
             read_tokens=digit_tokens(model),
             max_rows_per_step=args.max_rows_per_step,
             seed=args.seed,

@@ -218,3 +218,33 @@ def test_commit_forecast_scores_the_held_out_rows(toy, held_out):
     # the majority class of the training rows, scored on the test rows by hand
     majority = int(torch.bincount((held_out.commit_step - held_out.step)[forecast_rows(held_out)]).argmax())
     assert scores.majority_within == float(((to_go - majority).abs() <= 2).float().mean())
+
+
+def test_probe_reader_is_trained_on_other_runs_and_scored_by_step(toy, held_out):
+    from diffusionlens.features.probes import fit_logistic_probe
+    from diffusionlens.lens.reading import compare_readers, reading_rows
+
+    train = harvest_residuals(toy, make_dataset(None, 24, 13, split="train", unique=True).prompts, progress=False)
+    table = compare_readers(toy, held_out, probe_data=train, routes=(), max_rows_per_step=None, progress=False)
+    assert table.readers == ["logit lens", "linear probe", "target alone"]
+    eos_ids = [toy.cfg.eos_token_id]
+    sub = held_out.subset(reading_rows(held_out, eos_ids, None, None))
+    fit = train.subset(reading_rows(train, eos_ids, None, None))
+    last = toy.cfg.num_hidden_layers - 1
+    by_hand = fit_logistic_probe(fit.resid[:, last], fit.final_token, sub.resid[:, last]) == sub.final_token
+    expected = torch.stack([by_hand[sub.step == s].float().mean() for s in table.steps])
+    assert torch.equal(table.accuracy["linear probe"][last], expected)
+    # the last layer's residual is what the head reads: a probe on it reads the final tokens of unseen runs
+    assert float(table.pooled("linear probe")[last]) > 0.5
+    with pytest.raises(ValueError, match="shares 12 prompts"):
+        compare_readers(toy, held_out, probe_data=held_out, routes=(), progress=False)
+
+
+def test_logistic_probe_predicts_only_training_classes():
+    from diffusionlens.features.probes import fit_logistic_probe
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([3, 7, 11]).repeat_interleave(50)
+    x = torch.randn(3, 5, generator=generator)[torch.arange(3).repeat_interleave(50)] * 5
+    x = x + 0.1 * torch.randn(150, 5, generator=generator)
+    assert torch.equal(fit_logistic_probe(x, labels, x), labels)
