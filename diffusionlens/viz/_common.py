@@ -152,6 +152,17 @@ def finish_figure(fig, ax, title: str):
     return fig
 
 
+def finish_panels(fig, title: str = "", path=None):
+    """Give a multi-panel `fig` its overall `title` (if any), tighten its layout, save it to `path` (if any)
+    and return it."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def no_math(texts: Iterable[Any]) -> None:
     """Draw matplotlib Text objects literally (a `$` in a token must not start mathtext)."""
     for text in texts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffusionlens.viz._common import pyplot
+from diffusionlens.viz._common import finish_panels, pyplot
 
 if TYPE_CHECKING:
     from diffusionlens.toy.dynamics import TaskDynamics
@@ -32,7 +32,4 @@ def plot_denoising_dynamics(dynamics: dict[str, TaskDynamics], title: str = ""):
     commit_ax.set_xlabel("answer position")
     commit_ax.set_ylabel("mean commit step")
     commit_ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, title)

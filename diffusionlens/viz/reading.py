@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusionlens.viz._common import pyplot
+from diffusionlens.viz._common import finish_panels, pyplot
 
 
 def plot_lens_kl(tables: dict[str, dict], path: str | Path | None = None, title: str = ""):
@@ -30,12 +30,7 @@ def plot_lens_kl(tables: dict[str, dict], path: str | Path | None = None, title:
         ax.set_xlabel("layer (resid_post)")
     axes[0, 0].set_ylabel("KL to the model's output (nats)")
     axes[0, -1].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return finish_panels(fig, title, path)
 
 
 def plot_reading_accuracy(table: dict, path: str | Path | None = None, title: str = ""):
@@ -55,9 +50,4 @@ def plot_reading_accuracy(table: dict, path: str | Path | None = None, title: st
         ax.set_xlabel("layer (resid_post)")
     axes[0, 0].set_ylabel("final token read")
     axes[0, -1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-    return fig
+    return finish_panels(fig, title, path)
