@@ -37,10 +37,9 @@ from jaxtyping import Float, Int
 from diffusionlens.features.probes import fit_logistic_probe
 from diffusionlens.lens.harvest import StepResiduals, harvest_residuals
 from diffusionlens.lens.reading import reading_rows
-from diffusionlens.lens.scope import canvas_scope_tokens, checked_latents, scope_hook_name
+from diffusionlens.lens.scope import canvas_scope_tokens, checked_latents, latent_writer, scope_hook_name
 
 if TYPE_CHECKING:
-    from diffusionlens.hooks.points import HookPoint
     from diffusionlens.model import HookedDiffusionGemma
 
 QUESTIONS = {"token": "oracle:", "steps": "oracle steps:"}
@@ -123,13 +122,7 @@ class ActivationOracle:
 
     def check(self, latent: torch.Tensor, layer: int) -> Float[torch.Tensor, "batch d_model"]:
         scope_hook_name("resid", layer, self.model.cfg.num_hidden_layers)
-        d_model = self.model.cfg.hidden_size
-        if latent.ndim not in (1, 2) or latent.shape[-1] != d_model:
-            raise ValueError(
-                f"latent has shape {tuple(latent.shape)}; the oracle expects [{d_model}] or [batch, {d_model}] "
-                f"(a residual-stream vector of the model it was fine-tuned from, d_model={d_model})"
-            )
-        return checked_latents(self.model, latent)
+        return checked_latents(self.model, latent, "the oracle", "the model it was fine-tuned from")
 
     def logits(
         self,
@@ -145,14 +138,9 @@ class ActivationOracle:
             raise ValueError(f"unknown question {question!r}; the oracle is asked {sorted(QUESTIONS)}")
         latents = self.check(latent, layer)
         ids, mask = self.model.to_tokens_and_mask([QUESTIONS[question]] * latents.shape[0])
-
-        def write(value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            value = value.clone()
-            value[:, ORACLE_POSITION] = latents.to(value.dtype)
-            return value
-
+        positions = torch.full((latents.shape[0],), ORACLE_POSITION, dtype=torch.long)
         name = scope_hook_name("resid", layer, self.model.cfg.num_hidden_layers)
-        with self.model.hooks(fwd_hooks=[(name, write)]):
+        with self.model.hooks(fwd_hooks=[(name, latent_writer(latents, positions))]):
             return self.model(ids, canvas.to(self.model.device), attention_mask=mask)
 
     def loss(

@@ -16,7 +16,7 @@ not depend on its batch) and its final canvas is the reading. No training.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,15 +46,35 @@ def scope_hook_name(route: str, layer: int | None, n_layers: int) -> str:
     raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
 
 
-def checked_latents(model: HookedDiffusionGemma, latent: torch.Tensor) -> Float[torch.Tensor, "batch d_model"]:
-    """`latent` as `[batch, d_model]` in the model's dtype, refusing another width."""
+def checked_latents(
+    model: HookedDiffusionGemma,
+    latent: torch.Tensor,
+    reader: str = "canvas-scope",
+    source: str = "this model",
+) -> Float[torch.Tensor, "batch d_model"]:
+    """`latent` as `[batch, d_model]` in the model's dtype, refusing another width (the message names the
+    `reader` and the model the latent must come from, `source`)."""
     d_model = model.cfg.hidden_size
     if latent.ndim not in (1, 2) or latent.shape[-1] != d_model:
         raise ValueError(
-            f"latent has shape {tuple(latent.shape)}; canvas-scope expects [{d_model}] or [batch, {d_model}] "
-            f"(a residual-stream vector of this model, d_model={d_model})"
+            f"latent has shape {tuple(latent.shape)}; {reader} expects [{d_model}] or [batch, {d_model}] "
+            f"(a residual-stream vector of {source}, d_model={d_model})"
         )
     return latent.reshape(-1, d_model).to(device=model.device, dtype=model.dtype)
+
+
+def latent_writer(
+    latents: Float[torch.Tensor, "batch d_model"], positions: Int[torch.Tensor, " batch"]
+) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A forward hook writing row i's latent at canvas position `positions[i]` (the residual-route write)."""
+    rows = torch.arange(latents.shape[0])
+
+    def write(value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        value = value.clone()
+        value[rows.to(value.device), positions.to(value.device)] = latents.to(value.dtype)
+        return value
+
+    return write
 
 
 def target_batch(
@@ -96,18 +116,11 @@ def canvas_scope_tokens(
     positions = positions % length
     name = scope_hook_name(route, layer, model.cfg.num_hidden_layers)
     ids, mask = target_batch(model, target, batch)
-    rows = torch.arange(batch)
-
-    def write(value: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        value = value.clone()
-        value[rows.to(value.device), positions.to(value.device)] = latents.to(value.dtype)
-        return value
-
     result = model.generate(
         ids,
         attention_mask=mask,
         noise=RowReplayNoise([seed] * batch),
-        fwd_hooks=[(name, write)],
+        fwd_hooks=[(name, latent_writer(latents, positions))],
         max_new_tokens=length,
         max_denoising_steps=write_steps,
         progress=False,
