@@ -35,6 +35,28 @@ def truncated_toy(layers: int) -> HookedDiffusionGemma:
     return model
 
 
+def composed_model(spec: str) -> HookedDiffusionGemma:
+    """A model whose decoder layers come from other checkpoints: `spec` lists `SOURCE:LAYER` per layer,
+    e.g. `runs/organism4:0,runs/organism4:1,runs/organism4:2,toy:5`. Embeddings, final norm and the
+    self-conditioning block come from the first source; each layer keeps its source's kind."""
+    picks = [item.rsplit(":", 1) for item in spec.split(",")]
+    sources = {name: HookedDiffusionGemma.from_pretrained(name, progress=False) for name, _ in picks}
+    kinds = tuple(sources[name].cfg.layer_types[int(index)] for name, index in picks)
+    if kinds[-1] != FULL:
+        raise ValueError(f"the last layer must be full attention (transformers forces it); got {kinds}")
+    model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=len(picks), layer_types=kinds))
+    first = sources[picks[0][0]].state_dict()
+    state = {k: v for k, v in first.items() if ".blocks." not in k}
+    for target, (name, index) in enumerate(picks):
+        for key, value in sources[name].state_dict().items():
+            for stack in ("encoder", "decoder"):
+                prefix = f"{stack}.blocks.{index}."
+                if key.startswith(prefix):
+                    state[f"{stack}.blocks.{target}.{key[len(prefix) :]}"] = value
+    model.load_state_dict(state)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/organism3")
@@ -47,11 +69,13 @@ def main() -> None:
     parser.add_argument("--task-weights", default=TrainSettings.task_weights)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compose", default="", help="SOURCE:LAYER per layer (see composed_model)")
     args = parser.parse_args()
     out = Path(args.out)
     init = Path(args.init_from) if args.init_from else out.with_name(out.name + "-init")
     if not (out / "training_state.json").exists() and not (init / "model.safetensors").exists():
-        truncated_toy(args.layers).save_pretrained(init)
+        model = composed_model(args.compose) if args.compose else truncated_toy(args.layers)
+        model.save_pretrained(init)
     settings = TrainSettings(
         steps=args.steps,
         lr=args.lr,
