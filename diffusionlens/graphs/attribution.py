@@ -22,6 +22,9 @@ from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
 from diffusionlens.graphs.trajectory import Trajectory, record_trajectory
 
+#: `attribute`'s keywords that shape the graph (`attribute_trajectory`'s); the others say which run to record.
+GRAPH_OPTIONS = ("max_feature_nodes", "min_influence", "row_chunk")
+
 if TYPE_CHECKING:
     from diffusionlens.graphs.transcoders import TranscoderSet
     from diffusionlens.model import HookedDiffusionGemma
@@ -51,20 +54,46 @@ def attribute(
     `row_chunk`: rows pushed through attention and self-conditioning at a time (bounds the temporaries);
     `store_on="cpu"` keeps the frozen trajectory in host memory (see `record_trajectory`).
     """
-    check_placement(model, transcoders)
-    trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, store_on=store_on, **generate_options)
-    graph = attribute_trajectory(
+    graph, _ = attributed_trajectory(
         model,
         transcoders,
-        trajectory,
+        input_ids,
         target,
+        noise=noise,
+        canvas=canvas,
         max_feature_nodes=max_feature_nodes,
         min_influence=min_influence,
         row_chunk=row_chunk,
+        store_on=store_on,
+        **generate_options,
     )
-    graph.metadata["generate_options"] = {k: repr(v) for k, v in generate_options.items()}
-    graph.metadata["noise"] = repr(noise)
     return graph
+
+
+def attributed_trajectory(
+    model: HookedDiffusionGemma,
+    transcoders: TranscoderSet,
+    input_ids: Int[torch.Tensor, "1 prompt"],
+    target: dict,
+    **options: Any,
+) -> tuple[Graph, Trajectory]:
+    """`attribute`'s graph (the same keywords) and the trajectory it is of, which `validate.check_graph` replays."""
+    check_placement(model, transcoders)
+    recording = {k: v for k, v in options.items() if k not in GRAPH_OPTIONS}
+    trajectory = record_trajectory(model, input_ids, **recording)
+    graph = attribute_trajectory(
+        model, transcoders, trajectory, target, **{k: v for k, v in options.items() if k in GRAPH_OPTIONS}
+    )
+    runs = run_options(options)
+    graph.metadata["generate_options"] = {k: repr(v) for k, v in runs.items() if k != "noise"}
+    graph.metadata["noise"] = repr(runs.get("noise"))
+    return graph, trajectory
+
+
+def run_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of `attribute` that say which run is generated: `noise` and `generate`'s own, without those
+    that shape the graph (`GRAPH_OPTIONS`) or pick and place the recorded canvas."""
+    return {k: v for k, v in options.items() if k not in (*GRAPH_OPTIONS, "canvas", "store_on")}
 
 
 def check_placement(model: HookedDiffusionGemma, transcoders: TranscoderSet) -> None:
