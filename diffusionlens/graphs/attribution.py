@@ -54,20 +54,9 @@ def attribute(
     `row_chunk`: rows pushed through attention and self-conditioning at a time (bounds the temporaries);
     `store_on="cpu"` keeps the frozen trajectory in host memory (see `record_trajectory`).
     """
-    graph, _ = attributed_trajectory(
-        model,
-        transcoders,
-        input_ids,
-        target,
-        noise=noise,
-        canvas=canvas,
-        max_feature_nodes=max_feature_nodes,
-        min_influence=min_influence,
-        row_chunk=row_chunk,
-        store_on=store_on,
-        **generate_options,
-    )
-    return graph
+    graph_options = {"max_feature_nodes": max_feature_nodes, "min_influence": min_influence, "row_chunk": row_chunk}
+    recording = {"noise": noise, "canvas": canvas, "store_on": store_on, **generate_options}
+    return attributed_trajectory(model, transcoders, input_ids, target, graph_options, recording)[0]
 
 
 def attributed_trajectory(
@@ -75,25 +64,25 @@ def attributed_trajectory(
     transcoders: TranscoderSet,
     input_ids: Int[torch.Tensor, "1 prompt"],
     target: dict,
-    **options: Any,
+    graph_options: dict[str, Any],
+    recording: dict[str, Any],
 ) -> tuple[Graph, Trajectory]:
-    """`attribute`'s graph (the same keywords) and the trajectory it is of, which `validate.check_graph` replays."""
+    """`attribute`'s graph and the trajectory it is of (what `validate.check_graph` replays): `recording` goes to
+    `record_trajectory` (`noise`, `canvas`, `store_on` and `generate`'s keywords), `graph_options` to
+    `attribute_trajectory` (`GRAPH_OPTIONS`)."""
     check_placement(model, transcoders)
-    recording = {k: v for k, v in options.items() if k not in GRAPH_OPTIONS}
     trajectory = record_trajectory(model, input_ids, **recording)
-    graph = attribute_trajectory(
-        model, transcoders, trajectory, target, **{k: v for k, v in options.items() if k in GRAPH_OPTIONS}
-    )
-    runs = run_options(options)
-    graph.metadata["generate_options"] = {k: repr(v) for k, v in runs.items() if k != "noise"}
-    graph.metadata["noise"] = repr(runs.get("noise"))
+    graph = attribute_trajectory(model, transcoders, trajectory, target, **graph_options)
+    run = run_options(recording)
+    graph.metadata["generate_options"] = {k: repr(v) for k, v in run.items() if k != "noise"}
+    graph.metadata["noise"] = repr(run.get("noise"))
     return graph, trajectory
 
 
-def run_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The keywords of `attribute` that say which run is generated: `noise` and `generate`'s own, without those
-    that shape the graph (`GRAPH_OPTIONS`) or pick and place the recorded canvas."""
-    return {k: v for k, v in options.items() if k not in (*GRAPH_OPTIONS, "canvas", "store_on")}
+def run_options(recording: dict[str, Any]) -> dict[str, Any]:
+    """What of `record_trajectory`'s keywords says which run is generated (`noise` and `generate`'s own), without
+    which canvas is recorded and where it is stored."""
+    return {k: v for k, v in recording.items() if k not in ("canvas", "store_on")}
 
 
 def check_placement(model: HookedDiffusionGemma, transcoders: TranscoderSet) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
-from diffusionlens.graphs.attribution import attributed_trajectory, run_options
+from diffusionlens.graphs.attribution import GRAPH_OPTIONS, attributed_trajectory, run_options
 from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
 from diffusionlens.graphs.splicing import FeatureIntervention, intervention_hooks
@@ -319,9 +319,9 @@ def intervention_agreement(
     `generate`'s), then check its top features on the model by intervention (`check_graph`, which takes `top_n`,
     `rank_by`, `steps`, `steer`, `n_random`, `seed`)."""
     checks = {k: options.pop(k) for k in CHECK_OPTIONS if k in options}
-    graph, trajectory = attributed_trajectory(
-        model, transcoders, input_ids, target, max_feature_nodes=max_feature_nodes, **options
-    )
+    graph_options = {k: options.pop(k) for k in GRAPH_OPTIONS if k in options}
+    graph_options["max_feature_nodes"] = max_feature_nodes
+    graph, trajectory = attributed_trajectory(model, transcoders, input_ids, target, graph_options, options)
     return check_graph(model, transcoders, input_ids, trajectory, graph, **checks, **run_options(options))
 
 
