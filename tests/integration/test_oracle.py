@@ -70,3 +70,15 @@ def test_oracle_refuses_bad_input(toy, examples):
         oracle.answer_tokens(torch.zeros(d_model), layer=1, question="colour")
     with pytest.raises(ValueError, match="first_trained_layer"):
         ActivationOracle(toy, first_trained_layer=-1)
+
+
+def test_the_reading_experiments_share_one_command_line():
+    from diffusionlens.lens.train_tuned import experiment_parser, parse_experiment_args
+
+    parser = experiment_parser("python -m diffusionlens.lens.oracle", "An oracle.\n\nMore.")
+    parser.add_argument("--steps", type=int, default=300)
+    args = parse_experiment_args(parser, ["--seed", "3", "--threads", "0", "--steps", "5"])
+    shared = (args.model, args.train_prompts, args.test_prompts, args.max_rows_per_step, args.seed, args.threads)
+    assert shared == ("toy", 600, 128, 200, 3, 0) and args.steps == 5
+    assert args.command_line == "python -m diffusionlens.lens.oracle --seed 3 --threads 0 --steps 5"
+    assert parser.description == "An oracle."
