@@ -76,20 +76,26 @@ class CommonTrainSettings:
     evaluation and checkpoint cadence, the task mix. Each trainer's own settings extend it."""
 
     steps: int = 6000
+    """Optimiser steps; the cosine schedule reaches `min_lr` at the last."""
     batch_size: int = 64
     lr: float = 3e-3
+    """The peak learning rate, reached after `warmup` linearly rising steps."""
     min_lr: float = 1e-4
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    """The gradient norm is clipped to this before each step."""
     eval_every: int = 500
     eval_examples: int = 64
+    """Held-out problems per task in each evaluation during training."""
     save_every: int = 250
     seed: int = 0
+    """Seeds the initial weights, the noise and the data stream (a step's batch depends on seed, step and mix only)."""
     task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
-    # A checkpoint directory to start from (weights only, fresh optimiser and schedule): continues an
-    # earlier run whose optimiser state is gone. Ignored when --out already holds a run to resume.
+    """The task mix, `"addition=0.35,squares=0.35"` (see `parse_task_weights`)."""
     init_from: str = ""
+    """A checkpoint directory to start from (weights only, fresh optimiser and schedule): continues an earlier
+    run whose optimiser state is gone. Ignored when --out already holds a run to resume."""
 
 
 @dataclass
@@ -97,11 +103,13 @@ class TrainSettings(CommonTrainSettings):
     """The diffusion toy's settings: the common ones, then self-conditioning and the pad weight."""
 
     self_cond_prob: float = 0.5
+    """The share of batches trained with self-conditioning (a first, gradient-free pass's logits as input)."""
     t_min: float = 0.4
     t_max: float = 0.8
-    # Pads fill most of the 48-token canvas and are learnt at once; full weight on them would drown the
-    # answer positions (and short-answer tasks most of all).
+    """Self-conditioning logits are divided by a temperature drawn uniformly from [t_min, t_max]."""
     pad_weight: float = 0.1
+    """The loss weight of pad targets. Pads fill most of the 48-token canvas and are learnt at once; full
+    weight on them would drown the answer positions (and short-answer tasks most of all)."""
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
