@@ -200,10 +200,12 @@ class HookedGemma4CausalLM(HookedRootModule):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's dtype: its token embedding's (`from_pretrained(dtype=...)` gives every weight this one)."""
         return self.causal.embed.W_E.dtype
 
     @property
     def device(self) -> torch.device:
+        """The model's device (it loads onto one): its token embedding's, where input ids go."""
         return self.causal.embed.W_E.device
 
     # ------------------------------------------------------------------ passes

@@ -8,6 +8,7 @@ read-only properties.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, no_type_check
@@ -68,6 +69,18 @@ def _default_layer_types(num_layers: int) -> tuple[str, ...]:
     types = [SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)]
     types[-1] = FULL
     return tuple(types)
+
+
+def refuse_sliding_last_layer(layer_types: Sequence[str], consequence: str) -> None:
+    """Raise unless the last layer is full attention. transformers' DiffusionGemmaConfig forces it to be
+    (with only a logged warning), so a layout ending on a sliding layer means other shapes and another
+    model there: converting it either way would silently change the model."""
+    if layer_types and layer_types[-1] != FULL:
+        raise ValueError(
+            f"layer_types ends with {layer_types[-1]!r} ({list(layer_types)}): DiffusionGemma's last layer must be "
+            f"{FULL!r} (transformers forces it, changing that layer's shapes), so {consequence}. End layer_types "
+            f"with {FULL!r}; a layout ending on a sliding layer works only inside diffusionlens."
+        )
 
 
 # Validated in __post_init__ with messages that name the fix; no_type_check keeps a runtime type
@@ -299,6 +312,7 @@ class DiffusionGemmaConfig:
     @classmethod
     def _from_text_dict(cls, text: dict[str, Any], canvas_length: int) -> DiffusionGemmaConfig:
         layer_types = text.get("layer_types")
+        refuse_sliding_last_layer(layer_types or (), "transformers would load this config.json differently")
         if text.get("per_layer_config") is not None:
             # transformers serialises only the overrides that differ from the base values, so a full
             # layer without an entry uses the sliding layers' head_dim and key-value heads.
@@ -350,7 +364,8 @@ class DiffusionGemmaConfig:
         )
 
     def to_hf_text_dict(self) -> dict[str, Any]:
-        """The `text_config` section of a transformers `config.json`."""
+        """The `text_config` section of a transformers `config.json`; refuses a layout transformers cannot hold."""
+        refuse_sliding_last_layer(self.layer_types, "this config has no transformers counterpart")
         own = asdict(self)
         drop = {
             "global_head_dim",

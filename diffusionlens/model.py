@@ -89,10 +89,12 @@ class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model's dtype: its token embedding's (`from_pretrained(dtype=...)` gives every weight this one)."""
         return self.decoder.embed.W_E.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where input ids go: the token embedding's device (with a `device_map`, later blocks may sit elsewhere)."""
         return self.decoder.embed.W_E.device
 
     # ------------------------------------------------------------------ passes

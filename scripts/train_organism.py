@@ -11,14 +11,17 @@ exact match and mean denoising steps per task, with default generation settings.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.config import FULL, SLIDING
 from diffusionlens.toy.evaluate import evaluate
 from diffusionlens.toy.train import TrainSettings, toy_config, train
+from diffusionlens.weights.checkpoint import assign_tensor, checkpoint_names
 
 
 def truncated_toy(layers: int) -> HookedDiffusionGemma:
@@ -35,6 +38,57 @@ def truncated_toy(layers: int) -> HookedDiffusionGemma:
     return model
 
 
+def load_any_layout(name: str) -> HookedDiffusionGemma:
+    """A checkpoint by name, or one whose config.json ends on a sliding layer (an earlier run of this script,
+    which `from_pretrained` now refuses since transformers cannot hold it), rebuilt in memory from its tensors."""
+    directory = Path(name)
+    config = directory / "config.json"
+    if not config.exists() or json.loads(config.read_text())["text_config"]["layer_types"][-1] == FULL:
+        return HookedDiffusionGemma.from_pretrained(name, progress=False)
+    kinds = json.loads(config.read_text())["text_config"]["layer_types"]
+    model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=len(kinds), layer_types=kinds))
+    tensors = load_file(directory / "model.safetensors")
+    names = checkpoint_names(model)
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise ValueError(f"{directory} lacks {missing[:5]}")
+    with torch.no_grad():
+        for checkpoint, ours in names.items():
+            assign_tensor(model, ours, tensors[checkpoint])
+        # The encoder shares the decoder's weights (all but layer_scalar); a model built from a config
+        # holds its own copies, so they are filled from the decoder's.
+        decoder = dict(model.decoder.named_parameters())
+        for name, parameter in model.encoder.named_parameters():
+            parameter.copy_(decoder[name])
+    return model
+
+
+def composed_model(spec: str, quiet_layers: set[int] = frozenset(), quiet_scale: float = 1.0) -> HookedDiffusionGemma:
+    """A model whose decoder layers come from other checkpoints: `spec` lists `SOURCE:LAYER` per layer,
+    e.g. `runs/organism4:0,runs/organism4:1,runs/organism4:2,toy:5`. Embeddings, final norm and the
+    self-conditioning block come from the first source; each layer keeps its source's kind."""
+    picks = [item.rsplit(":", 1) for item in spec.split(",")]
+    sources = {name: load_any_layout(name) for name, _ in picks}
+    kinds = tuple(sources[name].cfg.layer_types[int(index)] for name, index in picks)
+    if kinds[-1] != FULL:
+        raise ValueError(f"the last layer must be full attention (transformers forces it); got {kinds}")
+    model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=len(picks), layer_types=kinds))
+    first = sources[picks[0][0]].state_dict()
+    state = {k: v for k, v in first.items() if ".blocks." not in k}
+    for target, (name, index) in enumerate(picks):
+        for key, value in sources[name].state_dict().items():
+            for stack in ("encoder", "decoder"):
+                prefix = f"{stack}.blocks.{index}."
+                if key.startswith(prefix):
+                    suffix = key[len(prefix) :]
+                    # A quiet layer starts near the identity: its two output norms scaled down (the norm's
+                    # weight multiplies directly), so the composed model computes what its sources did.
+                    quiet = target in quiet_layers and suffix in ("ln1_post.weight", "ln2_post.weight")
+                    state[f"{stack}.blocks.{target}.{suffix}"] = value * quiet_scale if quiet else value
+    model.load_state_dict(state)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/organism3")
@@ -47,11 +101,16 @@ def main() -> None:
     parser.add_argument("--task-weights", default=TrainSettings.task_weights)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compose", default="", help="SOURCE:LAYER per layer (see composed_model)")
+    parser.add_argument("--quiet-layers", default="", help="composed layers that start near the identity, e.g. 4")
+    parser.add_argument("--quiet-scale", type=float, default=0.05)
     args = parser.parse_args()
     out = Path(args.out)
     init = Path(args.init_from) if args.init_from else out.with_name(out.name + "-init")
     if not (out / "training_state.json").exists() and not (init / "model.safetensors").exists():
-        truncated_toy(args.layers).save_pretrained(init)
+        quiet = {int(i) for i in args.quiet_layers.split(",") if i}
+        model = composed_model(args.compose, quiet, args.quiet_scale) if args.compose else truncated_toy(args.layers)
+        model.save_pretrained(init)
     settings = TrainSettings(
         steps=args.steps,
         lr=args.lr,

@@ -1,4 +1,5 @@
-"""Attribution below the residual: exact decompositions of a cached residual into heads, neurons and experts.
+"""The residual stream of a cached pass, as TransformerLens's cache reads it: by layer (`accumulated_resid`,
+`logit_lens`), by block output (`decompose_resid`) and exactly by head, neuron and expert (`stack_*`).
 
 `ActivationCache` inherits these helpers (TransformerLens' names and arguments), so every
 `DenoisingCache.step_cache(s)` has them too. Pick the stack with `stack="decoder"` (default) or
@@ -34,7 +35,16 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 
-from diffusionlens.cache.selectors import Selector, axis_keeping, check_stack, index_axis, model_stacks, resolve_layer
+from diffusionlens.cache.selectors import (
+    Selector,
+    axis_keeping,
+    check_selector,
+    check_stack,
+    index_axis,
+    model_stacks,
+    resolve_layer,
+)
+from diffusionlens.components.unembed import unembed
 from diffusionlens.hooks.shapes import position_axis
 
 if TYPE_CHECKING:
@@ -43,6 +53,12 @@ if TYPE_CHECKING:
 #: What the decomposition helpers return: `[component, batch, pos, d_model]`, with the labels if asked.
 # `*pos`: an int `pos_slice` drops the position axis, as TransformerLens's stack helpers do.
 ResidComponents = Float[torch.Tensor, "component batch *pos d_model"] | tuple[torch.Tensor, list[str]]
+
+#: What accumulated_resid and decompose_resid return: the stacked residual parts, with labels if asked.
+ResidStack = (
+    Float[torch.Tensor, "component *batch_and_pos d_model"]
+    | tuple[Float[torch.Tensor, "component *batch_and_pos d_model"], list[str]]
+)
 
 SWITCHES = {
     "attn.hook_result": "model.set_use_attn_result(True)",
@@ -70,7 +86,7 @@ def _joined(
 
 
 class ResidDecompositionMixin:
-    """Residual-stream decompositions for a cache of one forward pass (mixed into `ActivationCache`)."""
+    """The residual-stream helpers of a cache of one forward pass (mixed into `ActivationCache`)."""
 
     model: HookedDiffusionGemma | None
 
@@ -244,6 +260,115 @@ class ResidDecompositionMixin:
             stack, 0, layer, embed
         )
         return [(embed * factor)[None], (signal * factor)[None]], ["embed", "self_cond"]
+
+    # ------------------------------------------------------------------ the residual stream by layer
+    def _final_norm(self, resid: Float[torch.Tensor, "... d_model"], stack: str) -> Float[torch.Tensor, "... d_model"]:
+        # A bf16/fp16 cache meets float32 weights here: compute in the model's dtype.
+        norm = self.model.get_submodule(f"{stack}.ln_final")
+        return norm(resid.to(self.model.dtype))
+
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: Selector = None,
+        return_labels: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> ResidStack:
+        """The residual stream up to the input of block `layer`, as TransformerLens: `resid_pre` of
+        blocks 0 … layer (with `incl_mid`, each earlier block's `resid_mid` after its `resid_pre`);
+        `layer=None` (or -1): every block and the final `resid_post`, `[n_layers + 1, batch, pos, d_model]`;
+        `layer=0`: just block 0's input; other negatives count back (-2: up to the last block's input).
+
+        Unlike GPT-2, block 0's `resid_pre` in the decoder is the self-conditioned input (embedding
+        plus the self-conditioning MLP), not the bare embedding. `apply_ln` recomputes the stack's
+        final RMSNorm on every entry (what a logit lens reads; TL reuses a cached LayerNorm scale).
+        `pos_slice` indexes positions (an int drops the axis); `return_labels` adds labels
+        ("0_pre", "0_mid", …, "final_post"). `stack="encoder"` reads the encoder.
+        """
+        stack = check_stack(stack, self.model)
+        check_selector(pos_slice, "pos_slice")
+        n, upto = self._model().cfg.num_hidden_layers, self._resid_layer(layer)
+        parts, labels = [], []
+        for i in range(upto + 1):
+            if i == n:
+                parts.append(self[f"{stack}.blocks.{n - 1}.hook_resid_post"])
+                labels.append("final_post")
+                continue
+            parts.append(self[f"{stack}.blocks.{i}.hook_resid_pre"])
+            labels.append(f"{i}_pre")
+            if incl_mid and i < upto:
+                parts.append(self[f"{stack}.blocks.{i}.hook_resid_mid"])
+                labels.append(f"{i}_mid")
+        resid = torch.stack([index_axis(p, pos_slice, -2, "pos_slice", "positions") for p in parts])
+        if apply_ln:
+            resid = self._final_norm(resid, stack)
+        return (resid, labels) if return_labels else resid
+
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: Selector = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+        *,
+        stack: str = "decoder",
+    ) -> ResidStack:
+        """The residual at the input of block `layer` (None or -1: after the last block) split into its
+        inputs, as TransformerLens: the embedding path ("embed": block 0's input, in the decoder the
+        self-conditioned embedding), then each earlier block's "{i}_attn_out" and "{i}_ffn_out"
+        (`mode` "attn" / "mlp" keeps one kind). DiffusionGemma multiplies each block's output by
+        `layer_scalar`, so earlier terms are rescaled by the product of later scalars; with every
+        component the parts sum to the residual exactly. `apply_ln` (final residual only) applies the final
+        norm with its cached scale (`ln_final.hook_scale`), as TransformerLens: a linear map, so the parts
+        then sum to `ln_final`'s output; `return_labels` adds the labels."""
+        stack = check_stack(stack, self.model)
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+        check_selector(pos_slice, "pos_slice")
+        upto = self._resid_layer(layer)
+        scalars = [float(self.model.get_submodule(f"{stack}.blocks.{i}").layer_scalar) for i in range(upto)]
+
+        def later(i: int) -> float:
+            out = 1.0
+            for s in scalars[i:]:
+                out *= s
+            return out
+
+        parts, labels = [], []
+        if incl_embeds:
+            parts.append(self[f"{stack}.blocks.0.hook_resid_pre"] * later(0))
+            labels.append("embed")
+        for i in range(upto):
+            for kind, hook in (("attn", "attn_out"), ("mlp", "ffn_out")):
+                if mode in ("all", kind):
+                    parts.append(self[f"{stack}.blocks.{i}.hook_{hook}"] * later(i))
+                    labels.append(f"{i}_{hook}")
+        if not parts:
+            raise ValueError("decompose_resid(layer=0, incl_embeds=False) has no components; pass incl_embeds=True")
+        resid = torch.stack([index_axis(p, pos_slice, -2, "pos_slice", "positions") for p in parts])
+        if apply_ln:
+            if upto != self._model().cfg.num_hidden_layers:
+                raise ValueError(
+                    "decompose_resid(apply_ln=True) applies the final norm with its cached scale, so that the "
+                    f"parts sum to ln_final's output; it needs the final residual (layer=None), not layer={layer}"
+                )
+            resid = self.apply_ln_to_stack(resid, None, pos_slice=pos_slice, stack=stack)
+        return (resid, labels) if return_labels else resid
+
+    def logit_lens(
+        self, layer: int | None = None, pos_slice: Selector = None, *, stack: str = "decoder"
+    ) -> Float[torch.Tensor, "component *batch_and_pos vocab"]:
+        """Logits read off `accumulated_resid(layer, apply_ln=True, pos_slice=...)` through the
+        soft-capped tied head: `[layers + 1, batch, pos, vocab]` for layer None. Computed in the model's
+        dtype, so a bf16 cache works with float32 weights."""
+        resid = self.accumulated_resid(layer, apply_ln=True, pos_slice=pos_slice, stack=stack)
+        W_E = self.model.get_submodule(stack).embed.W_E  # tied head; a causal twin has its own stack
+        return unembed(resid, W_E, self.model.cfg.final_logit_softcapping)
 
     # ------------------------------------------------------------------ TransformerLens-named helpers
     def stack_head_results(

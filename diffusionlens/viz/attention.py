@@ -10,7 +10,7 @@ labels differ from layer to layer. Prompt padding stays among the keys, masked: 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -33,18 +33,28 @@ def pattern_hook(layer: int) -> str:
 
 @dataclass(frozen=True)
 class AttentionKeys:
-    """The keys of one decoder layer at one step, in the order of the pattern's key axis.
-
-    texts: token text (whitespace drawn visibly); tokens: token ids; kinds: "prompt" or "canvas";
-    positions: the index into `tokens` (the prompt, then earlier canvases) for prompt keys, the canvas
-    position for canvas keys; padding: True for prompt padding (masked: no query attends to it).
-    """
+    """The keys of one decoder layer at one step, in the order of the pattern's key axis, and which
+    pattern they label (so the pattern can be looked up from the keys alone)."""
 
     texts: list[str]
+    """Each key's token text, whitespace drawn visibly."""
     tokens: list[int]
+    """Each key's token id."""
     kinds: list[str]
+    """"prompt" or "canvas" for each key."""
     positions: list[int]
+    """For a prompt key, its index into `tokens` (the prompt, then earlier canvases); for a canvas key,
+    its canvas position."""
     padding: list[bool]
+    """True for prompt padding (masked: no query attends to it)."""
+    step: int
+    """The denoising step of the pattern these keys label."""
+    layer: int
+    """The decoder layer (counted from 0: a negative layer asked for is resolved)."""
+    canvas: int
+    """The canvas the step denoised."""
+    row: int
+    """The batch row."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -119,6 +129,10 @@ def attention_labels(
         kinds=[PROMPT] * kept + [CANVAS] * len(canvas_ids),
         positions=list(range(first, encoded)) + list(range(len(canvas_ids))),
         padding=(~real[first:]).tolist() + [False] * len(canvas_ids),
+        step=step,
+        layer=layer,
+        canvas=canvas,
+        row=row,
     )
 
 
@@ -140,25 +154,14 @@ def attention_pattern(
 
 
 def labelled_pattern(
-    model: HookedDiffusionGemma,
-    cache: DenoisingCache,
-    trace: DenoisingTrace,
-    step: int,
-    layer: int,
-    *,
-    tokens: Int[torch.Tensor, "batch length"],
-    attention_mask: Bool[torch.Tensor, "batch prompt"] | Int[torch.Tensor, "batch prompt"] | None = None,
-    canvas: int = 0,
-    row: int = 0,
-    tokenizer: TokenDecoder = None,
+    model: HookedDiffusionGemma, cache: DenoisingCache, trace: DenoisingTrace, step: int, layer: int, **labelling: Any
 ) -> tuple[Float[torch.Tensor, "head query key"], AttentionKeys]:
-    """`(pattern, keys)` for one layer and step, checked to agree: every key labelled, every query a canvas position."""
-    layer = resolve_layer(layer, model.cfg.num_hidden_layers, kind="block")
-    keys = attention_labels(
-        model, trace, step, layer, tokens=tokens, attention_mask=attention_mask, canvas=canvas, row=row,
-        tokenizer=tokenizer,
-    )  # fmt: skip
-    pattern = attention_pattern(cache, step, layer, canvas=canvas, row=row)
+    """`(pattern, keys)` for one layer and step, checked to agree: every key labelled, every query a canvas
+    position. `labelling` is what `attention_labels` takes besides the step and layer (`tokens=` and, as
+    needed, `attention_mask`, `canvas`, `row`, `tokenizer`); the pattern is read for the keys' canvas and row."""
+    keys = attention_labels(model, trace, step, layer, **labelling)
+    layer = keys.layer
+    pattern = attention_pattern(cache, step, layer, canvas=keys.canvas, row=keys.row)
     n_canvas = len(keys) - keys.n_prompt
     if pattern.shape[-1] != len(keys) or pattern.shape[-2] != n_canvas:
         raise ValueError(

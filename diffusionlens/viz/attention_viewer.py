@@ -82,18 +82,7 @@ def attention_viewer_data(
 
 
 def render_attention_viewer(
-    model: HookedDiffusionGemma,
-    cache: DenoisingCache,
-    trace: DenoisingTrace,
-    *,
-    tokens: Int[torch.Tensor, "batch length"],
-    attention_mask: Bool[torch.Tensor, "batch prompt"] | Int[torch.Tensor, "batch prompt"] | None = None,
-    layers: Sequence[int] | None = None,
-    steps: Sequence[int] | None = None,
-    canvas: int = 0,
-    row: int = 0,
-    tokenizer: TokenDecoder = None,
-    title: str | None = None,
+    model: HookedDiffusionGemma, cache: DenoisingCache, trace: DenoisingTrace, **options: Any
 ) -> str:
     """Decoder attention patterns as a self-contained HTML page: choose the layer (`#layer-select`), head
     (`#head-select`) and step (`#step-slider`); the grid (`#pattern`) has one row per canvas query
@@ -101,13 +90,11 @@ def render_attention_viewer(
     canvas the step read), each `.att-cell[data-query][data-key]` shaded by its weight. Hovering a cell
     or key label shows the query, the key (prompt/canvas position, padding) and the weight (`#tooltip`).
 
-    `tokens` and `attention_mask` are as in `attention_labels`; the cache must hold
+    `options` are `attention_viewer_data`'s (`tokens=` and `attention_mask` as in `attention_labels`, the
+    `layers`, `steps`, `canvas`, `row`, `tokenizer`, `title`); the cache must hold
     `decoder.blocks.{l}.attn.hook_pattern` for the layers and steps shown.
     """
-    data = attention_viewer_data(
-        model, cache, trace, tokens=tokens, attention_mask=attention_mask, layers=layers, steps=steps,
-        canvas=canvas, row=row, tokenizer=tokenizer, title=title,
-    )  # fmt: skip
+    data = attention_viewer_data(model, cache, trace, **options)
     fields = {"@MAX_STEP@": str(len(data["steps"]) - 1)}
     return render_page(
         _BODY, title=data["title"], style=_STYLE, script=_SCRIPT, data=data, data_id="attention-data", fields=fields

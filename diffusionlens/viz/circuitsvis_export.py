@@ -18,10 +18,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from jaxtyping import Bool, Int
-
-from diffusionlens.viz._common import TokenDecoder
 from diffusionlens.viz.attention import labelled_pattern, square_attention
 from diffusionlens.viz.html_page import script_safe_json, write_page
 
@@ -40,16 +36,13 @@ def attention_circuitsvis(
     step: int,
     layer: int,
     model: HookedDiffusionGemma | None = None,
-    tokens: Int[torch.Tensor, "batch length"],
-    attention_mask: Bool[torch.Tensor, "batch prompt"] | Int[torch.Tensor, "batch prompt"] | None = None,
-    canvas: int = 0,
-    row: int = 0,
-    tokenizer: TokenDecoder = None,
+    **labelling: Any,
 ) -> RenderedHTML:
     """circuitsvis's `attention_heads` view of one decoder layer at one step, unmasked (display it in a
     notebook). Its `local_src` carries circuitsvis's JavaScript inline and works offline (what
     `write_attention_circuitsvis` saves); `str(view)` is circuitsvis's CDN version, which needs the
-    network. `model` defaults to the cache's."""
+    network. `model` defaults to the cache's; `labelling` is `attention_labels`'s keywords (`tokens=` and,
+    as needed, `attention_mask`, `canvas`, `row`, `tokenizer`)."""
     try:
         from circuitsvis.attention import attention_heads
         from circuitsvis.utils.render import RenderedHTML
@@ -58,10 +51,7 @@ def attention_circuitsvis(
     model = model if model is not None else cache.model
     if model is None:
         raise ValueError("pass model=: this cache does not hold its model")
-    pattern, keys = labelled_pattern(
-        model, cache, trace, step, layer, tokens=tokens, attention_mask=attention_mask, canvas=canvas, row=row,
-        tokenizer=tokenizer,
-    )  # fmt: skip
+    pattern, keys = labelled_pattern(model, cache, trace, step, layer, **labelling)
     labels = keys.labels()
     head_names = [f"L{layer}H{head}" for head in range(pattern.shape[0])]
     square = square_attention(pattern, keys)

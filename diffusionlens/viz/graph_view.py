@@ -128,14 +128,7 @@ def _node(node: dict, texts: dict[int, str], n_layers: int) -> dict[str, Any]:
     }
 
 
-def render_graph_view(
-    graph: Graph | dict | str | Path,
-    tokenizer: TokenDecoder = None,
-    *,
-    title: str | None = None,
-    node_threshold: float | None = 0.8,
-    edge_threshold: float = 0.98,
-) -> str:
+def render_graph_view(graph: Graph | dict | str | Path, tokenizer: TokenDecoder = None, **options: Any) -> str:
     """An attribution graph (a `Graph`, its `json_document`, or a file `Graph.to_json` wrote) as a
     self-contained HTML page. A `Graph` is pruned with the thresholds first (`node_threshold=None`: every node);
     a document or file is shown as it is.
@@ -151,9 +144,10 @@ def render_graph_view(
     position, feature, token, activation and influence and its strongest incoming and outgoing links
     (`.link-row[data-node]`, up to `TOP_LINKS` each; click one to select that node). The `#threshold` slider hides
     links whose |weight| is below that fraction of the largest (`.link.hidden`); `#link-count` says how many show.
-    `tokenizer` turns token ids into text (as in `render_viewer`).
+    `tokenizer` turns token ids into text (as in `render_viewer`); `options` are `graph_view_data`'s (`title`
+    and the thresholds).
     """
-    data = graph_view_data(graph, tokenizer, title=title, node_threshold=node_threshold, edge_threshold=edge_threshold)
+    data = graph_view_data(graph, tokenizer, **options)
     return render_page(_BODY, title=data["title"], style=_STYLE, script=_SCRIPT, data=data, data_id="graph-data")
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from diffusionlens.cache.selectors import Selector
 from diffusionlens.sampling.trace import TOKEN_FIELDS, CanvasTrace, DenoisingTrace
 from diffusionlens.viz._common import (
     RowView,
@@ -36,25 +37,23 @@ def plot_token_grid(
     trace: DenoisingTrace | CanvasTrace,
     tokenizer: TokenDecoder = None,
     *,
-    row: int = 0,
-    canvas: int = 0,
-    positions: Selector = None,
-    max_positions: int | None = None,
     tokens: str = "argmax",
     ax=None,
     title: str | None = None,
+    **selection: Any,
 ):
     """Step × position grid with each step's token text in its cell; green cells were accepted that step.
 
     `tokens` picks which tokens are written: "argmax" (the draft answer, default), "sampled",
     "input_canvas" or "next_canvas". The cell where each position committed (`commit_step`) gets a
-    black outline. Steps run from the first to the one after which `row` stopped. `positions` (a list,
-    range or slice of canvas positions) and `max_positions` crop the columns. Returns the Figure; its
-    axes hold one text per cell, in row-major (step, position) order.
+    black outline. Steps run from the first to the one after which the row stopped. `selection` picks
+    what is drawn, as `RowView.select` takes it: `canvas` and batch `row` (0 each by default), and
+    `positions` (a list, range or slice of canvas positions) and `max_positions` to crop the columns.
+    Returns the Figure; its axes hold one text per cell, in row-major (step, position) order.
     """
     if tokens not in TOKEN_FIELDS:
         raise ValueError(f"tokens must be one of {tuple(TOKEN_FIELDS)}, got {tokens!r}")
-    view = RowView.select(trace, canvas, row, positions, max_positions)
+    view = RowView.select(trace, **selection)
     chosen, n_steps = view.positions, view.n_steps
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
@@ -95,28 +94,26 @@ def plot_token_grid(
         fontsize=7,
         frameon=False,
     )
-    return finish_figure(fig, ax, title or f"{tokens} per step (row {row})")
+    return finish_figure(fig, ax, title or f"{tokens} per step (row {view.row})")
 
 
 def plot_entropy(
     trace: DenoisingTrace | CanvasTrace,
     tokenizer: TokenDecoder = None,
     *,
-    row: int = 0,
-    canvas: int = 0,
-    positions: Selector = None,
-    max_positions: int | None = None,
     mark_accepted: bool = True,
     ax=None,
     title: str | None = None,
+    **selection: Any,
 ):
     """Heatmap of the per-position entropy (nats, of the temperature-scaled logits), step × position.
 
     With `mark_accepted`, a white dot marks each position accepted at that step. With a tokenizer, the
-    x tick labels carry the final token of each position. `positions`/`max_positions` crop the columns.
+    x tick labels carry the final token of each position. `selection` (`canvas`, `row`, `positions`,
+    `max_positions`) picks the row and crops the columns, as in `plot_token_grid`.
     Returns the Figure (the heatmap's axes and its colorbar's).
     """
-    view = RowView.select(trace, canvas, row, positions, max_positions)
+    view = RowView.select(trace, **selection)
     chosen, n_steps = view.positions, view.n_steps
     values = view.per_step("entropy").float()
     fig, ax = new_axes(ax, (max(4.0, 0.25 * len(chosen) + 2.5), max(2.5, 0.25 * n_steps + 1.8)))
@@ -131,27 +128,25 @@ def plot_entropy(
     ax.set_xlabel("canvas position" + (" / final token" if final else ""))
     ax.set_ylabel("step")
     fig.colorbar(image, ax=ax, label="entropy (nats)")
-    return finish_figure(fig, ax, title or f"entropy per step and position (row {row})")
+    return finish_figure(fig, ax, title or f"entropy per step and position (row {view.row})")
 
 
 def plot_commit_order(
     trace: DenoisingTrace | CanvasTrace,
     tokenizer: TokenDecoder = None,
     *,
-    row: int = 0,
-    canvas: int = 0,
-    positions: Selector = None,
-    max_positions: int | None = None,
     ax=None,
     title: str | None = None,
+    **selection: Any,
 ):
     """Commit step per position (the step after which its argmax never changed), labelled with the
     position's final token: a stem plot, position on x, commit step on y.
 
-    `positions`/`max_positions` crop the positions shown. Returns the Figure; its axes hold one text
+    `selection` (`canvas`, `row`, `positions`, `max_positions`) picks the row and crops the positions
+    shown, as in `plot_token_grid`. Returns the Figure; its axes hold one text
     (the final token) per position shown.
     """
-    view = RowView.select(trace, canvas, row, positions, max_positions)
+    view = RowView.select(trace, **selection)
     chosen, n_steps = view.positions, view.n_steps
     commits = view.commit_steps()
     final = token_texts(tokenizer, view.final().tolist())
@@ -168,4 +163,4 @@ def plot_commit_order(
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("canvas position")
     ax.set_ylabel("commit step")
-    return finish_figure(fig, ax, title or f"commit step per position, labelled with the final token (row {row})")
+    return finish_figure(fig, ax, title or f"commit step per position, labelled with the final token (row {view.row})")

@@ -111,15 +111,7 @@ def _dla_data(dla: DLAByStep, tokenizer: TokenDecoder, canvas: int, row: int) ->
 
 
 def render_viewer(
-    trace: DenoisingTrace | CanvasTrace,
-    tokenizer: TokenDecoder = None,
-    *,
-    canvas: int = 0,
-    row: int = 0,
-    title: str | None = None,
-    step: int = 0,
-    dla: DLAByStep | None = None,
-    features: FeaturePanel | None = None,
+    trace: DenoisingTrace | CanvasTrace, tokenizer: TokenDecoder = None, *, step: int = 0, **options: Any
 ) -> str:
     """The viewer for one canvas and batch row of `trace`, as a self-contained HTML page.
 
@@ -129,8 +121,8 @@ def render_viewer(
     coloured by its entropy at that step, outlined when accepted at that step, and labels its commit
     step (`.commit`). Hovering a position shows its top-k tokens and probabilities (`#tooltip`) when the
     trace was generated with `record_top_k`. `tokenizer` turns ids into text (an object with `decode`,
-    a callable id -> str, or None for ids); `step` is the step shown first. Steps run to the one after
-    which the row stopped.
+    a callable id -> str, or None for ids); `step` is the step shown first. `options` are `viewer_data`'s
+    (`canvas`, `row`, `title`, `dla`, `features`). Steps run to the one after which the row stopped.
 
     With `dla` (a `dla_by_step` table of the same canvas and row) a panel (`#dla`) shows it as a step ×
     component heatmap (`.dla-cell[data-step][data-component]`), the slider's step highlighted, and the
@@ -147,9 +139,11 @@ def render_viewer(
     activation when it fires and its firing rate per step; a bar under each canvas position
     (`.feature-act`) shows the activation at the slider's step.
     """
-    data = viewer_data(trace, tokenizer, canvas=canvas, row=row, title=title, dla=dla, features=features)
+    data = viewer_data(trace, tokenizer, **options)
     if not 0 <= step < data["n_steps"]:
-        raise IndexError(f"step {step} out of range: row {row} of canvas {canvas} has {data['n_steps']} steps")
+        raise IndexError(
+            f"step {step} out of range: row {data['row']} of canvas {data['canvas']} has {data['n_steps']} steps"
+        )
     fields = {"@MAX_STEP@": str(data["n_steps"] - 1), "@STEP@": str(step), "@VIEW_OPTIONS@": _view_options()}
     fields["@FEATURES@"] = FEATURES_HTML
     return render_page(

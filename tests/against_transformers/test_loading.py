@@ -260,6 +260,27 @@ def test_config_validation_names_the_field():
         base.replace(top_k_experts=base.num_experts + 1)
 
 
+def test_a_layout_ending_on_a_sliding_layer_is_refused_at_the_transformers_boundary(tmp_path):
+    """transformers forces the last layer to full attention (a full layer has other shapes), so a
+    layout ending on a sliding layer would be another model there: writing or reading one refuses."""
+    base = DiffusionGemmaConfig.from_hf(build_reference(NAME).config)
+    sliding_last = base.replace(layer_types=(*base.layer_types[:-1], "sliding_attention"))
+    text = base.to_hf_text_dict()
+    text["layer_types"] = list(sliding_last.layer_types)
+    # transformers forces the list it is given in place: hand it a copy.
+    forced = HFConfig.from_dict({**base.to_hf(), "text_config": {**text, "layer_types": list(text["layer_types"])}})
+    assert forced.text_config.layer_types[-1] == "full_attention"  # what transformers would silently do
+
+    with pytest.raises(ValueError, match="last layer must be 'full_attention'"):
+        sliding_last.to_hf()
+    with pytest.raises(ValueError, match="End layer_types with 'full_attention'"):
+        DiffusionGemmaConfig.from_hf({**base.to_hf(), "text_config": text})
+    model = HookedDiffusionGemma.from_config(sliding_last.replace(num_experts=2, top_k_experts=1))
+    with pytest.raises(ValueError, match="no transformers counterpart"):
+        model.save_pretrained(tmp_path / "sliding_last")
+    assert not (tmp_path / "sliding_last" / "model.safetensors").exists()
+
+
 def test_loading_builds_a_single_model(monkeypatch):
     """Loading must not build a second (full-size) model, e.g. to recompute derived buffers."""
     reference = build_reference("mixed")

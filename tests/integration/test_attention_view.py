@@ -100,6 +100,17 @@ def test_a_later_canvas_reads_the_earlier_canvas_as_prompt(model, two_canvases):
         attention_labels(model, trace, 0, FULL_LAYER, tokens=result.sequences[:, : trace.prompt_length], canvas=1)
 
 
+def test_keys_name_the_pattern_they_label_and_labelled_pattern_reads_it(model, two_canvases):
+    result, cache = two_canvases
+    last = model.cfg.num_hidden_layers - 1
+    keys = attention_labels(model, result.trace, 1, -1, tokens=result.sequences, canvas=1)
+    assert (keys.step, keys.layer, keys.canvas, keys.row) == (1, last, 1, 0)
+    pattern, same_keys = labelled_pattern(model, cache, result.trace, 1, -1, tokens=result.sequences, canvas=1)
+    assert same_keys == keys
+    assert torch.equal(pattern, attention_pattern(cache, 1, last, canvas=1))
+    assert not torch.equal(pattern, attention_pattern(cache, 1, last, canvas=0))
+
+
 def test_arguments_and_missing_recordings_are_refused(model, padded):
     ids, mask, result, cache = padded
     with pytest.raises(ValueError, match=r"layer=99 is out of range: a block index is 0\.\."):
