@@ -148,20 +148,18 @@ class ActivationOracle:
         with self.model.hooks(fwd_hooks=[(name, latent_writer(latents, positions))]):
             return self.model(ids, canvas.to(self.model.device), attention_mask=mask)
 
-    def loss(
-        self,
-        latent: Float[torch.Tensor, "batch d_model"],
-        layer: int,
-        question: str,
-        answer: Int[torch.Tensor, " batch"],
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """Cross-entropy of the oracle's answer at the latent's position, one pass over a uniformly random
-        canvas (the sampler's step-0 canvas) drawn from `generator`."""
+    def loss(self, batch: OracleExamples, generator: torch.Generator) -> torch.Tensor:
+        """Cross-entropy of the oracle's answers to `batch` (examples of one layer and question, as `grouped`
+        gives them) at the latent's position, one pass over a uniformly random canvas (the sampler's step-0
+        canvas) drawn from `generator`."""
+        groups = list(grouped(batch))
+        if len(groups) != 1:
+            raise ValueError(f"a batch asks one question at one layer, not {groups}: split it with grouped()")
+        ((layer, question),) = groups
         cfg = self.model.cfg
-        canvas = torch.randint(0, cfg.vocab_size, (latent.shape[0], cfg.canvas_length), generator=generator)
-        logits = self.logits(latent, layer, question, canvas)
-        return torch.nn.functional.cross_entropy(logits[:, ORACLE_POSITION].float(), answer.to(logits.device))
+        canvas = torch.randint(0, cfg.vocab_size, (len(batch), cfg.canvas_length), generator=generator)
+        logits = self.logits(batch.latent, layer, question, canvas)
+        return torch.nn.functional.cross_entropy(logits[:, ORACLE_POSITION].float(), batch.answer.to(logits.device))
 
     def train(
         self,
@@ -189,7 +187,7 @@ class ActivationOracle:
                     layer, question = keys[int(torch.randint(len(keys), (), generator=generator))]
                     pool = groups[(layer, question)]
                     rows = pool[torch.randint(len(pool), (min(batch_size, len(pool)),), generator=generator)]
-                    loss = self.loss(examples.latent[rows], layer, question, examples.answer[rows], generator)
+                    loss = self.loss(examples.subset(rows), generator)
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()

@@ -48,9 +48,11 @@ def test_training_lowers_the_oracle_loss(toy, examples):
             question, layer = examples.question[0], int(examples.layer[0])
             same = [i for i in rows.tolist() if examples.question[i] == question and examples.layer[i] == layer]
             generator = torch.Generator().manual_seed(99)
-            return float(oracle.loss(examples.latent[same], layer, question, examples.answer[same], generator))
+            return float(oracle.loss(examples.subset(torch.tensor(same)), generator))
 
     start = held_loss()
+    with pytest.raises(ValueError, match="one question at one layer"):
+        oracle.loss(examples, torch.Generator())  # every layer and question at once
     losses = oracle.train(examples, steps=40, batch_size=32, lr=1e-3)
     assert len(losses) == 40 and held_loss() < start
     # the copy was trained, never the model it was copied from
