@@ -30,7 +30,7 @@ from jaxtyping import Float
 
 from diffusionlens.cache.activation import ActivationCache
 from diffusionlens.cache.decomposition import SWITCHES
-from diffusionlens.patching.metrics import PRE_SOFTCAP
+from diffusionlens.patching.metrics import PRE_SOFTCAP, reads_record
 
 if TYPE_CHECKING:
     from diffusionlens.cache.denoising import DenoisingCache
@@ -102,14 +102,7 @@ class DLAByStep:
 
     def reads(self) -> dict[str, Any]:
         """What the table reads, in the same terms as a patching metric's `reads()`."""
-        return {
-            "metric": "dla_by_step",
-            "run": "recorded",
-            "canvas": self.canvas,
-            "row": self.row,
-            "step": list(self.steps),
-            "logits": self.logits_read,
-        }
+        return reads_record("dla_by_step", "recorded", self.canvas, list(self.steps), self.logits_read, row=self.row)
 
     def top(self, step: int, k: int = 5) -> list[tuple[str, float]]:
         """The `k` components with the largest attribution (by absolute value) at `step`."""

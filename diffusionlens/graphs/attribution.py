@@ -22,6 +22,9 @@ from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
 from diffusionlens.graphs.trajectory import Trajectory, record_trajectory
 
+#: `attribute`'s keywords that shape the graph (`attribute_trajectory`'s); the others say which run to record.
+GRAPH_OPTIONS = ("max_feature_nodes", "min_influence", "row_chunk")
+
 if TYPE_CHECKING:
     from diffusionlens.graphs.transcoders import TranscoderSet
     from diffusionlens.model import HookedDiffusionGemma
@@ -51,20 +54,35 @@ def attribute(
     `row_chunk`: rows pushed through attention and self-conditioning at a time (bounds the temporaries);
     `store_on="cpu"` keeps the frozen trajectory in host memory (see `record_trajectory`).
     """
+    graph_options = {"max_feature_nodes": max_feature_nodes, "min_influence": min_influence, "row_chunk": row_chunk}
+    recording = {"noise": noise, "canvas": canvas, "store_on": store_on, **generate_options}
+    return attributed_trajectory(model, transcoders, input_ids, target, graph_options, recording)[0]
+
+
+def attributed_trajectory(
+    model: HookedDiffusionGemma,
+    transcoders: TranscoderSet,
+    input_ids: Int[torch.Tensor, "1 prompt"],
+    target: dict,
+    graph_options: dict[str, Any],
+    recording: dict[str, Any],
+) -> tuple[Graph, Trajectory]:
+    """`attribute`'s graph and the trajectory it is of (what `validate.check_graph` replays): `recording` goes to
+    `record_trajectory` (`noise`, `canvas`, `store_on` and `generate`'s keywords), `graph_options` to
+    `attribute_trajectory` (`GRAPH_OPTIONS`)."""
     check_placement(model, transcoders)
-    trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, store_on=store_on, **generate_options)
-    graph = attribute_trajectory(
-        model,
-        transcoders,
-        trajectory,
-        target,
-        max_feature_nodes=max_feature_nodes,
-        min_influence=min_influence,
-        row_chunk=row_chunk,
-    )
-    graph.metadata["generate_options"] = {k: repr(v) for k, v in generate_options.items()}
-    graph.metadata["noise"] = repr(noise)
-    return graph
+    trajectory = record_trajectory(model, input_ids, **recording)
+    graph = attribute_trajectory(model, transcoders, trajectory, target, **graph_options)
+    run = run_options(recording)
+    graph.metadata["generate_options"] = {k: repr(v) for k, v in run.items() if k != "noise"}
+    graph.metadata["noise"] = repr(run.get("noise"))
+    return graph, trajectory
+
+
+def run_options(recording: dict[str, Any]) -> dict[str, Any]:
+    """What of `record_trajectory`'s keywords says which run is generated (`noise` and `generate`'s own), without
+    which canvas is recorded and where it is stored."""
+    return {k: v for k, v in recording.items() if k not in ("canvas", "store_on")}
 
 
 def check_placement(model: HookedDiffusionGemma, transcoders: TranscoderSet) -> None:

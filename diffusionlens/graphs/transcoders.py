@@ -9,17 +9,16 @@ metadata records the width and the model it was trained for, so a set for anothe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
+from diffusionlens.weights.tensor_file import load_tensor_file, save_tensor_file
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -163,36 +162,20 @@ class TranscoderSet(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file: `{layer}.{W_enc,b_enc,W_dec,b_dec,threshold}`, the config and metadata as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"{layer}.{name}": tensor.detach().contiguous().cpu()
             for layer, transcoder in enumerate(self.transcoders)
             for name, tensor in transcoder.state_dict().items()
         }
-        header = {
-            "format": FORMAT_VERSION,
-            "model_config": json.dumps(self.model_config, sort_keys=True),
-            "metadata": json.dumps(self.metadata, sort_keys=True),
-        }
-        save_file(tensors, str(path), metadata=header)
-        return path
+        fields = {"model_config": self.model_config, "metadata": self.metadata}
+        return save_tensor_file(path, tensors, FORMAT_VERSION, fields)
 
     @classmethod
     def load(
         cls, path: str | Path, model: HookedDiffusionGemma | None = None, *, fingerprint: bool = True
     ) -> TranscoderSet:
         """Read a set written by `save`; with `model`, refuse it unless it fits (see `check`)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no transcoder file at {path}")
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        if header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a diffusionlens transcoder file (format {header.get('format')!r})")
-        tensors = load_file(str(path))
+        header, tensors = load_tensor_file(path, FORMAT_VERSION, "transcoder file")
         layers = sorted({int(key.split(".", 1)[0]) for key in tensors})
         if layers != list(range(len(layers))):
             raise ValueError(f"{path} holds transcoders for layers {layers}; expected 0..{len(layers) - 1}")
@@ -202,7 +185,7 @@ class TranscoderSet(nn.Module):
             )
             for layer in layers
         ]
-        result = cls(transcoders, json.loads(header["model_config"]), json.loads(header["metadata"]))
+        result = cls(transcoders, header["model_config"], header["metadata"])
         if model is not None:
             result.check(model, fingerprint=fingerprint)
         return result

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
-from diffusionlens.graphs.attribution import attribute_trajectory, check_placement
+from diffusionlens.graphs.attribution import GRAPH_OPTIONS, attributed_trajectory, run_options
 from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
 from diffusionlens.graphs.splicing import FeatureIntervention, intervention_hooks
-from diffusionlens.graphs.trajectory import Trajectory, record_trajectory
+from diffusionlens.graphs.trajectory import Trajectory
 from diffusionlens.sampling.recorded import encode_prompt, rerun_recorded_pass
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 RESPONSES = ("fixed", "linear", "jumprelu")
 #: Ways to rank a graph's features for checking.
 RANKINGS = ("influence", "total", "direct")
+#: `check_graph`'s own keywords, which `intervention_agreement` hands to it.
+CHECK_OPTIONS = ("top_n", "rank_by", "steps", "steer", "n_random", "seed")
 
 
 def graph_target(graph: Graph) -> tuple[int, int, list[tuple[int, float]]]:
@@ -310,24 +312,17 @@ def intervention_agreement(
     input_ids: Int[torch.Tensor, "1 prompt"],
     target: dict,
     *,
-    noise: Any = None,
-    canvas: int = 0,
     max_feature_nodes: int | None = 1024,
-    min_influence: float = 0.0,
     **options: Any,
 ) -> InterventionAgreement:
-    """Build the graph of `target` on the trajectory `generate(input_ids, noise=noise, ...)` takes (as
-    `attribute`, with `max_feature_nodes` and `min_influence`), then check its top features on the model by
-    intervention (`check_graph`, which takes `top_n`, `rank_by`, `steps`, `steer`, `n_random`, `seed`; every
-    other keyword goes to `generate`)."""
-    check_keys = ("top_n", "rank_by", "steps", "steer", "n_random", "seed")
-    checks = {k: options.pop(k) for k in check_keys if k in options}
-    check_placement(model, transcoders)
-    trajectory = record_trajectory(model, input_ids, noise=noise, canvas=canvas, **options)
-    graph = attribute_trajectory(
-        model, transcoders, trajectory, target, max_feature_nodes=max_feature_nodes, min_influence=min_influence
-    )
-    return check_graph(model, transcoders, input_ids, trajectory, graph, noise=noise, **checks, **options)
+    """Build the graph of `target` as `attribute` does (its keywords: `noise`, `canvas`, `min_influence`, …, and
+    `generate`'s), then check its top features on the model by intervention (`check_graph`, which takes `top_n`,
+    `rank_by`, `steps`, `steer`, `n_random`, `seed`)."""
+    checks = {k: options.pop(k) for k in CHECK_OPTIONS if k in options}
+    graph_options = {k: options.pop(k) for k in GRAPH_OPTIONS if k in options}
+    graph_options["max_feature_nodes"] = max_feature_nodes
+    graph, trajectory = attributed_trajectory(model, transcoders, input_ids, target, graph_options, options)
+    return check_graph(model, transcoders, input_ids, trajectory, graph, **checks, **run_options(options))
 
 
 def check_graph(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,13 @@ if TYPE_CHECKING:
 QUESTIONS = {"token": "oracle:", "steps": "oracle steps:"}
 ORACLE_POSITION = 0
 MAX_STEPS_ANSWER = 9
+
+
+def question_prompt(question: str) -> str:
+    """The prompt that asks `question` (a QUESTIONS key); any other is refused, naming the questions."""
+    if question not in QUESTIONS:
+        raise ValueError(f"unknown question {question!r}; the oracle is asked {sorted(QUESTIONS)}")
+    return QUESTIONS[question]
 
 
 @dataclass
@@ -134,29 +140,26 @@ class ActivationOracle:
         """One decoder pass of the oracle over `canvas` (no self-conditioning) with the question as prompt and
         each latent written at position 0 of `decoder.blocks.{layer}.hook_resid_post`: canvas-scope's
         residual-route write (`scope_hook_name("resid", layer)`) in the pass it runs first."""
-        if question not in QUESTIONS:
-            raise ValueError(f"unknown question {question!r}; the oracle is asked {sorted(QUESTIONS)}")
+        prompt = question_prompt(question)
         latents = self.check(latent, layer)
-        ids, mask = self.model.to_tokens_and_mask([QUESTIONS[question]] * latents.shape[0])
+        ids, mask = self.model.to_tokens_and_mask([prompt] * latents.shape[0])
         positions = torch.full((latents.shape[0],), ORACLE_POSITION, dtype=torch.long)
         name = scope_hook_name("resid", layer, self.model.cfg.num_hidden_layers)
         with self.model.hooks(fwd_hooks=[(name, latent_writer(latents, positions))]):
             return self.model(ids, canvas.to(self.model.device), attention_mask=mask)
 
-    def loss(
-        self,
-        latent: Float[torch.Tensor, "batch d_model"],
-        layer: int,
-        question: str,
-        answer: Int[torch.Tensor, " batch"],
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """Cross-entropy of the oracle's answer at the latent's position, one pass over a uniformly random
-        canvas (the sampler's step-0 canvas) drawn from `generator`."""
+    def loss(self, batch: OracleExamples, generator: torch.Generator) -> torch.Tensor:
+        """Cross-entropy of the oracle's answers to `batch` (examples of one layer and question, as `grouped`
+        gives them) at the latent's position, one pass over a uniformly random canvas (the sampler's step-0
+        canvas) drawn from `generator`."""
+        groups = list(grouped(batch))
+        if len(groups) != 1:
+            raise ValueError(f"a batch asks one question at one layer, not {groups}: split it with grouped()")
+        ((layer, question),) = groups
         cfg = self.model.cfg
-        canvas = torch.randint(0, cfg.vocab_size, (latent.shape[0], cfg.canvas_length), generator=generator)
-        logits = self.logits(latent, layer, question, canvas)
-        return torch.nn.functional.cross_entropy(logits[:, ORACLE_POSITION].float(), answer.to(logits.device))
+        canvas = torch.randint(0, cfg.vocab_size, (len(batch), cfg.canvas_length), generator=generator)
+        logits = self.logits(batch.latent, layer, question, canvas)
+        return torch.nn.functional.cross_entropy(logits[:, ORACLE_POSITION].float(), batch.answer.to(logits.device))
 
     def train(
         self,
@@ -172,9 +175,7 @@ class ActivationOracle:
         if len(examples) == 0:
             raise ValueError("no examples to train the oracle on")
         generator = torch.Generator().manual_seed(seed)
-        groups = {}
-        for index, key in enumerate(zip(examples.layer.tolist(), examples.question, strict=True)):
-            groups.setdefault(key, []).append(index)
+        groups = grouped(examples)
         keys = sorted(groups)
         parameters = self.trained_parameters()
         for p in parameters:
@@ -184,9 +185,9 @@ class ActivationOracle:
             with torch.enable_grad():
                 for step in range(steps):
                     layer, question = keys[int(torch.randint(len(keys), (), generator=generator))]
-                    pool = torch.tensor(groups[(layer, question)])
+                    pool = groups[(layer, question)]
                     rows = pool[torch.randint(len(pool), (min(batch_size, len(pool)),), generator=generator)]
-                    loss = self.loss(examples.latent[rows], layer, question, examples.answer[rows], generator)
+                    loss = self.loss(examples.subset(rows), generator)
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
@@ -207,8 +208,7 @@ class ActivationOracle:
     ) -> Int[torch.Tensor, " batch"]:
         """The oracle's answer token for each latent: canvas-scope on the oracle model (residual route at
         `layer`, the question as target, one write-out step), read at the latent's position."""
-        if question not in QUESTIONS:
-            raise ValueError(f"unknown question {question!r}; the oracle is asked {sorted(QUESTIONS)}")
+        prompt = question_prompt(question)
         latents = self.check(latent, layer)
         with torch.no_grad():
             tokens = canvas_scope_tokens(
@@ -216,7 +216,7 @@ class ActivationOracle:
                 latents,
                 layer=layer,
                 position=ORACLE_POSITION,
-                target=QUESTIONS[question],
+                target=prompt,
                 route="resid",
                 write_steps=1,
                 seed=seed,
@@ -272,13 +272,9 @@ def compare_with_probes(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusionlens.lens.train_tuned import digit_tokens, toy_prompt_splits
-    from diffusionlens.model import HookedDiffusionGemma
+    from diffusionlens.lens.train_tuned import digit_tokens, start_experiment, toy_prompt_splits
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
+    model = start_experiment(args)
     prompts = toy_prompt_splits(args.train_prompts, 1, args.test_prompts, args.seed)
     data = {split: harvest_residuals(model, prompts[split], progress=False) for split in ("train", "test")}
     eos = [model.cfg.eos_token_id]
@@ -304,20 +300,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusionlens.lens.oracle", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="toy")
+    from diffusionlens.lens.train_tuned import experiment_parser, parse_experiment_args
+
+    parser = experiment_parser("python -m diffusionlens.lens.oracle", __doc__)
     parser.add_argument("--json", default=None, help="where to write the accuracy table")
-    parser.add_argument("--train-prompts", type=int, default=600)
-    parser.add_argument("--test-prompts", type=int, default=128)
-    parser.add_argument("--max-rows-per-step", type=int, default=200)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--first-trained-layer", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.command_line = "python -m diffusionlens.lens.oracle " + " ".join(argv if argv is not None else sys.argv[1:])
+    args = parse_experiment_args(parser, argv)
     report = run(args)
     for question, layers in report["accuracy"].items():
         for layer, cells in layers.items():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -106,8 +106,7 @@ def compare_readers(
     """Accuracy of the logit lens, `lens` (if given), linear probes trained on `probe_data`'s reading rows (if
     given; its prompts must be disjoint from `data`'s), canvas-scope by each of `routes` and the control, on
     the reading rows of `data` (from `harvest_residuals` on held-out prompts), by layer and step."""
-    eos = model.cfg.eos_token_id
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos_ids = model.cfg.eos_token_ids
     rows = reading_rows(data, eos_ids, read_tokens, max_rows_per_step, seed)
     if len(rows) == 0:
         raise ValueError("no reading rows: no answer position was read before its token was in the canvas")
@@ -141,32 +140,17 @@ def compare_readers(
             )
     if probe_data is not None and probe_rows is not None:
         correct["linear probe"] = probe_reads(probe_data.subset(probe_rows), sub) == sub.final_token
+    target_run = {"target": target, "write_steps": write_steps, "seed": seed}  # canvas-scope's and the control's
     bar = tqdm(total=len(routes) * n_layers * len(sub), desc="canvas-scope", disable=not progress)
     try:
         for route in routes:  # the latent of every layer; route "self_cond" writes it into the input
-            correct[f"canvas-scope ({route})"] = (
-                torch.stack(
-                    [
-                        scope_reads(
-                            model,
-                            sub,
-                            route,
-                            None if route == "self_cond" else layer,
-                            target,
-                            write_steps,
-                            batch_size,
-                            seed,
-                            bar,
-                            read_layer=layer,
-                        )
-                        for layer in range(n_layers)
-                    ]
-                )
-                == sub.final_token
-            )
-        correct[CONTROL] = (control_reads(model, sub, target, write_steps, seed) == sub.final_token).expand(
-            n_layers, -1
-        )
+            placed = {"route": route, **target_run}
+            reads = [
+                scope_reads(model, sub, layer, bar, batch_size, layer=None if route == "self_cond" else layer, **placed)
+                for layer in range(n_layers)
+            ]
+            correct[f"canvas-scope ({route})"] = torch.stack(reads) == sub.final_token
+        correct[CONTROL] = (control_reads(model, sub, **target_run) == sub.final_token).expand(n_layers, -1)
     finally:
         bar.close()
     steps = sub.steps()
@@ -197,32 +181,19 @@ def probe_reads(train: StepResiduals, sub: StepResiduals, l2: float = 1e-3) -> I
 def scope_reads(
     model: HookedDiffusionGemma,
     sub: StepResiduals,
-    route: str,
-    layer: int | None,
-    target: str,
-    write_steps: int,
-    batch_size: int,
-    seed: int,
+    read_layer: int,
     bar: tqdm,
-    read_layer: int | None = None,
+    batch_size: int,
+    **scope_options: Any,
 ) -> Int[torch.Tensor, " rows"]:
-    """The token canvas-scope writes at each row's position, from the row's latent at `read_layer` (default
-    `layer`) placed by `route` at `layer`."""
-    read_layer = layer if read_layer is None else read_layer
+    """The token canvas-scope writes at each row's position from the row's latent at `read_layer`, placed as
+    `scope_options` say (`canvas_scope_tokens`' keywords but `position`: `route=`, `layer=`, `target=`, …),
+    `batch_size` rows at a time."""
     out = []
     for start in range(0, len(sub), batch_size):
         rows = slice(start, start + batch_size)
         positions = sub.position[rows]
-        tokens = canvas_scope_tokens(
-            model,
-            sub.resid[rows, read_layer],
-            layer=layer,
-            position=positions,
-            target=target,
-            route=route,
-            write_steps=write_steps,
-            seed=seed,
-        )
+        tokens = canvas_scope_tokens(model, sub.resid[rows, read_layer], position=positions, **scope_options)
         out.append(tokens.cpu().gather(1, positions[:, None]).squeeze(1))
         bar.update(len(positions))
     return torch.cat(out)

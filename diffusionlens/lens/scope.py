@@ -132,37 +132,19 @@ def canvas_scope_tokens(
 def canvas_scope(
     model: HookedDiffusionGemma,
     latent: Float[torch.Tensor, "batch d_model"] | Float[torch.Tensor, " d_model"],
-    *,
-    layer: int | None,
-    position: int | Sequence[int] | Int[torch.Tensor, " batch"] = 0,
-    target: str | Sequence[str] | Int[torch.Tensor, "batch pos"] = "",
-    route: str = "resid",
-    write_steps: int = 3,
-    seed: int = 0,
-    **generate_kwargs: Any,
+    **scope_options: Any,
 ) -> str | list[str]:
-    """The text the denoiser writes with `latent` placed into the target run's canvas (see
-    `canvas_scope_tokens` for the arguments): cut at the first eos, special tokens dropped. One latent
-    `[d_model]` gives a string, a batch `[batch, d_model]` a list."""
-    tokens = canvas_scope_tokens(
-        model,
-        latent,
-        layer=layer,
-        position=position,
-        target=target,
-        route=route,
-        write_steps=write_steps,
-        seed=seed,
-        **generate_kwargs,
-    )
-    texts = [decode_until_eos(model, row) for row in tokens]
+    """The text the denoiser writes with `latent` placed into the target run's canvas: the canvas of
+    `canvas_scope_tokens(model, latent, **scope_options)` (`layer=` and the optional `position=`, `target=`,
+    `route=`, `write_steps=`, `seed=` and generation settings), cut at the first eos, special tokens dropped.
+    One latent `[d_model]` gives a string, a batch `[batch, d_model]` a list."""
+    texts = [decode_until_eos(model, row) for row in canvas_scope_tokens(model, latent, **scope_options)]
     return texts[0] if latent.ndim == 1 else texts
 
 
 def decode_until_eos(model: HookedDiffusionGemma, tokens: Int[torch.Tensor, " canvas"]) -> str:
     """A canvas as text: up to its first eos, special tokens dropped."""
-    eos = model.cfg.eos_token_id
-    eos_ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+    eos_ids = set(model.cfg.eos_token_ids)
     ids = tokens.tolist()
     cut = next((i for i, token in enumerate(ids) if token in eos_ids), len(ids))
     return model.to_string(ids[:cut], skip_special_tokens=True)

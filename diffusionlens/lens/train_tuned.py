@@ -25,7 +25,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from diffusionlens.lens.reading import ReadingTable, compare_readers
 from diffusionlens.lens.translators import KINDS
 from diffusionlens.lens.tuned import TunedLens
 from diffusionlens.toy.tasks import make_dataset
+
+if TYPE_CHECKING:
+    from diffusionlens.model import HookedDiffusionGemma
 
 
 def toy_prompt_splits(n_train: int, n_val: int, n_test: int, seed: int) -> dict[str, list[str]]:
@@ -102,14 +105,9 @@ def digit_tokens(model) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusionlens.model import HookedDiffusionGemma
-
-    torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    model = start_experiment(args)
     progress = not args.no_progress
-    model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     prompts = toy_prompt_splits(args.train_prompts, args.val_prompts, args.test_prompts, args.seed)
     data = {split: harvest_residuals(model, p, progress=progress) for split, p in prompts.items()}
     lenses = {
@@ -193,28 +191,46 @@ def write_report(directory: Path, report: dict[str, Any], chosen: str, reading: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusionlens.lens.train_tuned", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--model", default="toy", help="a checkpoint directory or 'toy'")
+    parser = experiment_parser("python -m diffusionlens.lens.train_tuned", __doc__)
     parser.add_argument("--out", required=True, help="the lens file to write (.safetensors)")
     parser.add_argument("--report", default=None, help="a directory for the tables, JSON and figures")
-    parser.add_argument("--train-prompts", type=int, default=600)
     parser.add_argument("--val-prompts", type=int, default=128)
-    parser.add_argument("--test-prompts", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--skip-scope", action="store_true", help="measure the lenses only, not canvas-scope")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    run(parse_experiment_args(parser, argv))
+
+
+def experiment_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line both reading-latents experiments share (this one and `lens.oracle`): the model, the
+    prompt counts, reading rows per step, the seed and torch's threads."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
+    parser.add_argument("--model", default="toy", help="a checkpoint directory or 'toy'")
+    parser.add_argument("--train-prompts", type=int, default=600)
+    parser.add_argument("--test-prompts", type=int, default=128)
     parser.add_argument("--max-rows-per-step", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (0: torch's default; one is fastest on a shared CPU)"
     )
-    parser.add_argument("--skip-scope", action="store_true", help="measure the lenses only, not canvas-scope")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return parser
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed arguments, with `command_line`: the command as typed, for the report."""
     args = parser.parse_args(argv)
-    args.command_line = "python -m diffusionlens.lens.train_tuned " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    run(args)
+    args.command_line = f"{parser.prog} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return args
+
+
+def start_experiment(args: argparse.Namespace) -> HookedDiffusionGemma:
+    """Seed torch, set its threads and load `args.model`: what both experiments do first."""
+    from diffusionlens.model import HookedDiffusionGemma
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return HookedDiffusionGemma.from_pretrained(args.model, progress=False)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ for another model (config, width, layers or weights), naming what differs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from diffusionlens.analysis.logit_lens import logit_lens_logits
 from diffusionlens.lens.fit import fit_translators
@@ -29,6 +26,7 @@ from diffusionlens.lens.harvest import StepResiduals, harvest_residuals
 from diffusionlens.lens.translators import ROWS_PER_DIMENSION, StepTranslators, fitted_bucket_starts
 from diffusionlens.sampling.settings import settings_of
 from diffusionlens.weights.fingerprint import fingerprint_mismatch, model_fingerprint
+from diffusionlens.weights.tensor_file import load_tensor_file, save_tensor_file
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -229,20 +227,16 @@ class TunedLens:
     def save(self, path: str | Path) -> Path:
         """Write the lens to one safetensors file (tensors, plus kind, steps, model config summary, model
         fingerprint and metadata as JSON in the header)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         translators = self.translators
-        header = {
-            "format": FORMAT_VERSION,
-            "bucket_starts": json.dumps(translators.bucket_starts),
-            "step_tables": json.dumps(translators.step_tables),
-            "max_steps": str(translators.max_steps),
-            "model_config": json.dumps(self.model_config, sort_keys=True),
-            "model_fingerprint": json.dumps(self.model_fingerprint, sort_keys=True),
-            "metadata": json.dumps(self.metadata, sort_keys=True),
+        fields = {
+            "bucket_starts": translators.bucket_starts,
+            "step_tables": translators.step_tables,
+            "max_steps": translators.max_steps,
+            "model_config": self.model_config,
+            "model_fingerprint": self.model_fingerprint,
+            "metadata": self.metadata,
         }
-        save_file(translators.tensors(), str(path), metadata=header)
-        return path
+        return save_tensor_file(path, translators.tensors(), FORMAT_VERSION, fields)
 
     @classmethod
     def load(cls, path: str | Path, model: HookedDiffusionGemma | None = None) -> TunedLens:
@@ -256,28 +250,13 @@ class TunedLens:
                 from diffusionlens.model import HookedDiffusionGemma
 
                 model = HookedDiffusionGemma.from_pretrained(name, progress=False)
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no tuned lens file at {path} (shipped lenses: {sorted(SHIPPED_LENSES)})")
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        if header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a diffusionlens tuned lens (format {header.get('format')!r})")
-        tensors = load_file(str(path))
+        shipped = f" (shipped lenses: {sorted(SHIPPED_LENSES)})"
+        header, tensors = load_tensor_file(path, FORMAT_VERSION, "tuned lens file", missing_hint=shipped)
         n_layers, _, d_model, _ = tensors["matrix"].shape
         translators = StepTranslators(
-            n_layers,
-            d_model,
-            int(header["max_steps"]),
-            json.loads(header["bucket_starts"]),
-            json.loads(header["step_tables"]),
+            n_layers, d_model, header["max_steps"], header["bucket_starts"], header["step_tables"]
         )
         translators.to(tensors["matrix"].dtype)
         translators.load_state_dict(tensors)
-        lens = cls(
-            translators,
-            json.loads(header["model_config"]),
-            json.loads(header["model_fingerprint"]),
-            json.loads(header["metadata"]),
-        )
+        lens = cls(translators, header["model_config"], header["model_fingerprint"], header["metadata"])
         return lens if model is None else lens.attach(model)

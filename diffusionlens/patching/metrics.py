@@ -40,13 +40,7 @@ class _OneStepLogitsMetric:
     def reads(self) -> dict[str, Any]:
         """What the metric reads: the run it is called on, at `canvas` and `step` (negative: from the
         last step of that run's own trajectory), its soft-capped logits."""
-        return {
-            "metric": type(self).__name__,
-            "run": "scored",
-            "canvas": self.canvas,
-            "step": self.step,
-            "logits": self.logits_read,
-        }
+        return reads_record(type(self).__name__, "scored", self.canvas, self.step, self.logits_read)
 
     def with_token_ids(self, model: Any) -> _OneStepLogitsMetric:
         """This metric with every token given as text replaced by its id (with `model.to_single_token`, so
@@ -138,7 +132,7 @@ class ExactMatch:
         return float((answer == self.target.to(answer.device)).all(-1).float().mean())
 
     def reads(self) -> dict[str, Any]:
-        return {"metric": "ExactMatch", "run": "scored", "canvas": self.canvas, "step": "final", "logits": None}
+        return reads_record("ExactMatch", "scored", self.canvas, "final", None)
 
 
 @dataclass(frozen=True)
@@ -152,13 +146,7 @@ class KLToClean:
 
     def reads(self) -> dict[str, Any]:
         """As `LogitDiff.reads`, of the scored run and of the clean run (each step counted on its own)."""
-        return {
-            "metric": "KLToClean",
-            "run": "scored and clean",
-            "canvas": self.canvas,
-            "step": self.step,
-            "logits": self.logits_read,
-        }
+        return reads_record("KLToClean", "scored and clean", self.canvas, self.step, self.logits_read)
 
     def __call__(self, run: PatchedRun) -> float:
         clean = torch.log_softmax(self.clean.logits_at(self.step, self.canvas).float(), -1)
@@ -193,7 +181,16 @@ def metric_reads(metric: Any) -> dict[str, Any]:
     inside that run is its own business: unknown here)."""
     if hasattr(metric, "reads"):
         return metric.reads()
-    return {"metric": repr(metric), "run": "scored", "canvas": None, "step": None, "logits": None}
+    return reads_record(repr(metric), "scored", None, None, None)
+
+
+def reads_record(
+    metric: str, run: str, canvas: int | None, step: int | str | list[int] | None, logits: str | None, **more: Any
+) -> dict[str, Any]:
+    """What a metric reads, in the keys every `reads()` shares: its name, the run it reads ("scored", …), the
+    canvas and step it reads there, and which logits (`POST_SOFTCAP`, `PRE_SOFTCAP`, or None for none); then
+    `more`."""
+    return {"metric": metric, "run": run, "canvas": canvas, "step": step, "logits": logits, **more}
 
 
 def sweep_metric_reads(metric: Any, mode: str, base: PatchedRun, per_cell: bool) -> dict[str, Any]:

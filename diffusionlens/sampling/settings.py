@@ -34,22 +34,30 @@ SAMPLER_FIELDS = (
 class GenerationSettings:
     """The sampler's settings, validated on construction (the errors name the fix).
 
-    The first six fields keep `SamplerSettings`' positional order. `eos_token_id` / `pad_token_id`
-    default to the model config's ids (`FROM_CONFIG`); `eos_token_id=None` disables eos stopping,
-    `pad_token_id=None` disables padding after a row stops. `record_top_k` keeps the top-k tokens
-    per position in the trace. Derive variants with `settings.replace(max_denoising_steps=6)`.
+    The first six fields keep `SamplerSettings`' positional order. Derive variants with
+    `settings.replace(max_denoising_steps=6)`.
     """
 
     max_denoising_steps: int = 48
+    """The most steps one canvas is denoised for (a row can stop earlier: `stability_threshold`)."""
     entropy_bound: float = 0.1
+    """A step accepts its lowest-entropy positions while their entropies, less the largest, sum to at most this."""
     t_min: float = 0.4
+    """The temperature the linear schedule approaches at the last step."""
     t_max: float = 0.8
+    """The temperature of the first step."""
     stability_threshold: int = 1
+    """A row stops once its argmax canvas held for this many steps and it is confident; 0 never stops early."""
     confidence_threshold: float = 0.005
+    """A row is confident when the mean entropy of its temperature-scaled logits is below this."""
     max_new_tokens: int = 256
+    """How many tokens to generate: `ceil(max_new_tokens / canvas_length)` canvases."""
     eos_token_id: int | tuple[int, ...] | None | str = FROM_CONFIG
+    """The id(s) that end a row: by default the model config's (`FROM_CONFIG`); None never stops at eos."""
     pad_token_id: int | None | str = FROM_CONFIG
+    """The id written after a row stops: by default the model config's (`FROM_CONFIG`); None writes no padding."""
     record_top_k: int = 0
+    """How many top tokens per position the trace keeps at each step (0: none)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, Iterable) and not isinstance(self.eos_token_id, str):

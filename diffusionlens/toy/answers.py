@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from diffusionlens.toy.tasks import ToyDataset
 
 
 @dataclass
@@ -10,6 +15,18 @@ class WrongAnswer:
     prompt: str
     output: str
     answer: str
+
+
+def wrong_answers(data: ToyDataset, outputs: Sequence[str]) -> list[WrongAnswer]:
+    """The problems of `data` whose output (`outputs`: one per problem, in `data`'s order) is not the answer,
+    in problem order."""
+    if len(outputs) != len(data.prompts):
+        raise ValueError(f"{len(outputs)} outputs for {len(data.prompts)} problems: give one output per problem")
+    return [
+        WrongAnswer(prompt, output, answer)
+        for prompt, output, answer in zip(data.prompts, outputs, data.answers, strict=True)
+        if output != answer
+    ]
 
 
 def format_wrong_answers(scores: dict) -> str:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling.bottleneck import TokenBottleneck
 from diffusionlens.sampling.noise import ReplayNoise
-from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers
+from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers, wrong_answers
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas
@@ -48,7 +48,7 @@ def evaluate(
     scores = {}
     for task in tasks or list(TASKS):
         data = make_dataset(task, n, seed=seed, split="eval")
-        wrong, steps = [], 0.0
+        outputs, steps = [], 0.0
         for start in range(0, n, batch_size):
             chunk = data.examples[start : start + batch_size]
             batch = make_batch(tokenizer, chunk, CANVAS_LENGTH)
@@ -58,11 +58,9 @@ def evaluate(
                     batch["input_ids"], attention_mask=batch["attention_mask"], progress=progress, **kwargs
                 )
             canvas = result.sequences[:, batch["input_ids"].shape[1] :][:, :CANVAS_LENGTH]
-            for row, example in enumerate(chunk):
-                output = decode_canvas(tokenizer, canvas[row].tolist())
-                if output != example.answer:
-                    wrong.append(WrongAnswer(example.prompt, output, example.answer))
+            outputs += [decode_canvas(tokenizer, row.tolist()) for row in canvas]
             steps += float(result.trace[0].stop_step().float().add(1).sum())
+        wrong = wrong_answers(data, outputs)
         scores[task] = TaskScore(task, n, (n - len(wrong)) / n, steps / n, wrong)
     return scores
 

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,38 +70,51 @@ def toy_config(**overrides) -> DiffusionGemmaConfig:
     return DiffusionGemmaConfig(**base)
 
 
+def setting(default: Any, about: str) -> Any:
+    """A settings field: its default, and the help text of its flag in the trainers' command line
+    (`run_training_command`)."""
+    return field(default=default, metadata={"help": about})
+
+
 @dataclass
 class CommonTrainSettings:
     """The settings both toy trainers read (this one and `train_ar`'s twin): schedule, optimiser,
     evaluation and checkpoint cadence, the task mix. Each trainer's own settings extend it."""
 
-    steps: int = 6000
-    batch_size: int = 64
-    lr: float = 3e-3
-    min_lr: float = 1e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_every: int = 500
-    eval_examples: int = 64
-    save_every: int = 250
-    seed: int = 0
-    task_weights: str = ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items())
-    # A checkpoint directory to start from (weights only, fresh optimiser and schedule): continues an
-    # earlier run whose optimiser state is gone. Ignored when --out already holds a run to resume.
-    init_from: str = ""
+    steps: int = setting(6000, "optimiser steps; the cosine schedule reaches --min-lr at the last")
+    batch_size: int = setting(64, "training examples per step")
+    lr: float = setting(3e-3, "the peak learning rate, reached after --warmup linearly rising steps")
+    min_lr: float = setting(1e-4, "the learning rate the cosine schedule ends at")
+    warmup: int = setting(200, "steps of linear learning-rate warmup")
+    weight_decay: float = setting(0.01, "AdamW's weight decay")
+    grad_clip: float = setting(1.0, "the gradient norm is clipped to this before each step")
+    eval_every: int = setting(500, "evaluate on held-out problems every this many steps")
+    eval_examples: int = setting(64, "held-out problems per task in each evaluation")
+    save_every: int = setting(250, "write a checkpoint every this many steps (and at the last)")
+    seed: int = setting(
+        0, "seeds the initial weights, the noise and the data stream (a pure function of seed and step)"
+    )
+    task_weights: str = setting(
+        ",".join(f"{task}={weight}" for task, weight in TASK_WEIGHTS.items()),
+        "the task mix, e.g. addition=0.5,squares=0.5",
+    )
+    init_from: str = setting(
+        "",
+        "a checkpoint directory to start from (weights only, fresh optimiser and schedule): continues an earlier "
+        "run whose optimiser state is gone; ignored when --out already holds a run to resume",
+    )
 
 
 @dataclass
 class TrainSettings(CommonTrainSettings):
     """The diffusion toy's settings: the common ones, then self-conditioning and the pad weight."""
 
-    self_cond_prob: float = 0.5
-    t_min: float = 0.4
-    t_max: float = 0.8
+    self_cond_prob: float = setting(0.5, "the share of batches trained with self-conditioning")
+    t_min: float = setting(0.4, "self-conditioning logits are divided by a temperature drawn from [t-min, t-max]")
+    t_max: float = setting(0.8, "see --t-min")
     # Pads fill most of the 48-token canvas and are learnt at once; full weight on them would drown the
     # answer positions (and short-answer tasks most of all).
-    pad_weight: float = 0.1
+    pad_weight: float = setting(0.1, "the loss weight of pad targets")
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
@@ -306,8 +319,9 @@ def run_training_command(
     argv, prog, description, out = command
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", default=out)
-    for name, value in asdict(settings_class()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    for setting_field in fields(settings_class):
+        flag, default = f"--{setting_field.name.replace('_', '-')}", setting_field.default
+        parser.add_argument(flag, type=type(default), default=default, help=setting_field.metadata.get("help"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = settings_class(**{k: getattr(args, k) for k in asdict(settings_class())})

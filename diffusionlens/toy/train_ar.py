@@ -33,6 +33,7 @@ from diffusionlens.toy.train import (
     learning_rate,
     run_training_command,
     save_checkpoint,
+    setting,
     start_run,
     training_examples,
 )
@@ -46,15 +47,15 @@ class ARTrainSettings(CommonTrainSettings):
     """The twin's settings: the diffusion trainer's common ones (fewer steps, 50 evaluation examples), then a
     time budget, the device and where a staged run's data stream goes on from."""
 
-    steps: int = 4000
-    eval_examples: int = 50
-    # A wall-clock budget (0: none): the cosine schedule then runs on whichever of steps or seconds is
-    # further along, so the learning rate has decayed when the budget ends; training stops there.
-    max_seconds: float = 0.0
-    device: str = "cpu"  # "cuda" trains on a GPU (float32; the data stream is the same)
-    # With `init_from` the data stream goes on from `init_step`, so a later stage does not replay the
-    # batches an earlier one saw.
-    init_step: int = 0
+    steps: int = setting(4000, "optimiser steps; the cosine schedule reaches --min-lr at the last")
+    eval_examples: int = setting(50, "held-out problems per task in each evaluation")
+    # The cosine schedule runs on whichever of steps or seconds is further along, so the learning rate has
+    # decayed when the budget ends.
+    max_seconds: float = setting(0.0, "a wall-clock budget (0: none); training stops there")
+    device: str = setting("cpu", "cuda trains on a GPU (float32; the data stream is the same)")
+    init_step: int = setting(
+        0, "with --init-from, where the data stream goes on from, so a later stage does not replay earlier batches"
+    )
 
 
 def toy_ar_config():

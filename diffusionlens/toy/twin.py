@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusionlens.causal_lm import HookedGemma4CausalLM
-from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers
+from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers, wrong_answers
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, build_tokenizer, decode_canvas, encode_prompt
 
@@ -49,20 +49,18 @@ def evaluate_ar(
         prompts = [encode_prompt(tokenizer, p) for p in data.prompts]
         for i, ids in enumerate(prompts):
             by_length[len(ids)].append(i)
-        wrong, new_tokens = [], 0
+        outputs, new_tokens = [""] * n, 0
         for rows in by_length.values():
             ids = torch.tensor([prompts[i] for i in rows], device=next(model.parameters()).device)
             with torch.inference_mode():
                 out = model.generate(ids, max_new_tokens)
             for row, i in enumerate(rows):
                 generated = out[row, ids.shape[1] :].tolist()
-                output = decode_canvas(tokenizer, generated)
-                if output != data.answers[i]:
-                    wrong.append((i, WrongAnswer(data.prompts[i], output, data.answers[i])))
+                outputs[i] = decode_canvas(tokenizer, generated)  # problem order, not batch order
                 eos = tokenizer.eos_token_id
                 new_tokens += generated.index(eos) + 1 if eos in generated else len(generated)
-        in_order = [w for _, w in sorted(wrong, key=lambda pair: pair[0])]  # problem order, not batch order
-        scores[task] = ARTaskScore(task, n, (n - len(wrong)) / n, new_tokens / n, in_order)
+        wrong = wrong_answers(data, outputs)
+        scores[task] = ARTaskScore(task, n, (n - len(wrong)) / n, new_tokens / n, wrong)
     return scores
 
 

@@ -240,6 +240,33 @@ def test_probe_reader_is_trained_on_other_runs_and_scored_by_step(toy, held_out)
         compare_readers(toy, held_out, probe_data=held_out, routes=(), progress=False)
 
 
+def test_canvas_scope_readers_are_canvas_scope_tokens_at_each_rows_position(toy, held_out):
+    from diffusionlens.lens.reading import CONTROL, compare_readers, reading_rows
+
+    table = compare_readers(toy, held_out, max_rows_per_step=2, progress=False)
+    sub = held_out.subset(reading_rows(held_out, toy.cfg.eos_token_ids, None, 2))
+    layer, positions = 1, sub.position
+
+    def accuracy(tokens: torch.Tensor) -> torch.Tensor:
+        right = tokens.gather(1, positions[:, None]).squeeze(1) == sub.final_token
+        return torch.stack([right[sub.step == s].float().mean() for s in table.steps])
+
+    for route, write_layer in (("resid", layer), ("self_cond", None)):
+        tokens = canvas_scope_tokens(toy, sub.resid[:, layer], layer=write_layer, position=positions, route=route)
+        assert torch.equal(table.accuracy[f"canvas-scope ({route})"][layer], accuracy(tokens))
+    # the control: the bare target run, no latent written
+    ids, mask = toy.to_tokens_and_mask([""] * len(sub))
+    plain = toy.generate(
+        ids,
+        attention_mask=mask,
+        noise=RowReplayNoise([0] * len(sub)),
+        max_new_tokens=toy.cfg.canvas_length,
+        max_denoising_steps=3,
+        progress=False,
+    )
+    assert torch.equal(table.accuracy[CONTROL][layer], accuracy(plain.trace[0].final))
+
+
 def test_logistic_probe_predicts_only_training_classes():
     from diffusionlens.features.probes import fit_logistic_probe
 

@@ -138,7 +138,7 @@ def test_dla_reports_its_logit_before_and_after_the_softcap_as_logit_diff_reads_
     run = record_run(toy, ids, noise=ReplayNoise(40))
     dla = dla_by_step(cache, "8", other="7", position=0)
     assert dla.logits_read == PRE_SOFTCAP and dla.reads()["logits"] == PRE_SOFTCAP
-    assert dla.reads()["step"] == dla.steps and dla.reads()["canvas"] == 0
+    assert dla.reads()["step"] == dla.steps and dla.reads()["canvas"] == 0 and dla.reads()["row"] == 0
     for i, step in enumerate(dla.steps):
         metric = LogitDiff(0, "8", "7", step=step).with_token_ids(toy)
         logits = run.logits_at(step)

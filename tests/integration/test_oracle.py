@@ -48,9 +48,11 @@ def test_training_lowers_the_oracle_loss(toy, examples):
             question, layer = examples.question[0], int(examples.layer[0])
             same = [i for i in rows.tolist() if examples.question[i] == question and examples.layer[i] == layer]
             generator = torch.Generator().manual_seed(99)
-            return float(oracle.loss(examples.latent[same], layer, question, examples.answer[same], generator))
+            return float(oracle.loss(examples.subset(torch.tensor(same)), generator))
 
     start = held_loss()
+    with pytest.raises(ValueError, match="one question at one layer"):
+        oracle.loss(examples, torch.Generator())  # every layer and question at once
     losses = oracle.train(examples, steps=40, batch_size=32, lr=1e-3)
     assert len(losses) == 40 and held_loss() < start
     # the copy was trained, never the model it was copied from
@@ -70,3 +72,15 @@ def test_oracle_refuses_bad_input(toy, examples):
         oracle.answer_tokens(torch.zeros(d_model), layer=1, question="colour")
     with pytest.raises(ValueError, match="first_trained_layer"):
         ActivationOracle(toy, first_trained_layer=-1)
+
+
+def test_the_reading_experiments_share_one_command_line():
+    from diffusionlens.lens.train_tuned import experiment_parser, parse_experiment_args
+
+    parser = experiment_parser("python -m diffusionlens.lens.oracle", "An oracle.\n\nMore.")
+    parser.add_argument("--steps", type=int, default=300)
+    args = parse_experiment_args(parser, ["--seed", "3", "--threads", "0", "--steps", "5"])
+    shared = (args.model, args.train_prompts, args.test_prompts, args.max_rows_per_step, args.seed, args.threads)
+    assert shared == ("toy", 600, 128, 200, 3, 0) and args.steps == 5
+    assert args.command_line == "python -m diffusionlens.lens.oracle --seed 3 --threads 0 --steps 5"
+    assert parser.description == "An oracle."

@@ -149,3 +149,19 @@ def test_training_command_reads_its_flags_and_evaluates_with_them(tmp_path, modu
     }
     scores = state["log"][-1]["eval"]
     assert scores and set(scores.values()) <= {0.0, 1.0}  # one example per task: all or nothing
+
+
+@pytest.mark.parametrize("module", ["train", "train_ar"])
+def test_every_training_flag_says_what_it_sets(module, capsys, monkeypatch):
+    import importlib
+    from dataclasses import fields
+
+    trainer = importlib.import_module(f"diffusionlens.toy.{module}")
+    settings_class = trainer.ARTrainSettings if module == "train_ar" else trainer.TrainSettings
+    helps = {f.name: f.metadata.get("help") for f in fields(settings_class)}
+    assert all(helps.values()), [name for name, text in helps.items() if not text]
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help text to the terminal, hyphens included
+    with pytest.raises(SystemExit):
+        trainer.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert all(" ".join(text.split()) in shown for text in helps.values())

@@ -26,6 +26,7 @@ from diffusionlens.graphs.validate import (
     check_graph,
     direct_effects,
     graph_target,
+    intervention_agreement,
     pearson,
     replacement_target_changes,
     spearman,
@@ -150,6 +151,29 @@ def test_check_graph_reports_each_node_and_random_features(setup):
         assert node.predicted == -node.total and math.isfinite(node.measured)
         assert node.steer_predicted == pytest.approx(node.total)
     assert len(result.table().splitlines()) == 1 + 4 + 3
+
+
+def test_intervention_agreement_takes_attributes_keywords_and_checks_the_same_graph(setup):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
+        result = intervention_agreement(
+            setup.model,
+            setup.transcoders,
+            PROMPT,
+            TARGET,
+            noise=ReplayNoise(0),
+            max_feature_nodes=None,
+            row_chunk=3,
+            store_on="cpu",
+            top_n=2,
+            n_random=1,
+            **OPTIONS,
+        )
+    assert result.graph.kind == setup.graph.kind
+    # row chunks regroup the same per-row sums: equal up to the order of float64 reductions
+    torch.testing.assert_close(result.graph.dense(), setup.graph.dense(), atol=1e-12, rtol=0)
+    assert result.graph.metadata["generate_options"] == {k: repr(v) for k, v in OPTIONS.items()}
+    assert result.summary["replay_gap"] < ATOL and len(result.nodes) == 2 and len(result.random) == 1
 
 
 def test_refusals(setup):

@@ -428,3 +428,18 @@ def test_squares_sampler_covers_every_count_and_start():
         seen.add((k, r - 1 if k == 0 else r))
     expected = {(0, r) for r in range(1, 32)} | {(k, r) for k in range(1, 9) for r in range(2, 32 - k + 1)}
     assert seen == expected
+
+
+def test_wrong_answers_are_the_mismatched_problems_in_problem_order():
+    from diffusionlens.toy.answers import WrongAnswer, wrong_answers
+
+    data = make_dataset("reverse", 5, seed=3, split="eval")
+    outputs = list(data.answers)
+    outputs[3], outputs[1] = "x", ""
+    assert wrong_answers(data, outputs) == [
+        WrongAnswer(data.prompts[1], "", data.answers[1]),
+        WrongAnswer(data.prompts[3], "x", data.answers[3]),
+    ]
+    assert wrong_answers(data, data.answers) == []
+    with pytest.raises(ValueError, match="4 outputs for 5 problems"):
+        wrong_answers(data, outputs[:4])
