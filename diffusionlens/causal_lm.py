@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusionlens.components.embed import PlacedByEmbedding
 from diffusionlens.components.prompt_state import PromptState
 from diffusionlens.components.stacks import EncoderStack
 from diffusionlens.config import DiffusionGemmaConfig, config_dict
@@ -126,8 +127,10 @@ class CausalStep:
     state: PromptState
 
 
-class HookedGemma4CausalLM(HookedRootModule):
+class HookedGemma4CausalLM(PlacedByEmbedding, HookedRootModule):
     """A causal Gemma 4 text LM (DiffusionGemma's block) with a hook point on every intermediate value."""
+
+    embedding_stack = "causal"
 
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
@@ -197,16 +200,6 @@ class HookedGemma4CausalLM(HookedRootModule):
         write_config_files(directory, causal_config_to_hf(self.cfg), self.cfg, self.dtype)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The model's dtype: its token embedding's (`from_pretrained(dtype=...)` gives every weight this one)."""
-        return self.causal.embed.W_E.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The model's device (it loads onto one): its token embedding's, where input ids go."""
-        return self.causal.embed.W_E.device
 
     # ------------------------------------------------------------------ passes
     def step(

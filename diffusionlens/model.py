@@ -14,6 +14,7 @@ from jaxtyping import Bool, Float, Int
 
 from diffusionlens.cache.selectors import axis_keeping, check_selector, resolve_layer
 from diffusionlens.components.attention import Attention
+from diffusionlens.components.embed import PlacedByEmbedding
 from diffusionlens.components.moe import MoE
 from diffusionlens.components.partial_forward import check_layer_order, check_residual, check_return_type
 from diffusionlens.components.prompt_state import PromptState
@@ -37,13 +38,15 @@ if TYPE_CHECKING:
     from diffusionlens.weights.tl_weights import ModelWeights
 
 
-class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
+class HookedDiffusionGemma(TokenHelpers, StackedWeights, PlacedByEmbedding, HookedRootModule):
     """Encoder (causal, writes the prompt's keys/values) + decoder (bidirectional over prompt and
     canvas, self-conditioned on the previous step's logits) + soft-capped tied LM head.
 
     The two stacks are separate module trees, so every hook name exists once per stack, but they
     share every parameter except each block's `layer_scalar` buffer, as the checkpoint does.
     """
+
+    embedding_stack = "decoder"
 
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
@@ -86,16 +89,6 @@ class HookedDiffusionGemma(TokenHelpers, StackedWeights, HookedRootModule):
     # device_map / max_memory placement; sharded safetensors out).
     from_pretrained = classmethod(load_pretrained)
     save_pretrained = _save_pretrained
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The model's dtype: its token embedding's (`from_pretrained(dtype=...)` gives every weight this one)."""
-        return self.decoder.embed.W_E.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Where input ids go: the token embedding's device (with a `device_map`, later blocks may sit elsewhere)."""
-        return self.decoder.embed.W_E.device
 
     # ------------------------------------------------------------------ passes
     def encode(

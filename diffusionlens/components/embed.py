@@ -1,4 +1,5 @@
-"""Token embedding scaled by sqrt(d_model), the scale rounded to the weights' dtype as the reference does."""
+"""Token embedding scaled by sqrt(d_model), the scale rounded to the weights' dtype as the reference does; and
+the `dtype` / `device` every model reads from its token embedding."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ class Embed(nn.Module):
     def soft(self, probs: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch pos d_model"]:
         """Expected embedding under a distribution over the vocabulary (self-conditioning's input)."""
         return torch.matmul(probs.to(self.W_E.dtype), self.W_E) * self.embed_scale.to(self.W_E.dtype)
+
+
+class PlacedByEmbedding:
+    """`dtype` and `device` of a model: its token embedding's, the one that takes the input ids. A model
+    names the stack holding that embedding in `embedding_stack`."""
+
+    embedding_stack: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: its token embedding's (`from_pretrained(dtype=...)` gives every weight this one)."""
+        return getattr(self, self.embedding_stack).embed.W_E.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go: the token embedding's device (with a `device_map`, later blocks may sit elsewhere)."""
+        return getattr(self, self.embedding_stack).embed.W_E.device
