@@ -21,12 +21,12 @@ from jaxtyping import Float, Int
 from diffusionlens.graphs.graph import Graph
 from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
 from diffusionlens.graphs.trajectory import Trajectory, record_trajectory
+from diffusionlens.graphs.transcoders import TranscoderSet
 
 #: `attribute`'s keywords that shape the graph (`attribute_trajectory`'s); the others say which run to record.
 GRAPH_OPTIONS = ("max_feature_nodes", "min_influence", "row_chunk")
 
 if TYPE_CHECKING:
-    from diffusionlens.graphs.transcoders import TranscoderSet
     from diffusionlens.model import HookedDiffusionGemma
 
 

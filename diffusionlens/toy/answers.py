@@ -1,4 +1,4 @@
-"""Wrong answers of a toy model, diffusion or autoregressive: what `evaluate --errors` lists."""
+"""Scores and wrong answers of a toy model, diffusion or autoregressive: what `evaluate --errors` lists."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ class WrongAnswer:
     answer: str
 
 
+@dataclass
+class ScoredTask:
+    """Exact match on `n` held-out problems of one task. Each evaluator's score adds its cost per problem
+    (denoising steps, generated tokens) and the wrong answers."""
+
+    task: str
+    n: int
+    exact_match: float
+
+
 def wrong_answers(data: ToyDataset, outputs: Sequence[str]) -> list[WrongAnswer]:
     """The problems of `data` whose output (`outputs`: one per problem, in `data`'s order) is not the answer,
     in problem order."""
@@ -31,7 +41,7 @@ def wrong_answers(data: ToyDataset, outputs: Sequence[str]) -> list[WrongAnswer]
 
 def format_wrong_answers(scores: dict) -> str:
     """Every wrong answer, by task: `prompt -> output (answer: ...)`, for reading what a model gets wrong.
-    `scores` maps tasks to scores with `task`, `n` and `wrong` (a list of `WrongAnswer`)."""
+    `scores` maps tasks to `ScoredTask`s with a `wrong` list of `WrongAnswer`."""
     lines = []
     for score in scores.values():
         lines.append(f"{score.task}: {len(score.wrong)} wrong of {score.n}")

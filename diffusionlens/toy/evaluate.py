@@ -16,18 +16,15 @@ from tqdm.auto import tqdm
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.sampling.bottleneck import TokenBottleneck
 from diffusionlens.sampling.noise import ReplayNoise
-from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers, wrong_answers
+from diffusionlens.toy.answers import ScoredTask, WrongAnswer, format_wrong_answers, wrong_answers
 from diffusionlens.toy.data import make_batch
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas
 
 
 @dataclass
-class TaskScore:
-    task: str
-    n: int
-    exact_match: float
-    mean_steps: float
+class TaskScore(ScoredTask):
+    mean_steps: float  # denoising steps per problem
     wrong: list[WrongAnswer] = field(default_factory=list)
 
 

@@ -14,16 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusionlens.causal_lm import HookedGemma4CausalLM
-from diffusionlens.toy.answers import WrongAnswer, format_wrong_answers, wrong_answers
+from diffusionlens.toy.answers import ScoredTask, WrongAnswer, format_wrong_answers, wrong_answers
 from diffusionlens.toy.tasks import TASKS, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, build_tokenizer, decode_canvas, encode_prompt
 
 
 @dataclass
-class ARTaskScore:
-    task: str
-    n: int
-    exact_match: float
+class ARTaskScore(ScoredTask):
     mean_new_tokens: float  # forward passes per problem (one per generated token, eos included)
     wrong: list[WrongAnswer] = field(default_factory=list)
 
