@@ -58,6 +58,15 @@ def public_members(obj: object) -> list[tuple[str, object]]:
         if name.startswith("_") or not (callable(member) or isinstance(member, property)):
             continue
         members.append((name, member))
+    # Properties a class takes from one of our mixins (a model's dtype and device) are part of its surface.
+    own = {name for name, _ in members}
+    for base in inspect.getmro(obj)[1:]:
+        if not base.__module__.startswith("diffusionlens."):
+            continue
+        for name, member in vars(base).items():
+            if isinstance(member, property) and not name.startswith("_") and name not in own:
+                members.append((name, member))
+                own.add(name)
     return members
 
 
