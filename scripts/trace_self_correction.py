@@ -1,0 +1,322 @@
+"""Trace a squares-count self-correction through denoising steps with an attribution graph (#35, item 7).
+
+    python scripts/trace_self_correction.py --model runs/organism3 --transcoders runs/organism3-transcoders.safetensors
+
+Finds the squares runs (held-out prompts × seeds, as scripts/organism_corrections.py) in which an accepted
+count digit is later replaced by the digit the run ends with, and for each traced correction (`--traces`):
+
+- builds the attribution graph of the corrected count at the step that changed it, on the same trajectory
+  (`ReplayNoise(seed)`), as the logit difference corrected token - first (wrong) token;
+- splits the target by source step and kind, and by channel: what earlier steps hand on through
+  self-conditioning, the canvas tokens the step reads, that step's own error nodes and feature biases, the
+  prompt (`diffusionlens.graphs.breakdown`);
+- lists the top features by influence with (step, layer, position, what the position holds in the final
+  answer: the count, the colon, list item k, a separator, eos or a pad) and activation, and the canvas-token
+  sources (direct edge into the target, total effect) with what they held at their step;
+- ablates the top-k features each alone and all together at their steps in the real model (the trajectory
+  replayed with recorded canvases, `diffusionlens.graphs.validate`), against k random active features at the
+  same steps, and sets the change of the target against the graph's prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from organism_corrections import analyse_run, answer_layout  # the sibling script: same events, same layout
+
+from diffusionlens import HookedDiffusionGemma
+from diffusionlens.graphs.attribution import attribute_trajectory
+from diffusionlens.graphs.breakdown import channel_breakdown, node_contributions, step_breakdown
+from diffusionlens.graphs.replacement import ReplacementModel, recorded_sources
+from diffusionlens.graphs.splicing import FeatureIntervention
+from diffusionlens.graphs.trajectory import record_trajectory
+from diffusionlens.graphs.transcoders import load_transcoders
+from diffusionlens.graphs.validate import (
+    RecordedRun,
+    check_graph,
+    direct_effects,
+    graph_target,
+    replacement_target_changes,
+    total_effects,
+)
+from diffusionlens.sampling.noise import ReplayNoise
+from diffusionlens.toy.tasks import make_dataset
+
+
+def position_roles(final: list[int], tokenizer) -> list[str]:
+    """What each canvas position holds in the run's final answer: 'count', ':', 'item k' (1-based, the k-th
+    square in the list), 'sep' (a space between items), 'eos', or 'pad' (after the answer)."""
+    count_positions, list_positions = answer_layout(final, tokenizer)
+    roles = ["pad"] * len(final)
+    for p in count_positions:
+        roles[p] = "count"
+    if list_positions:
+        roles[list_positions[0] - 1] = ":"
+        item, previous_sep = 0, True
+        for p in list_positions:
+            if tokenizer.decode([final[p]]).strip() == "":
+                roles[p], previous_sep = "sep", True
+                continue
+            item += previous_sep
+            roles[p], previous_sep = f"item {item}", False
+        end = list_positions[-1] + 1
+        if end < len(final):
+            roles[end] = "eos"
+    return roles
+
+
+@torch.no_grad()
+def find_events(model, prompts: list[str], seeds: int) -> tuple[list[dict], int]:
+    """scripts/organism_corrections.py's count-correction events, each with what the canvas the replacing
+    step read held at the position: the old token (the model overruled its own canvas), the new one (the
+    sampler drew it there at the step before, and the model endorsed the draw), or another."""
+    events = []
+    for prompt in prompts:
+        for seed in range(seeds):
+            found = analyse_run(model, model.tokenizer, prompt, seed)
+            if not found:
+                continue
+            trace = model.generate(model.to_tokens(prompt), noise=ReplayNoise(seed), progress=False).trace[0]
+            for event in found:
+                read = model.tokenizer.decode([int(trace.input_canvas[event["step_replaced"], 0, event["position"]])])
+                event["canvas_read"] = {event["old"]: "old", event["new"]: "new"}.get(read, "other")
+            events.extend(found)
+    return events, len(prompts) * seeds
+
+
+def feature_rows(graph, roles, influence, total, direct, top: int) -> list[dict]:
+    features = graph.indices("feature")
+    order = features[torch.argsort(influence[features], descending=True)[:top]].tolist()
+    return [
+        dict(
+            step=int(graph.step[i]),
+            layer=int(graph.layer[i]),
+            position=int(graph.position[i]),
+            holds=roles[int(graph.position[i])],
+            feature=int(graph.feature[i]),
+            activation=round(float(graph.activation[i]), 4),
+            influence=round(float(influence[i]), 4),
+            total_effect=round(float(total[i]), 4),
+            direct_effect=round(float(direct[i]), 4),
+        )
+        for i in order
+    ]
+
+
+def token_rows(graph, roles, tokenizer, final, contribution, direct, top: int) -> list[dict]:
+    """Canvas-token source nodes by |total effect|: what they held at their step and in the final answer."""
+    tokens = graph.indices("token")
+    order = tokens[torch.argsort(contribution[tokens].abs(), descending=True)[:top]].tolist()
+    rows = []
+    for i in order:
+        position, token = int(graph.position[i]), int(graph.token[i])
+        rows.append(
+            dict(
+                step=int(graph.step[i]),
+                position=position,
+                holds=roles[position],
+                token=tokenizer.decode([token]),
+                is_final_token=token == final[position],
+                total_effect=round(float(contribution[i]), 4),
+                direct_effect=round(float(direct[i]), 4),
+            )
+        )
+    return rows
+
+
+def joint_ablations(model, transcoders, ids, trajectory, graph, seed, agreement) -> dict:
+    """The top features ablated together, and as many random active ones together: predicted (sum of minus
+    the total effects; the replacement model with gates frozen, which counts shared paths once; with JumpReLU
+    gates) against the real model's change."""
+    target = graph_target(graph)
+    run = RecordedRun(model, transcoders, ids, trajectory, target, noise=ReplayNoise(seed))
+    replacement = ReplacementModel(model, transcoders, trajectory)
+    sources = recorded_sources(trajectory, transcoders)
+
+    def ablate(nodes) -> list[FeatureIntervention]:
+        return [FeatureIntervention(n.step, n.layer, n.position, n.feature, 0.0) for n in nodes]
+
+    result = {"clean": run.clean, "replay_gap": run.replay_gap}
+    earlier = [n for n in agreement.nodes if n.step < target[0]]
+    for name, nodes in (("top", agreement.nodes), ("top_earlier_steps", earlier), ("random", agreement.random)):
+        if not nodes:
+            continue
+        edits = ablate(nodes)
+        linear, jumprelu = (
+            replacement_target_changes(replacement, sources, target, [edits], r)[0] for r in ("linear", "jumprelu")
+        )
+        result[name] = dict(
+            n=len(nodes),
+            sum_of_predicted=sum(n.predicted for n in nodes),
+            replacement_linear=linear,
+            replacement_jumprelu=jumprelu,
+            real=run.target_change(edits),
+        )
+    return result
+
+
+def trace_event(model, transcoders, event: dict, args) -> dict:
+    tokenizer = model.tokenizer
+    ids = model.to_tokens(event["prompt"])
+    noise = ReplayNoise(event["seed"])
+    trajectory = record_trajectory(model, ids, noise=noise)
+    new, old = model.to_single_token(event["new"]), model.to_single_token(event["old"])
+    step, position = event["step_replaced"], event["position"]
+    target = dict(position=position, step=step, token=(new, old))
+    start = time.perf_counter()
+    graph = attribute_trajectory(model, transcoders, trajectory, target, max_feature_nodes=args.max_feature_nodes)
+    seconds = time.perf_counter() - start
+    final = trajectory.steps[-1].logits.argmax(-1).tolist()
+    roles = position_roles(final, tokenizer)
+    influence, total, direct = graph.node_influence(), total_effects(graph), direct_effects(graph)
+    contribution = node_contributions(graph)
+    by_step, by_channel = step_breakdown(graph), channel_breakdown(graph)
+    before = [
+        float(trajectory.steps[s].pre_logits[position, new] - trajectory.steps[s].pre_logits[position, old])
+        for s in range(step + 1)
+    ]
+    agreement = check_graph(
+        model, transcoders, ids, trajectory, graph, noise=noise, top_n=args.top_k, steer=None, n_random=args.top_k
+    )
+    joint = joint_ablations(model, transcoders, ids, trajectory, graph, event["seed"], agreement)
+    canvases = [tokenizer.decode(trajectory.steps[s].canvas.tolist()) for s in range(trajectory.n_steps)]
+    return dict(
+        event=event,
+        final_answer=tokenizer.decode(final),
+        n_steps=trajectory.n_steps,
+        canvases=canvases,
+        logit_difference_by_step=[round(x, 4) for x in before],
+        graph=dict(
+            seconds=round(seconds, 1),
+            n_features=len(graph.indices("feature")),
+            max_feature_nodes=args.max_feature_nodes,
+            target_value=by_step.target,
+            unattributed=by_step.unattributed,
+            replacement_score=graph.replacement_score,
+            completeness_score=graph.completeness_score,
+        ),
+        by_step=[vars(r) for r in by_step.rows],
+        by_channel=[vars(r) for r in by_channel.rows],
+        top_features=feature_rows(graph, roles, influence, total, direct, args.show),
+        token_sources=token_rows(graph, roles, tokenizer, final, contribution, direct, args.show),
+        direct_token_sources=[
+            r for r in token_rows(graph, roles, tokenizer, final, direct, direct, args.show) if r["direct_effect"] != 0
+        ],
+        ablations=dict(
+            summary=agreement.summary,
+            nodes=[vars(n) | {"predicted": n.predicted, "holds": roles[n.position]} for n in agreement.nodes],
+            random=[vars(n) | {"holds": roles[n.position]} for n in agreement.random],
+            joint=joint,
+        ),
+    )
+
+
+def print_trace(trace: dict) -> None:
+    e, g = trace["event"], trace["graph"]
+    answer = trace["final_answer"].replace("<pad>", "")
+    print(
+        f"\n=== {e['prompt']!r} seed {e['seed']}: count position {e['position']} {e['old']!r} (held from step "
+        f"{e['step_held']}) -> {e['new']!r} at step {e['step_replaced']} (its canvas held the {e['canvas_read']} "
+        f"token there); final answer {answer!r}"
+    )
+    for s, canvas in enumerate(trace["canvases"][: e["step_replaced"] + 1]):
+        print(f"  canvas read at step {s:2d}: {canvas.replace('<pad>', '_')!r}")
+    print(f"  logit difference {e['new']!r} - {e['old']!r} by step: {trace['logit_difference_by_step']}")
+    print(
+        f"  graph: {g['n_features']} features in {g['seconds']} s; target {g['target_value']:.3f}, "
+        f"unattributed {g['unattributed']:.3f}; replacement {g['replacement_score']:.3f}, "
+        f"completeness {g['completeness_score']:.3f}"
+    )
+    print(f"  {'step':>4} {'kind':8} {'nodes':>6} {'share of target':>15} {'influence':>9}")
+    for r in trace["by_step"]:
+        print(f"  {r['step']:4d} {r['kind']:8} {r['n_nodes']:6d} {r['contribution']:15.3f} {r['influence']:9.3f}")
+    print(f"  {'channel':36} {'nodes':>6} {'share of target':>15} {'influence':>9}")
+    for r in trace["by_channel"]:
+        print(f"  {r['channel']:36} {r['n_nodes']:6d} {r['contribution']:15.3f} {r['influence']:9.3f}")
+    print(
+        f"  top features: {'step':>4} {'layer':>5} {'pos':>4} {'holds':8} {'feat':>5} {'act':>7} {'infl':>6} "
+        f"{'total':>8} {'direct':>8}"
+    )
+    for r in trace["top_features"]:
+        print(
+            f"  {'':13} {r['step']:4d} {r['layer']:5d} {r['position']:4d} {r['holds']:8} {r['feature']:5d} "
+            f"{r['activation']:7.3f} {r['influence']:6.3f} {r['total_effect']:8.3f} {r['direct_effect']:8.3f}"
+        )
+    print(f"  canvas tokens: {'step':>4} {'pos':>4} {'holds':8} {'token':>5} {'final?':>6} {'total':>8} {'direct':>8}")
+    for r in trace["token_sources"]:
+        print(
+            f"  {'':14} {r['step']:4d} {r['position']:4d} {r['holds']:8} {r['token']!r:>5} "
+            f"{str(r['is_final_token']):>6} "
+            f"{r['total_effect']:8.3f} {r['direct_effect']:8.3f}"
+        )
+    s, joint = trace["ablations"]["summary"], trace["ablations"]["joint"]
+    print(
+        f"  ablating each top feature alone: pearson(predicted, real) {s['pearson_total']:.3f}, spearman "
+        f"{s['spearman_total']:.3f}, sign agreement {s['sign_agreement']:.2f}, slope {s['slope_total']:.3f}; "
+        f"mean |real| top {s['mean_abs_measured_top']:.3f} vs random {s['mean_abs_measured_random']:.3f}"
+    )
+    print(
+        f"  joint ablations (clean target {joint['clean']:.3f}): {'n':>3} {'-sum total':>10} {'repl lin':>9} "
+        f"{'repl jump':>9} {'real':>8}"
+    )
+    for name in ("top", "top_earlier_steps", "random"):
+        if name in joint:
+            j = joint[name]
+            print(
+                f"  {name:>44} {j['n']:3d} {j['sum_of_predicted']:10.3f} {j['replacement_linear']:9.3f} "
+                f"{j['replacement_jumprelu']:9.3f} {j['real']:8.3f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a checkpoint directory or shipped name")
+    parser.add_argument("--transcoders", required=True, help="a TranscoderSet file for that model")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out squares prompts")
+    parser.add_argument("--seeds", type=int, default=16, help="noise seeds per prompt")
+    parser.add_argument("--traces", type=int, default=2, help="corrections to trace (persisting ones first)")
+    parser.add_argument("--max-feature-nodes", type=int, default=2048)
+    parser.add_argument("--top-k", type=int, default=10, help="features ablated, and random ones for scale")
+    parser.add_argument("--show", type=int, default=12, help="rows of the feature and token tables")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write every number here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
+    model.eval()
+    transcoders = load_transcoders(args.transcoders, model=model)
+    prompts = [e.prompt for e in make_dataset(["squares"], args.prompts, seed=1234, split="eval").examples]
+    events, runs = find_events(model, prompts, args.seeds)
+    # first corrections that stick and that the replacing step computes against what its canvas holds there
+    chosen = sorted(
+        events, key=lambda e: (e["new"] != e["final"], e["canvas_read"] != "old", not e["baseline_is_new"])
+    )[: args.traces]
+    read = {kind: sum(e["canvas_read"] == kind for e in events) for kind in ("old", "new", "other")}
+    print(
+        f"{runs} runs, {len({(e['prompt'], e['seed']) for e in events})} with a count correction, "
+        f"{len(events)} events ({sum(e['new'] == e['final'] for e in events)} persist); the replacing step read "
+        f"the old token at the position in {read['old']}, the new one in {read['new']}, another in "
+        f"{read['other']}; tracing {len(chosen)}"
+    )
+    traces = []
+    for event in chosen:
+        traces.append(trace_event(model, transcoders, event, args))
+        print_trace(traces[-1])
+    if args.json:
+        document = dict(
+            model=args.model,
+            transcoders=args.transcoders,
+            transcoder_quality=transcoders.metadata.get("quality"),
+            runs=runs,
+            events=events,
+            traces=traces,
+        )
+        Path(args.json).write_text(json.dumps(document, indent=1))
+
+
+if __name__ == "__main__":
+    main()
