@@ -88,8 +88,11 @@ def find_events(model, prompts: list[str], seeds: int) -> tuple[list[dict], int]
     return events, len(prompts) * seeds
 
 
-def feature_rows(graph, roles, influence, total, direct, top: int) -> list[dict]:
+def feature_rows(graph, roles, influence, total, direct, top: int, before_step: int | None = None) -> list[dict]:
+    """The top features by influence (only those at steps before `before_step`, if given)."""
     features = graph.indices("feature")
+    if before_step is not None:
+        features = features[graph.step[features] < before_step]
     order = features[torch.argsort(influence[features], descending=True)[:top]].tolist()
     return [
         dict(
@@ -105,6 +108,42 @@ def feature_rows(graph, roles, influence, total, direct, top: int) -> list[dict]
         )
         for i in order
     ]
+
+
+def role_rows(graph, roles, contribution, influence) -> list[dict]:
+    """Feature, error and canvas-token nodes grouped by when (earlier steps or the target step) and where
+    (what the position holds in the final answer: the count, the list with its colon and separators, or the
+    rest): their summed share of the target and influence."""
+    target_step = graph_target(graph)[0]
+    kinds = ("feature", "error", "token")
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for index, kind in enumerate(graph.kind):
+        if kind not in kinds:
+            continue
+        role = roles[int(graph.position[index])]
+        where = (
+            "count"
+            if role == "count"
+            else "list"
+            if role == ":" or role == "sep" or role.startswith("item")
+            else "rest"
+        )
+        when = "earlier steps" if int(graph.step[index]) < target_step else "target step"
+        groups.setdefault((when, where, kind), []).append(index)
+    rows = []
+    for (when, where, kind), members in sorted(groups.items()):
+        pick = torch.tensor(members, dtype=torch.long)
+        rows.append(
+            dict(
+                when=when,
+                where=where,
+                kind=kind,
+                n_nodes=len(members),
+                contribution=round(float(contribution[pick].sum()), 4),
+                influence=round(float(influence[pick].sum()), 4),
+            )
+        )
+    return rows
 
 
 def token_rows(graph, roles, tokenizer, final, contribution, direct, top: int) -> list[dict]:
@@ -128,35 +167,86 @@ def token_rows(graph, roles, tokenizer, final, contribution, direct, top: int) -
     return rows
 
 
-def joint_ablations(model, transcoders, ids, trajectory, graph, seed, agreement) -> dict:
-    """The top features ablated together, and as many random active ones together: predicted (sum of minus
-    the total effects; the replacement model with gates frozen, which counts shared paths once; with JumpReLU
-    gates) against the real model's change."""
+def ablation_check(
+    model, transcoders, ids, trajectory, graph, seed: int, top_k: int, steps, roles, steer: float
+) -> dict:
+    """`check_graph`'s per-feature check of the top-k features (at `steps`, default any), and the same
+    features ablated together, as are the k random active features (at the same steps): the prediction
+    (the sum of minus their total effects; the replacement model with gates frozen, which counts paths
+    shared by two ablated features once; with live JumpReLU gates) against the real model's change. Each top
+    feature is also scaled by `steer` alone (a small change: does the graph get the local slope right?)."""
+    noise = ReplayNoise(seed)
+    agreement = check_graph(
+        model, transcoders, ids, trajectory, graph, noise=noise, top_n=top_k, steps=steps, steer=steer, n_random=top_k
+    )
     target = graph_target(graph)
-    run = RecordedRun(model, transcoders, ids, trajectory, target, noise=ReplayNoise(seed))
+    run = RecordedRun(model, transcoders, ids, trajectory, target, noise=noise)
     replacement = ReplacementModel(model, transcoders, trajectory)
     sources = recorded_sources(trajectory, transcoders)
-
-    def ablate(nodes) -> list[FeatureIntervention]:
-        return [FeatureIntervention(n.step, n.layer, n.position, n.feature, 0.0) for n in nodes]
-
-    result = {"clean": run.clean, "replay_gap": run.replay_gap}
-    earlier = [n for n in agreement.nodes if n.step < target[0]]
-    for name, nodes in (("top", agreement.nodes), ("top_earlier_steps", earlier), ("random", agreement.random)):
+    joint = {}
+    for name, nodes in (("top", agreement.nodes), ("random", agreement.random)):
         if not nodes:
             continue
-        edits = ablate(nodes)
+        edits = [FeatureIntervention(n.step, n.layer, n.position, n.feature, 0.0) for n in nodes]
         linear, jumprelu = (
             replacement_target_changes(replacement, sources, target, [edits], r)[0] for r in ("linear", "jumprelu")
         )
-        result[name] = dict(
+        joint[name] = dict(
             n=len(nodes),
             sum_of_predicted=sum(n.predicted for n in nodes),
             replacement_linear=linear,
             replacement_jumprelu=jumprelu,
             real=run.target_change(edits),
         )
-    return result
+    return dict(
+        steps=steps,
+        clean=run.clean,
+        summary=agreement.summary,
+        nodes=[vars(n) | {"predicted": n.predicted, "holds": roles[n.position]} for n in agreement.nodes],
+        random=[vars(n) | {"holds": roles[n.position]} for n in agreement.random],
+        joint=joint,
+    )
+
+
+@torch.no_grad()
+def channel_checks(model, prompt: str, seed: int, step: int, position: int, tokens: tuple[int, int]) -> dict:
+    """The target step's decoder pass rerun on the real model with one channel changed at a time, as
+    scripts/organism_corrections.py reruns it: the (post-soft-cap) logit difference new - old at the position
+    with the recorded inputs, without self-conditioning (what step 0 gets), with the self-conditioning rows of
+    the count or of the list flattened (uniform logits), and with the canvas's count token set to the new
+    token, or the count or the list set back to the run's starting noise."""
+    ids = model.to_tokens(prompt)
+    result, cache = model.generate_with_cache(
+        ids, noise=ReplayNoise(seed), progress=False, names_filter=["sampler.hook_logits"]
+    )
+    trace = result.trace[0]
+    count_positions, list_positions = answer_layout(trace.final[0].tolist(), model.tokenizer)
+    state = model.encode(ids)
+    canvas, start = trace.input_canvas[step], trace.input_canvas[0]
+    self_cond = cache.get("sampler.hook_logits", canvas=0, step=step - 1) if step > 0 else None
+    new, old = tokens
+
+    def difference(canvas_positions=(), canvas_from=None, flatten=(), drop_self_cond=False) -> float:
+        patched = canvas.clone()
+        patched[0, list(canvas_positions)] = canvas_from[0, list(canvas_positions)] if canvas_positions else 0
+        cond = None if drop_self_cond or self_cond is None else self_cond.clone()
+        if cond is not None and flatten:
+            cond[0, list(flatten)] = 0.0
+        logits = model.denoise(patched, state, cond)[0, position]
+        return float(logits[new] - logits[old])
+
+    new_canvas = canvas.clone()
+    new_canvas[0, position] = new
+    checks = {
+        "recorded": difference(),
+        "no self-conditioning (as step 0)": difference(drop_self_cond=True),
+        "self-conditioning flattened at the count": difference(flatten=count_positions),
+        "self-conditioning flattened at the list": difference(flatten=list_positions),
+        "canvas count token set to the new token": difference([position], new_canvas),
+        "canvas count token back to the starting noise": difference(count_positions, start),
+        "canvas list back to the starting noise": difference(list_positions, start),
+    }
+    return {name: round(value, 4) for name, value in checks.items()}
 
 
 def trace_event(model, transcoders, event: dict, args) -> dict:
@@ -168,7 +258,14 @@ def trace_event(model, transcoders, event: dict, args) -> dict:
     step, position = event["step_replaced"], event["position"]
     target = dict(position=position, step=step, token=(new, old))
     start = time.perf_counter()
-    graph = attribute_trajectory(model, transcoders, trajectory, target, max_feature_nodes=args.max_feature_nodes)
+    graph = attribute_trajectory(
+        model,
+        transcoders,
+        trajectory,
+        target,
+        max_feature_nodes=args.max_feature_nodes,
+        min_influence=args.min_influence,
+    )
     seconds = time.perf_counter() - start
     final = trajectory.steps[-1].logits.argmax(-1).tolist()
     roles = position_roles(final, tokenizer)
@@ -179,11 +276,13 @@ def trace_event(model, transcoders, event: dict, args) -> dict:
         float(trajectory.steps[s].pre_logits[position, new] - trajectory.steps[s].pre_logits[position, old])
         for s in range(step + 1)
     ]
-    agreement = check_graph(
-        model, transcoders, ids, trajectory, graph, noise=noise, top_n=args.top_k, steer=None, n_random=args.top_k
-    )
-    joint = joint_ablations(model, transcoders, ids, trajectory, graph, event["seed"], agreement)
+    setting = (event["seed"], args.top_k)
+    checks = [ablation_check(model, transcoders, ids, trajectory, graph, *setting, None, roles, args.steer)]
+    if step > 0 and bool((graph.step[graph.indices("feature")] < step).any()):
+        earlier = list(range(step))
+        checks.append(ablation_check(model, transcoders, ids, trajectory, graph, *setting, earlier, roles, args.steer))
     canvases = [tokenizer.decode(trajectory.steps[s].canvas.tolist()) for s in range(trajectory.n_steps)]
+    channels = channel_checks(model, event["prompt"], event["seed"], step, position, (new, old))
     return dict(
         event=event,
         final_answer=tokenizer.decode(final),
@@ -201,17 +300,15 @@ def trace_event(model, transcoders, event: dict, args) -> dict:
         ),
         by_step=[vars(r) for r in by_step.rows],
         by_channel=[vars(r) for r in by_channel.rows],
+        real_channel_checks=channels,
+        by_role=role_rows(graph, roles, contribution, influence),
         top_features=feature_rows(graph, roles, influence, total, direct, args.show),
         token_sources=token_rows(graph, roles, tokenizer, final, contribution, direct, args.show),
         direct_token_sources=[
             r for r in token_rows(graph, roles, tokenizer, final, direct, direct, args.show) if r["direct_effect"] != 0
         ],
-        ablations=dict(
-            summary=agreement.summary,
-            nodes=[vars(n) | {"predicted": n.predicted, "holds": roles[n.position]} for n in agreement.nodes],
-            random=[vars(n) | {"holds": roles[n.position]} for n in agreement.random],
-            joint=joint,
-        ),
+        top_features_earlier_steps=feature_rows(graph, roles, influence, total, direct, args.show, before_step=step),
+        ablations=checks,
     )
 
 
@@ -221,7 +318,7 @@ def print_trace(trace: dict) -> None:
     print(
         f"\n=== {e['prompt']!r} seed {e['seed']}: count position {e['position']} {e['old']!r} (held from step "
         f"{e['step_held']}) -> {e['new']!r} at step {e['step_replaced']} (its canvas held the {e['canvas_read']} "
-        f"token there); final answer {answer!r}"
+        f"token there); final answer {answer!r}, expected {e['expected_answer']!r}"
     )
     for s, canvas in enumerate(trace["canvases"][: e["step_replaced"] + 1]):
         print(f"  canvas read at step {s:2d}: {canvas.replace('<pad>', '_')!r}")
@@ -237,37 +334,58 @@ def print_trace(trace: dict) -> None:
     print(f"  {'channel':36} {'nodes':>6} {'share of target':>15} {'influence':>9}")
     for r in trace["by_channel"]:
         print(f"  {r['channel']:36} {r['n_nodes']:6d} {r['contribution']:15.3f} {r['influence']:9.3f}")
-    print(
-        f"  top features: {'step':>4} {'layer':>5} {'pos':>4} {'holds':8} {'feat':>5} {'act':>7} {'infl':>6} "
-        f"{'total':>8} {'direct':>8}"
-    )
-    for r in trace["top_features"]:
+    print(f"  {'when':13} {'where':5} {'kind':8} {'nodes':>6} {'share of target':>15} {'influence':>9}")
+    for r in trace["by_role"]:
         print(
-            f"  {'':13} {r['step']:4d} {r['layer']:5d} {r['position']:4d} {r['holds']:8} {r['feature']:5d} "
-            f"{r['activation']:7.3f} {r['influence']:6.3f} {r['total_effect']:8.3f} {r['direct_effect']:8.3f}"
+            f"  {r['when']:13} {r['where']:5} {r['kind']:8} {r['n_nodes']:6d} {r['contribution']:15.3f} "
+            f"{r['influence']:9.3f}"
         )
-    print(f"  canvas tokens: {'step':>4} {'pos':>4} {'holds':8} {'token':>5} {'final?':>6} {'total':>8} {'direct':>8}")
+    print("  the target step rerun on the real model, one channel changed (logit difference after the soft-cap):")
+    for name, value in trace["real_channel_checks"].items():
+        print(f"  {name:>48} {value:8.3f}")
+    header = (
+        f"{'step':>4} {'layer':>5} {'pos':>4} {'holds':8} {'feat':>5} {'act':>7} {'infl':>6} {'total':>8} {'direct':>8}"
+    )
+    for title, rows in (
+        ("top features", trace["top_features"]),
+        ("earlier steps", trace["top_features_earlier_steps"]),
+    ):
+        print(f"  {title + ':':14} {header}")
+        for r in rows:
+            print(
+                f"  {'':14} {r['step']:4d} {r['layer']:5d} {r['position']:4d} {r['holds']:8} {r['feature']:5d} "
+                f"{r['activation']:7.3f} {r['influence']:6.3f} {r['total_effect']:8.3f} {r['direct_effect']:8.3f}"
+            )
+    print(f"  canvas tokens: {'step':>4} {'pos':>4} {'holds':8} {'token':>7} {'final?':>6} {'total':>8} {'direct':>8}")
     for r in trace["token_sources"]:
         print(
-            f"  {'':14} {r['step']:4d} {r['position']:4d} {r['holds']:8} {r['token']!r:>5} "
-            f"{str(r['is_final_token']):>6} "
-            f"{r['total_effect']:8.3f} {r['direct_effect']:8.3f}"
+            f"  {'':14} {r['step']:4d} {r['position']:4d} {r['holds']:8} {r['token']!r:>7} "
+            f"{str(r['is_final_token']):>6} {r['total_effect']:8.3f} {r['direct_effect']:8.3f}"
         )
-    s, joint = trace["ablations"]["summary"], trace["ablations"]["joint"]
-    print(
-        f"  ablating each top feature alone: pearson(predicted, real) {s['pearson_total']:.3f}, spearman "
-        f"{s['spearman_total']:.3f}, sign agreement {s['sign_agreement']:.2f}, slope {s['slope_total']:.3f}; "
-        f"mean |real| top {s['mean_abs_measured_top']:.3f} vs random {s['mean_abs_measured_random']:.3f}"
-    )
-    print(
-        f"  joint ablations (clean target {joint['clean']:.3f}): {'n':>3} {'-sum total':>10} {'repl lin':>9} "
-        f"{'repl jump':>9} {'real':>8}"
-    )
-    for name in ("top", "top_earlier_steps", "random"):
-        if name in joint:
-            j = joint[name]
+    for check in trace["ablations"]:
+        s, joint = check["summary"], check["joint"]
+        where = "any step" if check["steps"] is None else f"steps {check['steps'][0]}..{check['steps'][-1]}"
+        print(
+            f"  ablating each of the top {s['n_top']} features ({where}) alone: pearson(predicted, real) "
+            f"{s['pearson_total']:.3f}, spearman {s['spearman_total']:.3f}, sign agreement {s['sign_agreement']:.2f}, "
+            f"slope {s['slope_total']:.3f}; mean |real| {s['mean_abs_measured_top']:.4f} (predicted "
+            f"{s['mean_abs_predicted_top']:.4f}) vs random {s['mean_abs_measured_random']:.4f}"
+        )
+        steer = [(n["steer_predicted"], n["steer_measured"]) for n in check["nodes"]]
+        signed = [(p > 0) == (m > 0) for p, m in steer if p != 0 and m != 0]
+        agree = sum(signed) / max(1, len(signed))
+        print(
+            f"  scaling each by {s['steer']}: pearson(predicted, real) {s['pearson_steer']:.3f}, sign agreement "
+            f"{agree:.2f}, mean |real| {sum(abs(m) for _, m in steer) / len(steer):.4f} (predicted "
+            f"{sum(abs(p) for p, _ in steer) / len(steer):.4f})"
+        )
+        print(
+            f"  together (clean target {check['clean']:.3f}):   {'n':>3} {'-sum total':>10} {'repl lin':>9} "
+            f"{'repl jump':>9} {'real':>8}"
+        )
+        for name, j in joint.items():
             print(
-                f"  {name:>44} {j['n']:3d} {j['sum_of_predicted']:10.3f} {j['replacement_linear']:9.3f} "
+                f"  {name:>36} {j['n']:3d} {j['sum_of_predicted']:10.3f} {j['replacement_linear']:9.3f} "
                 f"{j['replacement_jumprelu']:9.3f} {j['real']:8.3f}"
             )
 
@@ -279,8 +397,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="held-out squares prompts")
     parser.add_argument("--seeds", type=int, default=16, help="noise seeds per prompt")
     parser.add_argument("--traces", type=int, default=2, help="corrections to trace (persisting ones first)")
-    parser.add_argument("--max-feature-nodes", type=int, default=2048)
+    parser.add_argument("--max-feature-nodes", type=int, default=4096)
+    parser.add_argument(
+        "--min-influence",
+        type=float,
+        default=1e-3,
+        help="with only a budget, the greedy selection spends it on the target's own step",
+    )
     parser.add_argument("--top-k", type=int, default=10, help="features ablated, and random ones for scale")
+    parser.add_argument("--steer", type=float, default=0.9, help="each top feature also scaled by this alone")
     parser.add_argument("--show", type=int, default=12, help="rows of the feature and token tables")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write every number here")
@@ -289,8 +414,11 @@ def main() -> None:
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     model.eval()
     transcoders = load_transcoders(args.transcoders, model=model)
-    prompts = [e.prompt for e in make_dataset(["squares"], args.prompts, seed=1234, split="eval").examples]
-    events, runs = find_events(model, prompts, args.seeds)
+    examples = make_dataset(["squares"], args.prompts, seed=1234, split="eval").examples
+    events, runs = find_events(model, [e.prompt for e in examples], args.seeds)
+    expected = {e.prompt: e.answer for e in examples}
+    for event in events:
+        event["expected_answer"] = expected[event["prompt"]]
     # first corrections that stick and that the replacing step computes against what its canvas holds there
     chosen = sorted(
         events, key=lambda e: (e["new"] != e["final"], e["canvas_read"] != "old", not e["baseline_is_new"])
@@ -300,7 +428,8 @@ def main() -> None:
         f"{runs} runs, {len({(e['prompt'], e['seed']) for e in events})} with a count correction, "
         f"{len(events)} events ({sum(e['new'] == e['final'] for e in events)} persist); the replacing step read "
         f"the old token at the position in {read['old']}, the new one in {read['new']}, another in "
-        f"{read['other']}; tracing {len(chosen)}"
+        f"{read['other']}; the held token was the model's own argmax in {sum(e['held_was_argmax'] for e in events)} "
+        f"(else a sampled non-argmax draw); tracing {len(chosen)}"
     )
     traces = []
     for event in chosen:
