@@ -40,6 +40,7 @@ from diffusionlens.graphs.validate import (
     check_graph,
     direct_effects,
     graph_target,
+    pearson,
     replacement_target_changes,
     total_effects,
 )
@@ -167,6 +168,57 @@ def token_rows(graph, roles, tokenizer, final, contribution, direct, top: int) -
     return rows
 
 
+def frozen_norm_check(model, transcoders, ids, trajectory, graph, seed: int, top_k: int, steer: float) -> dict:
+    """The graph freezes every norm's scale at the recorded run (as circuit-tracer does); the real model does
+    not. Scale each of the top-k earlier-step features by `steer` on the real model with the scales of the
+    norms that have a `hook_scale` (the self-conditioning block's post-norm, the blocks' post-norms, the final
+    norm) live, or held at the clean replay's values, a group at a time, and count the changes whose sign
+    the graph predicts: which norms' response the graph's cross-step edges miss."""
+    target = graph_target(graph)
+    features = graph.indices("feature")
+    features = features[graph.step[features] < target[0]]
+    influence, total = graph.node_influence(), total_effects(graph)
+    top = features[torch.argsort(influence[features], descending=True)[:top_k]].tolist()
+    run = RecordedRun(model, transcoders, ids, trajectory, target, noise=ReplayNoise(seed))
+    names = [n for n in model.hook_dict if n.startswith("decoder.") and n.endswith(".hook_scale")]
+    groups = {
+        "live (the real model)": [],
+        "self-conditioning post-norm frozen": ["decoder.self_cond.post_norm.hook_scale"],
+        "block post-norms frozen": [n for n in names if ".blocks." in n],
+        "final norm frozen": ["decoder.ln_final.hook_scale"],
+        "all of them frozen": names,
+    }
+    idle = int((recorded_sources(trajectory, transcoders).acts[0][0][0] == 0).nonzero()[0])
+    replay_all = [FeatureIntervention(0, 0, 0, idle, 0.0)]  # an inactive feature left at 0: replays from step 0
+    clean_scales = {}
+
+    def keep(scale, hook):
+        clean_scales[(hook.name, hook.ctx.step)] = scale.detach().clone()
+        return scale
+
+    def clean_scale(scale, hook):
+        return clean_scales[(hook.name, hook.ctx.step)]
+
+    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        run.target_value(replay_all)
+    result = {}
+    for label, frozen in groups.items():
+        changes = []
+        with model.hooks(fwd_hooks=[(n, clean_scale) for n in frozen]):
+            base = run.target_value(replay_all)
+            for i in top:
+                site = (int(graph.step[i]), int(graph.layer[i]), int(graph.position[i]), int(graph.feature[i]))
+                edit = [FeatureIntervention(*site, steer * float(graph.activation[i]))]
+                changes.append((run.target_value(edit) - base, (steer - 1.0) * float(total[i])))
+        result[label] = dict(
+            sign_agreement=sum((m > 0) == (p > 0) for m, p in changes) / max(1, len(changes)),
+            pearson=pearson(torch.tensor([p for _, p in changes]), torch.tensor([m for m, _ in changes])),
+            mean_abs_measured=sum(abs(m) for m, _ in changes) / max(1, len(changes)),
+            mean_abs_predicted=sum(abs(p) for _, p in changes) / max(1, len(changes)),
+        )
+    return result
+
+
 def ablation_check(
     model, transcoders, ids, trajectory, graph, seed: int, top_k: int, steps, roles, steer: float
 ) -> dict:
@@ -281,6 +333,7 @@ def trace_event(model, transcoders, event: dict, args) -> dict:
     if step > 0 and bool((graph.step[graph.indices("feature")] < step).any()):
         earlier = list(range(step))
         checks.append(ablation_check(model, transcoders, ids, trajectory, graph, *setting, earlier, roles, args.steer))
+    norms = frozen_norm_check(model, transcoders, ids, trajectory, graph, *setting, args.steer) if step > 0 else {}
     canvases = [tokenizer.decode(trajectory.steps[s].canvas.tolist()) for s in range(trajectory.n_steps)]
     channels = channel_checks(model, event["prompt"], event["seed"], step, position, (new, old))
     return dict(
@@ -309,6 +362,7 @@ def trace_event(model, transcoders, event: dict, args) -> dict:
         ],
         top_features_earlier_steps=feature_rows(graph, roles, influence, total, direct, args.show, before_step=step),
         ablations=checks,
+        frozen_norm_check=norms,
     )
 
 
@@ -390,6 +444,16 @@ def print_trace(trace: dict) -> None:
             )
 
 
+def print_norm_check(trace: dict) -> None:
+    if trace["frozen_norm_check"]:
+        print("  earlier-step top features scaled alone, norm scales live or held at the clean run's:")
+    for label, r in trace["frozen_norm_check"].items():
+        print(
+            f"  {label:>40}: sign agreement {r['sign_agreement']:.2f}, pearson {r['pearson']:.3f}, mean |real| "
+            f"{r['mean_abs_measured']:.4f} (predicted {r['mean_abs_predicted']:.4f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a checkpoint directory or shipped name")
@@ -435,6 +499,7 @@ def main() -> None:
     for event in chosen:
         traces.append(trace_event(model, transcoders, event, args))
         print_trace(traces[-1])
+        print_norm_check(traces[-1])
     if args.json:
         document = dict(
             model=args.model,
