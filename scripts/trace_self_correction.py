@@ -3,7 +3,8 @@
     python scripts/trace_self_correction.py --model runs/organism3 --transcoders runs/organism3-transcoders.safetensors
 
 Finds the squares runs (held-out prompts × seeds, as scripts/organism_corrections.py) in which an accepted
-count digit is later replaced by the digit the run ends with, and for each traced correction (`--traces`):
+count digit is later replaced, and traces `--traces` of them (first those that persist to the end and whose
+replacing step read the wrong digit in its canvas). For each:
 
 - builds the attribution graph of the corrected count at the step that changed it, on the same trajectory
   (`ReplayNoise(seed)`), as the logit difference corrected token - first (wrong) token;
@@ -15,7 +16,12 @@ count digit is later replaced by the digit the run ends with, and for each trace
   sources (direct edge into the target, total effect) with what they held at their step;
 - ablates the top-k features each alone and all together at their steps in the real model (the trajectory
   replayed with recorded canvases, `diffusionlens.graphs.validate`), against k random active features at the
-  same steps, and sets the change of the target against the graph's prediction.
+  same steps, and sets the change of the target against the graph's prediction;
+- reruns the target step on the real model with one channel changed at a time (no self-conditioning, its
+  count or list rows flattened, the count or the list in the canvas reset), and scales the top earlier-step
+  features with the norms' scales live or held at the clean run (the graph holds them).
+
+Everything printed is also written with `--json`.
 """
 
 from __future__ import annotations
