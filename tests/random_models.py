@@ -3,9 +3,19 @@ layer scalars around 1 with real spread, so a skipped norm, a missing scalar or 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma
+from diffusionlens.components import norms as norms_module
+from diffusionlens.graphs.replacement import ReplacementModel, recorded_sources
+from diffusionlens.graphs.trajectory import record_trajectory
+from diffusionlens.graphs.transcoders import random_transcoders
+from diffusionlens.sampling import ReplayNoise
 
 # Sliding and full layers, grouped KV heads, attention biases (an o_proj bias component), top-2 of 3 experts.
 CFG = DiffusionGemmaConfig(
@@ -40,3 +50,28 @@ def random_model(dtype: torch.dtype) -> HookedDiffusionGemma:
             scale_like = "norm" in name or ".ln" in name or "scale" in name or "layer_scalar" in name
             tensor.copy_(1.0 + 0.3 * noise if scale_like else 0.3 * noise)
     return model
+
+
+# The attribution-graph tests' trajectory: several steps of one canvas, every position a row candidate.
+GRAPH_PROMPT = torch.tensor([[2, 5, 7, 9, 11, 3, 4]])
+GRAPH_OPTIONS = dict(max_new_tokens=CFG.canvas_length, max_denoising_steps=4, entropy_bound=0.0)
+GRAPH_TARGET = dict(position=2, step=3, token=(4, 7))
+
+
+@contextmanager
+def float64_graph_setup() -> Iterator[SimpleNamespace]:
+    """The random model in float64 with float64 norms (so the replacement model is exact to 1e-8), random
+    width-16 transcoders, the recorded trajectory of `GRAPH_PROMPT`, its replacement model and sources. Norms
+    stay in float64 while the block runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
+        model = random_model(torch.float64)
+        transcoders = random_transcoders(model, 16, seed=1, dtype=torch.float64)
+        trajectory = record_trajectory(model, GRAPH_PROMPT, noise=ReplayNoise(0), **GRAPH_OPTIONS)
+        yield SimpleNamespace(
+            model=model,
+            transcoders=transcoders,
+            trajectory=trajectory,
+            rm=ReplacementModel(model, transcoders, trajectory),
+            sources=recorded_sources(trajectory, transcoders),
+        )

@@ -12,40 +12,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
-from random_models import CFG, random_model
+from random_models import CFG, GRAPH_OPTIONS, GRAPH_PROMPT, GRAPH_TARGET, float64_graph_setup
 
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.components import norms as norms_module
 from diffusionlens.graphs.attribution import active_feature_edges, attribute, attribute_trajectory
 from diffusionlens.graphs.graph import Graph
-from diffusionlens.graphs.replacement import ReplacementModel, Sources, recorded_sources
+from diffusionlens.graphs.replacement import Sources, recorded_sources
 from diffusionlens.graphs.trajectory import record_trajectory
 from diffusionlens.graphs.transcoders import random_transcoders
 from diffusionlens.sampling import ReplayNoise
 
 ATOL = 1e-8  # float64 throughout the replacement model: sums of a few hundred terms of size ~1
-PROMPT = torch.tensor([[2, 5, 7, 9, 11, 3, 4]])
-OPTIONS = dict(max_new_tokens=CFG.canvas_length, max_denoising_steps=4, entropy_bound=0.0)
-TARGET = dict(position=2, step=3, token=(4, 7))
+PROMPT, OPTIONS, TARGET = GRAPH_PROMPT, GRAPH_OPTIONS, GRAPH_TARGET
 
 
 @pytest.fixture(scope="module")
 def setup():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)  # float64 norms: exact to 1e-8
-        model = random_model(torch.float64)
-        transcoders = random_transcoders(model, 16, seed=1, dtype=torch.float64)
-        trajectory = record_trajectory(model, PROMPT, noise=ReplayNoise(0), **OPTIONS)
-        graph = attribute_trajectory(model, transcoders, trajectory, TARGET, max_feature_nodes=None)
-        replacement = ReplacementModel(model, transcoders, trajectory)
-        sources = recorded_sources(trajectory, transcoders)
-        yield SimpleNamespace(
-            model=model, transcoders=transcoders, trajectory=trajectory, graph=graph, rm=replacement, sources=sources
-        )
+    with float64_graph_setup() as s:  # float64 norms: exact to 1e-8
+        s.graph = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=None)
+        yield s
 
 
 def node_value(s, sources: Sources, index: int) -> float:

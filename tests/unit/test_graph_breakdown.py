@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from random_models import CFG, random_model
+from random_models import GRAPH_OPTIONS, GRAPH_PROMPT, GRAPH_TARGET, float64_graph_setup
 
-from diffusionlens.components import norms as norms_module
 from diffusionlens.graphs.attribution import attribute_trajectory
 from diffusionlens.graphs.breakdown import (
     CHANNELS,
@@ -21,30 +20,18 @@ from diffusionlens.graphs.breakdown import (
     step_breakdown,
     target_value,
 )
-from diffusionlens.graphs.replacement import ReplacementModel, recorded_sources
-from diffusionlens.graphs.trajectory import record_trajectory
-from diffusionlens.graphs.transcoders import random_transcoders
 from diffusionlens.graphs.validate import graph_target, total_effects
-from diffusionlens.sampling import ReplayNoise
 
 ATOL = 1e-8  # float64 throughout the replacement model, as tests/unit/test_attribution_graphs.py
-PROMPT = torch.tensor([[2, 5, 7, 9, 11, 3, 4]])
-OPTIONS = dict(max_new_tokens=CFG.canvas_length, max_denoising_steps=4, entropy_bound=0.0)
-TARGET = dict(position=2, step=3, token=(4, 7))
+PROMPT, OPTIONS, TARGET = GRAPH_PROMPT, GRAPH_OPTIONS, GRAPH_TARGET
 
 
 @pytest.fixture(scope="module")
 def setup():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
-        model = random_model(torch.float64)
-        transcoders = random_transcoders(model, 16, seed=1, dtype=torch.float64)
-        trajectory = record_trajectory(model, PROMPT, noise=ReplayNoise(0), **OPTIONS)
-        full = attribute_trajectory(model, transcoders, trajectory, TARGET, max_feature_nodes=None)
-        budget = attribute_trajectory(model, transcoders, trajectory, TARGET, max_feature_nodes=5)
-        replacement = ReplacementModel(model, transcoders, trajectory)
-        sources = recorded_sources(trajectory, transcoders)
-        yield SimpleNamespace(full=full, budget=budget, rm=replacement, sources=sources)
+    with float64_graph_setup() as s:
+        full = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=None)
+        budget = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=5)
+        yield SimpleNamespace(full=full, budget=budget, rm=s.rm, sources=s.sources)
 
 
 def test_terms_add_up_to_the_target_in_the_replacement_model(setup):

@@ -9,18 +9,14 @@ activation changes nothing, the replay reproduces the recorded target, and bad r
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from random_models import CFG, random_model
+from random_models import GRAPH_OPTIONS, GRAPH_PROMPT, GRAPH_TARGET, float64_graph_setup
 
 from diffusionlens.components import norms as norms_module
 from diffusionlens.graphs.attribution import attribute_trajectory
-from diffusionlens.graphs.replacement import ReplacementModel, recorded_sources
 from diffusionlens.graphs.splicing import FeatureIntervention
-from diffusionlens.graphs.trajectory import record_trajectory
-from diffusionlens.graphs.transcoders import random_transcoders
 from diffusionlens.graphs.validate import (
     RecordedRun,
     check_graph,
@@ -35,28 +31,16 @@ from diffusionlens.graphs.validate import (
 from diffusionlens.sampling import ReplayNoise
 
 ATOL = 1e-8  # float64 throughout the replacement model, as tests/unit/test_attribution_graphs.py
-PROMPT = torch.tensor([[2, 5, 7, 9, 11, 3, 4]])
-OPTIONS = dict(max_new_tokens=CFG.canvas_length, max_denoising_steps=4, entropy_bound=0.0)
-TARGET = dict(position=2, step=3, token=(4, 7))
+PROMPT, OPTIONS, TARGET = GRAPH_PROMPT, GRAPH_OPTIONS, GRAPH_TARGET
 
 
 @pytest.fixture(scope="module")
 def setup():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
-        model = random_model(torch.float64)
-        transcoders = random_transcoders(model, 16, seed=1, dtype=torch.float64)
-        trajectory = record_trajectory(model, PROMPT, noise=ReplayNoise(0), **OPTIONS)
-        graph = attribute_trajectory(model, transcoders, trajectory, TARGET, max_feature_nodes=None)
-        yield SimpleNamespace(
-            model=model,
-            transcoders=transcoders,
-            trajectory=trajectory,
-            graph=graph,
-            replacement=ReplacementModel(model, transcoders, trajectory),
-            sources=recorded_sources(trajectory, transcoders),
-            target=graph_target(graph),
-        )
+    with float64_graph_setup() as s:
+        s.graph = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=None)
+        s.replacement = s.rm
+        s.target = graph_target(s.graph)
+        yield s
 
 
 def feature_site(graph, index: int) -> tuple[int, int, int, int]:
