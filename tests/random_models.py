@@ -12,6 +12,7 @@ import torch
 
 from diffusionlens import DiffusionGemmaConfig, HookedDiffusionGemma
 from diffusionlens.components import norms as norms_module
+from diffusionlens.graphs.attribution import attribute_trajectory
 from diffusionlens.graphs.replacement import ReplacementModel, recorded_sources
 from diffusionlens.graphs.trajectory import record_trajectory
 from diffusionlens.graphs.transcoders import random_transcoders
@@ -61,8 +62,8 @@ GRAPH_TARGET = dict(position=2, step=3, token=(4, 7))
 @contextmanager
 def float64_graph_setup() -> Iterator[SimpleNamespace]:
     """The random model in float64 with float64 norms (so the replacement model is exact to 1e-8), random
-    width-16 transcoders, the recorded trajectory of `GRAPH_PROMPT`, its replacement model and sources. Norms
-    stay in float64 while the block runs."""
+    width-16 transcoders, the recorded trajectory of `GRAPH_PROMPT`, its replacement model and sources, and the
+    unpruned graph of `GRAPH_TARGET` (every active feature a row). Norms stay in float64 while the block runs."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(norms_module, "COMPUTE_DTYPE", torch.float64)
         model = random_model(torch.float64)
@@ -74,4 +75,5 @@ def float64_graph_setup() -> Iterator[SimpleNamespace]:
             trajectory=trajectory,
             rm=ReplacementModel(model, transcoders, trajectory),
             sources=recorded_sources(trajectory, transcoders),
+            graph=attribute_trajectory(model, transcoders, trajectory, GRAPH_TARGET, max_feature_nodes=None),
         )

@@ -15,7 +15,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from random_models import CFG, GRAPH_OPTIONS, GRAPH_PROMPT, GRAPH_TARGET, float64_graph_setup
+from random_models import CFG, float64_graph_setup
+from random_models import GRAPH_OPTIONS as OPTIONS
+from random_models import GRAPH_PROMPT as PROMPT
+from random_models import GRAPH_TARGET as TARGET
 
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.components import norms as norms_module
@@ -27,13 +30,11 @@ from diffusionlens.graphs.transcoders import random_transcoders
 from diffusionlens.sampling import ReplayNoise
 
 ATOL = 1e-8  # float64 throughout the replacement model: sums of a few hundred terms of size ~1
-PROMPT, OPTIONS, TARGET = GRAPH_PROMPT, GRAPH_OPTIONS, GRAPH_TARGET
 
 
 @pytest.fixture(scope="module")
 def setup():
     with float64_graph_setup() as s:  # float64 norms: exact to 1e-8
-        s.graph = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=None)
         yield s
 
 

@@ -5,11 +5,10 @@ and kind say, and circuit-tracer's influence over the source kinds sums to 1."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from random_models import GRAPH_OPTIONS, GRAPH_PROMPT, GRAPH_TARGET, float64_graph_setup
+from random_models import GRAPH_TARGET as TARGET
+from random_models import float64_graph_setup
 
 from diffusionlens.graphs.attribution import attribute_trajectory
 from diffusionlens.graphs.breakdown import (
@@ -23,19 +22,17 @@ from diffusionlens.graphs.breakdown import (
 from diffusionlens.graphs.validate import graph_target, total_effects
 
 ATOL = 1e-8  # float64 throughout the replacement model, as tests/unit/test_attribution_graphs.py
-PROMPT, OPTIONS, TARGET = GRAPH_PROMPT, GRAPH_OPTIONS, GRAPH_TARGET
 
 
 @pytest.fixture(scope="module")
 def setup():
     with float64_graph_setup() as s:
-        full = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=None)
-        budget = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=5)
-        yield SimpleNamespace(full=full, budget=budget, rm=s.rm, sources=s.sources)
+        s.budget = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=5)
+        yield s
 
 
 def test_terms_add_up_to_the_target_in_the_replacement_model(setup):
-    graph = setup.full
+    graph = setup.graph
     step, position, tokens = graph_target(graph)
     logits = setup.rm.forward(setup.sources).pre_logits[step]
     replacement_value = float(sum(sign * logits[position, t] for t, sign in tokens))
@@ -50,7 +47,7 @@ def test_terms_add_up_to_the_target_in_the_replacement_model(setup):
 
 
 def test_source_terms_are_total_effects_and_feature_terms_scale_them(setup):
-    graph = setup.full
+    graph = setup.graph
     contributions, total = node_contributions(graph), total_effects(graph)
     for kind in ("token", "error", "prompt"):
         nodes = graph.indices(kind)
@@ -62,7 +59,7 @@ def test_source_terms_are_total_effects_and_feature_terms_scale_them(setup):
 
 @pytest.mark.parametrize("which", ["full", "budget"])
 def test_step_and_channel_breakdowns_keep_the_sum(setup, which):
-    graph = setup.full if which == "full" else setup.budget
+    graph = setup.graph if which == "full" else setup.budget
     total = float(node_contributions(graph).sum())
     by_step, by_channel = step_breakdown(graph), channel_breakdown(graph)
     assert by_step.attributed == pytest.approx(total, abs=ATOL)
@@ -83,7 +80,7 @@ def test_step_and_channel_breakdowns_keep_the_sum(setup, which):
 
 
 def test_channels_follow_step_and_kind(setup):
-    graph = setup.full
+    graph = setup.graph
     target_step = graph_target(graph)[0]
     channels = node_channels(graph)
     for index, channel in enumerate(channels):

@@ -12,10 +12,12 @@ import math
 
 import pytest
 import torch
-from random_models import GRAPH_OPTIONS, GRAPH_PROMPT, GRAPH_TARGET, float64_graph_setup
+from random_models import GRAPH_OPTIONS as OPTIONS
+from random_models import GRAPH_PROMPT as PROMPT
+from random_models import GRAPH_TARGET as TARGET
+from random_models import float64_graph_setup
 
 from diffusionlens.components import norms as norms_module
-from diffusionlens.graphs.attribution import attribute_trajectory
 from diffusionlens.graphs.splicing import FeatureIntervention
 from diffusionlens.graphs.validate import (
     RecordedRun,
@@ -31,14 +33,11 @@ from diffusionlens.graphs.validate import (
 from diffusionlens.sampling import ReplayNoise
 
 ATOL = 1e-8  # float64 throughout the replacement model, as tests/unit/test_attribution_graphs.py
-PROMPT, OPTIONS, TARGET = GRAPH_PROMPT, GRAPH_OPTIONS, GRAPH_TARGET
 
 
 @pytest.fixture(scope="module")
 def setup():
     with float64_graph_setup() as s:
-        s.graph = attribute_trajectory(s.model, s.transcoders, s.trajectory, TARGET, max_feature_nodes=None)
-        s.replacement = s.rm
         s.target = graph_target(s.graph)
         yield s
 
@@ -64,7 +63,7 @@ def test_ablation_in_the_replacement_model_is_minus_the_total_effect(setup):
     graph, total, direct = setup.graph, total_effects(setup.graph), direct_effects(setup.graph)
     features = graph.indices("feature").tolist()
     ablations = [[FeatureIntervention(*feature_site(graph, index), 0.0)] for index in features]
-    rm, sources, target = setup.replacement, setup.sources, setup.target
+    rm, sources, target = setup.rm, setup.sources, setup.target
     linear = torch.tensor(replacement_target_changes(rm, sources, target, ablations, "linear"), dtype=torch.float64)
     fixed = torch.tensor(replacement_target_changes(rm, sources, target, ablations, "fixed"), dtype=torch.float64)
     torch.testing.assert_close(linear, -total[features], rtol=0, atol=ATOL)
@@ -76,7 +75,7 @@ def test_steering_in_the_replacement_model_scales_the_total_effect(setup):
     features = graph.indices("feature")
     strongest = features[torch.argsort(total[features].abs(), descending=True)[:8]].tolist()
     steered = [[FeatureIntervention(*feature_site(graph, i), 3.0 * float(graph.activation[i]))] for i in strongest]
-    changes = replacement_target_changes(setup.replacement, setup.sources, setup.target, steered, "linear")
+    changes = replacement_target_changes(setup.rm, setup.sources, setup.target, steered, "linear")
     torch.testing.assert_close(torch.tensor(changes, dtype=torch.float64), 2.0 * total[strongest], rtol=0, atol=ATOL)
 
 
@@ -84,7 +83,7 @@ def test_two_ablations_add_in_the_linear_replacement_model(setup):
     graph, total = setup.graph, total_effects(setup.graph)
     first, second = graph.indices("feature")[:2].tolist()
     both = [FeatureIntervention(*feature_site(graph, i), 0.0) for i in (first, second)]
-    (change,) = replacement_target_changes(setup.replacement, setup.sources, setup.target, [both], "linear")
+    (change,) = replacement_target_changes(setup.rm, setup.sources, setup.target, [both], "linear")
     assert change == pytest.approx(-float(total[first] + total[second]), abs=ATOL)
 
 
@@ -166,7 +165,7 @@ def test_refusals(setup):
     with pytest.raises(ValueError, match="no feature nodes at steps"):
         check_graph(setup.model, setup.transcoders, PROMPT, setup.trajectory, setup.graph, steps=[9], **OPTIONS)
     with pytest.raises(ValueError, match="response must be one of"):
-        replacement_target_changes(setup.replacement, setup.sources, setup.target, [], "free")
+        replacement_target_changes(setup.rm, setup.sources, setup.target, [], "free")
     run = RecordedRun(
         setup.model, setup.transcoders, PROMPT, setup.trajectory, setup.target, noise=ReplayNoise(0), **OPTIONS
     )
