@@ -99,3 +99,15 @@ def driver():
     browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     yield browser
     browser.quit()
+
+
+@pytest.fixture(scope="module")
+def open_page(driver):
+    """`open_page(path)`: load a page of ours in the browser and wait until its script marks it ready."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def load(path: Path) -> None:
+        driver.get(path.resolve().as_uri())
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+
+    return load

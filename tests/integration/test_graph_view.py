@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -78,13 +77,6 @@ def hand_graph() -> Graph:
 
 def hostile_decode(token: int) -> str:
     return HOSTILE[token]
-
-
-def open_page(driver, path: Path) -> None:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(path.resolve().as_uri())
-    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
 
 
 def page_nodes(driver) -> list[dict]:
@@ -182,9 +174,9 @@ def test_bad_documents_are_refused_naming_the_fix(tmp_path):
 # --------------------------------------------------------------------------- in a browser
 
 
-def test_nodes_sit_in_their_step_columns_and_layer_rows(graph, driver, tmp_path):
+def test_nodes_sit_in_their_step_columns_and_layer_rows(graph, driver, open_page, tmp_path):
     data = graph_view_data(graph)
-    open_page(driver, write_graph_view(graph, tmp_path / "graph.html"))
+    open_page(write_graph_view(graph, tmp_path / "graph.html"))
     drawn = page_nodes(driver)
     assert [n["node"] for n in drawn] == list(range(len(data["nodes"])))
     columns, rows = column_spans(driver), row_spans(driver)
@@ -209,9 +201,9 @@ def test_nodes_sit_in_their_step_columns_and_layer_rows(graph, driver, tmp_path)
     assert driver.execute_script("return document.querySelectorAll('.link').length") == len(data["links"])
 
 
-def test_clicking_a_node_shows_its_details_and_strongest_links(graph, driver, tmp_path):
+def test_clicking_a_node_shows_its_details_and_strongest_links(graph, driver, open_page, tmp_path):
     data = graph_view_data(graph)
-    open_page(driver, write_graph_view(graph, tmp_path / "graph.html"))
+    open_page(write_graph_view(graph, tmp_path / "graph.html"))
     links = data["links"]
     # the feature with the most links, so the lists are cut to TOP_LINKS
     features = [i for i, node in enumerate(data["nodes"]) if node["kind"] == "feature"]
@@ -263,10 +255,10 @@ def test_clicking_a_node_shows_its_details_and_strongest_links(graph, driver, tm
     assert driver.execute_script("return document.getElementById('details').dataset.node") == str(other)
 
 
-def test_threshold_hides_exactly_the_weak_links(graph, driver, tmp_path):
+def test_threshold_hides_exactly_the_weak_links(graph, driver, open_page, tmp_path):
     data = graph_view_data(graph)
     weights = [abs(w) for _, _, w in data["links"]]
-    open_page(driver, write_graph_view(graph, tmp_path / "graph.html"))
+    open_page(write_graph_view(graph, tmp_path / "graph.html"))
     assert sorted(visible_links(driver)) == list(range(len(weights)))
     for fraction in (0.05, 0.3, 1.0):
         set_threshold(driver, fraction)
@@ -278,12 +270,12 @@ def test_threshold_hides_exactly_the_weak_links(graph, driver, tmp_path):
     assert len(visible_links(driver)) == len(weights)
 
 
-def test_token_text_is_displayed_not_executed(driver, tmp_path):
+def test_token_text_is_displayed_not_executed(driver, open_page, tmp_path):
     from selenium.webdriver.common.by import By
 
     path = write_graph_view(hand_graph(), tmp_path / "hostile.html", hostile_decode, title=HOSTILE_TITLE,
                             node_threshold=None)  # fmt: skip
-    open_page(driver, path)
+    open_page(path)
 
     def assert_inert():
         assert driver.execute_script("return window.__xss === undefined")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,13 +76,6 @@ def hostile_decode(token: int) -> str:
     return HOSTILE[token]
 
 
-def open_page(driver, path: Path) -> None:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get(path.resolve().as_uri())
-    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
-
-
 def token_texts(driver) -> list[str]:
     return driver.execute_script("return Array.from(document.querySelectorAll('.token')).map(e => e.textContent)")
 
@@ -138,7 +130,7 @@ def test_render_checks_its_arguments(toy):
 # --------------------------------------------------------------------------- in Chromium
 
 
-def test_slider_shows_each_steps_tokens(toy, driver, tmp_path):
+def test_slider_shows_each_steps_tokens(toy, driver, open_page, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -149,7 +141,7 @@ def test_slider_shows_each_steps_tokens(toy, driver, tmp_path):
     n_steps, length = ct.n_steps, ct.input_canvas.shape[-1]
     assert n_steps == STEPS
     path = write_viewer(trace, tokenizer, tmp_path / "viewer.html", title="squares 400 800:")
-    open_page(driver, path)
+    open_page(path)
 
     # initial DOM: one token per canvas position, step 0, the draft answer
     assert len(driver.find_elements(By.CSS_SELECTOR, ".token[data-position]")) == length
@@ -200,14 +192,14 @@ def test_slider_shows_each_steps_tokens(toy, driver, tmp_path):
     assert probs == pytest.approx(ct.top_k_probs[n_steps - 2, 0, position].tolist(), abs=1e-3)
 
 
-def test_token_text_is_displayed_not_executed(driver, tmp_path):
+def test_token_text_is_displayed_not_executed(driver, open_page, tmp_path):
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     ct = hostile_trace()
     path = write_viewer(DenoisingTrace([ct], prompt_length=3), hostile_decode, tmp_path / "v.html", title=HOSTILE_TITLE)
-    open_page(driver, path)
+    open_page(path)
 
     def assert_inert():
         with pytest.raises(NoAlertPresentException):
