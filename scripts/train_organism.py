@@ -2,7 +2,8 @@
 
 The shipped toy computes every answer in one decoder pass, so it decides nearly everything at step 0. This
 starts from its first `--layers` decoder layers (the embeddings, those layers' weights and the final norm;
-the layer kinds stay sliding, sliding, full), fine-tunes on the same task mix, and logs at each evaluation
+the layer kinds stay sliding, sliding, full; the last must be full), or from layers of earlier runs
+(`--compose`), fine-tunes on the same task mix, and logs at each evaluation
 exact match and mean denoising steps per task, with default generation settings. Resumable (same --out).
 
     nice -n 19 python scripts/train_organism.py --out runs/organism3 --layers 3 --steps 3000
@@ -18,48 +19,29 @@ import torch
 from safetensors.torch import load_file
 
 from diffusionlens import HookedDiffusionGemma
-from diffusionlens.config import FULL, SLIDING
+from diffusionlens.config import FULL, refuse_sliding_last_layer
 from diffusionlens.toy.evaluate import evaluate
 from diffusionlens.toy.train import TrainSettings, toy_config, train
 from diffusionlens.weights.checkpoint import assign_tensor, checkpoint_names
 
 
-def truncated_toy(layers: int) -> HookedDiffusionGemma:
-    """The shipped toy's first `layers` decoder layers as a model of its own (every tensor copied)."""
-    toy = HookedDiffusionGemma.from_pretrained("toy", progress=False)
-    kinds = (SLIDING, SLIDING, FULL) * 2
-    model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=layers, layer_types=kinds[:layers]))
-    source = toy.state_dict()
-    target = model.state_dict()
-    missing = [k for k in target if k not in source or source[k].shape != target[k].shape]
-    if missing:
-        raise ValueError(f"tensors with no counterpart in the toy: {missing}")
-    model.load_state_dict({k: source[k] for k in target})
-    return model
-
-
 def load_any_layout(name: str) -> HookedDiffusionGemma:
     """A checkpoint by name, or one whose config.json ends on a sliding layer (an earlier run of this script,
     which `from_pretrained` now refuses since transformers cannot hold it), rebuilt in memory from its tensors."""
-    directory = Path(name)
-    config = directory / "config.json"
-    if not config.exists() or json.loads(config.read_text())["text_config"]["layer_types"][-1] == FULL:
+    config = Path(name) / "config.json"
+    kinds = json.loads(config.read_text())["text_config"]["layer_types"] if config.exists() else [FULL]
+    if kinds[-1] == FULL:
         return HookedDiffusionGemma.from_pretrained(name, progress=False)
-    kinds = json.loads(config.read_text())["text_config"]["layer_types"]
     model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=len(kinds), layer_types=kinds))
-    tensors = load_file(directory / "model.safetensors")
+    tensors = load_file(Path(name) / "model.safetensors")
     names = checkpoint_names(model)
     missing = sorted(set(names) - set(tensors))
     if missing:
-        raise ValueError(f"{directory} lacks {missing[:5]}")
+        raise ValueError(f"{name} lacks {missing[:5]}")
     with torch.no_grad():
         for checkpoint, ours in names.items():
             assign_tensor(model, ours, tensors[checkpoint])
-        # The encoder shares the decoder's weights (all but layer_scalar); a model built from a config
-        # holds its own copies, so they are filled from the decoder's.
-        decoder = dict(model.decoder.named_parameters())
-        for name, parameter in model.encoder.named_parameters():
-            parameter.copy_(decoder[name])
+    model.tie_weights()  # the encoder still held the parameters the assignments replaced
     return model
 
 
@@ -68,15 +50,14 @@ def composed_model(spec: str, quiet_layers: set[int] = frozenset(), quiet_scale:
     e.g. `runs/organism4:0,runs/organism4:1,runs/organism4:2,toy:5`. Embeddings, final norm and the
     self-conditioning block come from the first source; each layer keeps its source's kind."""
     picks = [item.rsplit(":", 1) for item in spec.split(",")]
-    sources = {name: load_any_layout(name) for name, _ in picks}
-    kinds = tuple(sources[name].cfg.layer_types[int(index)] for name, index in picks)
-    if kinds[-1] != FULL:
-        raise ValueError(f"the last layer must be full attention (transformers forces it); got {kinds}")
+    models = {name: load_any_layout(name) for name, _ in picks}
+    kinds = [models[name].cfg.layer_types[int(index)] for name, index in picks]
+    sources = {name: model.state_dict() for name, model in models.items()}
+    refuse_sliding_last_layer(kinds, "the composed model could not be saved")
     model = HookedDiffusionGemma.from_config(toy_config(num_hidden_layers=len(picks), layer_types=kinds))
-    first = sources[picks[0][0]].state_dict()
-    state = {k: v for k, v in first.items() if ".blocks." not in k}
+    state = {k: v for k, v in sources[picks[0][0]].items() if ".blocks." not in k}
     for target, (name, index) in enumerate(picks):
-        for key, value in sources[name].state_dict().items():
+        for key, value in sources[name].items():
             for stack in ("encoder", "decoder"):
                 prefix = f"{stack}.blocks.{index}."
                 if key.startswith(prefix):
@@ -97,7 +78,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-examples", type=int, default=24)
-    parser.add_argument("--init-from", default="", help="continue from these weights (else the truncated toy)")
+    parser.add_argument("--init-from", default="", help="continue from these weights (else the composed model)")
     parser.add_argument("--task-weights", default=TrainSettings.task_weights)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
@@ -109,7 +90,8 @@ def main() -> None:
     init = Path(args.init_from) if args.init_from else out.with_name(out.name + "-init")
     if not (out / "training_state.json").exists() and not (init / "model.safetensors").exists():
         quiet = {int(i) for i in args.quiet_layers.split(",") if i}
-        model = composed_model(args.compose, quiet, args.quiet_scale) if args.compose else truncated_toy(args.layers)
+        spec = args.compose or ",".join(f"toy:{layer}" for layer in range(args.layers))
+        model = composed_model(spec, quiet, args.quiet_scale)
         model.save_pretrained(init)
     settings = TrainSettings(
         steps=args.steps,
