@@ -42,17 +42,24 @@ def decoder_argmax(model, state, canvas, self_cond) -> torch.Tensor:
     return model.denoise(canvas, state, self_cond).argmax(-1)
 
 
+def patched_inputs(canvas, self_cond, *, reset=(), reset_from=None, flatten=()):
+    """A decoder pass's inputs patched: canvas positions `reset` taken from `reset_from` (e.g. the run's
+    starting noise), self-conditioning rows `flatten` set to uniform logits. Copies; the inputs stay."""
+    patched_canvas = canvas.clone()
+    if reset:
+        patched_canvas[0, list(reset)] = reset_from[0, list(reset)]
+    patched_cond = None if self_cond is None else self_cond.clone()
+    if patched_cond is not None and flatten:
+        patched_cond[0, list(flatten)] = 0.0
+    return patched_canvas, patched_cond
+
+
 @torch.no_grad()
 def argmax_with_positions_reset(model, state, canvas, self_cond, start_canvas, positions: list[int], at: int) -> int:
     """The decoder's argmax at position `at` with `positions` of the canvas set back to the run's starting
     noise and their self-conditioning rows flattened (uniform logits)."""
-    patched_canvas = canvas.clone()
-    patched_canvas[0, positions] = start_canvas[0, positions]
-    patched_cond = None
-    if self_cond is not None:
-        patched_cond = self_cond.clone()
-        patched_cond[0, positions] = 0.0
-    return decoder_argmax(model, state, patched_canvas, patched_cond)[0, at].item()
+    inputs = patched_inputs(canvas, self_cond, reset=positions, reset_from=start_canvas, flatten=positions)
+    return decoder_argmax(model, state, *inputs)[0, at].item()
 
 
 @torch.no_grad()
@@ -85,11 +92,15 @@ def analyse_run(model, tokenizer, prompt: str, seed: int) -> list[dict]:
         committed = trace.accepted[:step, 0, list_positions].any(0) & (
             trace.argmax[step - 1, 0, list_positions] == torch.tensor(final)[list_positions]
         )
+        # what the replacing step's canvas held there: the old token (the step overruled its canvas), the new
+        # one (the sampler drew it the step before), or another
+        read = {event.old_token: "old", event.new_token: "new"}.get(int(canvas[0, event.position]), "other")
         found.append(
             dict(
                 prompt=prompt,
                 seed=seed,
                 position=event.position,
+                canvas_read=read,
                 step_held=event.step_held,
                 step_replaced=step,
                 old=tokenizer.decode([event.old_token]),

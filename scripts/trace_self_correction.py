@@ -32,7 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from organism_corrections import analyse_run, answer_layout  # the sibling script: same events, same layout
+from organism_corrections import (  # the sibling script: same events, same layout
+    analyse_run,
+    answer_layout,
+    patched_inputs,
+)
 
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.graphs.attribution import attribute_trajectory
@@ -81,17 +85,12 @@ def find_events(model, prompts: list[str], seeds: int) -> tuple[list[dict], int]
     """scripts/organism_corrections.py's count-correction events, each with what the canvas the replacing
     step read held at the position: the old token (the model overruled its own canvas), the new one (the
     sampler drew it there at the step before, and the model endorsed the draw), or another."""
-    events = []
-    for prompt in prompts:
-        for seed in range(seeds):
-            found = analyse_run(model, model.tokenizer, prompt, seed)
-            if not found:
-                continue
-            trace = model.generate(model.to_tokens(prompt), noise=ReplayNoise(seed), progress=False).trace[0]
-            for event in found:
-                read = model.tokenizer.decode([int(trace.input_canvas[event["step_replaced"], 0, event["position"]])])
-                event["canvas_read"] = {event["old"]: "old", event["new"]: "new"}.get(read, "other")
-            events.extend(found)
+    events = [
+        event
+        for prompt in prompts
+        for seed in range(seeds)
+        for event in analyse_run(model, model.tokenizer, prompt, seed)
+    ]
     return events, len(prompts) * seeds
 
 
@@ -285,12 +284,9 @@ def channel_checks(model, prompt: str, seed: int, step: int, position: int, toke
     new, old = tokens
 
     def difference(canvas_positions=(), canvas_from=None, flatten=(), drop_self_cond=False) -> float:
-        patched = canvas.clone()
-        patched[0, list(canvas_positions)] = canvas_from[0, list(canvas_positions)] if canvas_positions else 0
-        cond = None if drop_self_cond or self_cond is None else self_cond.clone()
-        if cond is not None and flatten:
-            cond[0, list(flatten)] = 0.0
-        logits = model.denoise(patched, state, cond)[0, position]
+        cond = None if drop_self_cond else self_cond
+        patched = patched_inputs(canvas, cond, reset=canvas_positions, reset_from=canvas_from, flatten=flatten)
+        logits = model.denoise(patched[0], state, patched[1])[0, position]
         return float(logits[new] - logits[old])
 
     new_canvas = canvas.clone()
