@@ -50,6 +50,9 @@ def composed_model(spec: str, quiet_layers: set[int] = frozenset(), quiet_scale:
     e.g. `runs/organism4:0,runs/organism4:1,runs/organism4:2,toy:5`. Embeddings, final norm and the
     self-conditioning block come from the first source; each layer keeps its source's kind."""
     picks = [item.rsplit(":", 1) for item in spec.split(",")]
+    malformed = [":".join(pick) for pick in picks if len(pick) != 2 or not pick[1].isdigit()]
+    if malformed:
+        raise ValueError(f"--compose items {malformed} should read SOURCE:LAYER, e.g. toy:5 or runs/organism4:0")
     models = {name: load_any_layout(name) for name, _ in picks}
     kinds = [models[name].cfg.layer_types[int(index)] for name, index in picks]
     sources = {name: model.state_dict() for name, model in models.items()}
