@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_viewer import HOSTILE, open_page
+from test_viewer import HOSTILE
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 from diffusionlens.viz import attention_labels, attention_pattern, write_attention_viewer
@@ -151,12 +151,12 @@ def weights(driver) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def test_page_follows_layer_head_and_step(model, padded, driver, tmp_path):
+def test_page_follows_layer_head_and_step(model, padded, driver, open_page, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     ids, mask, result, cache = padded
-    open_page(driver, page_for(model, padded, tmp_path))
+    open_page(page_for(model, padded, tmp_path))
     assert len(driver.find_elements(By.CSS_SELECTOR, "#layer-select option")) == model.cfg.num_hidden_layers
     for layer, head, step in ((SLIDING_LAYER, 1, 0), (FULL_LAYER, 0, 1), (FULL_LAYER, 0, 2)):
         choose(driver, "layer-select", str(layer))
@@ -179,7 +179,7 @@ def test_page_follows_layer_head_and_step(model, padded, driver, tmp_path):
     assert "key: canvas 5" in driver.find_element(By.ID, "tooltip").text
 
 
-def test_hostile_token_text_is_displayed_not_executed(model, padded, driver, tmp_path):
+def test_hostile_token_text_is_displayed_not_executed(model, padded, driver, open_page, tmp_path):
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -189,7 +189,7 @@ def test_hostile_token_text_is_displayed_not_executed(model, padded, driver, tmp
 
     page = page_for(model, padded, tmp_path, tokenizer=hostile, title="</title><script>window.__xss = 9</script>")
     assert "<script>alert(1)</script>" not in page.read_text()
-    open_page(driver, page)
+    open_page(page)
     choose(driver, "layer-select", str(FULL_LAYER))
     ActionChains(driver).move_to_element(driver.find_element(By.CSS_SELECTOR, ".att-cell")).perform()
     with pytest.raises(NoAlertPresentException):

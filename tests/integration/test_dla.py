@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_viewer import open_page, set_step
+from test_viewer import set_step
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 from diffusionlens.analysis import DLA_COMPONENT_NAMES, DLA_NAMES, DLA_NEURON_NAMES, DLAByStep, dla_by_step
@@ -208,11 +208,11 @@ def test_figure_of_components_separates_blocks_and_keeps_the_largest(run):
     torch.testing.assert_close(torch.tensor(ax.images[0].get_array()).sum(-1).float(), neurons.logit, **F32)
 
 
-def test_viewer_panel_shows_the_table_and_follows_the_slider(run, driver, tmp_path):
+def test_viewer_panel_shows_the_table_and_follows_the_slider(run, driver, open_page, tmp_path):
     model, result, cache = run
     dla = dla_by_step(cache, "8", other="7", position=0)
     path = write_viewer(result.trace, model.tokenizer, tmp_path / "v.html", dla=dla)
-    open_page(driver, path)
+    open_page(path)
     assert driver.execute_script("return document.getElementById('dla').hidden") is False
     values = driver.execute_script(
         "return Array.from(document.querySelectorAll('.dla-cell')).map(c => Number(c.dataset.value))"
@@ -226,7 +226,7 @@ def test_viewer_panel_shows_the_table_and_follows_the_slider(run, driver, tmp_pa
     assert "'8' − '7' at position 0" in title
     # a component table: every head, MLP and expert column, a rule before each block
     fine = dla_by_step(cache, "8", other="7", position=0, granularity="component")
-    open_page(driver, write_viewer(result.trace, model.tokenizer, tmp_path / "c.html", dla=fine))
+    open_page(write_viewer(result.trace, model.tokenizer, tmp_path / "c.html", dla=fine))
     labels = driver.execute_script(
         "return Array.from(document.querySelectorAll('th.dla-label')).map(c => c.textContent)"
     )
@@ -235,7 +235,7 @@ def test_viewer_panel_shows_the_table_and_follows_the_slider(run, driver, tmp_pa
     assert starts == model.cfg.num_hidden_layers
     # a neuron table is narrowed to the largest components and says so
     neurons = dla_by_step(cache, "8", other="7", position=0, granularity="component", expand_neurons=True)
-    open_page(driver, write_viewer(result.trace, model.tokenizer, tmp_path / "n.html", dla=neurons))
+    open_page(write_viewer(result.trace, model.tokenizer, tmp_path / "n.html", dla=neurons))
     labels = driver.execute_script(
         "return Array.from(document.querySelectorAll('th.dla-label')).map(c => c.textContent)"
     )

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_viewer import HOSTILE, HOSTILE_TITLE, open_page, set_step
+from test_viewer import HOSTILE, HOSTILE_TITLE, set_step
 
 from diffusionlens import HookedDiffusionGemma, ReplayNoise
 from diffusionlens.features import ActivationStore, generate_with_sae, top_activations
@@ -180,7 +180,7 @@ def context_texts(driver, row) -> list[list[str]]:
     )
 
 
-def test_feature_panel_shows_the_cache_and_the_store(setup, driver, tmp_path):
+def test_feature_panel_shows_the_cache_and_the_store(setup, driver, open_page, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -188,7 +188,7 @@ def test_feature_panel_shows_the_cache_and_the_store(setup, driver, tmp_path):
     trace = setup.result.trace[0]
     panel = FeaturePanel(HOOK, cache=cache, examples=examples, prompts=store.prompts, top=3)
     path = write_viewer(setup.result.trace, model.tokenizer, tmp_path / "features.html", features=panel)
-    open_page(driver, path)
+    open_page(path)
     assert driver.find_element(By.ID, "features").is_displayed()
     assert driver.find_element(By.ID, "features-title").text == f"SAE features at {HOOK}"
     select = Select(driver.find_element(By.ID, "feature-select"))
@@ -255,14 +255,14 @@ def test_feature_panel_shows_the_cache_and_the_store(setup, driver, tmp_path):
     assert driver.find_element(By.ID, "step-label").text == f"step {target.get_attribute('data-step')} / {STEPS - 1}"
 
 
-def test_feature_panel_text_is_displayed_not_executed(setup, driver, tmp_path):
+def test_feature_panel_text_is_displayed_not_executed(setup, driver, open_page, tmp_path):
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
 
     hostile = [HOSTILE_TITLE] * len(setup.store.prompts)
     panel = FeaturePanel(HOOK, cache=setup.cache, examples=setup.examples, prompts=hostile, top=2)
     path = write_viewer(setup.result.trace, lambda i: HOSTILE[i % len(HOSTILE)], tmp_path / "h.html", features=panel)
-    open_page(driver, path)
+    open_page(path)
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # noqa: B018 - raises when no alert is open
     assert driver.execute_script("return window.__xss === undefined")
@@ -277,15 +277,15 @@ def test_feature_panel_text_is_displayed_not_executed(setup, driver, tmp_path):
     assert "<script>alert(1)</script>" in shown
 
 
-def test_viewer_without_features_has_no_panel(setup, driver, tmp_path):
+def test_viewer_without_features_has_no_panel(setup, driver, open_page, tmp_path):
     from selenium.webdriver.common.by import By
 
     path = write_viewer(setup.result.trace, setup.model.tokenizer, tmp_path / "plain.html")
-    open_page(driver, path)
+    open_page(path)
     assert not driver.find_element(By.ID, "features").is_displayed()
     assert driver.find_elements(By.CSS_SELECTOR, ".feature-act") == []
     store_only = FeaturePanel(HOOK, examples=setup.examples, prompts=setup.store.prompts, top=2)
-    open_page(driver, write_viewer(setup.result.trace, setup.model.tokenizer, tmp_path / "s.html", features=store_only))
+    open_page(write_viewer(setup.result.trace, setup.model.tokenizer, tmp_path / "s.html", features=store_only))
     best = setup.examples.values[:, 0].argsort(descending=True, stable=True)[:2].tolist()
     options = driver.find_elements(By.CSS_SELECTOR, "#feature-select option")
     assert [o.text for o in options] == [f"feature {setup.examples.features[b]}" for b in best]
