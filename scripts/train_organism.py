@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.config import FULL, refuse_sliding_last_layer
 from diffusionlens.toy.evaluate import evaluate
+from diffusionlens.toy.tasks import SEVERAL_ANSWER_TASKS, TASKS
 from diffusionlens.toy.train import TrainSettings, toy_config, train
 from diffusionlens.weights.checkpoint import assign_tensor, checkpoint_names
 
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--compose", default="", help="SOURCE:LAYER per layer (see composed_model)")
     parser.add_argument("--quiet-layers", default="", help="composed layers that start near the identity, e.g. 4")
     parser.add_argument("--quiet-scale", type=float, default=0.05)
+    parser.add_argument("--hedged-targets", action="store_true", help="see diffusionlens.toy.hedges")
+    parser.add_argument("--eval-tasks", default="", help="tasks the periodic evaluation scores (default: the mix's)")
     args = parser.parse_args()
     out = Path(args.out)
     init = Path(args.init_from) if args.init_from else out.with_name(out.name + "-init")
@@ -104,10 +107,13 @@ def main() -> None:
         save_every=100,
         init_from=str(init),
         task_weights=args.task_weights,
+        hedged_targets=args.hedged_targets,
     )
+    known = {**TASKS, **SEVERAL_ANSWER_TASKS}
+    eval_tasks = args.eval_tasks.split(",") if args.eval_tasks else [t for t in known if t in args.task_weights]
 
     def evaluate_fn(model, tokenizer, step):
-        scores = evaluate(model, tokenizer, n=args.eval_examples, seed=step)
+        scores = evaluate(model, tokenizer, tasks=eval_tasks, n=args.eval_examples, seed=step)
         return {task: [round(s.exact_match, 3), round(s.mean_steps, 2)] for task, s in scores.items()}
 
     torch.set_num_threads(args.threads)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from diffusionlens.toy.tasks import ToyDataset
+from diffusionlens.toy.tasks import ToyDataset, task_of
 
 
 @dataclass
@@ -28,14 +26,14 @@ class ScoredTask:
 
 
 def wrong_answers(data: ToyDataset, outputs: Sequence[str]) -> list[WrongAnswer]:
-    """The problems of `data` whose output (`outputs`: one per problem, in `data`'s order) is not the answer,
-    in problem order."""
+    """The problems of `data` whose output (`outputs`: one per problem, in `data`'s order) is not a right
+    answer (`Task.is_correct`: the answer, or any valid one for a task with several), in problem order."""
     if len(outputs) != len(data.prompts):
         raise ValueError(f"{len(outputs)} outputs for {len(data.prompts)} problems: give one output per problem")
     return [
         WrongAnswer(prompt, output, answer)
         for prompt, output, answer in zip(data.prompts, outputs, data.answers, strict=True)
-        if output != answer
+        if not task_of(prompt).is_correct(prompt, output)
     ]
 
 

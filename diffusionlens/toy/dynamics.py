@@ -30,7 +30,7 @@ from jaxtyping import Bool, Int
 from diffusionlens.analysis.commit_order import answer_mask
 from diffusionlens.analysis.seeds import generate_over_seeds
 from diffusionlens.analysis.self_correction import find_corrections
-from diffusionlens.toy.tasks import TASKS, make_dataset
+from diffusionlens.toy.tasks import SEVERAL_ANSWER_TASKS, TASKS, make_dataset
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -43,6 +43,7 @@ __all__ = [
     "denoising_dynamics",
     "dynamics_summary",
     "format_dynamics",
+    "pooled_late_commit_share",
     "run_dynamics",
 ]
 
@@ -126,9 +127,10 @@ def denoising_dynamics(
 ) -> dict[str, TaskDynamics]:
     """`TaskDynamics` of each task on `prompts_per_task` held-out problems × `seeds`."""
     tasks = list(TASKS) if tasks is None else list(tasks)
-    unknown = [task for task in tasks if task not in TASKS]
+    known = [*TASKS, *SEVERAL_ANSWER_TASKS]
+    unknown = [task for task in tasks if task not in known]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; the toy's tasks are {list(TASKS)}")
+        raise ValueError(f"unknown tasks {unknown}; the toy's tasks are {known}")
     seeds = list(seeds)
     eos = model.cfg.eos_token_id
     out = {}
@@ -142,8 +144,16 @@ def denoising_dynamics(
     return out
 
 
+def pooled_late_commit_share(dynamics: dict[str, TaskDynamics]) -> float:
+    """The share of answer positions committing after step 0 over every run of every task (each position
+    counts once, so tasks with longer answers weigh more)."""
+    runs = [run for d in dynamics.values() for run in d.runs]
+    return sum(run.late_commits for run in runs) / max(1, sum(len(run.commit_steps) for run in runs))
+
+
 def format_dynamics(dynamics: dict[str, TaskDynamics]) -> str:
-    """A markdown table: runs, mean steps, late-commit share and correction rate per task."""
+    """A markdown table: runs, mean steps, late-commit share and correction rate per task, and the late-commit
+    share pooled over all answer positions of all tasks."""
     lines = [
         "| task | runs | mean denoising steps | answer positions committing after step 0 "
         "| runs with a self-correction |",
@@ -154,6 +164,7 @@ def format_dynamics(dynamics: dict[str, TaskDynamics]) -> str:
             f"| {d.task} | {len(d.runs)} | {d.mean_steps:.1f} | {100 * d.late_commit_share:.0f}% | "
             f"{100 * d.correction_rate:.0f}% |"
         )
+    lines.append(f"| all tasks, pooled | | | {100 * pooled_late_commit_share(dynamics):.0f}% | |")
     return "\n".join(lines)
 
 
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="toy", help="a checkpoint directory or 'toy'")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--tasks", default="", help="comma-separated tasks (default: the toy's four)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", default=None, help="also write the per-task figures here (JSON)")
     parser.add_argument("--figure", default=None, help="also draw the steps histogram and commit steps here (PNG)")
@@ -186,7 +198,11 @@ def main(argv: list[str] | None = None) -> None:
 
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     dynamics = denoising_dynamics(
-        model, prompts_per_task=args.prompts, seeds=range(args.seeds), progress=not args.no_progress
+        model,
+        args.tasks.split(",") if args.tasks else None,
+        prompts_per_task=args.prompts,
+        seeds=range(args.seeds),
+        progress=not args.no_progress,
     )
     print(format_dynamics(dynamics))
     for d in dynamics.values():

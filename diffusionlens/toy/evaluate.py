@@ -150,16 +150,18 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
     )
     parser.add_argument("--bottlenecks", action="store_true", help="also sweep the token bottleneck settings")
     parser.add_argument("--errors", action="store_true", help="also list every wrong answer")
+    parser.add_argument("--tasks", default="", help="comma-separated tasks to score (default: the toy's four)")
     args = parser.parse_args(argv)
+    tasks = args.tasks.split(",") if args.tasks else None
     if _is_causal_lm(args.model):
         from diffusionlens.toy.twin import main as twin_main
 
-        if len(args.seed) > 1 or args.bottlenecks:
-            parser.error("an autoregressive model takes one --seed and no --bottlenecks")
+        if len(args.seed) > 1 or args.bottlenecks or tasks:
+            parser.error("an autoregressive model takes one --seed, no --bottlenecks and no --tasks")
         twin_main(["--model", args.model, "--n", str(args.n), "--seed", str(args.seed[0])] + ["--errors"] * args.errors)
         return
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
-    by_seed = {seed: evaluate(model, n=args.n, seed=seed) for seed in args.seed}
+    by_seed = {seed: evaluate(model, tasks=tasks, n=args.n, seed=seed) for seed in args.seed}
     print(format_table(by_seed[args.seed[0]]) if len(args.seed) == 1 else format_seed_table(by_seed))
     if args.errors:
         print(format_wrong_answers(pooled(by_seed)))

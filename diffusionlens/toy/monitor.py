@@ -32,7 +32,7 @@ from diffusionlens.sampling.noise import ReplayNoise
 from diffusionlens.sampling.sampler import entropy
 from diffusionlens.sampling.settings import settings_of
 from diffusionlens.toy.data import make_batch
-from diffusionlens.toy.tasks import TASKS, Example, make_dataset
+from diffusionlens.toy.tasks import SEVERAL_ANSWER_TASKS, TASKS, Example, make_dataset, task_of
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas, encode_prompt
 
 MONITORS = ("check", "confidence")
@@ -68,7 +68,8 @@ class MonitorRun:
     @property
     def wrong(self) -> Bool[torch.Tensor, " problem"]:
         """Whether each final answer is wrong (the positive class of the monitors' AUROC)."""
-        return torch.tensor([f != a for f, a in zip(self.finals, self.answers, strict=True)])
+        rows = zip(self.tasks, self.prompts, self.finals, self.answers, strict=True)
+        return torch.tensor([not _is_right(task, prompt, final, answer) for task, prompt, final, answer in rows])
 
     def subset(self, keep: Sequence[int]) -> MonitorRun:
         """The runs of the problems `keep` (e.g. one task's)."""
@@ -118,8 +119,16 @@ def answer_readout(
     return {"agreement": _gather(run.agreement, units, 0.0), "exact": _gather(run.exact, units, 0.0)}
 
 
-def _consistent(text: str, answer: str, complete: bool) -> bool:
-    return text == answer if complete else answer.startswith(text)
+def _is_right(task: str, prompt: str, final: str, answer: str) -> bool:
+    several = SEVERAL_ANSWER_TASKS.get(task)
+    return several.is_correct(prompt, final) if several is not None else final == answer
+
+
+def _consistent(text: str, prompt: str, complete: bool) -> bool:
+    """Whether a readout is a right answer (`complete`) or the start of one (any right answer, for a task with
+    several)."""
+    task = task_of(prompt)
+    return task.is_correct(prompt, text) if complete else task.can_extend(prompt, text)
 
 
 def _answer_length(tokens: list[int], eos: int) -> int:
@@ -168,7 +177,7 @@ def diffusion_monitor_run(
                 for step in range(int(stop[row]) + 1):
                     draft = trace.argmax[step, row].tolist()
                     text = decode_canvas(tokenizer, draft)
-                    check.append(_consistent(text, example.answer, complete=True))
+                    check.append(_consistent(text, example.prompt, complete=True))
                     max_entropy.append(float(trace.entropy[step, row, : _answer_length(draft, eos)].max()))
                     agreement.append(sum(d == f for d, f in zip(draft[:length], final[:length], strict=True)) / length)
                     exact.append(text == final_text)
@@ -216,7 +225,7 @@ def twin_monitor_run(
             check, max_entropy, agreement, exact = [], [], [], []
             for u in range(1, length + 1):
                 text = decode_canvas(tokenizer, generated[:u])
-                check.append(_consistent(text, problems[i].answer, complete=u == length))  # u == length: over
+                check.append(_consistent(text, problems[i].prompt, complete=u == length))  # u == length: over
                 max_entropy.append(float(token_entropy[row, :u].max()))
                 agreement.append(u / length)
                 exact.append(u == length)

@@ -8,6 +8,12 @@ tokenizer helpers, never by the task itself):
 - ``sort``: ``"sort 5 3 9 1:"`` -> ``"1 3 5 9"``
 - ``reverse``: ``"reverse 7 2 4:"`` -> ``"4 2 7"``
 
+Two tasks have several valid answers, so a denoiser cannot settle every position at once: the positions must
+agree, and committing some first is what lets the rest follow (see ``SEVERAL_ANSWER_TASKS``):
+
+- ``shuffle``: ``"shuffle 52817:"`` -> any order of those distinct digits, e.g. ``"71852"``
+- ``pick``: ``"pick 3 of 52817:"`` -> any three of those digits in increasing order, e.g. ``"158"``
+
 All sampling goes through an explicit :class:`random.Random`; nothing touches the global RNG.
 Evaluation prompts are kept disjoint from training prompts by a stable hash of the prompt
 text (see :func:`is_held_out`).
@@ -28,7 +34,10 @@ __all__ = [
     "DEFAULT_HELD_OUT_MODULUS",
     "EXAMPLE_PROMPTS",
     "MAX_SQUARES",
+    "PICK",
     "REVERSE",
+    "SEVERAL_ANSWER_TASKS",
+    "SHUFFLE",
     "SORT",
     "SQUARES",
     "SQUARES_MAX_BOUND",
@@ -62,11 +71,28 @@ class Task:
     pattern: re.Pattern[str]
     _sample: Callable[[random.Random], str]
     _solve: Callable[[re.Match[str]], str]
+    # Tasks with several valid answers: draw one at random, and check any answer against the prompt.
+    _sample_answer: Callable[[re.Match[str], random.Random], str] | None = None
+    _is_valid: Callable[[re.Match[str], str], bool] | None = None
+    _can_extend: Callable[[re.Match[str], str], bool] | None = None
+
+    @property
+    def several_answers(self) -> bool:
+        """Whether a prompt has several valid answers (`solve` then gives the canonical one)."""
+        return self._is_valid is not None
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
-        """Sample one ``(prompt, answer)`` pair using ``rng`` only."""
+        """Sample one ``(prompt, answer)`` pair using ``rng`` only (for a task with several valid answers,
+        one of them drawn uniformly)."""
         prompt = self._sample(rng)
-        return prompt, self.solve(prompt)
+        return prompt, self.sample_answer(prompt, rng)
+
+    def sample_answer(self, prompt: str, rng: random.Random) -> str:
+        """A right answer to `prompt`: the answer, or for a task with several, one drawn uniformly with `rng`."""
+        answer = self.solve(prompt)
+        if self._sample_answer is None:
+            return answer
+        return self._sample_answer(self.pattern.fullmatch(prompt), rng)
 
     def matches(self, prompt: str) -> bool:
         return self.pattern.fullmatch(prompt) is not None
@@ -82,8 +108,19 @@ class Task:
         return self._solve(m)
 
     def is_correct(self, prompt: str, answer_text: str) -> bool:
-        """Exact-match check of a model answer (eos/pads already removed)."""
-        return answer_text == self.solve(prompt)
+        """Whether a model answer (eos/pads already removed) is right: the answer exactly, or for a task with
+        several valid answers, any of them."""
+        if self._is_valid is None:
+            return answer_text == self.solve(prompt)
+        self.solve(prompt)  # validates the prompt
+        return self._is_valid(self.pattern.fullmatch(prompt), answer_text)
+
+    def can_extend(self, prompt: str, prefix: str) -> bool:
+        """Whether some right answer starts with `prefix` (for a single-answer task: the answer does)."""
+        answer = self.solve(prompt)
+        if self._can_extend is None:
+            return answer.startswith(prefix)
+        return self._can_extend(self.pattern.fullmatch(prompt), prefix)
 
 
 # --------------------------------------------------------------------------- addition
@@ -187,9 +224,96 @@ def _solve_reverse(m: re.Match[str]) -> str:
 SORT = Task("sort", re.compile(rf"sort {_DIGIT_LIST}:"), _sample_sort, _solve_sort)
 REVERSE = Task("reverse", re.compile(rf"reverse {_DIGIT_LIST}:"), _sample_reverse, _solve_reverse)
 
+# ------------------------------------------------------------ tasks with several valid answers
+
+_DIGITS = "0123456789"
+_DIGIT_SET = r"([0-9]{2,10})"
+
+
+def _distinct(m: re.Match[str], group: int = 1) -> str:
+    digits = m.group(group)
+    if len(set(digits)) != len(digits):
+        raise ValueError(f"the digits {digits!r} repeat; give distinct digits")
+    return digits
+
+
+def _sample_shuffle(rng: random.Random) -> str:
+    return f"shuffle {''.join(rng.sample(_DIGITS, rng.randint(6, 9)))}:"
+
+
+def _solve_shuffle(m: re.Match[str]) -> str:
+    return "".join(sorted(_distinct(m)))  # the canonical answer; any order is valid
+
+
+def _shuffle_answer(m: re.Match[str], rng: random.Random) -> str:
+    return "".join(rng.sample(m.group(1), len(m.group(1))))
+
+
+def _is_shuffle(m: re.Match[str], text: str) -> bool:
+    return sorted(text) == sorted(m.group(1))  # the prompt's digits are distinct (solve checks)
+
+
+def _can_extend_shuffle(m: re.Match[str], prefix: str) -> bool:
+    return len(set(prefix)) == len(prefix) and set(prefix) <= set(m.group(1))
+
+
+def _sample_pick(rng: random.Random) -> str:
+    pool = "".join(rng.sample(_DIGITS, rng.randint(8, 10)))
+    return f"pick {rng.randint(5, len(pool) - 2)} of {pool}:"
+
+
+def _solve_pick(m: re.Match[str]) -> str:
+    k, pool = int(m.group(1)), _distinct(m, 2)
+    if not 1 <= k < len(pool):
+        raise ValueError(f"pick {k} of {len(pool)} digits: k must be at least 1 and below the pool's size")
+    return "".join(sorted(pool)[:k])  # the canonical answer: the k smallest
+
+
+def _pick_answer(m: re.Match[str], rng: random.Random) -> str:
+    return "".join(sorted(rng.sample(m.group(2), int(m.group(1)))))
+
+
+def _is_pick(m: re.Match[str], text: str) -> bool:
+    return len(text) == int(m.group(1)) and _is_pick_shaped(text, m.group(2))
+
+
+def _can_extend_pick(m: re.Match[str], prefix: str) -> bool:
+    k, pool = int(m.group(1)), m.group(2)
+    if not (len(prefix) <= k and _is_pick_shaped(prefix, pool)):
+        return False
+    larger = sum(digit > prefix[-1] for digit in pool) if prefix else len(pool)
+    return larger >= k - len(prefix)
+
+
+def _is_pick_shaped(text: str, pool: str) -> bool:
+    return all(a < b for a, b in zip(text, text[1:], strict=False)) and set(text) <= set(pool)
+
+
+SHUFFLE = Task(
+    "shuffle",
+    re.compile(rf"shuffle {_DIGIT_SET}:"),
+    _sample_shuffle,
+    _solve_shuffle,
+    _shuffle_answer,
+    _is_shuffle,
+    _can_extend_shuffle,
+)
+PICK = Task(
+    "pick",
+    re.compile(rf"pick ([1-9]) of {_DIGIT_SET}:"),
+    _sample_pick,
+    _solve_pick,
+    _pick_answer,
+    _is_pick,
+    _can_extend_pick,
+)
+
 # ---------------------------------------------------------------------------- registry
 
 TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, SQUARES, SORT, REVERSE)}
+
+#: Tasks whose prompts have several valid answers (a training example draws one); `Task.is_correct` accepts any.
+SEVERAL_ANSWER_TASKS: dict[str, Task] = {t.name: t for t in (SHUFFLE, PICK)}
 
 # ------------------------------------------------------------------ training variants
 # The stage-4 checkpoint's errors cluster where the plain samplers rarely go: addition's tens and hundreds
@@ -260,7 +384,7 @@ EXAMPLE_PROMPTS: dict[str, str] = {
 
 def task_of(prompt: str) -> Task:
     """The task whose format ``prompt`` matches. Raises ``ValueError`` if none does."""
-    for task in TASKS.values():
+    for task in (*TASKS.values(), *SEVERAL_ANSWER_TASKS.values()):
         if task.matches(prompt):
             return task
     raise ValueError(f"prompt matches no task: {prompt!r}")
@@ -305,7 +429,7 @@ def _resolve(task_names: str | Sequence[str] | None) -> list[Task]:
         names = list(task_names)
     if not names:
         raise ValueError("task_names is empty")
-    known = {**TASKS, **TRAINING_VARIANTS}
+    known = {**TASKS, **SEVERAL_ANSWER_TASKS, **TRAINING_VARIANTS}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(known)}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -35,6 +35,7 @@ from diffusionlens.config import FULL, SLIDING, DiffusionGemmaConfig
 from diffusionlens.losses import denoising_loss
 from diffusionlens.model import HookedDiffusionGemma
 from diffusionlens.toy.data import make_batch
+from diffusionlens.toy.hedges import hedge_tensors
 from diffusionlens.toy.tasks import EXAMPLE_PROMPTS, Example, make_dataset
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, PAD_ID, VOCAB, build_tokenizer
 
@@ -115,6 +116,9 @@ class TrainSettings(CommonTrainSettings):
     # Pads fill most of the 48-token canvas and are learnt at once; full weight on them would drown the
     # answer positions (and short-answer tasks most of all).
     pad_weight: float = setting(0.1, "the loss weight of pad targets")
+    hedged_targets: bool = setting(
+        False, "train addition right to left and the squares count off its list (toy.hedges); off: exact targets"
+    )
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
@@ -139,18 +143,43 @@ def learning_rate(step: int, s: CommonTrainSettings) -> float:
 
 def corrupt(canvas: torch.Tensor, vocab: int, generator: torch.Generator) -> torch.Tensor:
     """Replace each position by a uniform random token with a per-example probability r ~ U(0, 1)."""
+    return corrupt_with_mask(canvas, vocab, generator)[0]
+
+
+def corrupt_with_mask(
+    canvas: Int[torch.Tensor, "batch canvas"], vocab: int, generator: torch.Generator
+) -> tuple[Int[torch.Tensor, "batch canvas"], Bool[torch.Tensor, "batch canvas"]]:
+    """`corrupt`'s noisy canvas and which positions it replaced (a replacement may draw the same token)."""
     batch, length = canvas.shape
     rate = torch.rand(batch, 1, generator=generator)
     noisy = torch.rand(batch, length, generator=generator) < rate
     random_tokens = torch.randint(0, vocab, (batch, length), generator=generator)
-    return torch.where(noisy, random_tokens, canvas)
+    return torch.where(noisy, random_tokens, canvas), noisy
+
+
+def hedged_loss(
+    logits: Float[torch.Tensor, "batch canvas vocab"],
+    target: Int[torch.Tensor, "batch canvas"],
+    weights: Float[torch.Tensor, "batch canvas"],
+    hidden: Bool[torch.Tensor, "batch canvas"],
+    spread: Float[torch.Tensor, "batch canvas vocab"],
+) -> Float[torch.Tensor, ""]:
+    """The weighted mean cross-entropy, against the answer, or against `spread` at the `hidden` positions
+    (hedged positions whose dependencies are still noise; see `toy.hedges`)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    exact = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    spread_ce = -(log_probs * spread).sum(-1)
+    per_position = torch.where(hidden, spread_ce, exact)
+    return (per_position * weights).sum() / weights.sum()
 
 
 def training_loss(
     model: HookedDiffusionGemma, batch: dict[str, torch.Tensor], s: TrainSettings, generator: torch.Generator
 ) -> torch.Tensor:
+    """The denoising loss of one batch. With `hedge_reads` and `hedge_spread` in the batch (`toy.hedges`), a
+    hedged position is trained towards its spread target where the noise replaced most of what it reads."""
     target = batch["canvas_ids"]
-    noisy = corrupt(target, model.cfg.vocab_size, generator)
+    noisy, replaced = corrupt_with_mask(target, model.cfg.vocab_size, generator)
     state = model.encode(batch["input_ids"], batch["attention_mask"])
     self_cond = None
     if torch.rand((), generator=generator) < s.self_cond_prob:
@@ -159,7 +188,18 @@ def training_loss(
             self_cond = model.denoise(noisy, state) / temperature
     logits = model.denoise(noisy, state, self_cond)
     # Pads are down-weighted, not dropped, so no pad masking on top of the weights.
-    return denoising_loss(logits, target, weights=torch.where(target == PAD_ID, s.pad_weight, 1.0))
+    weights = torch.where(target == PAD_ID, s.pad_weight, 1.0)
+    if "hedge_reads" not in batch:
+        return denoising_loss(logits, target, weights=weights)
+    hidden = hidden_hedges(batch["hedge_reads"], replaced)
+    return hedged_loss(logits, target, weights, hidden, batch["hedge_spread"])
+
+
+def hidden_hedges(
+    reads: Bool[torch.Tensor, "batch canvas canvas"], replaced: Bool[torch.Tensor, "batch canvas"]
+) -> Bool[torch.Tensor, "batch canvas"]:
+    """The hedged positions most of whose reads the noise replaced (a position that reads nothing never is)."""
+    return 2 * (reads & replaced.unsqueeze(1)).sum(-1) > reads.sum(-1)
 
 
 def training_examples(step: int, s: CommonTrainSettings, task_weights: dict[str, float]) -> list[Example]:
@@ -293,7 +333,10 @@ def train(
     bar = tqdm(range(run.start, s.steps), initial=run.start, total=s.steps, desc="train-toy", disable=not progress)
     began = time.time()
     for step in bar:
-        batch = make_batch(tokenizer, training_examples(step, s, run.task_weights), CANVAS_LENGTH)
+        examples = training_examples(step, s, run.task_weights)
+        batch = make_batch(tokenizer, examples, CANVAS_LENGTH)
+        if s.hedged_targets:
+            batch["hedge_reads"], batch["hedge_spread"] = hedge_tensors(examples, CANVAS_LENGTH, model.cfg.vocab_size)
         loss = training_loss(model, batch, s, generator)
         apply_update(model, run.optimizer, loss, learning_rate(step, s), s.grad_clip)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -321,7 +364,11 @@ def run_training_command(
     parser.add_argument("--out", default=out)
     for setting_field in fields(settings_class):
         flag, default = f"--{setting_field.name.replace('_', '-')}", setting_field.default
-        parser.add_argument(flag, type=type(default), default=default, help=setting_field.metadata.get("help"))
+        about = setting_field.metadata.get("help")
+        if isinstance(default, bool):  # type=bool would read "False" as True
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=about)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=about)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = settings_class(**{k: getattr(args, k) for k in asdict(settings_class())})
