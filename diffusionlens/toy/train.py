@@ -116,6 +116,9 @@ class TrainSettings(CommonTrainSettings):
     # Pads fill most of the 48-token canvas and are learnt at once; full weight on them would drown the
     # answer positions (and short-answer tasks most of all).
     pad_weight: float = setting(0.1, "the loss weight of pad targets")
+    plausible_noise: float = setting(
+        0.5, "with hedged targets: the share of noised hedged positions that show one of their alternatives"
+    )
     hedged_targets: bool = setting(
         False, "train addition right to left and the squares count off its list (toy.hedges); off: exact targets"
     )
@@ -177,9 +180,12 @@ def training_loss(
     model: HookedDiffusionGemma, batch: dict[str, torch.Tensor], s: TrainSettings, generator: torch.Generator
 ) -> torch.Tensor:
     """The denoising loss of one batch. With `hedge_reads` and `hedge_spread` in the batch (`toy.hedges`), a
-    hedged position is trained towards its spread target where the noise replaced most of what it reads."""
+    hedged position is trained towards its spread target where the noise replaced most of what it reads, and
+    its own noise is, with probability `s.plausible_noise`, one of its alternatives (`plausible_hedge_noise`)."""
     target = batch["canvas_ids"]
     noisy, replaced = corrupt_with_mask(target, model.cfg.vocab_size, generator)
+    if "hedge_spread" in batch:
+        noisy = plausible_hedge_noise(noisy, replaced, batch["hedge_spread"], s.plausible_noise, generator)
     state = model.encode(batch["input_ids"], batch["attention_mask"])
     self_cond = None
     if torch.rand((), generator=generator) < s.self_cond_prob:
@@ -193,6 +199,26 @@ def training_loss(
         return denoising_loss(logits, target, weights=weights)
     hidden = hidden_hedges(batch["hedge_reads"], replaced)
     return hedged_loss(logits, target, weights, hidden, batch["hedge_spread"])
+
+
+def plausible_hedge_noise(
+    noisy: Int[torch.Tensor, "batch canvas"],
+    replaced: Bool[torch.Tensor, "batch canvas"],
+    spread: Float[torch.Tensor, "batch canvas vocab"],
+    probability: float,
+    generator: torch.Generator,
+) -> Int[torch.Tensor, "batch canvas"]:
+    """`noisy` with each replaced hedged position redrawn, with `probability`, from its alternatives.
+
+    At generation the sampler commits a hedged guess before what it reads is written, and a wrong guess then
+    sits in the canvas looking like any written digit. Uniform noise almost never shows one, so a model trained
+    on it alone trusts the guess; this noise teaches it to recompute the position once it can read."""
+    hedged = spread.sum(-1) > 0
+    flat = spread.reshape(-1, spread.shape[-1]).clone()
+    flat[~hedged.reshape(-1)] = 1.0  # rows without a hedge: any draw, unused
+    alternative = torch.multinomial(flat, 1, generator=generator).view(noisy.shape)
+    redraw = hedged & replaced & (torch.rand(noisy.shape, generator=generator) < probability)
+    return torch.where(redraw, alternative, noisy)
 
 
 def hidden_hedges(

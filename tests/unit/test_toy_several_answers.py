@@ -22,7 +22,7 @@ from diffusionlens.toy.tasks import (
     task_of,
 )
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, VOCAB
-from diffusionlens.toy.train import TrainSettings, hedged_loss, hidden_hedges, training_loss
+from diffusionlens.toy.train import TrainSettings, hedged_loss, hidden_hedges, plausible_hedge_noise, training_loss
 
 
 def test_every_sampled_answer_is_valid_and_answers_vary():
@@ -175,3 +175,20 @@ def test_a_hedge_is_hidden_when_most_of_what_it_reads_is_noise():
     assert hidden_hedges(reads, replaced).tolist() == [[True, False, False, False]]
     replaced = torch.tensor([[True, False, False, True]])
     assert hidden_hedges(reads, replaced).tolist() == [[False, False, False, False]]  # one of three: readable
+
+
+def test_plausible_noise_shows_a_replaced_hedged_position_one_of_its_alternatives():
+    examples = [Example("addition", "163+699=", "862")] * 200
+    _, spread = hedge_tensors(examples, CANVAS_LENGTH, len(VOCAB))
+    noisy = torch.full((200, CANVAS_LENGTH), VOCAB["z"])
+    replaced = torch.zeros(200, CANVAS_LENGTH, dtype=torch.bool)
+    replaced[:, :2] = True  # the two hedged digits are noise; the units digit is not hedged
+    replaced[:100, 2] = True
+    out = plausible_hedge_noise(noisy, replaced, spread, 1.0, torch.Generator().manual_seed(0))
+    assert set(out[:, 0].tolist()) == {VOCAB["7"], VOCAB["8"]}  # 6 + 1, with or without a carry
+    assert set(out[:, 1].tolist()) == {VOCAB["5"], VOCAB["6"]}
+    assert (out[:, 2:] == VOCAB["z"]).all()  # not hedged: the uniform noise stays
+    kept = plausible_hedge_noise(noisy, replaced & False, spread, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(kept, noisy)  # clean positions are never redrawn
+    half = plausible_hedge_noise(noisy, replaced, spread, 0.5, torch.Generator().manual_seed(0))
+    assert 60 < int((half[:, 0] != VOCAB["z"]).sum()) < 140
