@@ -8,7 +8,15 @@ from traces import make_trace
 
 from diffusionlens.analysis import answer_mask
 from diffusionlens.sampling.noise import RowReplayNoise
-from diffusionlens.toy.dynamics import RunDynamics, TaskDynamics, canvas_commit_steps, denoising_dynamics, run_dynamics
+from diffusionlens.toy.dynamics import (
+    RunDynamics,
+    TaskDynamics,
+    canvas_commit_steps,
+    denoising_dynamics,
+    format_dynamics,
+    pooled_late_commit_share,
+    run_dynamics,
+)
 from diffusionlens.toy.tasks import make_dataset
 
 
@@ -46,6 +54,21 @@ def test_task_summaries():
     assert d.mean_steps == 4 and d.steps_histogram == {2: 1, 4: 1, 6: 1}
     assert d.late_commit_share == 3 / 6 and d.correction_rate == 1 / 3
     assert d.commit_step_by_position() == [1 / 3, 1.5, 1.0]
+
+
+def test_the_pooled_late_commit_share_counts_every_position_once():
+    long = TaskDynamics("squares", [RunDynamics(3, [0, 1, 1, 2, 0, 0, 0, 0], 0)])  # 3 of 8 late
+    short = TaskDynamics("addition", [RunDynamics(2, [1, 1], 0)])  # 2 of 2 late
+    dynamics = {"squares": long, "addition": short}
+    assert pooled_late_commit_share(dynamics) == 5 / 10  # not the mean of 3/8 and 1
+    assert format_dynamics(dynamics).splitlines()[-1] == "| all tasks, pooled | | | 50% | |"
+
+
+def test_tasks_with_several_answers_are_measured_and_unknown_tasks_refused(toy):
+    dynamics = denoising_dynamics(toy, ["pick"], prompts_per_task=1, seeds=[0], progress=False)
+    assert len(dynamics["pick"].runs) == 1
+    with pytest.raises(ValueError, match="pick"):
+        denoising_dynamics(toy, ["picks"], progress=False)
 
 
 def test_the_toy_measured_from_its_own_traces(toy):
