@@ -43,6 +43,7 @@ def denoising_loss(
     loss_mask: Bool[torch.Tensor, "batch canvas"] | None = None,
     weights: Float[torch.Tensor, "batch canvas"] | None = None,
     pad_token_id: int | None = None,
+    spread_targets: Float[torch.Tensor, "batch canvas vocab"] | None = None,
 ) -> Float[torch.Tensor, ""]:
     """Weighted mean over canvas positions of `cross_entropy(logits, targets)`.
 
@@ -50,7 +51,9 @@ def denoising_loss(
     target is not `pad_token_id` (all positions when `pad_token_id` is None). Targets equal to
     `IGNORE_INDEX` (-100) never count, as in transformers. `weights` (>= 0) scale the counted positions
     (the toy trainer down-weights pads instead of dropping them). The mean is `sum(ce * w) / sum(w)`
-    with `w` the weights times the mask, computed over the flattened canvas.
+    with `w` the weights times the mask, computed over the flattened canvas. `spread_targets`: where a
+    position's row is not zero, its cross-entropy is against that distribution instead of its target id (the
+    toy organism's hedged positions, `diffusionlens.toy.hedges`).
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must be [batch, canvas, vocab], got shape {tuple(logits.shape)}")
@@ -64,6 +67,8 @@ def denoising_loss(
         raise TypeError(f"loss_mask must be boolean (True = position counts), got {loss_mask.dtype}; use weights=")
     if weights is not None:
         check_loss_weights(weights)
+    if spread_targets is not None:
+        check_spread_targets(spread_targets, tuple(logits.shape))
     targets = targets.to(device=logits.device, dtype=torch.long)
     mask_given = loss_mask
     ignored = targets == IGNORE_INDEX
@@ -76,6 +81,10 @@ def denoising_loss(
     # cross_entropy gives 0 at IGNORE_INDEX targets (its default ignore_index); the mask keeps them
     # out of the denominator too.
     per_position = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    if spread_targets is not None:
+        spread = spread_targets.to(logits.device).flatten(0, 1)
+        spread_ce = -(torch.log_softmax(logits.flatten(0, 1), dim=-1) * spread).sum(-1)
+        per_position = torch.where(spread.sum(-1) > 0, spread_ce, per_position)
     # Build the weight only from what was given, so that a weights-only call (the trainer's) is the
     # plain weighted mean with no extra multiplication by ones.
     if weights is None and loss_mask is None:
@@ -90,6 +99,19 @@ def denoising_loss(
     if not bool(total > 0):
         raise ValueError(_nothing_counts(targets, mask_given, weights, pad_token_id, ignored))
     return (per_position * weight).sum() / total
+
+
+def check_spread_targets(spread: object, logits_shape: tuple[int, ...]) -> None:
+    """Spread targets must be a float tensor shaped like the logits whose rows are each a distribution
+    (summing to 1) or all zero (the position keeps its target id)."""
+    if not isinstance(spread, torch.Tensor) or not spread.is_floating_point():
+        raise TypeError(f"spread_targets must be a float tensor [batch, canvas, vocab], got {_kind(spread)}")
+    if tuple(spread.shape) != logits_shape:
+        raise ValueError(f"spread_targets has shape {tuple(spread.shape)}; expected the logits' {logits_shape}")
+    totals = spread.sum(-1)
+    rows_ok = (spread >= 0).all(-1) & ((totals - 1).abs() < 1e-4) | (totals == 0)
+    if not bool(rows_ok.all()):
+        raise ValueError("each row of spread_targets must be a distribution (>= 0, summing to 1) or all zeros")
 
 
 def check_loss_weights(weights: object) -> None:

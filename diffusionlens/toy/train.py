@@ -160,22 +160,6 @@ def corrupt_with_mask(
     return torch.where(noisy, random_tokens, canvas), noisy
 
 
-def hedged_loss(
-    logits: Float[torch.Tensor, "batch canvas vocab"],
-    target: Int[torch.Tensor, "batch canvas"],
-    weights: Float[torch.Tensor, "batch canvas"],
-    hidden: Bool[torch.Tensor, "batch canvas"],
-    spread: Float[torch.Tensor, "batch canvas vocab"],
-) -> Float[torch.Tensor, ""]:
-    """The weighted mean cross-entropy, against the answer, or against `spread` at the `hidden` positions
-    (hedged positions whose dependencies are still noise; see `toy.hedges`)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    exact = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    spread_ce = -(log_probs * spread).sum(-1)
-    per_position = torch.where(hidden, spread_ce, exact)
-    return (per_position * weights).sum() / weights.sum()
-
-
 def training_loss(
     model: HookedDiffusionGemma, batch: dict[str, torch.Tensor], s: TrainSettings, generator: torch.Generator
 ) -> torch.Tensor:
@@ -198,7 +182,7 @@ def training_loss(
     if "hedge_reads" not in batch:
         return denoising_loss(logits, target, weights=weights)
     hidden = hidden_hedges(batch["hedge_reads"], replaced)
-    return hedged_loss(logits, target, weights, hidden, batch["hedge_spread"])
+    return denoising_loss(logits, target, weights=weights, spread_targets=batch["hedge_spread"] * hidden.unsqueeze(-1))
 
 
 def plausible_hedge_noise(

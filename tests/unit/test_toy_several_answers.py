@@ -8,6 +8,7 @@ from itertools import permutations
 import pytest
 import torch
 
+from diffusionlens.losses import denoising_loss
 from diffusionlens.toy.answers import wrong_answers
 from diffusionlens.toy.hedges import hedge_tensors, hedges_of
 from diffusionlens.toy.tasks import (
@@ -22,7 +23,7 @@ from diffusionlens.toy.tasks import (
     task_of,
 )
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, VOCAB
-from diffusionlens.toy.train import TrainSettings, hedged_loss, hidden_hedges, plausible_hedge_noise, training_loss
+from diffusionlens.toy.train import TrainSettings, hidden_hedges, plausible_hedge_noise, training_loss
 
 
 def test_every_sampled_answer_is_valid_and_answers_vary():
@@ -111,26 +112,31 @@ def test_hedge_tensors_place_reads_and_spread_targets():
     assert spread[0, 1, VOCAB["2"]] == 0.5 and spread[0, 1, VOCAB["3"]] == 0.5  # 6 + 6, with or without a carry
 
 
-def test_hedged_loss_is_the_exact_loss_where_nothing_is_hidden_and_the_spread_where_it_is():
+@pytest.mark.without_shape_checks  # the wrong shape must reach the library's own message
+def test_spread_targets_replace_the_exact_loss_only_where_a_row_is_given():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     target = torch.randint(0, 7, (2, 5))
     weights = torch.rand(2, 5) + 0.1
     spread = torch.zeros(2, 5, 7)
     spread[0, 1, [2, 4]] = 0.5
-    nothing = torch.zeros(2, 5, dtype=torch.bool)
     exact = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    none_hidden = torch.zeros_like(spread)
     assert torch.allclose(
-        hedged_loss(logits, target, weights, nothing, spread), (exact * weights).sum() / weights.sum()
+        denoising_loss(logits, target, weights=weights, spread_targets=none_hidden),
+        (exact * weights).sum() / weights.sum(),
     )
-    hidden = nothing.clone()
-    hidden[0, 1] = True
     log_probs = torch.log_softmax(logits[0, 1], -1)
     expected = exact.clone()
     expected[0, 1] = -(log_probs[2] + log_probs[4]) / 2
     assert torch.allclose(
-        hedged_loss(logits, target, weights, hidden, spread), (expected * weights).sum() / weights.sum()
+        denoising_loss(logits, target, weights=weights, spread_targets=spread),
+        (expected * weights).sum() / weights.sum(),
     )
+    with pytest.raises(ValueError, match="distribution"):
+        denoising_loss(logits, target, spread_targets=spread * 2)
+    with pytest.raises(ValueError, match="shape"):
+        denoising_loss(logits, target, spread_targets=spread[:, :4])
 
 
 def test_training_loss_hides_a_hedge_only_when_noise_replaced_what_it_reads(toy):
@@ -140,7 +146,7 @@ def test_training_loss_hides_a_hedge_only_when_noise_replaced_what_it_reads(toy)
     from diffusionlens.toy.tokenizer import build_tokenizer
 
     batch = make_batch(build_tokenizer(), examples, CANVAS_LENGTH)
-    settings = TrainSettings(self_cond_prob=0.0)
+    settings = TrainSettings(self_cond_prob=0.0, plausible_noise=0.0)
     plain = training_loss(model, batch, settings, torch.Generator().manual_seed(5))
     batch["hedge_reads"], batch["hedge_spread"] = hedge_tensors(examples, CANVAS_LENGTH, model.cfg.vocab_size)
     hedged = training_loss(model, batch, settings, torch.Generator().manual_seed(5))
