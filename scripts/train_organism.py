@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from diffusionlens import HookedDiffusionGemma
 from diffusionlens.config import FULL, refuse_sliding_last_layer
 from diffusionlens.toy.evaluate import evaluate
-from diffusionlens.toy.tasks import SEVERAL_ANSWER_TASKS, TASKS
-from diffusionlens.toy.train import TrainSettings, toy_config, train
+from diffusionlens.toy.tasks import ALL_TASKS, TRAINING_VARIANTS, parse_task_names
+from diffusionlens.toy.train import TrainSettings, parse_task_weights, toy_config, train
 from diffusionlens.weights.checkpoint import assign_tensor, checkpoint_names
 
 
@@ -109,8 +109,10 @@ def main() -> None:
         task_weights=args.task_weights,
         hedged_targets=args.hedged_targets,
     )
-    known = {**TASKS, **SEVERAL_ANSWER_TASKS}
-    eval_tasks = args.eval_tasks.split(",") if args.eval_tasks else [t for t in known if t in args.task_weights]
+    # the mix's tasks, a training variant standing for the task it samples (addition_multi_digit: addition)
+    named = [TRAINING_VARIANTS.get(name) or ALL_TASKS.get(name) for name in parse_task_weights(args.task_weights)]
+    mix = {task.name for task in named if task is not None}  # an unknown name is refused by train, naming all
+    eval_tasks = parse_task_names(args.eval_tasks) or [task for task in ALL_TASKS if task in mix]
 
     def evaluate_fn(model, tokenizer, step):
         scores = evaluate(model, tokenizer, tasks=eval_tasks, n=args.eval_examples, seed=step)

@@ -30,7 +30,7 @@ from jaxtyping import Bool, Int
 from diffusionlens.analysis.commit_order import answer_mask
 from diffusionlens.analysis.seeds import generate_over_seeds
 from diffusionlens.analysis.self_correction import find_corrections
-from diffusionlens.toy.tasks import SEVERAL_ANSWER_TASKS, TASKS, make_dataset
+from diffusionlens.toy.tasks import ALL_TASKS, TASKS, make_dataset, parse_task_names
 
 if TYPE_CHECKING:
     from diffusionlens.model import HookedDiffusionGemma
@@ -127,10 +127,9 @@ def denoising_dynamics(
 ) -> dict[str, TaskDynamics]:
     """`TaskDynamics` of each task on `prompts_per_task` held-out problems × `seeds`."""
     tasks = list(TASKS) if tasks is None else list(tasks)
-    known = [*TASKS, *SEVERAL_ANSWER_TASKS]
-    unknown = [task for task in tasks if task not in known]
+    unknown = [task for task in tasks if task not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; the toy's tasks are {known}")
+        raise ValueError(f"unknown tasks {unknown}; the toy's tasks are {list(ALL_TASKS)}")
     seeds = list(seeds)
     eos = model.cfg.eos_token_id
     out = {}
@@ -194,12 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the per-task figures here (JSON)")
     parser.add_argument("--figure", default=None, help="also draw the steps histogram and commit steps here (PNG)")
     args = parser.parse_args(argv)
+    tasks = parse_task_names(args.tasks)  # before the model loads
     from diffusionlens.model import HookedDiffusionGemma
 
     model = HookedDiffusionGemma.from_pretrained(args.model, progress=False)
     dynamics = denoising_dynamics(
         model,
-        args.tasks.split(",") if args.tasks else None,
+        tasks,
         prompts_per_task=args.prompts,
         seeds=range(args.seeds),
         progress=not args.no_progress,

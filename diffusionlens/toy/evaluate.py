@@ -18,7 +18,7 @@ from diffusionlens.sampling.bottleneck import TokenBottleneck
 from diffusionlens.sampling.noise import ReplayNoise
 from diffusionlens.toy.answers import ScoredTask, WrongAnswer, format_wrong_answers, wrong_answers
 from diffusionlens.toy.data import make_batch
-from diffusionlens.toy.tasks import TASKS, make_dataset
+from diffusionlens.toy.tasks import TASKS, make_dataset, parse_task_names
 from diffusionlens.toy.tokenizer import CANVAS_LENGTH, decode_canvas
 
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None, prog: str = "diffusionlens evaluate") ->
     parser.add_argument("--errors", action="store_true", help="also list every wrong answer")
     parser.add_argument("--tasks", default="", help="comma-separated tasks to score (default: the toy's four)")
     args = parser.parse_args(argv)
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = parse_task_names(args.tasks)  # before the model loads
     if _is_causal_lm(args.model):
         from diffusionlens.toy.twin import main as twin_main
 

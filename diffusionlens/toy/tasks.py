@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 __all__ = [
     "ADDITION",
+    "ALL_TASKS",
     "DEFAULT_HELD_OUT_MODULUS",
     "EXAMPLE_PROMPTS",
     "MAX_SQUARES",
@@ -48,6 +49,7 @@ __all__ = [
     "ToyDataset",
     "is_held_out",
     "make_dataset",
+    "parse_task_names",
     "sample_examples",
     "solve",
     "split_of",
@@ -75,11 +77,6 @@ class Task:
     _sample_answer: Callable[[re.Match[str], random.Random], str] | None = None
     _is_valid: Callable[[re.Match[str], str], bool] | None = None
     _can_extend: Callable[[re.Match[str], str], bool] | None = None
-
-    @property
-    def several_answers(self) -> bool:
-        """Whether a prompt has several valid answers (`solve` then gives the canonical one)."""
-        return self._is_valid is not None
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
         """Sample one ``(prompt, answer)`` pair using ``rng`` only (for a task with several valid answers,
@@ -315,6 +312,22 @@ TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, SQUARES, SORT, REVERSE)}
 #: Tasks whose prompts have several valid answers (a training example draws one); `Task.is_correct` accepts any.
 SEVERAL_ANSWER_TASKS: dict[str, Task] = {t.name: t for t in (SHUFFLE, PICK)}
 
+#: Every task a prompt can belong to: the four, then those with several answers.
+ALL_TASKS: dict[str, Task] = {**TASKS, **SEVERAL_ANSWER_TASKS}
+
+
+def parse_task_names(text: str) -> list[str] | None:
+    """`"addition,pick"` -> ["addition", "pick"]; "" -> None (the default tasks). Unknown names are refused
+    naming the tasks there are, so a command line can check them before it loads a model."""
+    if not text:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in ALL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(ALL_TASKS)}")
+    return names
+
+
 # ------------------------------------------------------------------ training variants
 # The stage-4 checkpoint's errors cluster where the plain samplers rarely go: addition's tens and hundreds
 # digits when both operands have two or three digits, and squares whose bound lies next to a square
@@ -384,7 +397,7 @@ EXAMPLE_PROMPTS: dict[str, str] = {
 
 def task_of(prompt: str) -> Task:
     """The task whose format ``prompt`` matches. Raises ``ValueError`` if none does."""
-    for task in (*TASKS.values(), *SEVERAL_ANSWER_TASKS.values()):
+    for task in ALL_TASKS.values():
         if task.matches(prompt):
             return task
     raise ValueError(f"prompt matches no task: {prompt!r}")
@@ -429,7 +442,7 @@ def _resolve(task_names: str | Sequence[str] | None) -> list[Task]:
         names = list(task_names)
     if not names:
         raise ValueError("task_names is empty")
-    known = {**TASKS, **SEVERAL_ANSWER_TASKS, **TRAINING_VARIANTS}
+    known = {**ALL_TASKS, **TRAINING_VARIANTS}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(known)}")

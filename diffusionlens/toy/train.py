@@ -120,7 +120,9 @@ class TrainSettings(CommonTrainSettings):
         0.5, "with hedged targets: the share of noised hedged positions that show one of their alternatives"
     )
     hedged_targets: bool = setting(
-        False, "train addition right to left and the squares count off its list (toy.hedges); off: exact targets"
+        False,
+        "train addition right to left and the squares list in order, then its count off it (toy.hedges); "
+        "off: exact targets",
     )
 
 

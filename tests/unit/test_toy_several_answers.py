@@ -12,6 +12,7 @@ from diffusionlens.losses import denoising_loss
 from diffusionlens.toy.answers import wrong_answers
 from diffusionlens.toy.hedges import hedge_tensors, hedges_of
 from diffusionlens.toy.tasks import (
+    ALL_TASKS,
     PICK,
     SEVERAL_ANSWER_TASKS,
     SHUFFLE,
@@ -19,6 +20,7 @@ from diffusionlens.toy.tasks import (
     Example,
     ToyDataset,
     make_dataset,
+    parse_task_names,
     sample_examples,
     task_of,
 )
@@ -67,6 +69,18 @@ def test_several_answer_tasks_stay_out_of_the_four_and_keep_the_split():
     assert set(TASKS) == {"addition", "squares", "sort", "reverse"}
     data = make_dataset(["shuffle", "pick"], 50, seed=1, split="eval")
     assert all(task_of(p).name in ("shuffle", "pick") for p in data.prompts)
+
+
+def test_task_names_are_checked_before_anything_loads():
+    assert parse_task_names("") is None
+    assert parse_task_names("addition, pick") == ["addition", "pick"]
+    assert list(ALL_TASKS) == [*TASKS, *SEVERAL_ANSWER_TASKS]
+    with pytest.raises(ValueError, match="choose from .*'pick'"):
+        parse_task_names("addition,picks")
+    from diffusionlens.toy.evaluate import main as evaluate_main
+
+    with pytest.raises(ValueError, match="picks"):  # refused before the checkpoint is read
+        evaluate_main(["--model", "no/such/checkpoint", "--tasks", "picks"])
 
 
 def test_wrong_answers_accept_any_valid_answer():
