@@ -125,6 +125,10 @@ class TrainSettings(CommonTrainSettings):
         "off: exact targets",
     )
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.plausible_noise <= 1.0:
+            raise ValueError(f"plausible_noise is a probability: give a value in [0, 1], not {self.plausible_noise}")
+
 
 def parse_task_weights(text: str) -> dict[str, float]:
     """`"addition=0.35,squares=0.35"` -> {"addition": 0.35, "squares": 0.35}."""

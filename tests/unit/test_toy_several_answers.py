@@ -212,3 +212,10 @@ def test_plausible_noise_shows_a_replaced_hedged_position_one_of_its_alternative
     assert torch.equal(kept, noisy)  # clean positions are never redrawn
     half = plausible_hedge_noise(noisy, replaced, spread, 0.5, torch.Generator().manual_seed(0))
     assert 60 < int((half[:, 0] != VOCAB["z"]).sum()) < 140
+
+
+def test_plausible_noise_is_refused_outside_a_probability():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            TrainSettings(plausible_noise=bad)
+    assert TrainSettings(plausible_noise=1.0).plausible_noise == 1.0
